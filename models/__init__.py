@@ -1,0 +1,1 @@
+"""fracture-node: models."""

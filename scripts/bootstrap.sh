@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install everything fracture-node needs on a fresh Debian 12 machine, idempotently:
+# Debian packages (Orthanc, DCMTK, dicom3tools, poppler for PDF rendering) and a
+# virtual environment in .venv with the project and its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=0
+for tool in Orthanc storescu dciodvfy pdftoppm; do
+  command -v "$tool" >/dev/null 2>&1 || need_apt=1
+done
+if [ "$need_apt" = 1 ]; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    orthanc dcmtk dicom3tools poppler-utils >/dev/null
+  # Debian starts an Orthanc service on install; the project runs its own Orthanc.
+  $SUDO service orthanc stop >/dev/null 2>&1 || true
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi

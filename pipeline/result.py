@@ -227,6 +227,8 @@ class StudyResult:
     findings: tuple[ImageFinding, ...]
     refusals: tuple[Refusal, ...]
     by_body_part: Mapping[str, BodyPartDecision] = field(default_factory=dict)
+    models: tuple[ModelInfo, ...] = ()
+    """The models that produced the findings (router first, then classifier)."""
     decision: Decision = Decision.NOT_ANALYSED
     """Worst case over body parts: positive > doubtful > needs-review > negative;
     not-analysed when no image was analysed."""

@@ -1,0 +1,1 @@
+"""Training and evaluation of the fracture-node models (never imported at run time)."""

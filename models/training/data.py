@@ -1,0 +1,170 @@
+"""Read an msk-format ``manifest.csv`` and turn it into task samples and arrays.
+
+A data folder is any directory with a ``manifest.csv`` in the format of
+``../shared/data/msk/README.md`` (``path``, ``dataset``, ``split``, ``body_part``,
+``label``, ``label_meaning``, ``patient_id``, ``study_id``, ``group_id``, ``boxes``...).
+Images are 8-bit greyscale; ``/255`` gives the [0, 1] scale of
+:class:`~pipeline.result.NormalisedImage`, and :func:`pipeline.resize.fit_square`
+gives exactly the geometry the node uses at inference.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.resize import fit_square
+
+logger = logging.getLogger(__name__)
+
+ROUTER_PARTS: tuple[str, ...] = (
+    "ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST",
+)
+OTHER = "OTHER"
+ROUTER_CLASSES: tuple[str, ...] = ROUTER_PARTS + (OTHER,)
+CLASSIFIER_PARTS: tuple[str, ...] = ("FOREARM", "HUMERUS", "WRIST")
+"""Body parts whose MURA studies train the abnormality classifier."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One manifest row, reduced to what training and evaluation use."""
+
+    path: Path
+    dataset: str
+    split: str
+    body_part: str
+    label: str
+    label_meaning: str
+    patient_id: str
+    study_id: str
+    group_id: str
+    boxes: tuple[tuple[float, float, float, float], ...]
+
+    @property
+    def study_key(self) -> str:
+        """Study identity for study-level aggregation (falls back to the family)."""
+        return self.study_id or self.patient_id or self.group_id or str(self.path)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """An image with an integer target for one task."""
+
+    row: Row
+    target: int
+
+
+def read_manifest(data_dir: Path) -> list[Row]:
+    """Parse ``data_dir/manifest.csv`` (paths resolved against ``data_dir``)."""
+    manifest = data_dir / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} does not exist: a data folder needs manifest.csv")
+    rows: list[Row] = []
+    with manifest.open(newline="") as fh:
+        for rec in csv.DictReader(fh):
+            boxes_raw = (rec.get("boxes") or "").strip()
+            boxes = tuple(tuple(float(v) for v in b) for b in json.loads(boxes_raw or "[]"))
+            rows.append(
+                Row(
+                    path=data_dir / rec["path"],
+                    dataset=rec.get("dataset", ""),
+                    split=rec.get("split", ""),
+                    body_part=(rec.get("body_part") or "").upper(),
+                    label=rec.get("label", ""),
+                    label_meaning=rec.get("label_meaning", ""),
+                    patient_id=rec.get("patient_id", ""),
+                    study_id=rec.get("study_id", ""),
+                    group_id=rec.get("group_id", ""),
+                    boxes=boxes,  # type: ignore[arg-type]
+                )
+            )
+    logger.info("read %d rows from %s", len(rows), manifest)
+    return rows
+
+
+def in_split(rows: Iterable[Row], split: str) -> list[Row]:
+    """Rows of ``split`` (``"all"`` keeps every row)."""
+    return [r for r in rows if split == "all" or r.split == split]
+
+
+def router_target(row: Row) -> str | None:
+    """The router class a row teaches, or ``None`` when it teaches none.
+
+    Single supported parts map to themselves; images whose every region is outside
+    the supported set (UNIFESP chest, spine, knee, ..., the knee crops) are ``OTHER``;
+    multi-region images that include a supported part, and ``UNKNOWN``, are skipped.
+    """
+    if not row.body_part or row.body_part == "UNKNOWN":
+        return None
+    parts = row.body_part.split("+")
+    if len(parts) == 1 and parts[0] in ROUTER_PARTS:
+        return parts[0]
+    if all(p not in ROUTER_PARTS for p in parts):
+        return OTHER
+    return None
+
+
+def router_samples(
+    rows: Sequence[Row], max_per_class: int | None, seed: int
+) -> list[Sample]:
+    """Router samples, optionally capped per class (random, seeded) for balance."""
+    by_class: dict[str, list[Row]] = {c: [] for c in ROUTER_CLASSES}
+    for r in rows:
+        t = router_target(r)
+        if t is not None:
+            by_class[t].append(r)
+    rng = np.random.default_rng(seed)
+    out: list[Sample] = []
+    for c, members in by_class.items():
+        if max_per_class is not None and len(members) > max_per_class:
+            idx = rng.choice(len(members), size=max_per_class, replace=False)
+            members = [members[i] for i in sorted(idx)]
+        out.extend(Sample(r, ROUTER_CLASSES.index(c)) for r in members)
+    logger.info("router samples: %s", dict(Counter(ROUTER_CLASSES[s.target] for s in out)))
+    return out
+
+
+def classifier_samples(rows: Sequence[Row], datasets: Sequence[str] = ("MURA-v1.1",)) -> list[Sample]:
+    """Abnormality samples: labelled rows of ``datasets`` (positive -> 1, negative -> 0)."""
+    out = [
+        Sample(r, 1 if r.label == "positive" else 0)
+        for r in rows
+        if r.dataset in datasets and r.label in ("positive", "negative")
+    ]
+    logger.info("classifier samples: %d (%d positive)", len(out), sum(s.target for s in out))
+    return out
+
+
+def load_pixels(path: Path) -> np.ndarray:
+    """An 8-bit greyscale image as float32 in [0, 1]."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise OSError(f"cannot read image {path}")
+    return img.astype(np.float32) / 255.0
+
+
+def load_square(path: Path, size: int) -> np.ndarray:
+    """:func:`load_pixels` then :func:`pipeline.resize.fit_square` (the node's geometry)."""
+    return fit_square(load_pixels(path), size)[0]
+
+
+def load_arrays(paths: Sequence[Path], size: int, workers: int = 2) -> np.ndarray:
+    """Stack of squares, ``(n, size, size)`` float16 (read in parallel threads)."""
+    out = np.zeros((len(paths), size, size), dtype=np.float16)
+
+    def one(i: int) -> None:
+        out[i] = load_square(paths[i], size)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, range(len(paths))))
+    return out

@@ -1,0 +1,287 @@
+"""Fine-tune the ported MobileNetV2 as body-part router or abnormality classifier.
+
+Runs on a CPU in the background: one ``model.fit`` epoch at a time, a checkpoint
+(``last.keras`` with the optimiser state, ``state.json``) after every epoch, resumable
+with ``--resume``, reproducible with ``--seed``, with an optional wall-clock budget
+that stops before an epoch that would not finish in time.  The result is
+``model.keras`` in the run folder: the inference model with two outputs
+(``[logits, feature_map]``), no optimiser.
+
+Inputs are built exactly as at inference: 8-bit JPEG / 255 -> :func:`fit_square`.
+Augmentation (training only): horizontal flip, rotation +-10 degrees, zoom +-10 %,
+shift +-5 %, contrast x[0.8, 1.2], brightness +-0.08, gamma [0.8, 1.25].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.training import data as mdata
+from models.training import metrics as mm
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = Path(__file__).resolve().parents[1] / "weights" / "mobilenet_v2_imagenet_backbone.npz"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (written to ``config.json``)."""
+
+    task: str
+    data_dir: str
+    out_dir: str
+    size: int
+    epochs: int
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    weight_decay: float = 1e-4
+    freeze_blocks: int = 0
+    """torchvision ``features`` blocks 0..freeze_blocks-1 stay frozen (BN in inference mode)."""
+    seed: int = 0
+    max_per_class: int | None = None
+    limit: int | None = None
+    """Smoke tests: keep only the first ``limit`` training and validation samples."""
+    max_minutes: float | None = None
+    backbone: str = str(DEFAULT_BACKBONE)
+    dropout: float = 0.2
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.task not in ("router", "classifier"):
+            raise ValueError(f"task must be 'router' or 'classifier', not {self.task!r}")
+        if self.size < 32 or self.size % 32:
+            raise ValueError(f"size must be a multiple of 32 (>= 32), not {self.size}")
+        if self.epochs < 1:
+            raise ValueError("epochs must be at least 1")
+
+
+def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.Sample]:
+    part = mdata.in_split(rows, split)
+    if cfg.task == "router":
+        cap = cfg.max_per_class if split == "train" else None
+        samples = mdata.router_samples(part, cap, cfg.seed)
+    else:
+        samples = mdata.classifier_samples(part)
+    if cfg.limit is not None:
+        rng = np.random.default_rng(cfg.seed)
+        idx = rng.permutation(len(samples))[: cfg.limit]
+        samples = [samples[i] for i in sorted(idx)]
+    return samples
+
+
+def _augment_fn(size: int, seed: int) -> "object":
+    """A batched tf.data map function doing the radiograph augmentation."""
+    import keras
+    import tensorflow as tf
+
+    rot = keras.layers.RandomRotation(10.0 / 360.0, fill_mode="constant", seed=seed)
+    zoom = keras.layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed + 1)
+    shift = keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed + 2)
+
+    def augment(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        x = tf.cast(x, tf.float32)[..., None]
+        x = tf.image.random_flip_left_right(x, seed=seed)
+        x = shift(zoom(rot(x, training=True), training=True), training=True)
+        b = tf.shape(x)[0]
+        mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+        contrast = tf.random.uniform([b, 1, 1, 1], 0.8, 1.2)
+        bright = tf.random.uniform([b, 1, 1, 1], -0.08, 0.08)
+        gamma = tf.exp(tf.random.uniform([b, 1, 1, 1], math.log(0.8), math.log(1.25)))
+        x = tf.clip_by_value((x - mean) * contrast + mean + bright, 0.0, 1.0)
+        x = tf.pow(x + 1e-6, gamma)
+        return x, y, w
+
+    return augment
+
+
+def _predict_logits(model: "object", arrays: np.ndarray, batch: int = 64) -> np.ndarray:
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    out = []
+    for i in range(0, len(arrays), batch):
+        x = tf.constant(arrays[i : i + batch].astype(np.float32)[..., None])
+        out.append(np.asarray(fn(x)))
+    return np.concatenate(out, axis=0)
+
+
+def _validation_summary(cfg: TrainConfig, logits: np.ndarray, val: list[mdata.Sample]) -> dict:
+    y = np.array([s.target for s in val])
+    if cfg.task == "router":
+        pred = logits.argmax(axis=1)
+        other = mdata.ROUTER_CLASSES.index(mdata.OTHER)
+        return {
+            "accuracy": float(np.mean(pred == y)),
+            "other_recall": float(np.mean(pred[y == other] == other)) if np.any(y == other) else float("nan"),
+        }
+    p = mm.sigmoid(logits[:, 0])
+    keys = [s.row.study_key for s in val]
+    _, sp, sy = mm.study_means(keys, p, y)
+    return {"image_auroc": mm.auroc(y, p), "study_auroc": mm.auroc(sy, sp), "n_studies": len(sy)}
+
+
+def inference_model(train_model: "object") -> "object":
+    """The two-output inference model (logits, feature map) sharing ``train_model``'s layers."""
+    import keras
+
+    from models.training.mobilenet import FEATURE_LAYER
+
+    return keras.Model(
+        train_model.input,
+        [train_model.output, train_model.get_layer(FEATURE_LAYER).output],
+        name=train_model.name,
+    )
+
+
+def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
+    """Run (or resume) a training run; returns the path of ``model.keras``."""
+    import keras
+    import tensorflow as tf
+
+    from models.training import mobilenet
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    keras.utils.set_random_seed(cfg.seed)
+    start = time.monotonic()
+
+    rows = mdata.read_manifest(Path(cfg.data_dir))
+    train_s = _samples(cfg, rows, "train")
+    val_s = _samples(cfg, rows, "val")
+    if not train_s or not val_s:
+        raise ValueError(f"no {cfg.task} samples in train ({len(train_s)}) or val ({len(val_s)})")
+    logger.info("loading %d train + %d val images at %d px", len(train_s), len(val_s), cfg.size)
+    x_train = mdata.load_arrays([s.row.path for s in train_s], cfg.size)
+    x_val = mdata.load_arrays([s.row.path for s in val_s], cfg.size)
+    y_train = np.array([s.target for s in train_s])
+    counts = Counter(y_train.tolist())
+    n_classes = len(mdata.ROUTER_CLASSES) if cfg.task == "router" else 2
+    class_w = {c: len(y_train) / (n_classes * counts[c]) for c in counts}
+    w_train = np.array([class_w[t] for t in y_train], dtype=np.float32)
+    logger.info("loaded in %.0f s; class weights %s", time.monotonic() - start,
+                {k: round(v, 3) for k, v in sorted(class_w.items())})
+
+    y_fit = y_train.astype(np.float32)[:, None] if cfg.task == "classifier" else y_train
+    ds = (
+        tf.data.Dataset.from_tensor_slices((x_train, y_fit, w_train))
+        .shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True)
+        .batch(cfg.batch_size, drop_remainder=len(x_train) > cfg.batch_size)
+        .map(_augment_fn(cfg.size, cfg.seed), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(2)
+    )
+    steps = max(1, len(x_train) // cfg.batch_size)
+
+    state_path = out / "state.json"
+    ckpt = out / "last.keras"
+    history: list[dict] = []
+    first_epoch = 0
+    if resume and ckpt.exists() and state_path.exists():
+        state = json.loads(state_path.read_text())
+        train_model = keras.models.load_model(ckpt, safe_mode=True)
+        first_epoch = int(state["epochs_done"])
+        history = list(state.get("history", []))
+        logger.info("resuming %s after epoch %d", out, first_epoch)
+    else:
+        n_out = len(mdata.ROUTER_CLASSES) if cfg.task == "router" else 1
+        weights = mobilenet.load_backbone_weights(cfg.backbone)
+        full = mobilenet.build_model(cfg.size, n_out, weights, cfg.dropout, name=f"{cfg.task}")
+        train_model = keras.Model(full.input, full.outputs[0], name=cfg.task)
+        for layer in train_model.layers:
+            block = mobilenet.block_of_layer(layer.name)
+            if 0 <= block < cfg.freeze_blocks:
+                layer.trainable = False
+        schedule = keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate * 0.1, decay_steps=steps * cfg.epochs, alpha=0.02,
+            warmup_target=cfg.learning_rate, warmup_steps=min(steps, 100),
+        )
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
+        if cfg.task == "router":
+            loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing) \
+                if cfg.label_smoothing else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        else:
+            loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
+        train_model.compile(optimizer=optimizer, loss=loss)
+    if cfg.task == "router" and cfg.label_smoothing:
+        ds = ds.map(lambda x, y, w: (x, tf.one_hot(y, n_classes), w))
+
+    epoch_seconds: list[float] = []
+    for epoch in range(first_epoch, cfg.epochs):
+        if cfg.max_minutes is not None and epoch_seconds:
+            elapsed = (time.monotonic() - start) / 60.0
+            if elapsed + max(epoch_seconds) / 60.0 > cfg.max_minutes:
+                logger.warning("stopping before epoch %d: budget of %.0f min would be exceeded",
+                               epoch + 1, cfg.max_minutes)
+                break
+        t0 = time.monotonic()
+        fit = train_model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, verbose=verbose)
+        val_logits = _predict_logits(train_model, x_val)
+        summary = _validation_summary(cfg, val_logits, val_s)
+        dt = time.monotonic() - t0
+        epoch_seconds.append(dt)
+        entry = {"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]), "seconds": round(dt, 1),
+                 "images_per_second": round(len(x_train) / dt, 1), **summary}
+        history.append(entry)
+        logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, json.dumps(entry))
+        train_model.save(ckpt)
+        state_path.write_text(json.dumps({"epochs_done": epoch + 1, "history": history}, indent=2))
+
+    model_path = out / "model.keras"
+    inference_model(train_model).save(model_path)
+    logger.info("wrote %s after %.1f min", model_path, (time.monotonic() - start) / 60.0)
+    return model_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``fracture-node train``."""
+    p = argparse.ArgumentParser(prog="fracture-node train", description="Train the router or the classifier.")
+    p.add_argument("--task", choices=("router", "classifier"), required=True)
+    p.add_argument("--data", required=True, type=Path, help="folder with manifest.csv (msk format)")
+    p.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, model.keras)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--freeze-blocks", type=int, default=0)
+    p.add_argument("--max-per-class", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fracture-node train ...``"""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = TrainConfig(
+        task=args.task, data_dir=str(args.data), out_dir=str(args.out), size=args.size,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        freeze_blocks=args.freeze_blocks, seed=args.seed, max_per_class=args.max_per_class,
+        limit=args.limit, max_minutes=args.max_minutes, backbone=str(args.backbone),
+        label_smoothing=args.label_smoothing,
+    )
+    verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1
+    path = train(cfg, resume=args.resume, verbose=verbose)
+    print(f"model written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

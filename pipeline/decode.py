@@ -137,8 +137,9 @@ def decode_first_frame(ds: Dataset, reduce_to: int | None = None) -> DecodedFram
         if not tsyntax.is_encapsulated:
             arr = _decode_native(ds, tsyntax)
             return DecodedFrame(arr, str(tsyntax))
+        frame = _first_fragmented_frame(ds)
+        _check_codestream(frame, tsyntax, ds)
         if tsyntax in JPEG2000_SYNTAXES and int(ds.SamplesPerPixel) == 1 and _openjp2 is not None:
-            frame = _first_fragmented_frame(ds)
             reduce = 0
             if reduce_to is not None:
                 longer = max(int(ds.Rows), int(ds.Columns))
@@ -210,6 +211,35 @@ def _first_fragmented_frame(ds: Dataset) -> bytes:
 
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     return bytes(get_frame(ds.PixelData, 0, number_of_frames=frames))
+
+
+def _check_codestream(frame: bytes, tsyntax: UID, ds: Dataset) -> None:
+    """Refuse a truncated or mismatched JPEG / JPEG-LS / JPEG 2000 frame (PS3.5 A.4).
+
+    Each such frame is one complete codestream, which ends with the EOI / EOC marker
+    (FFD9; the entropy-coded data can never contain it thanks to byte stuffing), allowing
+    for trailing padding.  Decoders would otherwise return a partly grey image from a
+    truncated stream without complaint.  For JPEG and JPEG-LS the frame header (SOF /
+    SOF55) must also agree with Rows and Columns.
+    """
+    if tsyntax.is_encapsulated and tsyntax != "1.2.840.10008.1.2.5":  # not RLE
+        if b"\xff\xd9" not in frame[-16:]:
+            raise DecodeError(
+                f"frame 1 codestream ({len(frame)} bytes) has no end marker FFD9:"
+                " truncated or corrupt"
+            )
+    if tsyntax in JPEG2000_SYNTAXES or not frame.startswith(b"\xff\xd8"):
+        return
+    from pydicom.pixels.utils import _get_jpg_parameters
+
+    info = _get_jpg_parameters(frame)
+    height, width = info.get("height"), info.get("width")
+    if height is None or width is None:
+        raise DecodeError("JPEG frame header (SOF) not found")
+    if (height, width) != (int(ds.Rows), int(ds.Columns)):
+        raise DecodeError(
+            f"JPEG frame is {width}x{height}, Rows/Columns say {ds.Columns}x{ds.Rows}"
+        )
 
 
 def _decode_with_pydicom(ds: Dataset, tsyntax: UID) -> np.ndarray:

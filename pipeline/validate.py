@@ -240,7 +240,10 @@ def pixel_attribute_problem(ds: Dataset) -> tuple[RefusalCode, str] | None:
         return RefusalCode.ABSURD_SIZE, (
             f"{columns}x{rows} exceeds {MAX_SIDE} pixels a side or {MAX_PIXELS} pixels"
         )
-    # Native Pixel Data must hold at least one frame (PS3.5 8.1.1).
+    # Native Pixel Data holds exactly Rows x Columns x Samples x Frames samples, padded to
+    # even length (PS3.5 8.1.1, 8.2).  Trailing bytes shorter than one row are tolerated
+    # (a real-world defect pydicom also reads); a row or more means the declared matrix
+    # does not describe the data.
     try:
         element = ds["PixelData"]
         is_undefined = bool(element.is_undefined_length)
@@ -248,12 +251,15 @@ def pixel_attribute_problem(ds: Dataset) -> tuple[RefusalCode, str] | None:
     except Exception as exc:
         return RefusalCode.BAD_PIXEL_ATTRIBUTES, f"Pixel Data unreadable: {exc}"
     if not is_undefined:
-        needed = rows * columns * samples * bits_allocated // 8
-        if length < needed:
+        row_bytes = columns * samples * bits_allocated // 8
+        needed = rows * row_bytes * (frames or 1)
+        if length < needed or length - needed >= max(row_bytes, 2):
             return RefusalCode.BAD_PIXEL_ATTRIBUTES, (
-                f"native Pixel Data holds {length} bytes, one {columns}x{rows} frame needs"
-                f" {needed}"
+                f"native Pixel Data holds {length} bytes, {frames or 1} frame(s) of"
+                f" {columns}x{rows}x{samples} {bits_allocated}-bit samples need {needed}"
             )
+    elif length < 16:
+        return RefusalCode.BAD_PIXEL_ATTRIBUTES, "encapsulated Pixel Data holds no frame"
     return None
 
 

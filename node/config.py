@@ -1,0 +1,402 @@
+"""The node's configuration: ``config.toml`` loaded once into frozen, typed sections.
+
+Every section checks itself in ``__post_init__`` and raises :class:`ConfigError`
+naming the key and the broken rule.  A few deployment fields may be overridden from
+the environment, and only here, in :func:`load_config`; nothing else in the node
+reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.errors import ConfigError
+
+#: Environment variables that may override a deployment field (and nothing else).
+ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
+    "FRACTURE_NODE_AE_TITLE": ("node", "ae_title"),
+    "FRACTURE_NODE_PORT": ("node", "port"),
+    "FRACTURE_NODE_BIND_ADDRESS": ("node", "bind_address"),
+    "FRACTURE_NODE_SPOOL_DIR": ("storage", "spool_dir"),
+    "FRACTURE_NODE_DATABASE": ("storage", "database"),
+}
+
+_AE_ALLOWED = set(
+    " !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~"
+)
+
+
+def check_ae_title(key: str, value: object) -> str:
+    """Check an AE title (PS3.5 6.2, VR AE): 1-16 characters, no backslash or
+    control characters, not only spaces.  Returns it stripped."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
+    stripped = value.strip()
+    if not stripped:
+        raise ConfigError(f"{key} must not be empty")
+    if len(value) > 16:
+        raise ConfigError(f"{key} must not exceed 16 characters (got {len(value)}: {value!r})")
+    bad = sorted(set(value) - _AE_ALLOWED)
+    if bad:
+        raise ConfigError(f"{key} contains characters not allowed in an AE title: {bad!r}")
+    return stripped
+
+
+def _check_port(key: str, value: object, allow_zero: bool = False) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise ConfigError(f"{key} must be between {low} and 65535 (got {value})")
+    return value
+
+
+def _check_host(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} must be a non-empty host name or IP address")
+    if any(c.isspace() for c in value):
+        raise ConfigError(f"{key} must not contain spaces (got {value!r})")
+    return value
+
+
+def _check_positive(key: str, value: object, *, integer: bool = False) -> float:
+    ok_types: tuple[type, ...] = (int,) if integer else (int, float)
+    if not isinstance(value, ok_types) or isinstance(value, bool):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key} must be {kind}, got {value!r}")
+    if value <= 0:
+        raise ConfigError(f"{key} must be greater than 0 (got {value})")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """``[node]``: who the node is on the network."""
+
+    ae_title: str = "FRACTURE_NODE"
+    bind_address: str = "127.0.0.1"
+    port: int = 11112
+    max_pdu: int = 262144
+    """Maximum PDU size the node receives (bytes; 0 = unlimited).  PS3.8 9.3.1."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ae_title", check_ae_title("node.ae_title", self.ae_title))
+        try:
+            ipaddress.ip_address(self.bind_address)
+        except ValueError:
+            raise ConfigError(
+                f"node.bind_address must be an IP address (got {self.bind_address!r})"
+            ) from None
+        _check_port("node.port", self.port, allow_zero=True)
+        if not isinstance(self.max_pdu, int) or not (
+            self.max_pdu == 0 or 4096 <= self.max_pdu <= 2**32 - 1
+        ):
+            raise ConfigError(f"node.max_pdu must be 0 or between 4096 and 2^32-1 (got {self.max_pdu})")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """``[[peers]]``: a calling AE allowed to send; optionally pinned to a host."""
+
+    ae_title: str
+    host: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ae_title", check_ae_title("peers.ae_title", self.ae_title))
+        if self.host is not None:
+            _check_host(f"peers[{self.ae_title}].host", self.host)
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """``[[destinations]]``: where results are C-STOREd (the archive)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError("destinations.name must be a non-empty string")
+        object.__setattr__(
+            self, "ae_title", check_ae_title(f"destinations[{self.name}].ae_title", self.ae_title)
+        )
+        _check_host(f"destinations[{self.name}].host", self.host)
+        _check_port(f"destinations[{self.name}].port", self.port)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """``[storage]``: the durable spool and the job database."""
+
+    spool_dir: Path = Path("var/spool")
+    database: Path = Path("var/fracture-node.sqlite")
+    min_free_mb: int = 256
+    """Refuse new instances (0xA700) when less than this is free on the spool's disk."""
+    retain_sources_hours: float = 24.0
+    """Keep received instances this long after their study's results were delivered,
+    so late instances can reopen the study; then delete them."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spool_dir", Path(self.spool_dir))
+        object.__setattr__(self, "database", Path(self.database))
+        if not isinstance(self.min_free_mb, int) or self.min_free_mb < 0:
+            raise ConfigError(f"storage.min_free_mb must be an integer >= 0 (got {self.min_free_mb!r})")
+        if not isinstance(self.retain_sources_hours, (int, float)) or self.retain_sources_hours < 0:
+            raise ConfigError("storage.retain_sources_hours must be a number >= 0")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """``[study]``: when a study counts as complete."""
+
+    quiet_seconds: float = 10.0
+    """A study is ready once no instance of it arrived for this long and no
+    association is still sending it (cf. DCMTK storescp --eostudy-timeout)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("study.quiet_seconds", self.quiet_seconds)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``[limits]``: associations and timeouts (seconds)."""
+
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    connection_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_positive("limits.max_associations", self.max_associations, integer=True)
+        for key in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+            _check_positive(f"limits.{key}", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """``[delivery]``: retries of the C-STORE SCU."""
+
+    max_attempts: int = 10
+    """After this many failed attempts an item becomes a dead letter (see ``retry``)."""
+    backoff_initial_seconds: float = 2.0
+    backoff_max_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        _check_positive("delivery.max_attempts", self.max_attempts, integer=True)
+        _check_positive("delivery.backoff_initial_seconds", self.backoff_initial_seconds)
+        _check_positive("delivery.backoff_max_seconds", self.backoff_max_seconds)
+        if self.backoff_max_seconds < self.backoff_initial_seconds:
+            raise ConfigError(
+                "delivery.backoff_max_seconds must be >= delivery.backoff_initial_seconds"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[models]``: which registered models are active."""
+
+    registry: Path = Path("models/registry.toml")
+    router: str = ""
+    classifier: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "registry", Path(self.registry))
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``[outputs]``: series of the result objects."""
+
+    sc_series_number: int = 9001
+    sc_series_description: str = "AI fracture heat map"
+    sr_series_number: int = 9002
+    sr_series_description: str = "AI fracture findings (SR)"
+    pdf_series_number: int = 9003
+    pdf_series_description: str = "AI fracture report (PDF)"
+    institution_name: str = ""
+
+    def __post_init__(self) -> None:
+        for kind in ("sc", "sr", "pdf"):
+            number = getattr(self, f"{kind}_series_number")
+            if not isinstance(number, int) or not 0 < number < 2**31:
+                raise ConfigError(f"outputs.{kind}_series_number must be a positive integer")
+            description = getattr(self, f"{kind}_series_description")
+            if not isinstance(description, str) or not 0 < len(description) <= 64:
+                raise ConfigError(
+                    f"outputs.{kind}_series_description must be 1-64 characters (VR LO)"
+                )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    peers: tuple[PeerConfig, ...] = ()
+    destinations: tuple[DestinationConfig, ...] = ()
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    models: ModelConfig = field(default_factory=ModelConfig)
+    outputs: OutputConfig = field(default_factory=OutputConfig)
+    allow_any_peer: bool = False
+    """Accept any calling AE.  Off by default: set it explicitly to open the node."""
+
+    def __post_init__(self) -> None:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"destinations.name must be unique (repeated: {', '.join(dupes)})")
+        if not self.peers and not self.allow_any_peer:
+            raise ConfigError(
+                "peers must list at least one calling AE (or set allow_any_peer = true)"
+            )
+
+    def peer(self, calling_ae_title: str) -> PeerConfig | None:
+        """The allow-list entry for a calling AE title, if any."""
+        for peer in self.peers:
+            if peer.ae_title == calling_ae_title.strip():
+                return peer
+        return None
+
+    def destination(self, name: str) -> DestinationConfig:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise ConfigError(f"no destination named {name!r} in the configuration")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain, printable form (paths as strings)."""
+
+        def convert(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: convert(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [convert(v) for v in value]
+            return value
+
+        result: dict[str, Any] = convert(asdict(self))
+        return result
+
+
+_SECTIONS: Mapping[str, type] = {
+    "node": NodeConfig,
+    "storage": StorageConfig,
+    "study": StudyConfig,
+    "limits": LimitsConfig,
+    "delivery": DeliveryConfig,
+    "models": ModelConfig,
+    "outputs": OutputConfig,
+}
+
+
+def _build(cls: type, key: str, raw: object) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key} must be a table")
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)}")
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else (base / path)
+
+
+def config_from_dict(
+    raw: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build a :class:`Config` from parsed TOML; relative paths are resolved against
+    ``base_dir`` (the directory of the configuration file)."""
+    data: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if environ and var in environ:
+            value: Any = environ[var]
+            if key == "port":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ConfigError(f"{var} must be an integer (got {value!r})") from None
+            data.setdefault(section, {})[key] = value
+
+    unknown = sorted(set(data) - set(_SECTIONS) - {"peers", "destinations", "allow_any_peer"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) or key(s): {', '.join(unknown)}")
+
+    kwargs: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        if name in data:
+            kwargs[name] = _build(cls, name, data[name])
+    for name, cls in (("peers", PeerConfig), ("destinations", DestinationConfig)):
+        entries = data.get(name, [])
+        if not isinstance(entries, list):
+            raise ConfigError(f"{name} must be an array of tables ([[{name}]])")
+        kwargs[name] = tuple(_build(cls, f"{name}[{i}]", e) for i, e in enumerate(entries))
+    if "allow_any_peer" in data:
+        if not isinstance(data["allow_any_peer"], bool):
+            raise ConfigError("allow_any_peer must be true or false")
+        kwargs["allow_any_peer"] = data["allow_any_peer"]
+
+    config = Config(**kwargs)
+    storage = config.storage
+    models = config.models
+    resolved_storage = StorageConfig(
+        spool_dir=_resolve(base_dir, storage.spool_dir),
+        database=_resolve(base_dir, storage.database),
+        min_free_mb=storage.min_free_mb,
+        retain_sources_hours=storage.retain_sources_hours,
+    )
+    resolved_models = ModelConfig(
+        registry=_resolve(base_dir, models.registry),
+        router=models.router,
+        classifier=models.classifier,
+    )
+    return Config(
+        node=config.node,
+        peers=config.peers,
+        destinations=config.destinations,
+        storage=resolved_storage,
+        study=config.study,
+        limits=config.limits,
+        delivery=config.delivery,
+        models=resolved_models,
+        outputs=config.outputs,
+        allow_any_peer=config.allow_any_peer,
+    )
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and check ``config.toml``.
+
+    Parameters
+    ----------
+    path
+        The configuration file.
+    environ
+        Environment used for the overrides in :data:`ENV_OVERRIDES`; ``None`` means
+        ``os.environ`` (the only place the node reads it).
+    """
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    env = os.environ if environ is None else environ
+    return config_from_dict(raw, path.resolve().parent, env)

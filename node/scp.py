@@ -1,0 +1,390 @@
+"""The Storage SCP: C-ECHO and C-STORE, association policy, durable receive.
+
+The C-STORE handler checks the identifying attributes, writes the dataset as
+received (no decode, no re-encode) to the spool with temporary file + fsync + rename,
+records it in the job database, and only then answers 0x0000.  Inference never runs
+inside an association.  Only this module maps exceptions to DIMSE statuses
+(PS3.4 B.2.3, PS3.7 C.4.2.1.4).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import Config
+from node.errors import DatasetError, SpoolError
+from node.jobs import InstanceRecord, JobStore
+from node.spool import Spool, safe_uid
+from pipeline.result import NODE_MANUFACTURER
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses we answer (PS3.4 Table B.2-1); named, never bare numbers.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+"""Refused: out of resources (disk full, below the free-space floor, write failed)."""
+STATUS_CANNOT_UNDERSTAND = 0xC210
+"""Error: cannot understand (the dataset cannot be parsed)."""
+STATUS_UNEXPECTED = 0xC211
+"""Error: cannot understand (an unexpected failure in the node; logged)."""
+STATUS_MISSING_IDENTIFIERS = 0xC212
+"""Error: cannot understand (Study/Series/SOP Instance UID missing, invalid or
+inconsistent with the C-STORE request)."""
+
+#: Image storage SOP classes we accept and process (radiographs).
+IMAGE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.3": "Digital Intra-Oral X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.12.1": "X-Ray Angiographic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.12.2": "X-Ray Radiofluoroscopic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
+}
+
+#: Non-image SOP classes accepted so that a whole-study push (which may hold a
+#: report, or our own results) does not fail; they are recorded and not processed.
+DOCUMENT_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR Storage",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF Storage",
+    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection Document Storage",
+}
+
+#: Transfer syntaxes accepted for every storage SOP class.
+TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+_HEADER_TAGS = [
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Manufacturer",
+]
+
+
+def set_nodelay(event: Event) -> None:
+    """EVT_CONN_OPEN handler: disable Nagle on the association's socket (a ~40 ms
+    stall per small object otherwise; see NOTES.md)."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        try:
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+@dataclass
+class AssociationTracker:
+    """Which studies are being sent by which open associations (a study is not
+    ready while one is still open), plus counters for ``status``."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _studies: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+    def touch(self, assoc_id: int, study_instance_uid: str) -> None:
+        with self._lock:
+            self._studies[assoc_id].add(study_instance_uid)
+
+    def close(self, assoc_id: int) -> None:
+        with self._lock:
+            self._studies.pop(assoc_id, None)
+
+    def busy_studies(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(uid for uids in self._studies.values() for uid in uids)
+
+
+def _peer(assoc: Association) -> str:
+    return f"{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+class StorageSCP:
+    """The node's listening side.
+
+    Parameters
+    ----------
+    config
+        The resolved configuration.
+    spool, jobs
+        Where received instances are kept and recorded.
+    """
+
+    def __init__(self, config: Config, spool: Spool, jobs: JobStore) -> None:
+        self.config = config
+        self.spool = spool
+        self.jobs = jobs
+        self.tracker = AssociationTracker()
+        self._server: ThreadedAssociationServer | None = None
+        ae = AE(ae_title=config.node.ae_title)
+        ae.maximum_associations = config.limits.max_associations
+        ae.maximum_pdu_size = config.node.max_pdu
+        ae.acse_timeout = config.limits.acse_timeout
+        ae.dimse_timeout = config.limits.dimse_timeout
+        ae.network_timeout = config.limits.network_timeout
+        # The policy is ours (handle_requested): calling AE, host and called AE.
+        ae.require_called_aet = False
+        ae.add_supported_context(Verification)
+        for uid in list(IMAGE_SOP_CLASSES) + list(DOCUMENT_SOP_CLASSES):
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        self.ae = ae
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        """Start listening (non-blocking).  Returns the bound (address, port)."""
+        handlers = [
+            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_RELEASED, self.handle_closed),
+            (evt.EVT_ABORTED, self.handle_closed),
+            (evt.EVT_CONN_CLOSE, self.handle_closed),
+            (evt.EVT_REJECTED, self.handle_rejected),
+        ]
+        server = self.ae.start_server(
+            (self.config.node.bind_address, self.config.node.port),
+            block=False,
+            evt_handlers=handlers,  # type: ignore[arg-type]
+        )
+        self._server = server
+        address, port = server.server_address[:2]
+        logger.info(
+            "listening as %s on %s:%s", self.config.node.ae_title, address, port,
+            extra={"calling_aet": None},
+        )
+        return str(address), int(port)
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop accepting associations, let open ones finish the instance in hand
+        (up to ``grace_seconds``), then abort what is left."""
+        server = self._server
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            assoc.abort()
+        self._server = None
+        logger.info("stopped listening")
+
+    # -- handlers -----------------------------------------------------------------------
+
+    def handle_requested(self, event: Event) -> None:
+        """EVT_REQUESTED: the association acceptance policy (PS3.8 7.1.1.9).
+
+        Calling AE not in the allow list -> rejected-permanent, service-user,
+        "calling-AE-title-not-recognized"; allowed AE from another host -> the same
+        (the AE is not recognised from there); a called AE other than ours ->
+        "called-AE-title-not-recognized".
+        """
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = str(rq.calling_ae_title).strip()
+        called = str(rq.called_ae_title).strip()
+        address = assoc.requestor.address
+        reason = None
+        diagnostic = 0x01
+        if called != self.config.node.ae_title:
+            reason, diagnostic = f"called AE {called!r} is not ours", 0x07
+        elif not self.config.allow_any_peer:
+            peer = self.config.peer(calling)
+            if peer is None:
+                reason, diagnostic = f"calling AE {calling!r} is not in the allow list", 0x03
+            elif peer.host is not None and not _host_matches(peer.host, address):
+                reason = f"calling AE {calling!r} is allowed only from {peer.host}"
+                diagnostic = 0x03
+        if reason is None:
+            logger.info(
+                "association from %s at %s accepted", calling, _peer(assoc),
+                extra={"calling_aet": calling},
+            )
+            return
+        logger.warning(
+            "association from %s at %s rejected: %s", calling, _peer(assoc), reason,
+            extra={"calling_aet": calling},
+        )
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        assoc.is_rejected = True
+        assoc.kill()
+
+    def handle_rejected(self, event: Event) -> None:
+        rq = event.assoc.requestor.primitive
+        calling = str(rq.calling_ae_title).strip() if rq is not None else "?"
+        logger.warning(
+            "association from %s at %s rejected by the node (limit of %d associations or "
+            "policy)", calling, _peer(event.assoc), self.config.limits.max_associations,
+            extra={"calling_aet": calling},
+        )
+
+    def handle_echo(self, event: Event) -> int:
+        logger.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
+        return STATUS_SUCCESS
+
+    def handle_closed(self, event: Event) -> None:
+        self.tracker.close(id(event.assoc))
+
+    def handle_store(self, event: Event) -> int:
+        """EVT_C_STORE: keep the instance durably, then acknowledge."""
+        started = time.perf_counter()
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        request_uid = str(event.request.AffectedSOPInstanceUID or "")
+        log_extra = {"calling_aet": calling, "sop_uid": request_uid}
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            header = _read_header(data)
+            ids = _identifiers(header, event)
+            log_extra.update(study_uid=ids["study"], series_uid=ids["series"])
+            if is_own_output(header):
+                # Our own result coming back (e.g. a whole-study push): recorded, never
+                # stored or processed, and it does not reopen the study: no loop.
+                self.jobs.record_ignored(ids, calling, _peer(assoc), "own-output")
+                logger.info("C-STORE %s from %s: the node's own output, acknowledged and not "
+                            "processed", ids["sop"], calling, extra=log_extra)
+                return STATUS_SUCCESS
+            self.tracker.touch(id(assoc), ids["study"])
+            if self.jobs.has_instance(ids["sop"]):
+                logger.info(
+                    "C-STORE %s from %s: already held, acknowledged without storing again",
+                    ids["sop"], calling, extra=log_extra,
+                )
+                return STATUS_SUCCESS
+            target = self.spool.path("incoming", ids["study"], ids["sop"])
+            self.spool.write(target, data)
+            record = InstanceRecord(
+                sop_instance_uid=ids["sop"],
+                study_instance_uid=ids["study"],
+                series_instance_uid=ids["series"],
+                sop_class_uid=ids["sop_class"],
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                path=str(target),
+                size=len(data),
+                calling_aet=calling,
+                peer=_peer(assoc),
+            )
+            try:
+                self.jobs.record_instance(record)
+            except Exception as exc:
+                self.spool.remove(target)
+                raise SpoolError(f"job database write failed: {exc}") from exc
+        except SpoolError as exc:
+            logger.error("C-STORE %s from %s refused (0xA700): %s", request_uid, calling, exc,
+                         extra=log_extra)
+            return STATUS_OUT_OF_RESOURCES
+        except DatasetError as exc:
+            status = STATUS_MISSING_IDENTIFIERS if exc.args and "UID" in str(exc) else \
+                STATUS_CANNOT_UNDERSTAND
+            logger.error("C-STORE %s from %s refused (0x%04X): %s", request_uid, calling,
+                         status, exc, extra=log_extra)
+            return status
+        except Exception:
+            logger.exception("C-STORE %s from %s failed unexpectedly (0xC211)", request_uid,
+                             calling, extra=log_extra)
+            return STATUS_UNEXPECTED
+        logger.info(
+            "C-STORE %s from %s stored (%d bytes, %.1f ms)", ids["sop"], calling, len(data),
+            (time.perf_counter() - started) * 1000, extra=log_extra,
+        )
+        return STATUS_SUCCESS
+
+
+def _host_matches(allowed: str, address: str) -> bool:
+    if allowed == address:
+        return True
+    try:
+        return address in {info[4][0] for info in socket.getaddrinfo(allowed, None)}
+    except OSError:
+        return False
+
+
+def _read_header(data: bytes) -> pydicom.Dataset:
+    """Parse the identifying attributes of an encoded instance (no pixel data)."""
+    try:
+        return pydicom.dcmread(
+            io.BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True
+        )
+    except Exception as exc:
+        raise DatasetError(f"dataset cannot be parsed: {exc}") from exc
+
+
+def _identifiers(ds: pydicom.Dataset, event: Event) -> dict[str, str]:
+    """Study/Series/SOP Instance UIDs and SOP Class UID, checked (PS3.4 B.2.3)."""
+    ids: dict[str, str] = {}
+    for key, keyword in (
+        ("sop", "SOPInstanceUID"),
+        ("study", "StudyInstanceUID"),
+        ("series", "SeriesInstanceUID"),
+        ("sop_class", "SOPClassUID"),
+    ):
+        value = str(ds.get(keyword, "") or "")
+        try:
+            ids[key] = safe_uid(value)
+        except ValueError:
+            raise DatasetError(f"{keyword} UID missing or invalid ({value[:70]!r})") from None
+    affected = str(event.request.AffectedSOPInstanceUID or "").strip()
+    if affected and affected != ids["sop"]:
+        raise DatasetError(
+            f"SOPInstanceUID {ids['sop']} differs from the request's Affected SOP Instance UID "
+            f"{affected}"
+        )
+    return ids
+
+
+def is_own_output(ds: pydicom.Dataset) -> bool:
+    """True for objects fracture-node wrote itself (Manufacturer)."""
+    return str(ds.get("Manufacturer", "")).strip() == NODE_MANUFACTURER

@@ -1,0 +1,211 @@
+"""The SCU side: C-ECHO and C-STORE to a remote AE.
+
+A failed send is *temporary* (connection refused, timeout, abort, a transient
+association rejection, 0xA7xx out of resources at the peer) or *permanent* (a
+permanent association rejection, no accepted presentation context, a failure status).
+Only temporary failures are worth retrying soon; :class:`SendError` says which.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from node.errors import SendError
+from node.scp import set_nodelay
+
+logger = logging.getLogger(__name__)
+
+_WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote AE."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    path: Path
+    sop_instance_uid: str
+    status: int | None
+    """The peer's status, or None when the instance could not be sent at all."""
+    error: SendError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _make_ae(calling_ae_title: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.maximum_pdu_size = 262144
+    return ae
+
+
+def _associate(ae: AE, peer: Peer) -> Association:
+    try:
+        assoc = ae.associate(
+            peer.host, peer.port, ae_title=peer.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        )
+    except (OSError, socket.gaierror) as exc:
+        raise SendError(f"cannot connect to {peer.host}:{peer.port}: {exc}", permanent=False)
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        result = getattr(rsp, "result", None)
+        reason = getattr(rsp, "result_str", None) or "rejected"
+        diag = getattr(rsp, "reason_str", "")
+        raise SendError(
+            f"association rejected by {peer.ae_title} at {peer.host}:{peer.port}: {reason} "
+            f"({getattr(rsp, 'source_str', '')}: {diag})",
+            permanent=(result == 0x01),
+        )
+    raise SendError(
+        f"no association with {peer.ae_title} at {peer.host}:{peer.port} "
+        "(connection refused or timed out)",
+        permanent=False,
+    )
+
+
+def echo(calling_ae_title: str, peer: Peer, timeout: float = 10.0) -> int:
+    """C-ECHO ``peer``; returns the status (0x0000 on success).
+
+    Raises
+    ------
+    SendError
+        No association could be established.
+    """
+    ae = _make_ae(calling_ae_title, timeout)
+    ae.add_requested_context(Verification)
+    assoc = _associate(ae, peer)
+    try:
+        rsp = assoc.send_c_echo()
+        if not rsp or "Status" not in rsp:
+            raise SendError(f"no C-ECHO response from {peer.ae_title}", permanent=False)
+        return int(rsp.Status)
+    finally:
+        assoc.release()
+
+
+def _contexts_for(paths: Sequence[Path]) -> tuple[dict[Path, pydicom.Dataset], set[tuple[str, str]]]:
+    headers: dict[Path, pydicom.Dataset] = {}
+    contexts: set[tuple[str, str]] = set()
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        headers[path] = ds
+        contexts.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+    return headers, contexts
+
+
+def store_files(
+    calling_ae_title: str,
+    peer: Peer,
+    paths: Sequence[Path],
+    timeout: float = 30.0,
+) -> list[StoreOutcome]:
+    """C-STORE ``paths`` over one association, each in its own transfer syntax
+    (with Explicit/Implicit VR Little Endian offered as fall-backs).
+
+    Returns one :class:`StoreOutcome` per path.  An association that cannot be
+    established makes every outcome fail with the same :class:`SendError`.
+    """
+    if not paths:
+        return []
+    try:
+        headers, contexts = _contexts_for(paths)
+    except Exception as exc:  # unreadable file in our own spool: permanent
+        err = SendError(f"cannot read a file to send: {exc}", permanent=True)
+        return [StoreOutcome(p, "", None, err) for p in paths]
+    ae = _make_ae(calling_ae_title, timeout)
+    # One context per compressed syntax (a compressed file can only travel in its
+    # own syntax; pynetdicom does not transcode), and one uncompressed context per
+    # SOP class, so the peer's preference can never strand a compressed file.
+    requested: set[tuple[str, tuple[str, ...]]] = set()
+    uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    for sop_class, syntax in contexts:
+        requested.add((sop_class, uncompressed))
+        if syntax not in uncompressed:
+            requested.add((sop_class, (syntax,)))
+    if len(requested) > 128:
+        raise SendError("more than 128 presentation contexts needed in one send", permanent=True)
+    for sop_class, syntaxes in sorted(requested):
+        ae.add_requested_context(sop_class, list(syntaxes))
+    try:
+        assoc = _associate(ae, peer)
+    except SendError as exc:
+        return [StoreOutcome(p, str(headers[p].SOPInstanceUID), None, exc) for p in paths]
+    outcomes: list[StoreOutcome] = []
+    try:
+        for path in paths:
+            uid = str(headers[path].SOPInstanceUID)
+            outcomes.append(_store_one(assoc, peer, path, uid))
+            if not assoc.is_established:
+                err = SendError(f"association with {peer.ae_title} lost", permanent=False)
+                outcomes.extend(
+                    StoreOutcome(p, str(headers[p].SOPInstanceUID), None, err)
+                    for p in paths[len(outcomes):]
+                )
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+def _store_one(assoc: Association, peer: Peer, path: Path, uid: str) -> StoreOutcome:
+    try:
+        rsp = assoc.send_c_store(path)
+    except (ValueError, RuntimeError) as exc:
+        err = SendError(f"{peer.ae_title} accepted no presentation context for {uid}: {exc}",
+                        permanent=True)
+        return StoreOutcome(path, uid, None, err)
+    if not rsp or "Status" not in rsp:
+        err = SendError(f"no C-STORE response from {peer.ae_title} (timeout or abort)",
+                        permanent=False)
+        return StoreOutcome(path, uid, None, err)
+    status = int(rsp.Status)
+    if status == 0x0000 or status in _WARNING_STATUSES:
+        if status:
+            logger.warning("C-STORE %s to %s: warning status 0x%04X", uid, peer.ae_title, status)
+        return StoreOutcome(path, uid, status, None)
+    transient = (status & 0xFF00) == 0xA700
+    err = SendError(f"{peer.ae_title} answered 0x{status:04X} for {uid}", permanent=not transient)
+    return StoreOutcome(path, uid, status, err)
+
+
+def dicom_files(inputs: Iterable[Path]) -> list[Path]:
+    """Expand files and folders (recursively) into the DICOM files among them
+    (Part 10 files with the ``DICM`` prefix)."""
+    found: list[Path] = []
+    for item in inputs:
+        candidates = sorted(p for p in item.rglob("*") if p.is_file()) if item.is_dir() else [item]
+        for path in candidates:
+            try:
+                with path.open("rb") as fh:
+                    fh.seek(128)
+                    if fh.read(4) == b"DICM":
+                        found.append(path)
+            except OSError:
+                continue
+    return found

@@ -1,0 +1,222 @@
+"""The worker loop (ready study -> processing function -> outbox) and the
+deliverer loop (outbox -> C-STORE to every destination, with retries).
+
+Both run as threads of ``fracture-node serve`` and keep all their state in the job
+database, so a node killed at any point resumes on restart.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pydicom
+
+from node.config import Config, DestinationConfig
+from node.jobs import JobStore, OutboxItem, OutputFile, StudyJob
+from node.scu import Peer, store_files
+from node.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessedStudy:
+    """What a processing function made of a study."""
+
+    outputs: Sequence[tuple[str, pydicom.Dataset]]
+    """(kind, dataset) of every result object: kind is ``sc``, ``sr``, ``pdf`` ..."""
+    outcomes: Mapping[str, tuple[str, str]]
+    """SOP Instance UID -> (outcome, reason) for every source instance."""
+    decision: str
+    """The study-level answer, for ``status``."""
+
+
+class Processor(Protocol):
+    """Turns a claimed study into result objects.  Bad images must come back as
+    outcomes with a reason, not as exceptions; an exception means the study could
+    not be processed at all (it is retried, then marked failed)."""
+
+    def __call__(self, job: StudyJob) -> ProcessedStudy: ...
+
+
+def encode(ds: pydicom.Dataset) -> bytes:
+    """A dataset as a DICOM Part 10 file (strict: ``enforce_file_format``)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Worker:
+    """Processes studies that are ready, one at a time, in this thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        jobs: JobStore,
+        processor: Processor,
+        busy_studies: Callable[[], frozenset[str]] = frozenset,
+        max_attempts: int = 3,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.jobs = jobs
+        self.processor = processor
+        self.busy_studies = busy_studies
+        self.max_attempts = max_attempts
+        self._stop = threading.Event()
+        self._last_cleanup = 0.0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, poll_seconds: float = 0.2) -> None:
+        recovered = self.jobs.recover()
+        if recovered:
+            logger.info("resuming %d study(ies) left in processing by an earlier process",
+                        recovered)
+        while not self._stop.is_set():
+            if not self.run_once():
+                self._stop.wait(poll_seconds)
+            self.cleanup()
+
+    def run_once(self) -> bool:
+        """Process one ready study, if any.  Returns whether one was processed."""
+        job = self.jobs.claim_ready_study(self.config.study.quiet_seconds, self.busy_studies())
+        if job is None:
+            return False
+        extra = {"study_uid": job.study_instance_uid}
+        started = time.perf_counter()
+        logger.info("processing study %s (%d instance(s), generation %d)",
+                    job.study_instance_uid, len(job.instances), job.generation, extra=extra)
+        try:
+            result = self.processor(job)
+            files = self._write_outputs(job, result)
+        except Exception as exc:
+            attempts = self.jobs.study_attempts(job.study_instance_uid) + 1
+            retry = None if attempts >= self.max_attempts else 5.0 * attempts
+            logger.exception("study %s could not be processed (attempt %d of %d)",
+                             job.study_instance_uid, attempts, self.max_attempts, extra=extra)
+            self.jobs.fail_study(job, f"{type(exc).__name__}: {exc}", retry)
+            return True
+        names = [d.name for d in self.config.destinations]
+        self.jobs.finish_study(job, files, names, dict(result.outcomes), result.decision)
+        logger.info("study %s processed: %s, %d result object(s) queued for %s (%.0f ms)",
+                    job.study_instance_uid, result.decision, len(files),
+                    ", ".join(names) or "no destination",
+                    (time.perf_counter() - started) * 1000, extra=extra)
+        return True
+
+    def _write_outputs(self, job: StudyJob, result: ProcessedStudy) -> list[OutputFile]:
+        files: list[OutputFile] = []
+        for kind, ds in result.outputs:
+            area = "reports" if kind == "sr" else "outbox"
+            path = self.spool.path(area, job.study_instance_uid, str(ds.SOPInstanceUID))
+            if not path.exists():
+                self.spool.write(path, encode(ds))
+            files.append(OutputFile(str(ds.SOPInstanceUID), str(ds.SOPClassUID), kind, path))
+        return files
+
+    def cleanup(self, every_seconds: float = 60.0) -> None:
+        """Retention: delete the sources of studies delivered long enough ago."""
+        now = time.time()
+        if now - self._last_cleanup < every_seconds:
+            return
+        self._last_cleanup = now
+        cutoff = now - self.config.storage.retain_sources_hours * 3600
+        for study_uid in self.jobs.expired_studies(cutoff):
+            self.jobs.forget_sources(study_uid)
+            self.spool.remove_study("incoming", study_uid)
+            logger.info("retention: sources of study %s deleted", study_uid,
+                        extra={"study_uid": study_uid})
+
+
+class Deliverer:
+    """Sends outbox items to their destinations with exponential back-off."""
+
+    def __init__(self, config: Config, spool: Spool, jobs: JobStore) -> None:
+        self.config = config
+        self.spool = spool
+        self.jobs = jobs
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def backoff(self, attempts: int) -> float:
+        d = self.config.delivery
+        delay = min(d.backoff_max_seconds, d.backoff_initial_seconds * 2 ** max(0, attempts))
+        return delay * random.uniform(0.8, 1.2)
+
+    def run(self, poll_seconds: float = 0.2) -> None:
+        while not self._stop.is_set():
+            if not self.run_once():
+                self._wake.wait(poll_seconds)
+                self._wake.clear()
+
+    def run_once(self) -> bool:
+        """Try every due item once.  Returns whether anything was due."""
+        items = self.jobs.due_items()
+        if not items:
+            return False
+        by_dest: dict[str, list[OutboxItem]] = {}
+        for item in items:
+            by_dest.setdefault(item.destination, []).append(item)
+        for name, batch in by_dest.items():
+            try:
+                dest: DestinationConfig = self.config.destination(name)
+            except Exception:
+                for item in batch:
+                    self.jobs.mark_failed(item.id, f"destination {name!r} no longer configured",
+                                          dead=True, retry_at=time.time())
+                continue
+            self._deliver(dest, batch)
+        return True
+
+    def _deliver(self, dest: DestinationConfig, batch: list[OutboxItem]) -> None:
+        peer = Peer(dest.ae_title, dest.host, dest.port)
+        paths = [Path(item.path) for item in batch]
+        missing = [item for item, p in zip(batch, paths) if not p.exists()]
+        for item in missing:
+            self.jobs.mark_failed(item.id, "result file missing from the spool", dead=True,
+                                  retry_at=time.time())
+        batch = [item for item, p in zip(batch, paths) if p.exists()]
+        if not batch:
+            return
+        outcomes = store_files(self.config.node.ae_title, peer, [Path(i.path) for i in batch],
+                               timeout=self.config.limits.network_timeout)
+        for item, outcome in zip(batch, outcomes):
+            extra = {"study_uid": item.study_instance_uid, "sop_uid": item.sop_instance_uid}
+            if outcome.ok:
+                all_done = self.jobs.mark_delivered(item.id)
+                logger.info("delivered %s %s to %s", item.kind, item.sop_instance_uid, dest.name,
+                            extra=extra)
+                if all_done and item.kind != "sr":
+                    self.spool.remove(Path(item.path))
+                continue
+            err = outcome.error
+            assert err is not None
+            attempts = item.attempts + 1
+            dead = err.permanent and attempts >= self.config.delivery.max_attempts
+            retry_at = time.time() + self.backoff(attempts - 1)
+            self.jobs.mark_failed(item.id, str(err), dead=dead, retry_at=retry_at)
+            level = logging.ERROR if dead else logging.WARNING
+            logger.log(level, "delivery of %s %s to %s failed (attempt %d%s): %s", item.kind,
+                       item.sop_instance_uid, dest.name, attempts,
+                       ", dead letter" if dead else f", retry in {retry_at - time.time():.0f} s",
+                       err, extra=extra)
+
+

@@ -1,0 +1,228 @@
+"""Start and stop a real Orthanc (Debian package ``orthanc``) as a plain process on
+loopback ports, for the tests and the demo.
+
+Topology: modality (storescu) -> Orthanc (the PACS) -> fracture-node -> Orthanc.
+The node is registered in ``DicomModalities`` as ``fracture-node``; with
+``route=True`` the Lua rule in ``route.lua`` auto-routes stable CR/DX studies to it.
+
+Usable as a module (:class:`Orthanc`) or a script::
+
+    python orthanc-test/orthanc_ctl.py start --workdir /tmp/orthanc --node-port 11112
+    python orthanc-test/orthanc_ctl.py stop --workdir /tmp/orthanc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (what pynetdicom's tests call get_port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Orthanc:
+    """One Orthanc process with its own storage in ``workdir``.
+
+    Parameters
+    ----------
+    workdir
+        Storage, index, configuration and log go here.
+    node_aet, node_port
+        Where the fracture-node modality listens (registered in DicomModalities).
+    route
+        Install the auto-routing Lua rule (OnStableStudy -> node).
+    stable_age
+        Seconds a study must be quiet before it is stable (Orthanc's StableAge).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        node_aet: str = "FRACTURE_NODE",
+        node_port: int = 11112,
+        route: bool = False,
+        stable_age: int = 2,
+        aet: str = "ORTHANC",
+        http_port: int | None = None,
+        dicom_port: int | None = None,
+        extra_modalities: dict[str, Any] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.aet = aet
+        self.http_port = http_port or free_port()
+        self.dicom_port = dicom_port or free_port()
+        self.node_aet = node_aet
+        self.node_port = node_port
+        self.route = route
+        self.stable_age = stable_age
+        self.extra_modalities = extra_modalities or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def config(self) -> dict[str, Any]:
+        modalities: dict[str, Any] = {
+            "fracture-node": {"AET": self.node_aet, "Host": "127.0.0.1", "Port": self.node_port},
+        }
+        modalities.update(self.extra_modalities)
+        cfg: dict[str, Any] = {
+            "Name": "fracture-node test PACS",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "Plugins": [],
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": modalities,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "StableAge": self.stable_age,
+            "OverwriteInstances": True,
+            "DicomScuTimeout": 30,
+            "StorageCompression": False,
+            "LuaScripts": [str(HERE / "route.lua")] if self.route else [],
+        }
+        return cfg
+
+    def start(self, timeout: float = 30.0) -> "Orthanc":
+        """Start Orthanc and wait until its REST API answers."""
+        binary = shutil.which("Orthanc")
+        if binary is None:
+            raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.workdir / "orthanc.json"
+        cfg_path.write_text(json.dumps(self.config(), indent=2))
+        env = dict(os.environ, TCP_NODELAY="1")
+        log = (self.workdir / "orthanc.log").open("ab")
+        self.process = subprocess.Popen(
+            [binary, str(cfg_path)], stdout=log, stderr=subprocess.STDOUT, env=env,
+            cwd=self.workdir,
+        )
+        (self.workdir / "orthanc.pid").write_text(str(self.process.pid))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"Orthanc exited with {self.process.returncode}; see {self.workdir}/orthanc.log"
+                )
+            try:
+                self.get("/system")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not answer within {timeout} s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "Orthanc":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- REST ------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
+        data = None
+        headers = {}
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            headers["Content-Type"] = "application/json" if not isinstance(body, bytes) \
+                else "application/dicom"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        with urllib.request.urlopen(req, timeout=120) as rsp:
+            payload = rsp.read()
+        if raw:
+            return payload
+        return json.loads(payload) if payload else None
+
+    def get(self, path: str, raw: bool = False) -> Any:
+        return self.request("GET", path, raw=raw)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, body)
+
+    def upload(self, dicom_bytes: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/instances", dicom_bytes)
+        return result
+
+    def find_study(self, study_instance_uid: str) -> str | None:
+        ids = self.post("/tools/find", {"Level": "Study",
+                                         "Query": {"StudyInstanceUID": study_instance_uid}})
+        return str(ids[0]) if ids else None
+
+    def study_instances(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        """Every instance of a study with its simplified tags."""
+        study_id = self.find_study(study_instance_uid)
+        if study_id is None:
+            return []
+        out = []
+        for inst in self.get(f"/studies/{study_id}/instances"):
+            tags = self.get(f"/instances/{inst['ID']}/simplified-tags")
+            out.append({"ID": inst["ID"], "tags": tags})
+        return out
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("--workdir", default="var/orthanc")
+    parser.add_argument("--node-aet", default="FRACTURE_NODE")
+    parser.add_argument("--node-port", type=int, default=11112)
+    parser.add_argument("--http-port", type=int, default=8042)
+    parser.add_argument("--dicom-port", type=int, default=4242)
+    parser.add_argument("--route", action="store_true")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    if args.action == "stop":
+        pid_file = workdir / "orthanc.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            pid_file.unlink()
+        return 0
+    orthanc = Orthanc(workdir, args.node_aet, args.node_port, args.route,
+                      http_port=args.http_port, dicom_port=args.dicom_port)
+    orthanc.start()
+    orthanc.process = None  # leave it running
+    print(f"Orthanc {orthanc.aet} at {orthanc.url}, DICOM port {orthanc.dicom_port}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

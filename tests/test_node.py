@@ -1,0 +1,402 @@
+"""The node core against real peers: DCMTK echoscu/storescu, pynetdicom SCUs, and the
+real Orthanc from orthanc-test/.  No socket mocks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+
+from conftest import DICOM_DATA, ROOT, Orthanc, free_port, wait_for, write_config
+from nodeharness import CopyProcessor
+from node.config import config_from_dict, load_config
+from node.errors import ConfigError
+from node.scp import STATUS_MISSING_IDENTIFIERS, STATUS_OUT_OF_RESOURCES
+from node.service import Node
+
+RADIOGRAPHS = [
+    DICOM_DATA / "pydicom-data" / "RG3_UNCR.dcm",          # explicit LE, 6 MB
+    DICOM_DATA / "pydicom-data" / "RG3_J2KR.dcm",          # JPEG 2000 lossless
+    DICOM_DATA / "pylibjpeg-data" / "RG2_JPLL.dcm",        # JPEG lossless SV1
+    DICOM_DATA / "pylibjpeg-data" / "RG2_JLSL.dcm",        # JPEG-LS lossless
+    DICOM_DATA / "pylibjpeg-data" / "RG2_JPLY_fixed.dcm",  # JPEG extended
+    DICOM_DATA / "pydicom-testfiles" / "MR_small_RLE.dcm",  # RLE (SOP class not ours)
+    DICOM_DATA / "pylibjpeg-data" / "966_fixed.dcm",       # DX, MONOCHROME1
+]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    port = free_port()
+    config = load_config(write_config(tmp_path, port))
+    n = Node(config, CopyProcessor)
+    n.start()
+    yield n
+    n.stop(grace_seconds=2)
+
+
+def _rows(n: Node, sql: str) -> list[dict]:
+    return n.jobs.query(sql)
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"node": {"ae_title": "A" * 17}}, "node.ae_title must not exceed 16 characters"),
+        ({"node": {"port": 70000}}, "node.port must be between 0 and 65535"),
+        ({"node": {"ae_title": "BAD\\AE"}}, "not allowed in an AE title"),
+        ({"destinations": [{"name": "pacs", "ae_title": "PACS", "port": 104}]}, "host"),
+        ({"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 0}]},
+         "destinations[pacs].port must be between 1 and 65535"),
+        ({"study": {"quiet_seconds": 0}}, "study.quiet_seconds must be greater than 0"),
+        ({"node": {"colour": "red"}}, "node: unknown key(s) colour"),
+        ({"limits": {"max_associations": 2.5}}, "limits.max_associations must be an integer"),
+    ],
+)
+def test_invalid_config_names_key_and_rule(raw: dict, message: str) -> None:
+    raw = {"peers": [{"ae_title": "ORTHANC"}], **raw}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, Path("/tmp"))
+    assert message in str(info.value)
+
+
+def test_shipped_config_is_valid_and_closed_by_default() -> None:
+    config = load_config(ROOT / "config.toml", environ={})
+    assert config.node.ae_title == "FRACTURE_NODE"
+    assert not config.allow_any_peer and config.peers
+    assert all(p.host for p in config.peers)
+
+
+def test_check_config_cli_reports_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n[[peers]]\nae_title = "X"\n')
+    exe = ROOT / ".venv" / "bin" / "fracture-node"
+    out = subprocess.run([str(exe), "--config", str(bad), "check-config"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "node.ae_title must not exceed 16 characters" in out.stderr
+
+
+def test_environment_overrides_only_deployment_fields(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 11112)
+    config = load_config(path, environ={"FRACTURE_NODE_PORT": "11999"})
+    assert config.node.port == 11999
+
+
+# -- association policy ---------------------------------------------------------------------
+
+
+def _reject_reason(port: int, calling: str, called: str = "FRACTURE_NODE") -> tuple[int, int, int] | None:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if assoc.is_established:
+        assoc.release()
+        return None
+    assert assoc.is_rejected
+    rsp = assoc.acceptor.primitive
+    return (rsp.result, rsp.result_source, int(rsp.diagnostic))
+
+
+def test_echo_with_dcmtk(node: Node) -> None:
+    out = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "127.0.0.1",
+                          str(node.address[1])], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+
+
+def test_unknown_calling_ae_is_rejected(node: Node) -> None:
+    assert _reject_reason(node.address[1], "INTRUDER") == (1, 1, 3)
+    out = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "FRACTURE_NODE", "127.0.0.1",
+                          str(node.address[1])], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "Calling AE Title Not Recognized" in out.stdout + out.stderr
+
+
+def test_wrong_called_ae_is_rejected(node: Node) -> None:
+    assert _reject_reason(node.address[1], "TESTSCU", called="SOMEONE_ELSE") == (1, 1, 7)
+
+
+def test_allowed_ae_from_wrong_host_is_rejected(tmp_path: Path) -> None:
+    peers = '[[peers]]\nae_title = "TESTSCU"\nhost = "127.0.0.2"\n'
+    config = load_config(write_config(tmp_path, free_port(), peers=peers))
+    n = Node(config, CopyProcessor)
+    n.start()
+    try:
+        assert _reject_reason(n.address[1], "TESTSCU") == (1, 1, 3)
+    finally:
+        n.stop(grace_seconds=1)
+
+
+def test_associations_beyond_the_limit_are_refused(tmp_path: Path) -> None:
+    extra = "[limits]\nmax_associations = 1\n"
+    config = load_config(write_config(tmp_path, free_port(), extra=extra))
+    n = Node(config, CopyProcessor)
+    n.start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", n.address[1], ae_title="FRACTURE_NODE")
+        assert first.is_established
+        second = ae.associate("127.0.0.1", n.address[1], ae_title="FRACTURE_NODE")
+        assert second.is_rejected
+        rsp = second.acceptor.primitive
+        assert (rsp.result, rsp.result_source, int(rsp.diagnostic)) == (2, 3, 2)
+        first.release()
+    finally:
+        n.stop(grace_seconds=1)
+
+
+# -- receiving ------------------------------------------------------------------------------
+
+
+# storescu proposes uncompressed syntaxes unless told which compressed one to offer
+STORESCU_TS_FLAG = {
+    "1.2.840.10008.1.2.1": "-xe", "1.2.840.10008.1.2": "-xi", "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.57": "-xs",
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
+def _storescu(port: int, files: list[Path], aet: str = "STORESCU") -> subprocess.CompletedProcess:
+    """Send with DCMTK storescu, one run per transfer syntax (each file as stored)."""
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(STORESCU_TS_FLAG[ts], []).append(f)
+    result = None
+    for flag, group in groups.items():
+        result = subprocess.run(
+            ["storescu", "-aet", aet, "-aec", "FRACTURE_NODE", flag, "-R",
+             "127.0.0.1", str(port), *map(str, group)],
+            capture_output=True, text=True, timeout=120, env=dict(os.environ, TCP_NODELAY="1"),
+        )
+        if result.returncode != 0:
+            return result
+    assert result is not None
+    return result
+
+
+def test_storescu_instances_are_spooled_byte_identical(node: Node) -> None:
+    files = [f for f in RADIOGRAPHS if "MR_" not in f.name]
+    out = _storescu(node.address[1], files)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {r["sop_instance_uid"]: r for r in _rows(node, "SELECT * FROM instances")}
+    for path in files:
+        src = pydicom.dcmread(path)
+        row = rows[str(src.SOPInstanceUID)]
+        assert row["study_instance_uid"] == src.StudyInstanceUID
+        held = pydicom.dcmread(row["path"])
+        assert held.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID
+        assert held.PixelData == src.PixelData
+        assert oct(Path(row["path"]).stat().st_mode & 0o777) == "0o600"
+
+
+def test_duplicate_instance_is_acknowledged_once(node: Node) -> None:
+    f = RADIOGRAPHS[2]
+    assert _storescu(node.address[1], [f]).returncode == 0
+    assert _storescu(node.address[1], [f]).returncode == 0
+    uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+    rows = _rows(node, "SELECT * FROM instances")
+    assert [r["sop_instance_uid"] for r in rows] == [uid]
+    files = list((node.spool.root / "incoming").rglob("*.dcm"))
+    assert len(files) == 1
+
+
+def _cr_dataset(study_uid: str | None = "1.2.3.4", sop_uid: str | None = None) -> Dataset:
+    ds = pydicom.dcmread(DICOM_DATA / "pylibjpeg-data" / "RG2_JPLL.dcm")
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    if study_uid is None:
+        del ds.StudyInstanceUID
+    else:
+        ds.StudyInstanceUID = study_uid
+    return ds
+
+
+def _pynetdicom_store(port: int, datasets: list[Dataset]) -> list[int]:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage,
+                             [str(datasets[0].file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_missing_study_uid_gets_failure_status_and_neighbours_survive(node: Node) -> None:
+    good1, bad, good2 = _cr_dataset(), _cr_dataset(study_uid=None), _cr_dataset()
+    statuses = _pynetdicom_store(node.address[1], [good1, bad, good2])
+    assert statuses == [0, STATUS_MISSING_IDENTIFIERS, 0]
+    held = {r["sop_instance_uid"] for r in _rows(node, "SELECT * FROM instances")}
+    assert held == {good1.SOPInstanceUID, good2.SOPInstanceUID}
+
+
+def test_disk_full_answers_out_of_resources_then_recovers(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the tmpfs test needs root (the tests run as root here)")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    try:
+        config = load_config(write_config(tmp_path, free_port(), spool_dir=mount / "spool"))
+        n = Node(config, CopyProcessor)
+        n.start()
+        try:
+            datasets = [_cr_dataset() for _ in range(6)]  # ~2 MB each, 8 MB of tmpfs
+            statuses = _pynetdicom_store(n.address[1], datasets)
+            assert STATUS_OUT_OF_RESOURCES in statuses and statuses[0] == 0
+            stored = [ds for ds, s in zip(datasets, statuses) if s == 0]
+            assert not list((mount / "spool" / "tmp").iterdir()), "partial file left behind"
+            held = {r["sop_instance_uid"] for r in _rows(n, "SELECT * FROM instances")}
+            assert held == {ds.SOPInstanceUID for ds in stored}
+            for row in _rows(n, "SELECT path FROM instances"):
+                assert pydicom.dcmread(row["path"]).PixelData  # whole files only
+            # free space, and it accepts again
+            for row in _rows(n, "SELECT path FROM instances"):
+                Path(row["path"]).unlink()
+            assert _pynetdicom_store(n.address[1], [_cr_dataset()]) == [0]
+        finally:
+            n.stop(grace_seconds=1)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+# -- grouping, delivery, retries --------------------------------------------------------------
+
+
+def test_study_waits_for_quiet_period_and_open_association(node: Node) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ds = _cr_dataset(study_uid="1.2.826.0.1.3680043.10.1")
+    ae.add_requested_context(ComputedRadiographyImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", node.address[1], ae_title="FRACTURE_NODE")
+    assert int(assoc.send_c_store(ds).Status) == 0
+    time.sleep(node.config.study.quiet_seconds * 3)
+    state = _rows(node, "SELECT state FROM studies")[0]["state"]
+    assert state == "pending", "study processed while its association was still open"
+    assoc.release()
+    wait_for(lambda: _rows(node, "SELECT state FROM studies")[0]["state"] == "processed")
+
+
+@pytest.fixture
+def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[Orthanc, Node]]:
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=node_port).start()
+    config = load_config(write_config(
+        tmp_path, node_port,
+        destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom_port}],
+    ))
+    n = Node(config, CopyProcessor)
+    n.start()
+    yield orthanc, n
+    n.stop(grace_seconds=2)
+    orthanc.stop()
+
+
+def test_orthanc_pushes_study_and_results_come_back(orthanc_and_node: tuple[Orthanc, Node]) -> None:
+    orthanc, node = orthanc_and_node
+    src = RADIOGRAPHS[0].read_bytes()
+    up = orthanc.upload(src)
+    orthanc.post("/modalities/fracture-node/store", {"Resources": [up["ID"]], "Synchronous": True})
+    study_uid = str(pydicom.dcmread(RADIOGRAPHS[0], stop_before_pixels=True).StudyInstanceUID)
+    instances = wait_for(lambda: len(orthanc.study_instances(study_uid)) == 2 and
+                         orthanc.study_instances(study_uid))
+    manufacturers = sorted(i["tags"].get("Manufacturer", "") for i in instances)
+    assert "fracture-node" in manufacturers
+    wait_for(lambda: _rows(node, "SELECT state FROM outbox")[0]["state"] == "delivered")
+    assert not list((node.spool.root / "outbox").rglob("*.dcm")), "delivered file kept"
+
+
+def test_delivery_waits_for_orthanc_to_come_back(orthanc_and_node: tuple[Orthanc, Node]) -> None:
+    orthanc, node = orthanc_and_node
+    orthanc.stop()
+    assert _storescu(node.address[1], [RADIOGRAPHS[2]]).returncode == 0
+    wait_for(lambda: any(r["attempts"] >= 2 for r in _rows(node, "SELECT * FROM outbox")))
+    assert _rows(node, "SELECT state FROM outbox")[0]["state"] == "pending"
+    orthanc.start()
+    wait_for(lambda: _rows(node, "SELECT state FROM outbox")[0]["state"] == "delivered",
+             timeout=30)
+    study_uid = str(pydicom.dcmread(RADIOGRAPHS[2], stop_before_pixels=True).StudyInstanceUID)
+    assert len(orthanc.study_instances(study_uid)) == 1
+
+
+def test_destination_that_rejects_becomes_dead_letter(tmp_path: Path) -> None:
+    reject_port = free_port()
+    refuser = AE(ae_title="REFUSER")
+    refuser.add_supported_context(ComputedRadiographyImageStorage)
+    refuser.require_calling_aet = ["SOMEBODY_ELSE"]
+    server = refuser.start_server(("127.0.0.1", reject_port), block=False)
+    config = load_config(write_config(
+        tmp_path, free_port(),
+        destinations=[{"name": "refuser", "ae_title": "REFUSER", "port": reject_port}],
+    ))
+    n = Node(config, CopyProcessor)
+    n.start()
+    try:
+        assert _storescu(n.address[1], [RADIOGRAPHS[2]]).returncode == 0
+        row = wait_for(lambda: [r for r in _rows(n, "SELECT * FROM outbox") if r["state"] == "dead"])
+        assert "rejected" in row[0]["last_error"]
+        assert row[0]["attempts"] == 2
+        exe = ROOT / ".venv" / "bin" / "fracture-node"
+        status = subprocess.run([str(exe), "--config", str(tmp_path / "config.toml"), "status"],
+                                capture_output=True, text=True)
+        assert "dead" in status.stdout and "rejected" in status.stdout
+    finally:
+        n.stop(grace_seconds=1)
+        server.shutdown()
+
+
+def test_sigkill_mid_study_loses_nothing_and_delivers_once(tmp_path: Path) -> None:
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=node_port).start()
+    try:
+        cfg = write_config(tmp_path, node_port, quiet_seconds=1.0, destinations=[
+            {"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom_port}])
+        ready = tmp_path / "ready"
+
+        def start() -> subprocess.Popen:
+            ready.unlink(missing_ok=True)
+            proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "nodeharness.py"),
+                                     str(cfg), str(ready)], cwd=ROOT / "tests",
+                                    stderr=open(tmp_path / "node.log", "ab"))
+            wait_for(ready.exists, timeout=60)
+            return proc
+
+        study = "1.2.826.0.1.3680043.10.99"
+        datasets = [_cr_dataset(study_uid=study) for _ in range(6)]
+        proc = start()
+        assert _pynetdicom_store(node_port, datasets[:3]) == [0, 0, 0]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc = start()
+        assert _pynetdicom_store(node_port, datasets[3:]) == [0, 0, 0]
+        wait_for(lambda: len(orthanc.study_instances(study)) == 6, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        con = sqlite3.connect(tmp_path / "node.sqlite")
+        held = {r[0] for r in con.execute("SELECT sop_instance_uid FROM instances")}
+        assert held == {str(ds.SOPInstanceUID) for ds in datasets}
+        states = [r[0] for r in con.execute("SELECT state FROM outbox")]
+        assert states == ["delivered"] * 6
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        orthanc.stop()

@@ -436,12 +436,23 @@ def _normalise_grey_rgb(grey: np.ndarray) -> tuple[np.ndarray, str]:
     return table[grey], f"no VOI: percentile window {lo:g}..{hi:g} of luminance"
 
 
-def document_stats(pixels: np.ndarray) -> tuple[float, float, float]:
-    """Share of paper-white (> 0.85), mid-grey (0.15-0.85) and dark (< 0.15) pixels."""
+def document_stats(pixels: np.ndarray) -> tuple[float, float, float, float]:
+    """Statistics of a 256-pixel thumbnail used by the document check.
+
+    Returns
+    -------
+    (white, mid, dark, stroke)
+        Shares of paper-white (> 0.85), mid-grey (0.15-0.85) and dark (< 0.15) pixels,
+        and the share of dark pixels that touch a white one (thin strokes: text, lines).
+    """
     small = _thumbnail(pixels)
-    white = float((small > 0.85).mean())
-    dark = float((small < 0.15).mean())
-    return white, 1.0 - white - dark, dark
+    white_mask = small > 0.85
+    dark_mask = small < 0.15
+    white = float(white_mask.mean())
+    dark = float(dark_mask.mean())
+    near_white = cv2.dilate(white_mask.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    stroke = float((dark_mask & near_white).sum()) / max(1.0, float(dark_mask.sum()))
+    return white, 1.0 - white - dark, dark, stroke
 
 
 def _document_reason(ds: Dataset, pixels: np.ndarray) -> str | None:
@@ -455,10 +466,10 @@ def _document_reason(ds: Dataset, pixels: np.ndarray) -> str | None:
     conversion = str(ds.get("ConversionType", "") or "").strip().upper()
     if conversion in DOCUMENT_CONVERSION_TYPES:
         return f"Conversion Type {conversion}: scanned document"
-    white, mid, dark = document_stats(pixels)
-    if white > 0.5 and mid < 0.2 and 0.005 < dark < 0.4:
+    white, mid, dark, stroke = document_stats(pixels)
+    if white > 0.5 and mid < 0.2 and 0.005 < dark < 0.4 and stroke > 0.3:
         return (
             f"document-like page: {100 * white:.0f} % paper-white, {100 * mid:.0f} % mid-grey,"
-            f" {100 * dark:.0f} % dark strokes"
+            f" {100 * dark:.0f} % dark, {100 * stroke:.0f} % of it in thin strokes"
         )
     return None

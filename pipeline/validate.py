@@ -206,10 +206,11 @@ def pixel_attribute_problem(ds: Dataset) -> tuple[RefusalCode, str] | None:
             f"Bits Stored {bits_stored} not in 1..Bits Allocated ({bits_allocated})"
         )
     high_bit = _int(ds, "HighBit")
-    if high_bit is not None and not bits_stored - 1 <= high_bit < bits_allocated:
+    if high_bit is not None and high_bit != bits_stored - 1:
+        # Other High Bit positions were retired (PS3.5 8.1.1); the data would sit in other
+        # bits than the ones we read.
         return RefusalCode.BAD_PIXEL_ATTRIBUTES, (
-            f"High Bit {high_bit} inconsistent with Bits Stored {bits_stored}"
-            f" / Bits Allocated {bits_allocated}"
+            f"High Bit {high_bit} is not Bits Stored - 1 ({bits_stored - 1}), PS3.5 8.1.1"
         )
     if values["PixelRepresentation"] not in (0, 1):
         return RefusalCode.BAD_PIXEL_ATTRIBUTES, "Pixel Representation must be 0 or 1"

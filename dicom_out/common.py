@@ -1,0 +1,627 @@
+"""Shared parts of the result-object builders (``sc.py``, ``sr.py``, ``pdf.py``).
+
+Everything that two builders would otherwise write twice lives here:
+
+* :class:`OutputSettings` - series numbers/descriptions and equipment identity of
+  the objects fracture-node writes;
+* :func:`output_uid` - deterministic UIDs, so reprocessing an image yields the same
+  objects instead of duplicates (PS3.5 9.1, pydicom ``generate_uid``);
+* :func:`copy_patient_study` - exact copy of the Patient and Study modules
+  (PS3.3 C.7.1.1, C.7.2.1, C.7.2.2) including Specific Character Set (C.12.1.1.2);
+* :func:`render_heatmap` - the one rendering of the radiograph with its Grad-CAM
+  heat map, used by the Secondary Capture and by the PDF report;
+* coded concepts shared by the SR and the PDF (finding site codes from PS3.16
+  CID 4031 / Annex L, decisions, the LOINC document title).
+
+Nothing here opens a socket or runs a model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import unicodedata
+from collections.abc import Iterable, Sequence
+from copy import deepcopy
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from pipeline.result import (
+    NODE_MANUFACTURER,
+    NODE_MODEL_NAME,
+    Decision,
+    ImageFinding,
+    ModelInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+SOFTWARE_VERSION = "0.1.0"
+"""Version of fracture-node written into Software Versions (0018,1020)."""
+
+NOT_FOR_DIAGNOSTIC_USE = "UNVERIFIED AI result, not for diagnostic use"
+"""Appended to every description we write (series, derivation, document title)."""
+
+REVIEW_NOTICE = "AI result \u2014 requires radiologist review"
+"""Burned into every Secondary Capture and printed on every PDF page."""
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """How the result objects identify themselves and which series they go into.
+
+    Parameters
+    ----------
+    manufacturer
+        Manufacturer (0008,0070) of every output.  Must stay
+        :data:`pipeline.result.NODE_MANUFACTURER` in production: the pipeline
+        refuses incoming objects that carry it, so routing loops are impossible.
+    manufacturer_model_name
+        Manufacturer's Model Name (0008,1090).
+    software_version
+        Software Versions (0018,1020) of the node.
+    institution_name
+        Institution Name (0008,0080) of the node's equipment, or ``None``.
+    sc_series_number, sc_series_description
+        Series of the Grad-CAM Secondary Captures (PS3.3 A.8.1).
+    sr_series_number, sr_series_description
+        Series of the TID 1500 Structured Report.
+    pdf_series_number, pdf_series_description
+        Series of the Encapsulated PDF report (PS3.3 A.45.1).
+    max_sc_side
+        Longer side of a Secondary Capture is capped at this many pixels.
+    """
+
+    manufacturer: str = NODE_MANUFACTURER
+    manufacturer_model_name: str = NODE_MODEL_NAME
+    software_version: str = SOFTWARE_VERSION
+    institution_name: str | None = None
+    sc_series_number: int = 9001
+    sc_series_description: str = "AI fracture heat map"
+    sr_series_number: int = 9002
+    sr_series_description: str = "AI fracture findings (SR)"
+    pdf_series_number: int = 9003
+    pdf_series_description: str = "AI fracture report (PDF)"
+    max_sc_side: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("manufacturer", "manufacturer_model_name", "software_version"):
+            value = getattr(self, name)
+            if not value or len(value) > 64:
+                raise ValueError(f"{name} must be 1 to 64 characters (VR LO)")
+            if not value.isascii():
+                raise ValueError(f"{name} must be ASCII (it is written in every character set)")
+        if self.institution_name is not None and (
+            not self.institution_name or len(self.institution_name) > 64
+        ):
+            raise ValueError("institution_name must be 1 to 64 characters (VR LO) or None")
+        numbers = (self.sc_series_number, self.sr_series_number, self.pdf_series_number)
+        for number in numbers:
+            if not 0 < number < 2**31:
+                raise ValueError("series numbers must be positive and fit VR IS")
+        if len(set(numbers)) != 3:
+            raise ValueError("the SC, SR and PDF series numbers must differ")
+        for name in ("sc_series_description", "sr_series_description", "pdf_series_description"):
+            value = getattr(self, name)
+            # the "not for diagnostic use" suffix is added, the whole must fit VR LO (64)
+            if not value or not value.isascii() or len(series_description(value)) > 64:
+                raise ValueError(
+                    f"{name} must be ASCII and short enough for VR LO with the "
+                    f"'{_SERIES_SUFFIX}' suffix ({64 - len(_SERIES_SUFFIX)} characters)"
+                )
+        if not 256 <= self.max_sc_side <= 8192:
+            raise ValueError("max_sc_side must be between 256 and 8192 pixels")
+
+
+_SERIES_SUFFIX = " - UNVERIFIED, not diagnostic"
+
+
+def series_description(description: str) -> str:
+    """Series Description (0008,103E) with the "not for diagnostic use" suffix."""
+    return f"{description}{_SERIES_SUFFIX}"
+
+
+# --------------------------------------------------------------------------- UIDs
+
+
+def output_uid(*parts: str) -> str:
+    """A UID that depends only on ``parts`` (PS3.5 B.2, pydicom ``generate_uid``).
+
+    Called with e.g. the source SOP Instance UID, the model weights hashes and the
+    kind of output (``"sc"``), so the same input always yields the same UID and a
+    reprocessed image replaces rather than duplicates its result in the archive.
+    """
+    if not parts or any(not isinstance(p, str) or not p for p in parts):
+        raise ValueError("output_uid needs one or more non-empty strings")
+    # pydicom concatenates the sources without a separator, so ("1.2.3", "45") and
+    # ("1.2.34", "5") would collide; a unit separator between the parts prevents it.
+    return str(generate_uid(entropy_srcs=["\x1f".join(parts)]))
+
+
+def model_hashes(models: Iterable[ModelInfo]) -> list[str]:
+    """Weights SHA-256 of ``models`` in a stable order, duplicates removed."""
+    return sorted({m.weights_sha256 for m in models})
+
+
+def finding_models(finding: ImageFinding) -> tuple[ModelInfo, ...]:
+    """Router then classifier, or the classifier once when both are the same model."""
+    if finding.router == finding.classifier:
+        return (finding.classifier,)
+    return (finding.router, finding.classifier)
+
+
+# --------------------------------------------------------------------------- text
+
+
+def ascii_text(text: str) -> str:
+    """``text`` reduced to printable ASCII (dashes and accents folded, others ``?``).
+
+    The character set of an output is the source's (PS3.3 C.12.1.1.2), which may
+    be the default repertoire; everything the node itself writes into DICOM text
+    attributes therefore stays within ASCII.
+    """
+    text = text.replace("\u2014", "-").replace("\u2013", "-").replace("\u2265", ">=")
+    text = text.replace("\u2264", "<=").replace("\u00b1", "+/-")
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    cleaned = "".join(c if (c.isprintable() or c in "\r\n") else " " for c in folded)
+    return cleaned
+
+
+# --------------------------------------------------------------------------- patient/study
+
+PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
+    # Patient module, PS3.3 C.7.1.1
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "TypeOfPatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar",
+    "PatientAlternativeCalendar",
+    "PatientSex",
+    "ReferencedPatientPhotoSequence",
+    "QualityControlSubject",
+    "ReferencedPatientSequence",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "EthnicGroup",
+    "PatientComments",
+    "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence",
+    "PatientBreedDescription",
+    "PatientBreedCodeSequence",
+    "BreedRegistrationSequence",
+    "StrainDescription",
+    "ResponsiblePerson",
+    "ResponsiblePersonRole",
+    "ResponsibleOrganization",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    # Clinical Trial Subject, C.7.1.3
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    # General Study, C.7.2.1
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingService",
+    "ReferencedStudySequence",
+    "ProcedureCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study, C.7.2.2
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "Occupation",
+    "AdditionalPatientHistory",
+    "AdmissionID",
+    "PatientSexNeutered",
+    # Clinical Trial Study, C.7.2.3
+    "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription",
+)
+"""Attributes copied verbatim from the source (Patient and Study IE modules)."""
+
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def copy_patient_study(source: pydicom.Dataset, target: pydicom.Dataset) -> None:
+    """Copy the Patient and Study modules of ``source`` into ``target`` exactly.
+
+    Specific Character Set (0008,0005) is copied too, so names in ISO_IR 100,
+    ISO_IR 192, ... are written in the source's own encoding.  Type 2 attributes
+    absent from the source are written empty, as the IODs require.  Attributes of
+    these modules that the source lacks are removed from ``target``.
+    """
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in source:
+            target[keyword] = deepcopy(source[keyword])
+        elif keyword in target:
+            del target[keyword]
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in target:
+            setattr(target, keyword, None)
+    if "SpecificCharacterSet" in source:
+        target.SpecificCharacterSet = deepcopy(source.SpecificCharacterSet)
+    elif "SpecificCharacterSet" in target:
+        del target.SpecificCharacterSet
+
+
+def reference_dataset(source: pydicom.Dataset) -> pydicom.Dataset:
+    """Identifying and Patient/Study attributes of ``source`` without its pixels.
+
+    highdicom's SR constructor reads patient/study attributes and the UIDs from
+    its evidence datasets; this keeps it from touching (or copying) Pixel Data.
+    """
+    ds = pydicom.Dataset()
+    copy_patient_study(source, ds)
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "Rows",
+        "Columns",
+        "ImageLaterality",
+        "Laterality",
+        "ViewPosition",
+        "BodyPartExamined",
+        "InstanceNumber",
+        "SeriesNumber",
+    ):
+        if keyword in source:
+            ds[keyword] = deepcopy(source[keyword])
+    return ds
+
+
+# --------------------------------------------------------------------------- equipment
+
+
+def contributing_equipment(
+    models: Sequence[ModelInfo], settings: OutputSettings
+) -> list[hd.ContributingEquipment]:
+    """Contributing Equipment Sequence items (PS3.3 C.12.1) for the node and its models.
+
+    One Processing Equipment item per model (name, version, architecture, Device UID
+    from the registry, weights hash) after one for the node itself.
+    """
+    items = [
+        hd.ContributingEquipment(
+            manufacturer=settings.manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=settings.manufacturer_model_name,
+            software_versions=settings.software_version,
+            institution_name=settings.institution_name,
+            contribution_description=ascii_text(
+                "Grad-CAM heat map, structured report and PDF report"
+            ),
+        )
+    ]
+    for model in models:
+        item = hd.ContributingEquipment(
+            manufacturer=settings.manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=ascii_text(model.name)[:64],
+            software_versions=ascii_text(model.version)[:64],
+            contribution_description=ascii_text(
+                f"{model.architecture} model, weights SHA-256 {model.weights_sha256}"
+            )[:1024],
+        )
+        item.DeviceUID = model.device_uid
+        items.append(item)
+    return items
+
+
+def unique_models(models: Iterable[ModelInfo]) -> tuple[ModelInfo, ...]:
+    """``models`` without repeats, first occurrence kept."""
+    seen: dict[tuple[str, str, str], ModelInfo] = {}
+    for model in models:
+        seen.setdefault((model.name, model.version, model.weights_sha256), model)
+    return tuple(seen.values())
+
+
+# --------------------------------------------------------------------------- decisions
+
+DECISION_LABEL: dict[Decision, str] = {
+    Decision.POSITIVE: "POSITIVE",
+    Decision.DOUBTFUL: "DOUBTFUL",
+    Decision.NEGATIVE: "NEGATIVE",
+    Decision.NEEDS_REVIEW: "NEEDS REVIEW",
+    Decision.NOT_ANALYSED: "NOT ANALYSED",
+}
+"""Short upper-case label of a decision, as burned in and printed."""
+
+DECISION_COLOUR: dict[Decision, tuple[int, int, int]] = {
+    Decision.POSITIVE: (200, 30, 30),
+    Decision.DOUBTFUL: (230, 140, 0),
+    Decision.NEGATIVE: (30, 140, 60),
+    Decision.NEEDS_REVIEW: (60, 90, 170),
+    Decision.NOT_ANALYSED: (110, 110, 110),
+}
+"""RGB colour of a decision (status banner, burned-in caption)."""
+
+
+def shows_heatmap(decision: Decision) -> bool:
+    """Whether a heat map may be drawn for ``decision``.
+
+    Only positive and doubtful findings carry a map: a map on a negative (or
+    undecided) image would suggest a finding that was not made.
+    """
+    return decision in (Decision.POSITIVE, Decision.DOUBTFUL)
+
+
+FRACTURE = Code("125605004", "SCT", "Fracture of bone")
+"""Finding type and qualitative-evaluation concept (SNOMED CT)."""
+
+NOT_DONE = Code("385660001", "SCT", "Not done")
+"""Qualitative evaluation value of an image that was not analysed."""
+
+DECISION_EVALUATION: dict[Decision, Code] = {
+    Decision.POSITIVE: codes.SCT.Present,
+    Decision.DOUBTFUL: codes.SCT.Indeterminate,
+    Decision.NEEDS_REVIEW: codes.SCT.Indeterminate,
+    Decision.NEGATIVE: codes.SCT.Absent,
+    Decision.NOT_ANALYSED: NOT_DONE,
+}
+"""Decision -> SNOMED CT value of the "Fracture of bone" qualitative evaluation."""
+
+LOCAL_SCHEME = "99FRNODE"
+"""Private coding scheme (PS3.3 8.2) for the node's own decision and refusal codes."""
+
+AI_DECISION = Code("decision", LOCAL_SCHEME, "AI decision")
+REFUSAL_REASON = Code("refusal", LOCAL_SCHEME, "Reason not analysed")
+
+
+def decision_code(decision: Decision) -> Code:
+    """The node's own code for ``decision`` (keeps doubtful apart from needs-review)."""
+    return Code(decision.value, LOCAL_SCHEME, DECISION_LABEL[decision].capitalize())
+
+
+def local_coding_scheme() -> CodingSchemeIdentificationItem:
+    """Coding Scheme Identification Sequence item declaring :data:`LOCAL_SCHEME`."""
+    return CodingSchemeIdentificationItem(
+        designator=LOCAL_SCHEME,
+        name="fracture-node local codes",
+        responsible_organization=NODE_MANUFACTURER,
+    )
+
+
+BODY_PART_CODES: dict[str, Code] = {
+    # PS3.16 Annex L (Body Part Examined -> SNOMED CT), CID 4031
+    "ELBOW": Code("16953009", "SCT", "Elbow joint"),
+    "FINGER": Code("7569003", "SCT", "Finger"),
+    "FOREARM": Code("14975008", "SCT", "Forearm"),
+    "HAND": Code("85562004", "SCT", "Hand"),
+    "HUMERUS": Code("85050009", "SCT", "Humerus"),
+    "SHOULDER": Code("16982005", "SCT", "Shoulder region"),
+    "WRIST": Code("74670003", "SCT", "Wrist joint"),
+    "HIP": Code("29836001", "SCT", "Hip"),
+    "KNEE": Code("72696002", "SCT", "Knee"),
+    "ANKLE": Code("70258002", "SCT", "Ankle joint"),
+    "FOOT": Code("56459004", "SCT", "Foot"),
+    "EXTREMITY": Code("66019005", "SCT", "Limb"),
+    "CLAVICLE": Code("51299004", "SCT", "Clavicle"),
+    "FEMUR": Code("71341001", "SCT", "Femur"),
+    "TIBIA": Code("12611008", "SCT", "Tibia"),
+}
+"""BodyPartExamined value -> finding site (PS3.16 CID 4031 / Annex L)."""
+
+PAIRED_BODY_PARTS = frozenset(
+    {"ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST", "HIP", "KNEE",
+     "ANKLE", "FOOT", "CLAVICLE", "FEMUR", "TIBIA", "EXTREMITY"}
+)
+"""Body parts with a left and a right (Laterality is then Type 2C / asked for)."""
+
+LATERALITY_CODES: dict[str, Code] = {
+    "L": codes.SCT.Left,
+    "R": codes.SCT.Right,
+    "B": codes.SCT.RightAndLeft,
+}
+
+
+def body_part_code(body_part: str) -> Code | None:
+    """SNOMED CT finding site of ``body_part`` (upper case), or ``None`` if unknown."""
+    return BODY_PART_CODES.get(body_part.upper())
+
+
+def body_part_label(body_part: str) -> str:
+    """Readable name of a body part: ``"WRIST"`` -> ``"Wrist"``."""
+    return body_part.replace("_", " ").capitalize() if body_part else "Unknown"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _fit(pixels: np.ndarray, max_side: int, min_side: int) -> np.ndarray:
+    rows, cols = pixels.shape
+    longer = max(rows, cols)
+    if longer > max_side:
+        k = max_side / float(longer)
+        interpolation = cv2.INTER_AREA
+    elif longer < min_side:
+        k = min_side / float(longer)
+        interpolation = cv2.INTER_LINEAR
+    else:
+        return pixels
+    size = (max(1, int(round(cols * k))), max(1, int(round(rows * k))))
+    return cv2.resize(pixels, size, interpolation=interpolation)
+
+
+def heatmap_on_image(finding: ImageFinding, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The Grad-CAM map of ``finding`` resampled onto its image grid.
+
+    With ``shape`` (rows, columns) the map is resampled straight onto a scaled
+    copy of the image grid (the same crop as ``GridTransform.to_image``, one resize
+    instead of two), which is what the renderers need.
+    """
+    transform = finding.transform
+    if shape is not None and tuple(shape) != tuple(transform.image_shape):
+        rows = transform.image_shape[0]
+        transform = replace(
+            transform, image_shape=(int(shape[0]), int(shape[1])),
+            scale=transform.scale * rows / float(shape[0]),
+        )
+    heat = transform.to_image(np.asarray(finding.heatmap, dtype=np.float32))
+    return np.clip(heat, 0.0, 1.0)
+
+
+HEAT_FLOOR = 0.25
+"""Heat below this fraction of the map maximum is not coloured (keeps bone visible)."""
+
+HEAT_ALPHA = 0.5
+"""Opacity of the hottest part of the heat map."""
+
+
+def colourise(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB uint8 with the JET colour map (blue low, red high)."""
+    v8 = cv2.convertScaleAbs(np.ascontiguousarray(values, dtype=np.float32), alpha=255.0)
+    bgr = cv2.applyColorMap(v8, cv2.COLORMAP_JET)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def render_views(
+    finding: ImageFinding, max_side: int, *, min_side: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(original, overlay) RGB uint8 renderings of ``finding`` at the same size.
+
+    ``original`` is the radiograph alone; ``overlay`` has the heat map blended in
+    where :func:`shows_heatmap` allows it (else it equals ``original``).
+    """
+    grey = np.asarray(finding.image.pixels, dtype=np.float32)
+    grey = _fit(grey, max_side, min_side)
+    grey8 = cv2.convertScaleAbs(np.ascontiguousarray(grey), alpha=255.0)
+    base = cv2.cvtColor(grey8, cv2.COLOR_GRAY2RGB)
+    if not shows_heatmap(finding.decision):
+        return base, base
+    return base, _blend(base, heatmap_on_image(finding, grey8.shape))
+
+
+def _blend(base: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """Blend ``heat`` (same grid as ``base``) over ``base`` with the JET colours."""
+    peak = float(heat.max())
+    if peak <= 0.0:
+        return base
+    heat = heat / peak
+    hot = heat > HEAT_FLOOR
+    if not hot.any():
+        return base
+    rows = np.flatnonzero(hot.any(axis=1))
+    cols = np.flatnonzero(hot.any(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    h = heat[r0:r1, c0:c1]
+    alpha = np.clip((h - HEAT_FLOOR) * (HEAT_ALPHA / (1.0 - HEAT_FLOOR)), 0.0, HEAT_ALPHA)
+    alpha3 = cv2.merge([alpha, alpha, alpha])
+    region = base[r0:r1, c0:c1].astype(np.float32)
+    colour = colourise(h).astype(np.float32)
+    blended = region + (colour - region) * alpha3
+    out = base.copy()
+    out[r0:r1, c0:c1] = cv2.convertScaleAbs(blended)
+    return out
+
+
+def render_heatmap(
+    finding: ImageFinding,
+    max_side: int,
+    *,
+    min_side: int = 0,
+    with_heatmap: bool | None = None,
+) -> np.ndarray:
+    """The radiograph of ``finding`` as RGB uint8, with its heat map blended in colour.
+
+    The normalised pixels (bone bright) are scaled so the longer side is at most
+    ``max_side`` (and at least ``min_side``); the Grad-CAM map is resampled onto
+    them and blended with the JET colour map, its opacity rising with the heat
+    above :data:`HEAT_FLOOR`.  Where :func:`shows_heatmap` is false for the
+    decision (or ``with_heatmap`` is False) the image stays grey.
+
+    Used by the Secondary Capture (PS3.3 A.8) and the PDF report, so both show
+    exactly the same picture.
+    """
+    original, overlay = render_views(finding, max_side, min_side=min_side)
+    if with_heatmap is False:
+        return original
+    if with_heatmap and overlay is original:
+        grey = original[:, :, 0]
+        return _blend(original, heatmap_on_image(finding, grey.shape))
+    return overlay
+
+
+def colour_bar(width: int, height: int) -> np.ndarray:
+    """Horizontal legend of the heat-map colours, low (left) to high (right), RGB uint8."""
+    ramp = np.linspace(0.0, 1.0, max(2, width), dtype=np.float32)[None, :]
+    return np.repeat(colourise(ramp), max(1, height), axis=0)
+
+
+_FONT_DIRS = (
+    Path("/usr/share/fonts/truetype/dejavu"),
+    Path("/usr/share/fonts/dejavu"),
+)
+
+
+@functools.lru_cache(maxsize=4)
+def font_path(bold: bool = False) -> Path | None:
+    """Path of the DejaVu Sans TrueType font (covers Latin, Greek, Cyrillic), if any."""
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    for folder in _FONT_DIRS:
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+    try:
+        import matplotlib
+
+        candidate = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name
+        if candidate.is_file():
+            return candidate
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        pass
+    logger.warning("DejaVu Sans not found; falling back to built-in fonts")
+    return None
+
+
+def encode_image(rgb: np.ndarray, fmt: str = ".jpg", quality: int = 90) -> bytes:
+    """Encode an RGB uint8 array as JPEG or PNG bytes (for the PDF)."""
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == ".jpg" else []
+    ok, buf = cv2.imencode(fmt, bgr, params)
+    if not ok:
+        raise ValueError(f"could not encode image as {fmt}")
+    return buf.tobytes()

@@ -1,0 +1,491 @@
+"""TID 1500 Measurement Report of a study, in a Comprehensive 3D SR (PS3.3 A.35.13).
+
+One document per study, as the IHE AI Results (AIR) profile asks, built with
+highdicom:
+
+* observer context: the node as a device (TID 1004);
+* per analysed image one measurement group (TID 1501): tracking identifier and
+  UID, finding type "Fracture of bone", the finding site coded in SNOMED CT for the
+  body part (PS3.16 CID 4031 / Annex L) with laterality where known, the
+  qualitative evaluation (present / absent / indeterminate, plus the node's own
+  decision code keeping "doubtful" apart from "needs review"), the fracture
+  probability as a numeric measurement (TID 300, UCUM "no units"), the body-part
+  probability, the algorithm identification (TID 4019: name, version, threshold and
+  doubt band as parameters) and the source image reference;
+* per refused instance a group whose evaluation is "Not done", with the reason as
+  a code and as text;
+* per body part and for the whole study a group with the study-level decision;
+* evidence (Current Requested Procedure Evidence Sequence) listing every source
+  instance and every heat-map Secondary Capture;
+* Verification Flag UNVERIFIED, Preliminary Flag PRELIMINARY, and a Predecessor
+  Documents Sequence when an earlier version of the report is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import highdicom as hd
+import pydicom
+from highdicom._standard_utils import does_iod_have_pixel_data
+from highdicom.sr.templates import _get_coded_modality
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_out.common import (
+    AI_DECISION,
+    DECISION_EVALUATION,
+    DECISION_LABEL,
+    FRACTURE,
+    LATERALITY_CODES,
+    LOCAL_SCHEME,
+    REFUSAL_REASON,
+    OutputSettings,
+    ascii_text,
+    body_part_code,
+    contributing_equipment,
+    copy_patient_study,
+    decision_code,
+    finding_models,
+    local_coding_scheme,
+    model_hashes,
+    output_uid,
+    reference_dataset,
+    series_description,
+    unique_models,
+)
+from pipeline.result import (
+    BodyPartDecision,
+    Decision,
+    ImageFinding,
+    ModelInfo,
+    Refusal,
+    StudyResult,
+)
+
+logger = logging.getLogger(__name__)
+
+PLAIN_RADIOGRAPHY = Code("168537006", "SCT", "Plain radiography")
+"""Procedure reported (TID 1500 row 3)."""
+
+FRACTURE_PROBABILITY = codes.DCM.Probability
+"""Concept name (DCM 122157) of the classifier's calibrated fracture probability (0 to 1)."""
+
+BODY_PART_PROBABILITY = Code("body-part-probability", LOCAL_SCHEME, "Body part probability")
+"""Concept name of the router's probability for the body part it chose."""
+
+UNIT_PROBABILITY = codes.UCUM.NoUnits
+"""Probabilities are unitless fractions in [0, 1] (UCUM "1")."""
+
+
+def sr_series_uid(study_instance_uid: str, models: Sequence[ModelInfo]) -> str:
+    """Series Instance UID of the SR series of a study and model version."""
+    return output_uid(study_instance_uid, *model_hashes(models), "sr-series")
+
+
+def sr_instance_uid(
+    study_instance_uid: str, sop_instance_uids: Sequence[str], models: Sequence[ModelInfo]
+) -> str:
+    """SOP Instance UID: study UID, sorted source SOP UIDs, model hashes, ``"sr"``."""
+    return output_uid(
+        study_instance_uid, *sorted(sop_instance_uids), *model_hashes(models), "sr"
+    )
+
+
+def _models_of(result: StudyResult) -> tuple[ModelInfo, ...]:
+    models = list(result.models)
+    for finding in result.findings:
+        models.extend(finding_models(finding))
+    return unique_models(models)
+
+
+def _algorithm(classifier: ModelInfo, router: ModelInfo | None, parameters: list[str]) -> (
+    hd.sr.AlgorithmIdentification
+):
+    """TID 4019 Algorithm Identification of the classifier, router named as parameter."""
+    params = list(parameters)
+    if router is not None and router != classifier:
+        params.append(f"body part router: {router.name} {router.version}")
+    params.append(f"weights SHA-256: {classifier.weights_sha256}")
+    return hd.sr.AlgorithmIdentification(
+        name=ascii_text(classifier.name)[:64],
+        version=ascii_text(classifier.version)[:64],
+        parameters=[ascii_text(p)[:64] for p in params],
+    )
+
+
+def _finding_sites(body_part: str, laterality: str = "") -> list[hd.sr.FindingSite]:
+    code = body_part_code(body_part)
+    if code is None:
+        return []
+    side = LATERALITY_CODES.get(laterality.upper())
+    return [hd.sr.FindingSite(anatomic_location=code, laterality=side)]
+
+
+def _image_group(finding: ImageFinding, number: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    meta = finding.meta
+    low, high = finding.doubt_band
+    algorithm = _algorithm(
+        finding.classifier,
+        finding.router,
+        [f"threshold={finding.threshold:.4g}", f"doubt band={low:.4g}..{high:.4g}"],
+    )
+    reference = hd.sr.SourceImageForMeasurement(
+        referenced_sop_class_uid=meta.sop_class_uid,
+        referenced_sop_instance_uid=meta.sop_instance_uid,
+    )
+    sites = _finding_sites(finding.body_part, meta.laterality)
+    measurements = [
+        hd.sr.Measurement(
+            name=FRACTURE_PROBABILITY,
+            value=round(float(finding.fracture_probability), 6),
+            unit=UNIT_PROBABILITY,
+            algorithm_id=algorithm,
+            finding_sites=sites or None,
+            referenced_images=[reference],
+        ),
+        hd.sr.Measurement(
+            name=BODY_PART_PROBABILITY,
+            value=round(float(finding.body_part_probability), 6),
+            unit=UNIT_PROBABILITY,
+            referenced_images=[reference],
+        ),
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=output_uid(meta.sop_instance_uid, *model_hashes(finding_models(finding)), "track"),
+            identifier=f"Image {number}: {finding.body_part or 'unknown'}"[:64],
+        ),
+        finding_type=FRACTURE,
+        algorithm_id=algorithm,
+        finding_sites=sites or None,
+        measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(FRACTURE, DECISION_EVALUATION[finding.decision]),
+            hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(finding.decision)),
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=meta.sop_class_uid,
+                referenced_sop_instance_uid=meta.sop_instance_uid,
+            )
+        ],
+    )
+
+
+def _refusal_group(refusal: Refusal, number: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    meta = refusal.meta
+    sources = None
+    if does_iod_have_pixel_data(meta.sop_class_uid):
+        sources = [
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=meta.sop_class_uid,
+                referenced_sop_instance_uid=meta.sop_instance_uid,
+            )
+        ]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=output_uid(meta.sop_instance_uid, refusal.code.value, "track-refused"),
+            identifier=f"Instance {number}: not analysed"[:64],
+        ),
+        finding_type=FRACTURE,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(FRACTURE, DECISION_EVALUATION[Decision.NOT_ANALYSED]),
+            hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(Decision.NOT_ANALYSED)),
+            hd.sr.QualitativeEvaluation(
+                REFUSAL_REASON,
+                Code(refusal.code.value, LOCAL_SCHEME, refusal.code.value.replace("-", " ")),
+            ),
+        ],
+        source_images=sources,
+    )
+    text = ascii_text(refusal.text).strip() or refusal.code.value
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=text[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
+
+
+def _body_part_group(
+    decision: BodyPartDecision, classifier: ModelInfo, router: ModelInfo | None, study_uid: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    low, high = decision.doubt_band
+    algorithm = _algorithm(
+        classifier,
+        router,
+        [
+            f"threshold={decision.threshold:.4g}",
+            f"doubt band={low:.4g}..{high:.4g}",
+            "study rule: mean of image probabilities",
+        ],
+    )
+    sites = _finding_sites(decision.body_part)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=output_uid(study_uid, decision.body_part, *model_hashes([classifier]), "track-part"),
+            identifier=f"Study: {decision.body_part}"[:64],
+        ),
+        finding_type=FRACTURE,
+        algorithm_id=algorithm,
+        finding_sites=sites or None,
+        measurements=[
+            hd.sr.Measurement(
+                name=FRACTURE_PROBABILITY,
+                value=round(float(decision.probability), 6),
+                unit=UNIT_PROBABILITY,
+                algorithm_id=algorithm,
+                finding_sites=sites or None,
+            )
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(FRACTURE, DECISION_EVALUATION[decision.decision]),
+            hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(decision.decision)),
+        ],
+    )
+
+
+def _study_group(
+    result: StudyResult, classifier: ModelInfo | None, models: Sequence[ModelInfo]
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    algorithm = None
+    if classifier is not None:
+        algorithm = _algorithm(
+            classifier,
+            None,
+            ["study decision: worst case over body parts"],
+        )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=output_uid(result.study_instance_uid, *model_hashes(models), "track-study"),
+            identifier="Study",
+        ),
+        finding_type=FRACTURE,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(FRACTURE, DECISION_EVALUATION[result.decision]),
+            hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(result.decision)),
+        ],
+    )
+
+
+def _image_library(images: Sequence[pydicom.Dataset]) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library of the analysed images, tolerant of missing descriptors.
+
+    highdicom's ``ImageLibrary`` requires Patient Orientation and Imager Pixel
+    Spacing of every projection radiograph (TID 1603); real CR/DX files often
+    lack them.  Here TID 1601 descriptors are written only when present.
+    """
+    mm = codes.UCUM.Millimeter
+    pixels = hd.sr.CodedConcept(value="{pixels}", meaning="Pixels", scheme_designator="UCUM")
+    acq = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    groups: dict[tuple[str, str], list[hd.sr.ImageContentItem]] = {}
+    modalities: dict[tuple[str, str], Code] = {}
+    for ds in images:
+        modality = _get_coded_modality(ds.SOPClassUID)
+        item = hd.sr.ImageContentItem(
+            name=hd.sr.CodedConcept(value="260753009", meaning="Source", scheme_designator="SCT"),
+            referenced_sop_class_uid=ds.SOPClassUID,
+            referenced_sop_instance_uid=ds.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        descriptors: list[hd.sr.ContentItem] = [
+            hd.sr.NumContentItem(
+                name=codes.DCM.PixelDataRows, value=int(ds.Rows), unit=pixels, relationship_type=acq
+            ),
+            hd.sr.NumContentItem(
+                name=codes.DCM.PixelDataColumns,
+                value=int(ds.Columns),
+                unit=pixels,
+                relationship_type=acq,
+            ),
+        ]
+        orientation = ds.get("PatientOrientation")
+        if orientation is not None and len(orientation) == 2 and all(orientation):
+            descriptors += [
+                hd.sr.TextContentItem(
+                    name=codes.DCM.PatientOrientationRow,
+                    value=str(orientation[0]),
+                    relationship_type=acq,
+                ),
+                hd.sr.TextContentItem(
+                    name=codes.DCM.PatientOrientationColumn,
+                    value=str(orientation[1]),
+                    relationship_type=acq,
+                ),
+            ]
+        spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
+        if spacing is not None and len(spacing) == 2:
+            descriptors += [
+                hd.sr.NumContentItem(
+                    name=codes.DCM.HorizontalPixelSpacing,
+                    value=float(spacing[1]),
+                    unit=mm,
+                    relationship_type=acq,
+                ),
+                hd.sr.NumContentItem(
+                    name=codes.DCM.VerticalPixelSpacing,
+                    value=float(spacing[0]),
+                    unit=mm,
+                    relationship_type=acq,
+                ),
+            ]
+        item.ContentSequence = hd.sr.ContentSequence(descriptors)
+        key = (modality.value, modality.scheme_designator)
+        modalities[key] = modality
+        groups.setdefault(key, []).append(item)
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence()
+    for key, items in groups.items():
+        group = hd.sr.ContainerContentItem(
+            name=codes.DCM.ImageLibraryGroup,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        group.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.CodeContentItem(
+                    name=codes.DCM.Modality, value=modalities[key], relationship_type=acq
+                ),
+                *items,
+            ]
+        )
+        library.ContentSequence.append(group)
+    return library
+
+
+def build_structured_report(
+    result: StudyResult,
+    sources: Mapping[str, pydicom.Dataset],
+    secondary_captures: Sequence[pydicom.Dataset],
+    settings: OutputSettings,
+    predecessor: pydicom.Dataset | None = None,
+) -> pydicom.Dataset:
+    """Build the TID 1500 Measurement Report of a study (Comprehensive 3D SR).
+
+    Parameters
+    ----------
+    result
+        Findings and refusals of the study and the study-level decisions.
+    sources
+        Source instances keyed by SOP Instance UID; must hold every analysed and
+        every refused instance of ``result``.  Patient and Study modules are copied
+        from the first analysed (else first refused) instance.
+    secondary_captures
+        The heat-map Secondary Captures built for the study; listed as evidence.
+    settings
+        Series and equipment settings.
+    predecessor
+        An earlier SR of the same study that this one replaces (for instance after
+        late instances arrived); recorded in the Predecessor Documents Sequence
+        (PS3.3 C.17.2).
+
+    Returns
+    -------
+    pydicom.Dataset
+        A Comprehensive 3D SR (PS3.3 A.35.13) whose content is TID 1500.
+
+    Raises
+    ------
+    ValueError
+        If the result is empty, a source is missing, or an instance belongs to
+        another study.
+    """
+    outcomes: list[ImageFinding | Refusal] = [*result.findings, *result.refusals]
+    if not outcomes:
+        raise ValueError("a study result without findings or refusals has nothing to report")
+    sop_uids = [o.meta.sop_instance_uid for o in outcomes]
+    missing = [uid for uid in sop_uids if uid not in sources]
+    if missing:
+        raise ValueError(f"{len(missing)} instance(s) of the result are missing from sources")
+    for uid in sop_uids:
+        if sources[uid].StudyInstanceUID != result.study_instance_uid:
+            raise ValueError(f"source {uid} belongs to another study")
+    for sc in secondary_captures:
+        if sc.StudyInstanceUID != result.study_instance_uid:
+            raise ValueError("a secondary capture belongs to another study")
+    if predecessor is not None and predecessor.StudyInstanceUID != result.study_instance_uid:
+        raise ValueError("the predecessor SR belongs to another study")
+
+    models = _models_of(result)
+    classifier = result.findings[0].classifier if result.findings else None
+    router = result.findings[0].router if result.findings else None
+
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    for number, finding in enumerate(result.findings, start=1):
+        groups.append(_image_group(finding, number))
+    offset = len(result.findings)
+    for number, refusal in enumerate(result.refusals, start=offset + 1):
+        groups.append(_refusal_group(refusal, number))
+    if classifier is not None:
+        for part in sorted(result.by_body_part):
+            groups.append(
+                _body_part_group(
+                    result.by_body_part[part], classifier, router, result.study_instance_uid
+                )
+            )
+    groups.append(_study_group(result, classifier, models))
+
+    library = [
+        sources[f.meta.sop_instance_uid]
+        for f in result.findings
+    ]
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=output_uid(settings.manufacturer, settings.manufacturer_model_name, "device"),
+            name=settings.manufacturer_model_name,
+            manufacturer_name=settings.manufacturer,
+            model_name=settings.manufacturer_model_name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PLAIN_RADIOGRAPHY,
+        imaging_measurements=groups,
+    )
+    if library:
+        # TID 1600 Image Library goes right after Procedure Reported (TID 1500 row 5)
+        root = report[0].ContentSequence
+        at = max(
+            i for i, item in enumerate(root)
+            if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ProcedureReported.value
+        )
+        root.insert(at + 1, _image_library(library))
+
+    head = sources[sop_uids[0]]
+    evidence = [reference_dataset(sources[uid]) for uid in sop_uids]
+    evidence.extend(reference_dataset(sc) for sc in secondary_captures)
+    ds = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=sr_series_uid(result.study_instance_uid, models),
+        series_number=settings.sr_series_number,
+        sop_instance_uid=sr_instance_uid(result.study_instance_uid, sop_uids, models),
+        instance_number=1,
+        manufacturer=settings.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=settings.institution_name,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        contributing_equipment=contributing_equipment(models, settings),
+        series_description=series_description(settings.sr_series_description),
+        manufacturer_model_name=settings.manufacturer_model_name,
+        software_versions=settings.software_version,
+        coding_schemes=[local_coding_scheme()],
+    )
+    copy_patient_study(head, ds)
+    logger.debug(
+        "built SR %s: %d finding(s), %d refusal(s), study decision %s",
+        ds.SOPInstanceUID,
+        len(result.findings),
+        len(result.refusals),
+        DECISION_LABEL[result.decision],
+    )
+    return ds

@@ -1,0 +1,229 @@
+"""``fracture-node demo``: the whole product on one machine.
+
+Starts a real Orthanc (the PACS, with the auto-routing Lua rule of ``orthanc-test/``)
+and the node, pushes a real radiograph study into Orthanc with DCMTK ``storescu``
+(as a modality would), waits, without calling the node, for the results to come back
+into the same study, and shows where they are: Orthanc's address for the study, the
+SR rendered as text, and the PDF and Secondary Captures saved locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pydicom
+
+from node.config import load_config
+from node.processing import processor_factory
+from node.scu import dicom_files
+from node.service import Node
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_STUDY = ROOT / "demo" / "study"
+
+
+def _orthanc_ctl() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("orthanc_ctl",
+                                                  ROOT / "orthanc-test" / "orthanc_ctl.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["orthanc_ctl"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Progress:
+    """A one-line progress display on stderr (plain lines when not a terminal)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self._last = ""
+
+    def show(self, text: str) -> None:
+        line = f"[{time.monotonic() - self.started:5.1f} s] {text}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+            sys.stderr.flush()
+        elif text != self._last:
+            sys.stderr.write(line + "\n")
+        self._last = text
+
+    def done(self, text: str) -> None:
+        self.show(text)
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _write_config(workdir: Path, node_port: int, orthanc_port: int) -> Path:
+    text = textwrap.dedent(f"""
+        [node]
+        ae_title = "FRACTURE_NODE"
+        bind_address = "127.0.0.1"
+        port = {node_port}
+
+        [[peers]]
+        ae_title = "ORTHANC"
+        host = "127.0.0.1"
+
+        [[destinations]]
+        name = "pacs"
+        ae_title = "ORTHANC"
+        host = "127.0.0.1"
+        port = {orthanc_port}
+
+        [storage]
+        spool_dir = "spool"
+        database = "fracture-node.sqlite"
+        min_free_mb = 64
+
+        [study]
+        quiet_seconds = 2
+
+        [models]
+        registry = "{ROOT / 'models' / 'registry.toml'}"
+        """)
+    shipped = load_config(ROOT / "config.toml", environ={})
+    text += f'router = "{shipped.models.router}"\nclassifier = "{shipped.models.classifier}"\n'
+    path = workdir / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo; returns the process exit code."""
+    progress = Progress()
+    inputs = [Path(p) for p in args.inputs] or [DEMO_STUDY]
+    files = dicom_files(inputs)
+    if not files:
+        print(f"no DICOM files in {', '.join(map(str, inputs))}", file=sys.stderr)
+        return 1
+    studies = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+                      for f in files})
+    out = Path(args.out).resolve()
+    workdir = ROOT / "var" / "demo"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    ctl = _orthanc_ctl()
+    node_port = ctl.free_port()
+    orthanc = ctl.Orthanc(workdir / "orthanc", node_port=node_port, route=True, stable_age=2)
+    progress.show("starting Orthanc (the PACS) ...")
+    orthanc.start()
+    config = load_config(_write_config(workdir, node_port, orthanc.dicom_port), environ={})
+    node = Node(config, processor_factory(config))
+    try:
+        progress.show("starting fracture-node (loading the models) ...")
+        node.start()
+        progress.show(f"pushing {len(files)} file(s) into Orthanc with storescu ...")
+        _storescu(orthanc.dicom_port, files)
+        results = _wait_for_results(orthanc, node, studies, progress)
+        if results is None:
+            progress.done("timed out waiting for results; see `fracture-node status` and "
+                          f"{workdir}/orthanc/orthanc.log")
+            return 1
+        progress.done("results are back in Orthanc")
+        _show(orthanc, results, out)
+        if args.keep_running:
+            print(f"\nOrthanc and the node keep running (Ctrl-C to stop): {orthanc.url}")
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return 0
+    finally:
+        node.stop(grace_seconds=2)
+        orthanc.stop()
+
+
+def _storescu(port: int, files: list[Path]) -> None:
+    """Send like a modality: DCMTK storescu, one run per transfer syntax."""
+    flags = {"1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
+             "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.57": "-xs",
+             "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+             "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+             "1.2.840.10008.1.2.5": "-xr"}
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(flags.get(ts, "-xe"), []).append(f)
+    for flag, group in groups.items():
+        subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", flag, "-R",
+                        "127.0.0.1", str(port), *map(str, group)], check=True,
+                       env=dict(os.environ, TCP_NODELAY="1"), capture_output=True)
+
+
+def _wait_for_results(orthanc: Any, node: Node, studies: list[str], progress: Progress,
+                      timeout: float = 600.0) -> list[dict[str, Any]] | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = node.jobs.counts()
+        s, o = counts["studies"], counts["outbox"]
+        progress.show(
+            "waiting: Orthanc routes the study once stable, the node waits for the quiet "
+            f"period | studies {s or '-'} | results {o or '-'}"
+        )
+        states = node.jobs.query("SELECT state FROM studies")
+        pending = node.jobs.query("SELECT COUNT(*) AS n FROM outbox WHERE state != 'delivered'")
+        if (len(states) >= len(studies) and all(r["state"] == "processed" for r in states)
+                and pending[0]["n"] == 0):
+            found = []
+            for uid in studies:
+                found.extend(i for i in orthanc.study_instances(uid)
+                             if i["tags"].get("Manufacturer") == "fracture-node")
+            return found
+        time.sleep(0.25)
+    return None
+
+
+def _show(orthanc: Any, results: list[dict[str, Any]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    by_kind: dict[str, list[Path]] = {"SC": [], "SR": [], "PDF": []}
+    study_ids = set()
+    for item in results:
+        tags = item["tags"]
+        study_ids.add(orthanc.get(f"/instances/{item['ID']}/study")["ID"])
+        raw = orthanc.get(f"/instances/{item['ID']}/file", raw=True)
+        sop = tags["SOPInstanceUID"]
+        modality = tags.get("Modality", "")
+        if modality == "SR":
+            path = out / f"report_{sop}.dcm"
+            path.write_bytes(raw)
+            by_kind["SR"].append(path)
+        elif modality == "DOC":
+            path = out / f"report_{sop}.pdf"
+            path.write_bytes(orthanc.get(f"/instances/{item['ID']}/content/0042-0011", raw=True))
+            (out / f"report_{sop}.dcm").write_bytes(raw)
+            by_kind["PDF"].append(path)
+        else:
+            path = out / f"heatmap_{sop}.png"
+            path.write_bytes(orthanc.get(f"/instances/{item['ID']}/preview", raw=True))
+            (out / f"heatmap_{sop}.dcm").write_bytes(raw)
+            by_kind["SC"].append(path)
+    print()
+    for study_id in sorted(study_ids):
+        print(f"Study in Orthanc:  {orthanc.url}/app/explorer.html#study?uuid={study_id}")
+    print(f"Heat maps (SC):    {len(by_kind['SC'])} image(s)")
+    for p in by_kind["SC"]:
+        print(f"                   {p}")
+    for p in by_kind["PDF"]:
+        print(f"PDF report:        {p}")
+    for p in by_kind["SR"]:
+        print(f"Structured report: {p}\n")
+        text = subprocess.run(["dsr2html", "-Ei", "+Rd", str(p)], capture_output=True,
+                              text=True).stdout
+        html = out / (p.stem + ".html")
+        html.write_text(text)
+        dump = subprocess.run(["dsrdump", "-Ei", str(p)], capture_output=True, text=True)
+        print(textwrap.indent(dump.stdout.strip(), "    "))
+        print(f"\n                   rendered: {html}")

@@ -1,0 +1,167 @@
+"""The worker's processing function: a ready study through ``pipeline`` (validate,
+normalise, route, classify, Grad-CAM, aggregate) and ``dicom_out`` (SC per analysed
+image, SR and PDF per study).
+
+The models are loaded once per process (:func:`processor_factory`) and stay warm;
+the images of a study go through them as one batch.  A refused image is a value
+with a reason, so a study in which some images are refused still gets its results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_out.common import OutputSettings
+from dicom_out.pdf import build_pdf_report
+from dicom_out.sc import build_secondary_capture
+from dicom_out.sr import build_structured_report
+from node.config import Config
+from node.jobs import InstanceRecord, StudyJob
+from node.worker import ProcessedStudy, Processor
+from pipeline.aggregate import aggregate_study
+from pipeline.normalise import prepare
+from pipeline.result import (
+    ImageFinding,
+    ImageMetadata,
+    NormalisedImage,
+    Refusal,
+    RefusalCode,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Refusals that mean "there was no radiograph here at all" (a report pushed with
+#: the study, our own output): a study holding only these gets no results.
+_NOT_IMAGES = {RefusalCode.NOT_AN_IMAGE, RefusalCode.OWN_OUTPUT}
+
+
+def output_settings(config: Config) -> OutputSettings:
+    out = config.outputs
+    return OutputSettings(
+        institution_name=out.institution_name or None,
+        sc_series_number=out.sc_series_number,
+        sc_series_description=out.sc_series_description,
+        sr_series_number=out.sr_series_number,
+        sr_series_description=out.sr_series_description,
+        pdf_series_number=out.pdf_series_number,
+        pdf_series_description=out.pdf_series_description,
+    )
+
+
+class StudyProcessor:
+    """Callable turning a :class:`StudyJob` into a :class:`ProcessedStudy`."""
+
+    def __init__(self, analyser: object, settings: OutputSettings) -> None:
+        self.analyser = analyser
+        self.settings = settings
+
+    def __call__(self, job: StudyJob) -> ProcessedStudy:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        sources: dict[str, Dataset] = {}
+        outcomes: list[ImageFinding | Refusal | None] = []
+        to_analyse: list[tuple[int, NormalisedImage]] = []
+        for record in job.instances:
+            ds, prepared = _prepare(record)
+            if ds is not None:
+                sources[record.sop_instance_uid] = ds
+            if isinstance(prepared, Refusal):
+                outcomes.append(prepared)
+            else:
+                to_analyse.append((len(outcomes), prepared))
+                outcomes.append(None)
+        timings["prepare"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        if to_analyse:
+            analysed = self.analyser.analyse([img for _, img in to_analyse])  # type: ignore[attr-defined]
+            for (index, _), outcome in zip(to_analyse, analysed):
+                outcomes[index] = outcome
+        timings["models"] = time.perf_counter() - t1
+        final = [o for o in outcomes if o is not None]
+        models = (self.analyser.router_info, self.analyser.classifier_info)  # type: ignore[attr-defined]
+        result = aggregate_study(job.study_instance_uid, final, models)
+
+        recorded = {
+            o.meta.sop_instance_uid: (
+                ("analysed", o.decision.value) if isinstance(o, ImageFinding)
+                else ("refused", f"{o.code.value}: {o.text}")
+            )
+            for o in final
+        }
+        if all(isinstance(o, Refusal) and o.code in _NOT_IMAGES for o in final):
+            logger.info("study %s holds no radiograph; no results written",
+                        job.study_instance_uid, extra={"study_uid": job.study_instance_uid})
+            return ProcessedStudy(outputs=[], outcomes=recorded, decision="no-images")
+
+        t2 = time.perf_counter()
+        outputs: list[tuple[str, Dataset]] = []
+        scs = [build_secondary_capture(f, sources[f.meta.sop_instance_uid], self.settings)
+               for f in result.findings]
+        outputs.extend(("sc", sc) for sc in scs)
+        image_sources = {uid: ds for uid, ds in sources.items() if "PixelData" in ds}
+        report_sources = image_sources or sources
+        predecessor = _read_previous(job)
+        sr = build_structured_report(result, report_sources, scs, self.settings, predecessor)
+        if predecessor is not None and sr.SOPInstanceUID == predecessor.SOPInstanceUID:
+            sr = build_structured_report(result, report_sources, scs, self.settings, None)
+        outputs.append(("sr", sr))
+        outputs.append(("pdf", build_pdf_report(result, report_sources, self.settings)))
+        timings["outputs"] = time.perf_counter() - t2
+        logger.info(
+            "study %s: %s; %d analysed, %d refused; prepare %.0f ms, models %.0f ms, "
+            "outputs %.0f ms", job.study_instance_uid, result.decision.value,
+            len(result.findings), len(result.refusals), timings["prepare"] * 1000,
+            timings["models"] * 1000, timings["outputs"] * 1000,
+            extra={"study_uid": job.study_instance_uid},
+        )
+        return ProcessedStudy(outputs=outputs, outcomes=recorded, decision=result.decision.value)
+
+
+def _prepare(record: InstanceRecord) -> tuple[Dataset | None, NormalisedImage | Refusal]:
+    try:
+        ds = pydicom.dcmread(record.path)
+    except Exception as exc:
+        meta = ImageMetadata(
+            study_instance_uid=record.study_instance_uid,
+            series_instance_uid=record.series_instance_uid,
+            sop_instance_uid=record.sop_instance_uid,
+            sop_class_uid=record.sop_class_uid,
+            transfer_syntax_uid=record.transfer_syntax_uid,
+        )
+        return None, Refusal(meta, RefusalCode.DECODE_FAILED, f"unreadable dataset: {exc}")
+    return ds, prepare(ds)
+
+
+def _read_previous(job: StudyJob) -> Dataset | None:
+    if job.previous_report is None or not job.previous_report.exists():
+        return None
+    try:
+        return pydicom.dcmread(job.previous_report)
+    except Exception:
+        logger.warning("previous SR of study %s unreadable; new version without predecessor",
+                       job.study_instance_uid)
+        return None
+
+
+def processor_factory(config: Config) -> Callable[[], Processor]:
+    """A factory that loads the active models once (hash checked) and returns the
+    processing function."""
+
+    def make() -> Processor:
+        from pipeline.classify import Analyser
+
+        started = time.perf_counter()
+        analyser = Analyser.load(config.models.registry, config.models.router,
+                                 config.models.classifier)
+        logger.info("models %s and %s loaded in %.1f s", config.models.router,
+                    config.models.classifier, time.perf_counter() - started)
+        return StudyProcessor(analyser, output_settings(config))
+
+    return make
+

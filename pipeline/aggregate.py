@@ -1,0 +1,95 @@
+"""Study-level aggregation of the image findings.
+
+MURA labels studies, not images, and its rule is the mean of the image
+probabilities; we apply it per body part (a study may hold a wrist and a forearm),
+then compare the mean with that body part's operating threshold and doubt band.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipeline.result import (
+    BodyPartDecision,
+    Decision,
+    ImageFinding,
+    ModelInfo,
+    Refusal,
+    StudyResult,
+)
+
+#: Worst first: the study answer is the worst of its parts.
+_SEVERITY = (
+    Decision.POSITIVE,
+    Decision.DOUBTFUL,
+    Decision.NEEDS_REVIEW,
+    Decision.NEGATIVE,
+    Decision.NOT_ANALYSED,
+)
+
+
+def decide(probability: float, doubt_band: tuple[float, float]) -> Decision:
+    """Three-state answer: positive at or above the band, negative below it,
+    doubtful inside it."""
+    low, high = doubt_band
+    if probability >= high:
+        return Decision.POSITIVE
+    if probability < low:
+        return Decision.NEGATIVE
+    return Decision.DOUBTFUL
+
+
+def worst(decisions: Sequence[Decision]) -> Decision:
+    """The most severe decision (positive > doubtful > needs-review > negative >
+    not-analysed)."""
+    if not decisions:
+        return Decision.NOT_ANALYSED
+    return min(decisions, key=_SEVERITY.index)
+
+
+def aggregate_study(
+    study_instance_uid: str,
+    outcomes: Sequence[ImageFinding | Refusal],
+    models: tuple[ModelInfo, ...] = (),
+) -> StudyResult:
+    """Combine the per-image outcomes of one study.
+
+    Findings whose router answer was below the confidence floor (``needs-review``)
+    do not enter a body part's mean (their body part is not known well enough);
+    they make the study ``needs-review`` unless another part is positive or
+    doubtful.
+    """
+    findings = tuple(o for o in outcomes if isinstance(o, ImageFinding))
+    refusals = tuple(o for o in outcomes if isinstance(o, Refusal))
+    by_part: dict[str, list[ImageFinding]] = {}
+    for finding in findings:
+        if finding.decision is Decision.NEEDS_REVIEW:
+            continue
+        by_part.setdefault(finding.body_part, []).append(finding)
+    parts: dict[str, BodyPartDecision] = {}
+    for part, items in sorted(by_part.items()):
+        probability = float(np.mean([f.fracture_probability for f in items]))
+        band = items[0].doubt_band
+        parts[part] = BodyPartDecision(
+            body_part=part,
+            probability=probability,
+            threshold=items[0].threshold,
+            doubt_band=band,
+            decision=decide(probability, band),
+            sop_instance_uids=tuple(f.meta.sop_instance_uid for f in items),
+        )
+    decisions = [p.decision for p in parts.values()]
+    if any(f.decision is Decision.NEEDS_REVIEW for f in findings):
+        decisions.append(Decision.NEEDS_REVIEW)
+    if not models and findings:
+        models = (findings[0].router, findings[0].classifier)
+    return StudyResult(
+        study_instance_uid=study_instance_uid,
+        findings=findings,
+        refusals=refusals,
+        by_body_part=parts,
+        models=models,
+        decision=worst(decisions),
+    )

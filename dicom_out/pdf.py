@@ -28,6 +28,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from reportlab import rl_config
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_CENTER
 from reportlab.lib.pagesizes import A4
@@ -353,10 +354,12 @@ def _banner(result: StudyResult, doc_width: float) -> Table:
     return table
 
 
-def _image_block(finding: ImageFinding, number: int, doc_width: float) -> KeepTogether:
+def _image_block(
+    finding: ImageFinding, number: int, doc_width: float, heading: Paragraph | None = None
+) -> KeepTogether:
     original, overlay = render_views(finding, PDF_IMAGE_SIDE)
     cell_w = doc_width / 2.0 - 6
-    cell_h = 82 * mm
+    cell_h = 68 * mm
     side = {"L": "left ", "R": "right "}.get(finding.meta.laterality.upper(), "")
     label = DECISION_LABEL[finding.decision]
     colour = "#%02X%02X%02X" % DECISION_COLOUR[finding.decision]
@@ -388,11 +391,13 @@ def _image_block(finding: ImageFinding, number: int, doc_width: float) -> KeepTo
         )
     )
     parts: list[object] = [title, Spacer(1, 3), table]
+    if heading is not None:
+        parts.insert(0, heading)
     if shows_heatmap(finding.decision):
         bar = colour_bar(256, 10)
         legend = Table(
             [[_p("low", "small"), _image_flowable(bar, 60 * mm, 3 * mm), _p("high", "small")]],
-            colWidths=[10 * mm, 62 * mm, 10 * mm],
+            colWidths=[12 * mm, 62 * mm, 14 * mm],
             hAlign="RIGHT",
         )
         legend.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "MIDDLE")]))
@@ -584,18 +589,18 @@ def render_pdf(
         Spacer(1, 8),
         _patient_table(head, width),
     ]
-    if result.findings:
-        story.append(_p("Images", "h2"))
-        for i, finding in enumerate(result.findings, start=1):
-            story.append(_image_block(finding, i, width))
     story += [_p("Analysis results", "h2"), _results_table(result, width)]
     part_table = _body_part_table(result, width)
     if part_table is not None:
-        story += [Spacer(1, 6), part_table]
+        story += [Spacer(1, 6), KeepTogether([part_table])]
     summary, bullets = observation_text(result)
-    story += [_p("AI observation", "h2"), _p(_e(summary))]
-    story += [Paragraph(_e(b), styles["bullet"], bulletText="\u2022") for b in bullets]
-    story += [Spacer(1, 8), _recommendation_box(result, width)]
+    observation: list[object] = [_p("AI observation", "h2"), _p(_e(summary))]
+    observation += [Paragraph(_e(b), styles["bullet"], bulletText="\u2022") for b in bullets]
+    story += [KeepTogether(observation), Spacer(1, 8), _recommendation_box(result, width)]
+    if result.findings:
+        heading = _p("Images: original and heat map", "h2")
+        for i, finding in enumerate(result.findings, start=1):
+            story.append(_image_block(finding, i, width, heading if i == 1 else None))
     if models:
         story += [_p("Models", "h2"), _models_table(result, models, width)]
         thresholds = sorted(
@@ -626,7 +631,12 @@ def render_pdf(
         )
         canvas.restoreState()  # type: ignore[attr-defined]
 
-    doc.build(story, onFirstPage=_footer, onLaterPages=_footer)
+    use_a85 = rl_config.useA85
+    rl_config.useA85 = 0  # pure-Python ASCII85 of the images costs ~60 ms; binary is valid PDF
+    try:
+        doc.build(story, onFirstPage=_footer, onLaterPages=_footer)
+    finally:
+        rl_config.useA85 = use_a85
     return buf.getvalue()
 
 

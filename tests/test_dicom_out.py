@@ -337,3 +337,324 @@ def test_negative_heatmap_is_grey(study: Study) -> None:
     assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
     positive = render_heatmap(study.findings[0], 512)
     assert not np.array_equal(positive[..., 0], positive[..., 2])
+
+
+# ----------------------------------------------------------------------------- common checks
+
+ALLOWED_WARNINGS = (
+    # This dicom3tools build does not list Device UID (0018,1002) in the Contributing
+    # Equipment Sequence; STYLE 5 wants the model's Device UID recorded there.
+    "DeviceUID(0018,1002)> - Attribute is not present in standard DICOM IOD",
+    # Our private coding scheme, declared in the Coding Scheme Identification Sequence.
+    "Unrecognized defined term = <99FRNODE>",
+    # Paired body part, side unknown in the source: Laterality present and empty (Type 2C).
+    "Laterality(0020,0060)> - is only permitted to be empty when actually unknown",
+)
+
+
+def assert_patient_study_copied(out: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    from dicom_out.common import PATIENT_STUDY_KEYWORDS
+
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in source:
+            assert out.get(keyword) == source.get(keyword), keyword
+    assert out.get("SpecificCharacterSet") == source.get("SpecificCharacterSet")
+
+
+def assert_node_equipment(ds: pydicom.Dataset) -> None:
+    assert ds.Manufacturer == NODE_MANUFACTURER
+    assert ds.ManufacturerModelName == SETTINGS.manufacturer_model_name
+    assert "UNVERIFIED" in ds.SeriesDescription
+    names = {item.get("ManufacturerModelName") for item in ds.ContributingEquipmentSequence}
+    assert {CLASSIFIER.name, ROUTER.name} <= names
+    uids = {item.get("DeviceUID") for item in ds.ContributingEquipmentSequence}
+    assert {CLASSIFIER.device_uid, ROUTER.device_uid} <= uids
+
+
+# ----------------------------------------------------------------------------- SC
+
+
+def test_secondary_capture_attributes(study: Study, built: tuple) -> None:
+    scs, _, _ = built
+    for finding, sc in zip(study.findings, scs, strict=True):
+        ds = roundtrip(sc)
+        source = study.sources[finding.meta.sop_instance_uid]
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+        assert ds.BurnedInAnnotation == "YES"
+        assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
+        assert max(ds.Rows, ds.Columns) <= SETTINGS.max_sc_side
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert ds.SeriesNumber == SETTINGS.sc_series_number
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert "not for diagnostic use" in ds.DerivationDescription
+        assert ds.BodyPartExamined == finding.body_part
+        assert_patient_study_copied(ds, source)
+        assert_node_equipment(ds)
+    # one series for the heat maps of a study
+    assert len({sc.SeriesInstanceUID for sc in scs}) == 1
+
+
+def test_negative_secondary_capture_has_no_colour(study: Study, built: tuple) -> None:
+    scs, _, _ = built
+    for finding, sc in zip(study.findings, scs, strict=True):
+        rgb = sc.pixel_array
+        image = rgb[: int(rgb.shape[0] * 0.7)]  # above the caption band
+        grey = np.array_equal(image[..., 0], image[..., 2])
+        assert grey == (finding.decision is Decision.NEGATIVE), finding.decision
+
+
+def test_secondary_capture_renders_with_dcmtk(written: Mapping[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "sc0.png"
+    proc = subprocess.run(
+        ["dcmj2pnm", "+on", str(written["sc0"]), str(out)], capture_output=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    import cv2
+
+    png = cv2.imread(str(out))
+    sc = pydicom.dcmread(written["sc0"], stop_before_pixels=True)
+    assert png.shape == (sc.Rows, sc.Columns, 3)
+
+
+def test_secondary_capture_rejects_wrong_source(study: Study) -> None:
+    other = study.sources[study.findings[1].meta.sop_instance_uid]
+    with pytest.raises(ValueError, match="SOP Instance UID"):
+        build_secondary_capture(study.findings[0], other, SETTINGS)
+
+
+# ----------------------------------------------------------------------------- dciodvfy
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools missing")
+def test_dciodvfy_reports_no_errors(written: Mapping[str, Path]) -> None:
+    unexpected: dict[str, list[str]] = {}
+    for name, path in written.items():
+        errors, warnings = dciodvfy(path)
+        assert not errors, f"{name}: {errors}"
+        odd = [w for w in warnings if not any(a in w for a in ALLOWED_WARNINGS)]
+        if odd:
+            unexpected[name] = odd
+    assert not unexpected, unexpected
+
+
+# ----------------------------------------------------------------------------- SR
+
+
+def test_structured_report_roundtrip(study: Study, built: tuple) -> None:
+    scs, sr, _ = built
+    ds = roundtrip(sr)
+    doc = hd.sr.srread(io.BytesIO(to_bytes(sr)))
+    assert isinstance(doc, hd.sr.Comprehensive3DSR)
+    assert ds.VerificationFlag == "UNVERIFIED"
+    assert ds.SeriesNumber == SETTINGS.sr_series_number
+    assert "PredecessorDocumentsSequence" not in ds
+    first = study.sources[study.findings[0].meta.sop_instance_uid]
+    assert_patient_study_copied(ds, first)
+    assert_node_equipment(ds)
+
+    report = doc.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    observer = report.get_observer_contexts()
+    assert observer, "device observer context missing"
+
+    from dicom_out.common import AI_DECISION, FRACTURE
+    from dicom_out.sr import FRACTURE_PROBABILITY
+
+    for finding in study.findings:
+        uid = finding.meta.sop_instance_uid
+        groups = report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
+        assert len(groups) == 1, uid
+        group = groups[0]
+        assert group.finding_type == FRACTURE
+        assert group.finding_sites[0].value == BODY_PART_CODES[finding.body_part]
+        (probability,) = group.get_measurements(name=FRACTURE_PROBABILITY)
+        assert probability.value == pytest.approx(finding.fracture_probability)
+        assert probability.unit.value == "1"
+        evaluations = {q.name: q.value for q in group.get_qualitative_evaluations()}
+        expected = {
+            Decision.POSITIVE: "52101004",  # Present
+            Decision.DOUBTFUL: "82334004",  # Indeterminate
+            Decision.NEGATIVE: "272519000",  # Absent
+        }[finding.decision]
+        assert evaluations[FRACTURE].value == expected
+        assert evaluations[AI_DECISION].value == finding.decision.value
+        assert group.source_images[0].referenced_sop_instance_uid == uid
+        assert group.tracking_uid
+    # TID 4019 algorithm identification with the threshold as a parameter
+    text = ds.to_json()
+    assert "threshold=0.5" in text and CLASSIFIER.version in text
+
+    # refused instance: "Not done" with the reason
+    refusal = study.refusals[0]
+    groups = report.get_image_measurement_groups()
+    refused = [g for g in groups if "not analysed" in (g.tracking_identifier or "")]
+    assert len(refused) == 1
+    values = {q.name.value: q.value.value for q in refused[0].get_qualitative_evaluations()}
+    assert values[FRACTURE.value] == "385660001"
+    assert values["refusal"] == refusal.code.value
+    assert refusal.text in text
+
+    # study-level group
+    study_groups = [g for g in groups if g.tracking_identifier == "Study"]
+    assert len(study_groups) == 1
+    study_eval = {q.name: q.value for q in study_groups[0].get_qualitative_evaluations()}
+    assert study_eval[AI_DECISION].value == study.result.decision.value
+
+    # evidence: every source and every secondary capture
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study_item in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert set(study.sources) | {sc.SOPInstanceUID for sc in scs} == evidence
+
+
+def test_structured_report_predecessor(study: Study, built: tuple) -> None:
+    scs, sr, _ = built
+    # a later version of the report after one more image arrived
+    late = study.findings[:2]
+    earlier = study_result(late, [], study.result.study_instance_uid)
+    sources = {f.meta.sop_instance_uid: study.sources[f.meta.sop_instance_uid] for f in late}
+    first = build_structured_report(earlier, sources, scs[:2], SETTINGS)
+    second = build_structured_report(study.result, study.sources, scs, SETTINGS, predecessor=first)
+    assert first.SOPInstanceUID != second.SOPInstanceUID
+    assert first.SeriesInstanceUID == second.SeriesInstanceUID
+    ds = roundtrip(second)
+    (pre_study,) = ds.PredecessorDocumentsSequence
+    refs = pre_study.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert refs[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+
+
+@pytest.mark.skipif(shutil.which("dsr2html") is None, reason="DCMTK missing")
+def test_structured_report_renders_with_dsr2html(written: Mapping[str, Path]) -> None:
+    proc = subprocess.run(
+        ["dsr2html", str(written["sr"])], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    html = proc.stdout
+    for text in ("Imaging Measurement Report", "Fracture of bone", "Present", "Wrist joint",
+                 "Not done", "UNVERIFIED"):
+        assert text in html, text
+
+
+def test_structured_report_of_refusals_only(study: Study) -> None:
+    result = StudyResult(
+        study_instance_uid=study.result.study_instance_uid,
+        findings=(),
+        refusals=tuple(study.refusals),
+    )
+    sr = build_structured_report(result, study.sources, [], SETTINGS)
+    doc = hd.sr.srread(io.BytesIO(to_bytes(sr)))
+    assert doc.VerificationFlag == "UNVERIFIED"
+    pdf = build_pdf_report(result, study.sources, SETTINGS)
+    assert "SourceInstanceSequence" not in pdf
+    roundtrip(pdf)
+
+
+def test_structured_report_requires_every_source(study: Study) -> None:
+    sources = dict(study.sources)
+    sources.pop(study.refusals[0].meta.sop_instance_uid)
+    with pytest.raises(ValueError, match="missing from sources"):
+        build_structured_report(study.result, sources, [], SETTINGS)
+    with pytest.raises(ValueError, match="missing from sources"):
+        build_pdf_report(study.result, sources, SETTINGS)
+
+
+# ----------------------------------------------------------------------------- PDF
+
+
+def test_pdf_report_attributes(study: Study, built: tuple) -> None:
+    _, _, pdf = built
+    ds = roundtrip(pdf)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1"
+    assert ds.Modality == "DOC"
+    assert ds.ConversionType == "WSD"
+    assert ds.BurnedInAnnotation == "YES"
+    assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert "not for diagnostic use" in ds.DocumentTitle
+    concept = ds.ConceptNameCodeSequence[0]
+    assert (concept.CodeValue, concept.CodingSchemeDesignator) == ("18748-4", "LN")
+    data = bytes(ds.EncapsulatedDocument)[: ds.EncapsulatedDocumentLength]
+    assert data.startswith(b"%PDF-") and b"%%EOF" in data[-32:]
+    assert len(ds.EncapsulatedDocument) % 2 == 0
+    refs = [item.ReferencedSOPInstanceUID for item in ds.SourceInstanceSequence]
+    assert refs == [f.meta.sop_instance_uid for f in study.findings]
+    first = study.sources[study.findings[0].meta.sop_instance_uid]
+    assert_patient_study_copied(ds, first)
+    assert_node_equipment(ds)
+
+
+@pytest.mark.skipif(shutil.which("pdftoppm") is None, reason="poppler-utils missing")
+def test_pdf_renders_with_pdftoppm(built: tuple, tmp_path: Path) -> None:
+    _, _, pdf = built
+    path = tmp_path / "report.pdf"
+    path.write_bytes(bytes(pdf.EncapsulatedDocument)[: pdf.EncapsulatedDocumentLength])
+    proc = subprocess.run(
+        ["pdftoppm", "-r", "40", "-png", str(path), str(tmp_path / "page")],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pages = sorted(tmp_path.glob("page*.png"))
+    assert 1 <= len(pages) <= 4
+    text = subprocess.run(
+        ["pdftotext", "-layout", str(path), "-"], capture_output=True, text=True, timeout=60
+    ).stdout
+    for phrase in ("FRACTURE SUSPECTED", "Recommendation", "Disclaimer", "fracture-classifier",
+                   "NOT ANALYSED", "requires radiologist review"):
+        assert phrase in text, phrase
+
+
+def test_check_pdf_rejects_other_bytes() -> None:
+    from dicom_out.pdf import check_pdf
+
+    with pytest.raises(ValueError, match="PDF"):
+        check_pdf(b"<html></html>")
+    with pytest.raises(ValueError, match="EOF"):
+        check_pdf(b"%PDF-1.4\n truncated")
+
+
+# ----------------------------------------------------------------------------- character sets
+
+
+@pytest.mark.parametrize(
+    ("charset", "name", "visible"),
+    [
+        ("ISO_IR 192", "Παπαδόπουλος^Γιώργος", "Γιώργος Παπαδόπουλος"),
+        ("ISO_IR 100", "Gómez^José Ñandú", "José Ñandú Gómez"),
+    ],
+)
+def test_non_ascii_names_survive(charset: str, name: str, visible: str, tmp_path: Path) -> None:
+    st = Study(charset=charset, name=name)
+    st.findings = st.findings[:1]  # one image is enough here
+    st.result = study_result(st.findings, st.refusals, st.result.study_instance_uid)
+    scs, sr, pdf = st.build()
+    for ds in (*scs, sr, pdf):
+        back = roundtrip(ds)
+        assert back.SpecificCharacterSet == charset
+        assert str(back.PatientName) == name
+    path = tmp_path / "r.pdf"
+    path.write_bytes(bytes(pdf.EncapsulatedDocument)[: pdf.EncapsulatedDocumentLength])
+    text = subprocess.run(
+        ["pdftotext", str(path), "-"], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert visible in text
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_same_input_gives_same_uids(study: Study, built: tuple) -> None:
+    scs, sr, pdf = built
+    scs2, sr2, pdf2 = study.build()
+    uids = [(d.SOPInstanceUID, d.SeriesInstanceUID) for d in (*scs, sr, pdf)]
+    uids2 = [(d.SOPInstanceUID, d.SeriesInstanceUID) for d in (*scs2, sr2, pdf2)]
+    assert uids == uids2
+    assert len({u for u, _ in uids}) == len(uids)
+    # another classifier version gives other objects
+    other = replace(study.findings[0], classifier=replace(CLASSIFIER, weights_sha256="c" * 64))
+    source = study.sources[other.meta.sop_instance_uid]
+    assert build_secondary_capture(other, source, SETTINGS).SOPInstanceUID != scs[0].SOPInstanceUID

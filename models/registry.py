@@ -1,0 +1,219 @@
+"""The model registry: ``models/registry.toml`` read into frozen dataclasses.
+
+Each ``[models.<name>]`` table names one model version: role (``router`` or
+``classifier``), architecture, input size, classes, weights file (relative to the
+registry file) and its SHA-256, training data, Device UID, calibration temperature,
+confidence floor, per-body-part operating points (threshold and doubt band) and the
+metrics it shipped with.  :func:`load_keras_model` verifies the SHA-256 of the weights
+*before* handing the file to Keras, and loads with ``safe_mode=True`` (no arbitrary
+code from a model file).  Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from pipeline.result import ModelInfo
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("router", "classifier")
+DEFAULT_PART = "DEFAULT"
+"""Operating point used for a body part without its own entry (e.g. needs-review images)."""
+
+
+class RegistryError(Exception):
+    """The registry file is missing, malformed, or names something that is not there."""
+
+
+class WeightsIntegrityError(RegistryError):
+    """A weights file does not have the SHA-256 the registry records."""
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Threshold and doubt band of one body part (calibrated probabilities)."""
+
+    threshold: float
+    doubt_low: float
+    doubt_high: float
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.doubt_low <= self.threshold <= self.doubt_high <= 1.0):
+            raise RegistryError(
+                "operating point must satisfy 0 <= doubt_low <= threshold <= doubt_high <= 1, "
+                f"got {self.doubt_low}, {self.threshold}, {self.doubt_high}"
+            )
+
+    @property
+    def doubt_band(self) -> tuple[float, float]:
+        """(low, high) as in :class:`~pipeline.result.ImageFinding`."""
+        return (self.doubt_low, self.doubt_high)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model version."""
+
+    name: str
+    version: str
+    role: str
+    architecture: str
+    input_size: int
+    classes: tuple[str, ...]
+    weights: Path
+    sha256: str
+    device_uid: str
+    training_data: str = ""
+    feature_layer: str = "f18_relu"
+    temperature: float = 1.0
+    confidence_floor: float = 0.0
+    operating_points: Mapping[str, OperatingPoint] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise RegistryError(f"model {self.name}: role must be one of {ROLES}, not {self.role!r}")
+        if self.input_size < 32:
+            raise RegistryError(f"model {self.name}: input_size must be >= 32")
+        if len(self.sha256) != 64:
+            raise RegistryError(f"model {self.name}: sha256 must be 64 hex digits")
+        if not self.device_uid or len(self.device_uid) > 64:
+            raise RegistryError(f"model {self.name}: device_uid must be a DICOM UID (<= 64 chars)")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise RegistryError(f"model {self.name}: temperature must be positive")
+        if not 0.0 <= self.confidence_floor < 1.0:
+            raise RegistryError(f"model {self.name}: confidence_floor must be in [0, 1)")
+
+    @property
+    def info(self) -> ModelInfo:
+        """The identity recorded in every output."""
+        return ModelInfo(
+            name=self.name,
+            version=self.version,
+            architecture=self.architecture,
+            weights_sha256=self.sha256,
+            device_uid=self.device_uid,
+        )
+
+    @property
+    def supported_body_parts(self) -> tuple[str, ...]:
+        """Body parts with a validated operating point (classifier only)."""
+        return tuple(sorted(p for p in self.operating_points if p != DEFAULT_PART))
+
+    def operating_point(self, body_part: str) -> OperatingPoint:
+        """The body part's operating point, else the ``DEFAULT`` one."""
+        if body_part in self.operating_points:
+            return self.operating_points[body_part]
+        if DEFAULT_PART in self.operating_points:
+            return self.operating_points[DEFAULT_PART]
+        raise RegistryError(f"model {self.name}: no operating point for {body_part} and no DEFAULT")
+
+
+@dataclass(frozen=True)
+class Registry:
+    """All models of one registry file."""
+
+    path: Path
+    models: Mapping[str, ModelEntry]
+
+    def get(self, name: str, role: str | None = None) -> ModelEntry:
+        """The entry called ``name`` (optionally checking its role)."""
+        if name not in self.models:
+            raise RegistryError(
+                f"model {name!r} is not in {self.path} (registered: {', '.join(sorted(self.models))})"
+            )
+        entry = self.models[name]
+        if role is not None and entry.role != role:
+            raise RegistryError(f"model {name!r} is a {entry.role}, not a {role}")
+        return entry
+
+
+def _entry(name: str, raw: Mapping[str, Any], base: Path) -> ModelEntry:
+    try:
+        points = {
+            part: OperatingPoint(float(p["threshold"]), float(p["doubt_band"][0]), float(p["doubt_band"][1]))
+            for part, p in raw.get("operating_points", {}).items()
+        }
+        return ModelEntry(
+            name=name,
+            version=str(raw["version"]),
+            role=str(raw["role"]),
+            architecture=str(raw["architecture"]),
+            input_size=int(raw["input_size"]),
+            classes=tuple(str(c) for c in raw["classes"]),
+            weights=(base / str(raw["weights"])).resolve(),
+            sha256=str(raw["sha256"]).lower(),
+            device_uid=str(raw["device_uid"]),
+            training_data=str(raw.get("training_data", "")),
+            feature_layer=str(raw.get("feature_layer", "f18_relu")),
+            temperature=float(raw.get("temperature", 1.0)),
+            confidence_floor=float(raw.get("confidence_floor", 0.0)),
+            operating_points=MappingProxyType(points),
+            metrics=MappingProxyType(dict(raw.get("metrics", {}))),
+            notes=str(raw.get("notes", "")),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise RegistryError(f"model {name!r} in registry is malformed: {exc!r}") from exc
+
+
+def load_registry(path: Path) -> Registry:
+    """Read and check a registry TOML file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RegistryError(f"cannot read model registry {path}: {exc}") from exc
+    tables = raw.get("models")
+    if not isinstance(tables, dict) or not tables:
+        raise RegistryError(f"{path} has no [models.<name>] tables")
+    models = {name: _entry(name, t, path.parent) for name, t in tables.items()}
+    return Registry(path=path, models=MappingProxyType(models))
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_weights(entry: ModelEntry) -> None:
+    """Raise :class:`WeightsIntegrityError` unless the weights file has the recorded hash."""
+    if not entry.weights.is_file():
+        raise WeightsIntegrityError(f"weights of {entry.name} not found: {entry.weights}")
+    actual = sha256_of(entry.weights)
+    if actual != entry.sha256:
+        raise WeightsIntegrityError(
+            f"weights of {entry.name} {entry.version} at {entry.weights} have SHA-256 {actual}, "
+            f"the registry records {entry.sha256}"
+        )
+
+
+def load_keras_model(entry: ModelEntry) -> Any:
+    """Verify the hash, then load the ``.keras`` file with ``safe_mode=True``."""
+    verify_weights(entry)
+    import keras
+
+    model = keras.models.load_model(entry.weights, compile=False, safe_mode=True)
+    logger.info("loaded %s %s (%s, sha256 %s...)", entry.name, entry.version,
+                entry.weights.name, entry.sha256[:12])
+    return model
+
+
+def device_uid_for(name: str, version: str, sha256: str) -> str:
+    """A stable 2.25 UUID-derived DICOM UID for one model version."""
+    import uuid
+
+    return "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, f"fracture-node/{name}/{version}/{sha256}").int)

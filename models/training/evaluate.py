@@ -1,0 +1,526 @@
+"""``fracture-node evaluate --data DIR --out DIR``: metrics, report and plots.
+
+Runs the registered router and classifier through the node's own inference code
+(:class:`pipeline.classify.Analyser`, hash-checked loading, the same ``fit_square``
+geometry) on a folder with an msk-format ``manifest.csv`` and writes
+
+* ``metrics.json``: ``router.{accuracy, accuracy_supported, per_class, confusion}``,
+  ``fracture.image.auroc``, ``fracture.study.{auroc, kappa, sensitivity, specificity, n}``,
+  ``fracture.by_body_part.<PART>.study.{...}`` (AUROC and kappa with bootstrap 95 %
+  intervals, resampling whole studies / patients), ``localisation.pointing_game``, and
+  the SHA-256 of the models evaluated;
+* ``report.md`` and PNG plots (ROC per body part, confusion matrices, calibration
+  curve, Grad-CAM examples).
+
+Fracture metrics use rows whose ``label`` is positive/negative, whose
+``label_meaning`` is one of ``--label-meaning`` (default ``abnormal-study``: MURA) and
+whose body part the classifier supports.  Thresholds are the registered ones.  With
+``--split`` (default ``val``, or ``all`` if the manifest has no such split) the rows
+are filtered by the manifest's ``split`` column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.training import data as mdata
+from models.training import metrics as mm
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parents[1] / "registry.toml"
+DEFAULT_ROUTER = "fn-router-mnv2"
+DEFAULT_CLASSIFIER = "fn-abnormality-mnv2"
+MURA_DENSENET_KAPPA = {"HUMERUS": 0.600, "FOREARM": 0.737, "WRIST": 0.931}
+
+
+def _batched(n: int, batch: int) -> list[slice]:
+    return [slice(i, min(n, i + batch)) for i in range(0, n, batch)]
+
+
+def _ci(stat: Any, n: int, groups: np.ndarray | None, n_boot: int, seed: int) -> list[float]:
+    lo, hi = mm.bootstrap_ci(stat, n, n_boot=n_boot, seed=seed, groups=groups)
+    return [round(lo, 4), round(hi, 4)]
+
+
+def evaluate_router(analyser: Any, rows: Sequence[mdata.Row], supported: Sequence[str]) -> dict[str, Any]:
+    """Router accuracy, per-class recall/precision and confusion on rows with a router target."""
+    items = [(r, mdata.router_target(r)) for r in rows]
+    items = [(r, t) for r, t in items if t is not None]
+    classes = list(analyser.router_entry.classes)
+    if not items:
+        return {"n": 0, "accuracy": float("nan"), "accuracy_supported": float("nan"), "per_class": {}}
+    size = analyser.router_entry.input_size
+    probs = []
+    for sl in _batched(len(items), 32):
+        x = mdata.load_arrays([r.path for r, _ in items[sl]], size)
+        probs.append(analyser.predict_router(x.astype(np.float32)))
+    p = np.concatenate(probs)
+    y = np.array([classes.index(t) for _, t in items])
+    pred = p.argmax(1)
+    conf = np.zeros((len(classes), len(classes)), dtype=int)
+    for a, b in zip(y, pred):
+        conf[a, b] += 1
+    per_class = {}
+    for i, c in enumerate(classes):
+        n_c = int((y == i).sum())
+        per_class[c] = {
+            "n": n_c,
+            "recall": float(conf[i, i] / n_c) if n_c else float("nan"),
+            "precision": float(conf[i, i] / conf[:, i].sum()) if conf[:, i].sum() else float("nan"),
+        }
+    sup = np.isin(y, [classes.index(c) for c in supported if c in classes])
+    floor = analyser.router_entry.confidence_floor
+    by_dataset: dict[str, dict[str, float]] = {}
+    for ds in sorted({r.dataset for r, _ in items}):
+        m = np.array([r.dataset == ds for r, _ in items])
+        by_dataset[ds] = {"n": int(m.sum()), "accuracy": float(np.mean(pred[m] == y[m]))}
+    return {
+        "n": len(items),
+        "classes": classes,
+        "accuracy": float(np.mean(pred == y)),
+        "accuracy_supported": float(np.mean(pred[sup] == y[sup])) if sup.any() else float("nan"),
+        "n_supported": int(sup.sum()),
+        "supported_parts": list(supported),
+        "below_confidence_floor": float(np.mean(p.max(1) < floor)),
+        "per_class": per_class,
+        "by_dataset": by_dataset,
+        "confusion": conf.tolist(),
+    }
+
+
+def evaluate_classifier(
+    analyser: Any, rows: Sequence[mdata.Row], meanings: Sequence[str], n_boot: int, seed: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Image- and study-level metrics on labelled rows of supported parts; plus plot data."""
+    entry = analyser.classifier_entry
+    supported = entry.supported_body_parts
+    items = [r for r in rows if r.label in ("positive", "negative") and r.label_meaning in meanings
+             and r.body_part in supported]
+    if not items:
+        raise SystemExit("no labelled rows of a supported body part to evaluate the classifier on")
+    size = entry.input_size
+    probs, logits, heat = [], [], []
+    for sl in _batched(len(items), 32):
+        x = mdata.load_arrays([r.path for r in items[sl]], size)
+        lg, pr, hm = analyser.predict_classifier(x.astype(np.float32))
+        logits.append(lg)
+        probs.append(pr)
+        heat.append(hm[:4].copy())
+    p = np.concatenate(probs)
+    y = np.array([1 if r.label == "positive" else 0 for r in items])
+    study_of = np.array([r.study_key for r in items])
+    patient_of = np.array([r.patient_id or r.study_key for r in items])
+
+    def study_block(mask: np.ndarray) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+        idx = np.flatnonzero(mask)
+        keys, sp, sy = mm.study_means(list(study_of[idx]), p[idx], y[idx])
+        first = {k: idx[list(study_of[idx]).index(k)] for k in keys}
+        thr = np.array([entry.operating_point(items[first[k]].body_part).threshold for k in keys])
+        spat = np.array([patient_of[first[k]] for k in keys])
+        pred = sp >= thr
+        summary = mm.binary_summary(sy, pred.astype(float), 0.5)
+        out = {
+            "n": len(keys), "positive": int(sy.sum()), "negative": int(len(sy) - sy.sum()),
+            "auroc": round(mm.auroc(sy, sp), 4),
+            "auroc_ci95": _ci(lambda i: mm.auroc(sy[i], sp[i]), len(sy), spat, n_boot, seed),
+            "kappa": round(summary["kappa"], 4),
+            "kappa_ci95": _ci(lambda i: mm.cohen_kappa(sy[i], pred[i]), len(sy), spat, n_boot, seed),
+            "sensitivity": round(summary["sensitivity"], 4),
+            "specificity": round(summary["specificity"], 4),
+            "accuracy": round(summary["accuracy"], 4),
+            "confusion": {"tp": summary["tp"], "fn": summary["fn"], "fp": summary["fp"], "tn": summary["tn"]},
+            "threshold": [round(float(t), 4) for t in sorted(set(thr.tolist()))],
+        }
+        # honest threshold estimate: choose on one half of the patients, apply to the other
+        out["kappa_crossfit"] = round(_crossfit_kappa(sy, sp, spat, seed), 4)
+        return out, sp, sy, thr
+
+    all_mask = np.ones(len(items), dtype=bool)
+    study, sp_all, sy_all, _ = study_block(all_mask)
+    fracture: dict[str, Any] = {
+        "label_meanings": list(meanings),
+        "temperature": entry.temperature,
+        "image": {
+            "n": len(items), "positive": int(y.sum()),
+            "auroc": round(mm.auroc(y, p), 4),
+            "auroc_ci95": _ci(lambda i: mm.auroc(y[i], p[i]), len(y), patient_of, n_boot, seed),
+            "ece": round(_ece(y, p), 4),
+        },
+        "study": study,
+        "by_body_part": {},
+        "unsupported_body_parts": sorted({r.body_part for r in rows if r.label in ("positive", "negative")
+                                          and r.label_meaning in meanings} - set(supported)),
+    }
+    plots: dict[str, Any] = {"roc": {}, "calibration": (y, p), "study_confusion": {}}
+    for part in supported:
+        mask = np.array([r.body_part == part for r in items])
+        if not mask.any():
+            continue
+        block, sp, sy, thr = study_block(mask)
+        fracture["by_body_part"][part] = {
+            "study": block,
+            "image": {"n": int(mask.sum()), "auroc": round(mm.auroc(y[mask], p[mask]), 4)},
+            "mura_densenet_kappa": MURA_DENSENET_KAPPA.get(part),
+        }
+        plots["roc"][part] = (sy, sp)
+        plots["study_confusion"][part] = block["confusion"]
+    plots["items"] = items
+    plots["probs"] = p
+    return fracture, plots
+
+
+def _crossfit_kappa(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, seed: int, reps: int = 20) -> float:
+    """Mean kappa when the threshold is chosen on a random half of the patients and applied
+    to the other half (both ways, ``reps`` splits): an estimate free of threshold optimism."""
+    rng = np.random.default_rng(seed)
+    uniq = np.unique(groups)
+    vals = []
+    for _ in range(reps):
+        half = set(rng.permutation(uniq)[: len(uniq) // 2].tolist())
+        a = np.array([g in half for g in groups])
+        for fit, test in ((a, ~a), (~a, a)):
+            if len(set(y[fit].tolist())) < 2 or len(set(y[test].tolist())) < 2:
+                continue
+            t = mm.choose_threshold(y[fit], prob[fit], "kappa")
+            vals.append(mm.cohen_kappa(y[test], prob[test] >= t))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (p >= lo) & (p < hi) if hi < 1 else (p >= lo) & (p <= hi)
+        if m.any():
+            total += m.mean() * abs(p[m].mean() - y[m].mean())
+    return float(total)
+
+
+def pointing_game(analyser: Any, rows: Sequence[mdata.Row]) -> tuple[dict[str, Any], list[Any]]:
+    """Share of positive images with boxes whose Grad-CAM maximum lies inside a box."""
+    from pipeline.resize import fit_square
+
+    items = [r for r in rows if r.boxes and r.label == "positive"]
+    supported = set(analyser.classifier_entry.supported_body_parts)
+    size = analyser.classifier_entry.input_size
+    hits: list[bool] = []
+    parts: list[str] = []
+    examples: list[Any] = []
+    for sl in _batched(len(items), 32):
+        batch = items[sl]
+        squares, transforms, pix = [], [], []
+        for r in batch:
+            px = mdata.load_pixels(r.path)
+            sq, tr = fit_square(px, size)
+            squares.append(sq)
+            transforms.append(tr)
+            pix.append(px)
+        _, _, heat = analyser.predict_classifier(np.stack(squares))
+        for r, tr, hm, px in zip(batch, transforms, heat, pix):
+            img_map = tr.to_image(hm)
+            row_i, col_i = np.unravel_index(int(np.argmax(img_map)), img_map.shape)
+            yy, xx = (row_i + 0.5) / img_map.shape[0], (col_i + 0.5) / img_map.shape[1]
+            hit = any(b[0] <= xx <= b[2] and b[1] <= yy <= b[3] for b in r.boxes)
+            hits.append(hit)
+            parts.append(r.body_part)
+            if len(examples) < 8 and (r.body_part in supported or len(examples) < 4):
+                examples.append((px, img_map, r.boxes, f"{r.body_part} {'hit' if hit else 'miss'}"))
+    h = np.array(hits, dtype=bool)
+    parts_a = np.array(parts)
+    by_part = {
+        part: {"n": int((parts_a == part).sum()), "pointing_game": round(float(h[parts_a == part].mean()), 4)}
+        for part in sorted(set(parts))
+    }
+    sup = np.isin(parts_a, list(supported))
+    # box share of the image: the chance level of the pointing game
+    area = [float(np.clip(sum((b[2] - b[0]) * (b[3] - b[1]) for b in r.boxes), 0, 1)) for r in items]
+    return {
+        "n": int(len(h)),
+        "pointing_game": round(float(h.mean()), 4) if len(h) else float("nan"),
+        "pointing_game_ci95": _ci(lambda i: float(h[i].mean()), len(h), None, 2000, 0) if len(h) else [],
+        "n_supported_parts": int(sup.sum()),
+        "pointing_game_supported_parts": round(float(h[sup].mean()), 4) if sup.any() else float("nan"),
+        "mean_box_area_fraction": round(float(np.mean(area)), 4) if area else float("nan"),
+        "by_body_part": by_part,
+        "rule": "Grad-CAM maximum (on the image grid) inside any fracture box, no tolerance",
+        "datasets": sorted({r.dataset for r in items}),
+    }, examples
+
+
+def write_plots(out: Path, router: dict[str, Any], plots: dict[str, Any], examples: list[Any],
+                analyser: Any) -> list[str]:
+    """ROC per body part, confusion matrices, calibration curve, Grad-CAM grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for part, (sy, sp) in plots["roc"].items():
+        fpr, tpr, _ = mm.roc_curve(sy, sp)
+        ax.plot(fpr, tpr, label=f"{part} (AUROC {mm.auroc(sy, sp):.3f}, n={len(sy)})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Study-level ROC (validation)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "roc_by_body_part.png", dpi=110)
+    plt.close(fig)
+    files.append("roc_by_body_part.png")
+
+    if router.get("n"):
+        conf = np.array(router["confusion"])
+        classes = router["classes"]
+        fig, ax = plt.subplots(figsize=(6, 5.5))
+        ax.imshow(conf / np.maximum(1, conf.sum(1, keepdims=True)), cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                if conf[i, j]:
+                    ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set(xlabel="router", ylabel="truth", title=f"Router confusion (accuracy {router['accuracy']:.3f})")
+        fig.tight_layout()
+        fig.savefig(out / "router_confusion.png", dpi=110)
+        plt.close(fig)
+        files.append("router_confusion.png")
+
+    parts = list(plots["study_confusion"])
+    if parts:
+        fig, axes = plt.subplots(1, len(parts), figsize=(3.2 * len(parts), 3.2), squeeze=False)
+        for ax, part in zip(axes[0], parts):
+            c = plots["study_confusion"][part]
+            m = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+            ax.imshow(m, cmap="Blues")
+            for i in range(2):
+                for j in range(2):
+                    ax.text(j, i, str(m[i, j]), ha="center", va="center")
+            ax.set_xticks([0, 1], ["pred normal", "pred abnormal"], fontsize=8)
+            ax.set_yticks([0, 1], ["normal", "abnormal"], fontsize=8)
+            ax.set_title(f"{part} studies", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "study_confusion.png", dpi=110)
+        plt.close(fig)
+        files.append("study_confusion.png")
+
+    y, p = plots["calibration"]
+    edges = np.linspace(0, 1, 11)
+    centers, freq, counts = [], [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (p >= lo) & (p <= hi if hi == 1 else p < hi)
+        if m.any():
+            centers.append(p[m].mean())
+            freq.append(y[m].mean())
+            counts.append(int(m.sum()))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.plot(centers, freq, "o-")
+    for c, f, n in zip(centers, freq, counts):
+        ax.annotate(str(n), (c, f), fontsize=7, xytext=(3, -8), textcoords="offset points")
+    ax.set(xlabel="calibrated probability", ylabel="observed abnormal fraction",
+           title=f"Calibration, images (T={analyser.classifier_entry.temperature:.2f})")
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=110)
+    plt.close(fig)
+    files.append("calibration.png")
+
+    # Grad-CAM grid: MURA examples (highest and lowest scores) + box images
+    from pipeline.resize import fit_square
+
+    items, probs = plots["items"], plots["probs"]
+    order = np.argsort(-probs)
+    picks = [i for i in order if items[i].label == "positive"][:4] + [i for i in order[::-1] if items[i].label == "negative"][:2]
+    tiles = []
+    size = analyser.classifier_entry.input_size
+    for i in picks:
+        px = mdata.load_pixels(items[i].path)
+        sq, tr = fit_square(px, size)
+        _, pr, hm = analyser.predict_classifier(sq[None])
+        tiles.append((px, tr.to_image(hm[0]), (), f"{items[i].body_part} {items[i].label} p={pr[0]:.2f}"))
+    tiles += examples[:6]
+    if tiles:
+        cols = 4
+        rows_n = int(np.ceil(len(tiles) / cols))
+        fig, axes = plt.subplots(rows_n, cols, figsize=(3 * cols, 3 * rows_n), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, (px, hm, boxes, title) in zip(axes.ravel(), tiles):
+            ax.imshow(px, cmap="gray")
+            ax.imshow(hm, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+            for b in boxes:
+                h, w = px.shape
+                ax.add_patch(plt.Rectangle((b[0] * w, b[1] * h), (b[2] - b[0]) * w, (b[3] - b[1]) * h,
+                                           fill=False, ec="lime", lw=1.2))
+            ax.set_title(title, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "gradcam_examples.png", dpi=100)
+        plt.close(fig)
+        files.append("gradcam_examples.png")
+    return files
+
+
+def _fmt_ci(v: float, ci: Sequence[float]) -> str:
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def write_report(out: Path, metrics: dict[str, Any], files: Sequence[str]) -> None:
+    """``report.md`` summarising ``metrics.json`` against the quality bars."""
+    m = metrics
+    f, r, loc = m["fracture"], m["router"], m["localisation"]
+    lines = [
+        "# fracture-node model evaluation",
+        "",
+        f"Generated {m['generated']} by `fracture-node evaluate` on `{m['data']}` "
+        f"(split `{m['split']}`), {m['n_boot']} bootstrap resamples of whole patients/studies.",
+        "",
+        "| model | name | version | SHA-256 |",
+        "|---|---|---|---|",
+    ]
+    for role in ("router", "classifier"):
+        mi = m["models"][role]
+        lines.append(f"| {role} | {mi['name']} | {mi['version']} | `{mi['sha256']}` |")
+    lines += [
+        "",
+        "## Abnormality classifier (study level = mean of image probabilities)",
+        "",
+        "| body part | studies (pos/neg) | AUROC [95% CI] | kappa [95% CI] | kappa, threshold cross-fitted | sens | spec | MURA DenseNet kappa | bars (AUROC >= 0.90, kappa > paper) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for part, b in f["by_body_part"].items():
+        s = b["study"]
+        ref = b.get("mura_densenet_kappa")
+        ok_a = s["auroc"] >= 0.90
+        ok_k = ref is not None and s["kappa"] > ref
+        lines.append(
+            f"| {part} | {s['n']} ({s['positive']}/{s['negative']}) | {_fmt_ci(s['auroc'], s['auroc_ci95'])} | "
+            f"{_fmt_ci(s['kappa'], s['kappa_ci95'])} | {s['kappa_crossfit']:.3f} | {s['sensitivity']:.3f} | "
+            f"{s['specificity']:.3f} | {ref if ref is not None else '-'} | "
+            f"AUROC {'met' if ok_a else 'MISSED'}, kappa {'met' if ok_k else 'MISSED'} |"
+        )
+    s = f["study"]
+    lines += [
+        f"| all supported | {s['n']} ({s['positive']}/{s['negative']}) | {_fmt_ci(s['auroc'], s['auroc_ci95'])} | "
+        f"{_fmt_ci(s['kappa'], s['kappa_ci95'])} | {s['kappa_crossfit']:.3f} | {s['sensitivity']:.3f} | {s['specificity']:.3f} | | |",
+        "",
+        f"Image level: AUROC {_fmt_ci(f['image']['auroc'], f['image']['auroc_ci95'])} on {f['image']['n']} images; "
+        f"expected calibration error {f['image']['ece']:.3f} (temperature {f['temperature']:.3f}).",
+        "",
+        "Thresholds (and the temperature) were chosen on this same validation split, so the kappa, "
+        "sensitivity and specificity columns are optimistic; the cross-fitted kappa (threshold chosen on "
+        "half of the patients, measured on the other half, 20 random halvings) is the honest estimate. "
+        "AUROC does not depend on the threshold or the temperature.",
+        "",
+        f"Labelled body parts without a validated classifier (answered 'not analysed: unsupported body part'): "
+        f"{', '.join(f['unsupported_body_parts']) or 'none'}.",
+        "",
+        "## Body-part router",
+        "",
+        f"Accuracy {r['accuracy']:.3f} on {r['n']} validation images; on the classifier-supported parts "
+        f"({', '.join(r['supported_parts'])}) {r['accuracy_supported']:.3f} (n={r['n_supported']}; bar 0.97); "
+        f"OTHER recall {r['per_class'].get('OTHER', {}).get('recall', float('nan')):.3f} (bar 0.95). "
+        f"{100 * r['below_confidence_floor']:.1f}% of images fall below the confidence floor.",
+        "",
+        "| class | n | recall | precision |",
+        "|---|---|---|---|",
+    ]
+    for c, v in r["per_class"].items():
+        lines.append(f"| {c} | {v['n']} | {v['recall']:.3f} | {v['precision']:.3f} |")
+    lines += [
+        "",
+        "| dataset | n | accuracy |",
+        "|---|---|---|",
+    ] + [f"| {d} | {v['n']} | {v['accuracy']:.3f} |" for d, v in r["by_dataset"].items()]
+    lines += [
+        "",
+        "## Localisation (Grad-CAM pointing game)",
+        "",
+        f"{_fmt_ci(loc['pointing_game'], loc.get('pointing_game_ci95', []))} on {loc['n']} positive images with "
+        f"fracture boxes ({', '.join(loc['datasets'])}); {loc['pointing_game_supported_parts']:.3f} on the "
+        f"{loc['n_supported_parts']} of a supported body part. Rule: {loc['rule']}. Boxes cover "
+        f"{100 * loc['mean_box_area_fraction']:.1f}% of the image on average (chance level). Bar 0.6.",
+        "",
+        "| body part | n | pointing game |",
+        "|---|---|---|",
+    ] + [f"| {p} | {v['n']} | {v['pointing_game']:.3f} |" for p, v in loc["by_body_part"].items()]
+    lines += ["", "## Plots", ""] + [f"![{x}]({x})" for x in files] + [""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def run(data: Path, out: Path, registry: Path, router: str, classifier: str, split: str | None,
+        meanings: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
+    """Evaluate and write ``metrics.json``, ``report.md`` and plots to ``out``."""
+    from pipeline.classify import Analyser
+
+    out.mkdir(parents=True, exist_ok=True)
+    analyser = Analyser.load(registry, router, classifier)
+    all_rows = mdata.read_manifest(data)
+    if split is None:
+        split = "val" if any(r.split == "val" for r in all_rows) else "all"
+    rows = mdata.in_split(all_rows, split)
+    logger.info("evaluating on %d rows (split %s)", len(rows), split)
+    supported = analyser.classifier_entry.supported_body_parts
+    router_m = evaluate_router(analyser, rows, supported)
+    logger.info("router accuracy %.4f", router_m["accuracy"])
+    fracture_m, plots = evaluate_classifier(analyser, rows, meanings, n_boot, seed)
+    logger.info("study AUROC %.4f", fracture_m["study"]["auroc"])
+    loc_m, examples = pointing_game(analyser, rows)
+    r_e, c_e = analyser.router_entry, analyser.classifier_entry
+    metrics = {
+        "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "data": str(data),
+        "split": split,
+        "n_boot": n_boot,
+        "models": {
+            "router": {"name": r_e.name, "version": r_e.version, "sha256": r_e.sha256},
+            "classifier": {"name": c_e.name, "version": c_e.version, "sha256": c_e.sha256},
+        },
+        "router": router_m,
+        "fracture": fracture_m,
+        "localisation": loc_m,
+    }
+    files = write_plots(out, router_m, plots, examples, analyser)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
+    write_report(out, metrics, files)
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``fracture-node evaluate``."""
+    p = argparse.ArgumentParser(prog="fracture-node evaluate", description="Evaluate the registered models.")
+    p.add_argument("--data", type=Path, required=True, help="folder with manifest.csv (msk format)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (metrics.json, report.md, PNGs)")
+    p.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY)
+    p.add_argument("--router", default=DEFAULT_ROUTER)
+    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER)
+    p.add_argument("--split", default=None, help="manifest split to use (default val if present, else all)")
+    p.add_argument("--label-meaning", nargs="+", default=["abnormal-study"])
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fracture-node evaluate ...``"""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    m = run(args.data, args.out, args.registry, args.router, args.classifier, args.split,
+            args.label_meaning, args.n_boot, args.seed)
+    s = m["fracture"]["study"]
+    print(f"router accuracy {m['router']['accuracy']:.3f}; study AUROC {s['auroc']:.3f} {s['auroc_ci95']}, "
+          f"kappa {s['kappa']:.3f}; pointing game {m['localisation']['pointing_game']:.3f}")
+    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

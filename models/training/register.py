@@ -1,0 +1,250 @@
+"""Calibrate a trained model on the validation split and write it into the registry.
+
+``python -m models.training.register --task classifier --run RUN --name NAME --version V``
+
+* copies ``RUN/model.keras`` to ``models/weights/<name>-<version>.keras`` and records
+  its SHA-256 and a Device UID;
+* classifier: fits the temperature on validation image logits (binary NLL), then per
+  body part with enough validation studies (``--min-studies`` with both labels)
+  chooses the threshold on study means (MURA's rule) that maximises Cohen's kappa,
+  with a doubt band of ``--doubt`` on either side.  Only those body parts become
+  *supported*; ``DEFAULT`` is the pooled threshold for needs-review images;
+* router: records the classes and the confidence floor;
+* if ``models/eval/metrics.json`` exists for exactly the registered hashes, the key
+  metrics are copied into the entry (``--attach-metrics``).
+
+Other models already in the registry are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.registry import DEFAULT_PART, device_uid_for, sha256_of
+from models.training import data as mdata
+from models.training import metrics as mm
+
+logger = logging.getLogger(__name__)
+
+MODELS_DIR = Path(__file__).resolve().parents[1]
+ARCHITECTURE = "MobileNetV2 (torchvision layout, ImageNet init ported from mobilenet_v2-b0353104.pth), GAP + dropout + dense head"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        return repr(round(f, 6)) if np.isfinite(f) else "nan"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v)} to TOML")
+
+
+def dump_registry(models: Mapping[str, Mapping[str, Any]]) -> str:
+    """Write the registry TOML (scalars first, then sub-tables, one level of nesting deep)."""
+    lines = [
+        "# fracture-node model registry (written by models/training/register.py).",
+        "# Paths are relative to this file. The loader verifies sha256 before loading",
+        "# and loads with Keras safe_mode. Thresholds apply to calibrated probabilities",
+        "# sigmoid(logit / temperature); body parts absent from operating_points are",
+        "# unsupported ('not analysed: unsupported body part').",
+        "",
+    ]
+    for name, entry in models.items():
+        lines.append(f"[models.{name}]")
+        tables = {k: v for k, v in entry.items() if isinstance(v, Mapping)}
+        for k, v in entry.items():
+            if not isinstance(v, Mapping):
+                lines.append(f"{k} = {_toml_value(v)}")
+        for tname, table in tables.items():
+            subtables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
+            plain = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
+            if plain or not subtables:
+                lines.append("")
+                lines.append(f"[models.{name}.{tname}]")
+                for k, v in plain.items():
+                    key = k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+                    lines.append(f"{key} = {_toml_value(v)}")
+            for sname, sub in subtables.items():
+                lines.append("")
+                lines.append(f"[models.{name}.{tname}.{sname}]")
+                for k, v in sub.items():
+                    lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _predict(model: Any, arrays: np.ndarray, batch: int = 32) -> np.ndarray:
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=False)[0])
+    return np.concatenate([
+        np.asarray(fn(tf.constant(arrays[i : i + batch].astype(np.float32)[..., None])))
+        for i in range(0, len(arrays), batch)
+    ])
+
+
+def calibrate_classifier(
+    model: Any, data_dir: Path, size: int, min_studies: int, doubt: float
+) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
+    """Temperature, operating points and a calibration summary from the validation split."""
+    rows = mdata.in_split(mdata.read_manifest(data_dir), "val")
+    samples = [s for s in mdata.classifier_samples(rows) if s.row.body_part in mdata.CLASSIFIER_PARTS]
+    x = mdata.load_arrays([s.row.path for s in samples], size)
+    logits = _predict(model, x)[:, 0]
+    y = np.array([s.target for s in samples])
+    temperature = mm.fit_temperature(logits, y)
+    prob = mm.sigmoid(logits / temperature)
+    points: dict[str, dict[str, Any]] = {}
+    summary: dict[str, Any] = {"temperature": temperature, "n_images": len(y), "parts": {}}
+    supported_keys: list[str] = []
+    supported_idx: list[int] = []
+    for part in mdata.CLASSIFIER_PARTS:
+        idx = [i for i, s in enumerate(samples) if s.row.body_part == part]
+        keys = [samples[i].row.study_key for i in idx]
+        _, sp, sy = mm.study_means(keys, prob[idx], y[idx])
+        n_pos, n_neg = int(sy.sum()), int(len(sy) - sy.sum())
+        info = {"studies": len(sy), "positive": n_pos, "negative": n_neg}
+        if min(n_pos, n_neg) < 10 or len(sy) < min_studies:
+            info["supported"] = False
+            info["reason"] = f"only {len(sy)} validation studies ({n_pos} positive): too few to validate"
+            summary["parts"][part] = info
+            logger.info("%s not supported: %s", part, info["reason"])
+            continue
+        t = mm.choose_threshold(sy, sp, "kappa")
+        points[part] = {"threshold": t, "doubt_band": [max(0.0, t - doubt), min(1.0, t + doubt)]}
+        info.update({"supported": True, "threshold": t, **mm.binary_summary(sy, sp, t)})
+        summary["parts"][part] = info
+        supported_keys += keys
+        supported_idx += idx
+        logger.info("%s: threshold %.3f %s", part, t, info)
+    _, sp, sy = mm.study_means(supported_keys, prob[supported_idx], y[supported_idx])
+    t = mm.choose_threshold(sy, sp, "kappa")
+    points[DEFAULT_PART] = {"threshold": t, "doubt_band": [max(0.0, t - doubt), min(1.0, t + doubt)]}
+    return temperature, points, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=("router", "classifier"), required=True)
+    p.add_argument("--run", type=Path, required=True, help="training run folder with model.keras")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--data", type=Path, default=MODELS_DIR.parent.parent / "shared" / "data" / "msk")
+    p.add_argument("--registry", type=Path, default=MODELS_DIR / "registry.toml")
+    p.add_argument("--min-studies", type=int, default=40)
+    p.add_argument("--doubt", type=float, default=0.1)
+    p.add_argument("--confidence-floor", type=float, default=0.5)
+    p.add_argument("--attach-metrics", type=Path, default=None, help="metrics.json to copy into the entry")
+    p.add_argument("--skip-copy", action="store_true", help="entry exists: only (re)attach metrics")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    existing: dict[str, Any] = {}
+    if args.registry.exists():
+        existing = tomllib.loads(args.registry.read_text()).get("models", {})
+    if args.skip_copy:
+        entry = dict(existing[args.name])
+    else:
+        import keras
+
+        cfg = json.loads((args.run / "config.json").read_text())
+        history = json.loads((args.run / "state.json").read_text())["history"]
+        dest = MODELS_DIR / "weights" / f"{args.name}-{args.version}.keras"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.run / "model.keras", dest)
+        sha = sha256_of(dest)
+        size = int(cfg["size"])
+        entry = {
+            "version": args.version,
+            "role": args.task,
+            "architecture": ARCHITECTURE,
+            "input_size": size,
+            "classes": list(mdata.ROUTER_CLASSES) if args.task == "router" else ["normal", "abnormal"],
+            "weights": str(dest.relative_to(args.registry.parent.resolve())),
+            "sha256": sha,
+            "device_uid": device_uid_for(args.name, args.version, sha),
+            "feature_layer": "f18_relu",
+        }
+        train_desc = (
+            f"../shared/data/msk manifest split=train; {len(history)} epochs at {size} px, "
+            f"seed {cfg['seed']}, lr {cfg['learning_rate']}, frozen blocks {cfg['freeze_blocks']}"
+        )
+        if args.task == "router":
+            entry["training_data"] = (
+                "MURA humerus/forearm/wrist (capped per class), pkdarabi positives with body part, UNIFESP "
+                "single-part images, arnnv; OTHER = UNIFESP out-of-scope parts + knee crops. " + train_desc
+            )
+            entry["temperature"] = 1.0
+            entry["confidence_floor"] = args.confidence_floor
+            entry["notes"] = "Body-part router; OTHER and parts without classifier metrics are refused."
+        else:
+            model = keras.models.load_model(dest, compile=False, safe_mode=True)
+            temperature, points, summary = calibrate_classifier(
+                model, args.data, size, args.min_studies, args.doubt
+            )
+            entry["training_data"] = (
+                "MURA v1.1 (train split of ../shared/data/msk: humerus, forearm, wrist, unknown), "
+                "study-level 'abnormal' labels. " + train_desc
+            )
+            entry["temperature"] = temperature
+            entry["confidence_floor"] = 0.0
+            entry["notes"] = (
+                "Abnormality (MURA sense, not only fracture). Temperature and thresholds chosen on "
+                "the validation split (kappa-optimal on study means). " + "; ".join(
+                    f"{k}: {v.get('reason', 'supported')}" for k, v in summary["parts"].items()
+                )
+            )
+            entry["operating_points"] = points
+    if args.attach_metrics is not None:
+        metrics = json.loads(args.attach_metrics.read_text())
+        role = args.task
+        if metrics["models"][role]["sha256"] != entry["sha256"]:
+            raise SystemExit(f"{args.attach_metrics} was not produced for {entry['sha256']}")
+        entry["metrics"] = flatten_metrics(metrics, role)
+    existing[args.name] = entry
+    args.registry.write_text(dump_registry(existing))
+    print(f"registered {args.name} {args.version} sha256 {entry['sha256']}")
+    return 0
+
+
+def flatten_metrics(metrics: Mapping[str, Any], role: str) -> dict[str, Any]:
+    """The headline numbers of ``metrics.json`` for one model, as flat TOML keys."""
+    out: dict[str, Any] = {"source": "models/eval/metrics.json", "split": metrics.get("split", "")}
+    if role == "router":
+        r = metrics["router"]
+        out.update({"accuracy": r["accuracy"], "accuracy_supported": r["accuracy_supported"],
+                    "other_recall": r["per_class"].get("OTHER", {}).get("recall", float("nan")), "n": r["n"]})
+        return out
+    f = metrics["fracture"]
+    out.update({"image_auroc": f["image"]["auroc"], "study_auroc": f["study"]["auroc"],
+                "study_auroc_ci95": f["study"]["auroc_ci95"], "study_kappa": f["study"]["kappa"],
+                "studies": f["study"]["n"]})
+    for part, m in f["by_body_part"].items():
+        s = m["study"]
+        out[f"{part.lower()}_study_auroc"] = s["auroc"]
+        out[f"{part.lower()}_study_auroc_ci95"] = s["auroc_ci95"]
+        out[f"{part.lower()}_study_kappa"] = s["kappa"]
+        out[f"{part.lower()}_studies"] = s["n"]
+    out["pointing_game"] = metrics["localisation"]["pointing_game"]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Stage 1 (body-part router) and stage 2 (abnormality classifier) with Grad-CAM.
+
+:class:`Analyser` loads the two models named in ``config.toml`` from the registry
+once (hash verified, Keras ``safe_mode``), compiles one ``tf.function`` per model and
+warms them up.  :meth:`Analyser.analyse` takes the normalised images of a study and
+returns one :class:`~pipeline.result.ImageFinding` or
+:class:`~pipeline.result.Refusal` per image, in order:
+
+* router answer ``OTHER``, or a body part without validated classifier metrics ->
+  ``Refusal(UNSUPPORTED_BODY_PART)`` naming the part;
+* router probability below the router's confidence floor -> an ``ImageFinding``
+  with ``Decision.NEEDS_REVIEW``;
+* otherwise the calibrated probability ``sigmoid(logit / T)`` against the body
+  part's doubt band: positive / doubtful / negative;
+* a DICOM BodyPartExamined that disagrees with the router -> a note;
+* an image that cannot be prepared or analysed -> a ``Refusal`` (never an exception).
+
+Grad-CAM comes from the same forward pass (:mod:`pipeline.gradcam`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.registry import ModelEntry, load_keras_model, load_registry
+from pipeline.gradcam import gradcam_closed_form, upsample
+from pipeline.resize import fit_square
+from pipeline.result import (
+    Decision,
+    GridTransform,
+    ImageFinding,
+    ModelInfo,
+    NormalisedImage,
+    Refusal,
+    RefusalCode,
+)
+
+logger = logging.getLogger(__name__)
+
+OTHER = "OTHER"
+MAX_BATCH = 16
+
+_ARM = frozenset({"ELBOW", "FOREARM", "HUMERUS", "SHOULDER", "WRIST", "HAND", "FINGER"})
+BODY_PART_ALIASES: dict[str, frozenset[str]] = {
+    "ARM": frozenset({"HUMERUS", "FOREARM", "ELBOW"}),
+    "UPPERARM": frozenset({"HUMERUS"}),
+    "UPPER ARM": frozenset({"HUMERUS"}),
+    "LOWERARM": frozenset({"FOREARM"}),
+    "LOWER ARM": frozenset({"FOREARM"}),
+    "EXTREMITY": _ARM,
+    "UPPEREXTREMITY": _ARM,
+    "UPPER EXTREMITY": _ARM,
+    "UPPER LIMB": _ARM,
+    "HAND": frozenset({"HAND", "FINGER", "WRIST"}),
+    "FINGER": frozenset({"FINGER", "HAND"}),
+    "WRIST": frozenset({"WRIST", "HAND", "FOREARM"}),
+    "FOREARM": frozenset({"FOREARM", "WRIST", "ELBOW"}),
+    "ELBOW": frozenset({"ELBOW", "FOREARM", "HUMERUS"}),
+    "HUMERUS": frozenset({"HUMERUS", "SHOULDER", "ELBOW"}),
+    "SHOULDER": frozenset({"SHOULDER", "HUMERUS"}),
+}
+"""BodyPartExamined values (upper case) and the router answers that agree with them.
+Adjacent parts agree because one projection often shows both."""
+
+
+@dataclass(frozen=True)
+class RawPredictions:
+    """Model outputs for a batch, before decisions (used by the evaluation too)."""
+
+    router_probabilities: np.ndarray
+    """``(n, n_router_classes)`` softmax of the router."""
+    classifier_logits: np.ndarray
+    """``(n,)`` raw logits of the classifier."""
+    fracture_probabilities: np.ndarray
+    """``(n,)`` calibrated probabilities ``sigmoid(logit / T)``."""
+    heatmaps: np.ndarray
+    """``(n, size, size)`` Grad-CAM of the classifier logit on the classifier grid."""
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
+
+
+def body_part_agrees(body_part_examined: str, router_part: str) -> bool:
+    """Whether a DICOM BodyPartExamined is compatible with the router's answer."""
+    bpe = body_part_examined.strip().upper()
+    if not bpe:
+        return True
+    return router_part in BODY_PART_ALIASES.get(bpe, frozenset({bpe}))
+
+
+class Analyser:
+    """The two loaded models and their registry entries; see the module docstring."""
+
+    def __init__(self, router: ModelEntry, classifier: ModelEntry, router_model: Any,
+                 classifier_model: Any) -> None:
+        import tensorflow as tf
+
+        if router.role != "router" or classifier.role != "classifier":
+            raise ValueError("Analyser needs a router entry and a classifier entry")
+        self._router = router
+        self._classifier = classifier
+        self._router_model = router_model
+        self._classifier_model = classifier_model
+        self._head_kernel = np.asarray(classifier_model.get_layer("head").kernel)
+        rs, cs = router.input_size, classifier.input_size
+        self._router_fn = tf.function(
+            lambda x: router_model(x, training=False)[0],
+            input_signature=[tf.TensorSpec((None, rs, rs, 1), tf.float32)],
+        )
+        self._classifier_fn = tf.function(
+            lambda x: classifier_model(x, training=False),
+            input_signature=[tf.TensorSpec((None, cs, cs, 1), tf.float32)],
+        )
+
+    @classmethod
+    def load(cls, registry_path: pathlib.Path, router: str, classifier: str) -> Analyser:
+        """Load both models from the registry (hash checked), compile and warm up."""
+        registry = load_registry(pathlib.Path(registry_path))
+        r_entry = registry.get(router, role="router")
+        c_entry = registry.get(classifier, role="classifier")
+        analyser = cls(r_entry, c_entry, load_keras_model(r_entry), load_keras_model(c_entry))
+        analyser.warm_up()
+        return analyser
+
+    @property
+    def router_info(self) -> ModelInfo:
+        """Identity of the router (for outputs)."""
+        return self._router.info
+
+    @property
+    def classifier_info(self) -> ModelInfo:
+        """Identity of the classifier (for outputs)."""
+        return self._classifier.info
+
+    @property
+    def router_entry(self) -> ModelEntry:
+        """The router's registry entry."""
+        return self._router
+
+    @property
+    def classifier_entry(self) -> ModelEntry:
+        """The classifier's registry entry."""
+        return self._classifier
+
+    def warm_up(self) -> None:
+        """Trace both graphs at batch 1 so the first study is not slow."""
+        rs, cs = self._router.input_size, self._classifier.input_size
+        self.predict(np.zeros((1, rs, rs), np.float32), np.zeros((1, cs, cs), np.float32))
+
+    def predict_router(self, router_inputs: np.ndarray) -> np.ndarray:
+        """Router softmax for prepared squares ``(n, s, s)`` float32 in [0, 1]."""
+        r = np.asarray(self._router_fn(np.asarray(router_inputs, np.float32)[..., None]))
+        return _softmax(r.astype(np.float64))
+
+    def predict_classifier(self, classifier_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits, calibrated probabilities, Grad-CAM on the model grid) for prepared squares."""
+        logits, feats = self._classifier_fn(np.asarray(classifier_inputs, np.float32)[..., None])
+        logits = np.asarray(logits)[:, 0]
+        cams = gradcam_closed_form(np.asarray(feats), self._head_kernel, 0)
+        probs = _sigmoid(logits.astype(np.float64) / self._classifier.temperature)
+        return logits, probs, upsample(cams, self._classifier.input_size)
+
+    def predict(self, router_inputs: np.ndarray, classifier_inputs: np.ndarray) -> RawPredictions:
+        """Run both models on prepared squares (``(n, s, s)`` float32 in [0, 1])."""
+        logits, probs, heatmaps = self.predict_classifier(classifier_inputs)
+        return RawPredictions(
+            router_probabilities=self.predict_router(router_inputs),
+            classifier_logits=logits,
+            fracture_probabilities=probs,
+            heatmaps=heatmaps,
+        )
+
+    def _prepare(self, image: NormalisedImage) -> tuple[np.ndarray, np.ndarray, GridTransform]:
+        pixels = np.asarray(image.pixels, dtype=np.float32)
+        if pixels.ndim != 2 or min(pixels.shape) < 8:
+            raise ValueError(f"pixels must be 2-D and at least 8x8, got shape {pixels.shape}")
+        pixels = np.clip(np.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+        r_arr, _ = fit_square(pixels, self._router.input_size)
+        c_arr, transform = fit_square(pixels, self._classifier.input_size)
+        return r_arr, c_arr, transform
+
+    def analyse(self, images: Sequence[NormalisedImage]) -> list[ImageFinding | Refusal]:
+        """One finding or refusal per image, in order (batched; never raises per image)."""
+        outcomes: list[ImageFinding | Refusal | None] = [None] * len(images)
+        prepared: list[tuple[int, np.ndarray, np.ndarray, GridTransform]] = []
+        for i, image in enumerate(images):
+            try:
+                r_arr, c_arr, transform = self._prepare(image)
+                prepared.append((i, r_arr, c_arr, transform))
+            except Exception as exc:  # one bad image must not stop the study
+                logger.warning("image %s not prepared: %s", image.meta.sop_instance_uid, exc)
+                outcomes[i] = Refusal(image.meta, RefusalCode.BAD_PIXEL_ATTRIBUTES,
+                                      f"image could not be prepared for the models: {exc}")
+        for start in range(0, len(prepared), MAX_BATCH):
+            chunk = prepared[start : start + MAX_BATCH]
+            try:
+                raw = self.predict(np.stack([c[1] for c in chunk]), np.stack([c[2] for c in chunk]))
+                results = [(c, raw, k) for k, c in enumerate(chunk)]
+            except Exception:
+                logger.exception("batch inference failed; retrying image by image")
+                results = []
+                for c in chunk:
+                    try:
+                        results.append((c, self.predict(c[1][None], c[2][None]), 0))
+                    except Exception as exc:
+                        outcomes[c[0]] = Refusal(images[c[0]].meta, RefusalCode.BAD_PIXEL_ATTRIBUTES,
+                                                 f"model inference failed on this image: {exc}")
+            for (i, _, _, transform), raw, k in results:
+                outcomes[i] = self._decide(images[i], transform, raw, k)
+        return [o for o in outcomes if o is not None]
+
+    def _decide(self, image: NormalisedImage, transform: GridTransform, raw: RawPredictions,
+                k: int) -> ImageFinding | Refusal:
+        classes = self._router.classes
+        probs = raw.router_probabilities[k]
+        top = int(np.argmax(probs))
+        part, part_p = classes[top], float(probs[top])
+        supported = self._classifier.supported_body_parts
+        confident = part_p >= self._router.confidence_floor
+        if confident and (part == OTHER or part not in supported):
+            what = "a body part outside the supported set" if part == OTHER else f"the {part}"
+            return Refusal(
+                image.meta,
+                RefusalCode.UNSUPPORTED_BODY_PART,
+                f"not analysed: unsupported body part (router: {what}, p={part_p:.2f}; "
+                f"supported: {', '.join(supported)})",
+            )
+        point = self._classifier.operating_point(part)
+        p = float(raw.fracture_probabilities[k])
+        notes: list[str] = []
+        if not confident:
+            decision = Decision.NEEDS_REVIEW
+            notes.append(
+                f"router confidence {part_p:.2f} for {part} is below the floor "
+                f"{self._router.confidence_floor:.2f}: needs human review"
+            )
+        elif not math.isfinite(p):
+            decision = Decision.NEEDS_REVIEW
+            notes.append("classifier output was not finite: needs human review")
+        elif p >= point.doubt_high:
+            decision = Decision.POSITIVE
+        elif p < point.doubt_low:
+            decision = Decision.NEGATIVE
+        else:
+            decision = Decision.DOUBTFUL
+        bpe = image.meta.body_part_examined
+        if bpe and not body_part_agrees(bpe, part):
+            notes.append(f"DICOM BodyPartExamined {bpe.strip().upper()} disagrees with the router ({part}, p={part_p:.2f})")
+        return ImageFinding(
+            image=image,
+            transform=transform,
+            body_part=part,
+            body_part_probability=part_p,
+            body_part_probabilities={c: float(v) for c, v in zip(classes, probs)},
+            fracture_probability=p,
+            threshold=point.threshold,
+            doubt_band=point.doubt_band,
+            decision=decision,
+            heatmap=raw.heatmaps[k],
+            router=self._router.info,
+            classifier=self._classifier.info,
+            notes=tuple(notes),
+        )

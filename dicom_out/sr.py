@@ -107,7 +107,6 @@ def _algorithm(classifier: ModelInfo, router: ModelInfo | None, parameters: list
     params = list(parameters)
     if router is not None and router != classifier:
         params.append(f"body part router: {router.name} {router.version}")
-    params.append(f"weights SHA-256: {classifier.weights_sha256}")
     return hd.sr.AlgorithmIdentification(
         name=ascii_text(classifier.name)[:64],
         version=ascii_text(classifier.version)[:64],
@@ -137,12 +136,11 @@ def _image_group(finding: ImageFinding, number: int) -> hd.sr.MeasurementsAndQua
     )
     sites = _finding_sites(finding.body_part, meta.laterality)
     measurements = [
+        # algorithm and finding site are stated once, on the group (TID 1501 rows 7-8)
         hd.sr.Measurement(
             name=FRACTURE_PROBABILITY,
             value=round(float(finding.fracture_probability), 6),
             unit=UNIT_PROBABILITY,
-            algorithm_id=algorithm,
-            finding_sites=sites or None,
             referenced_images=[reference],
         ),
         hd.sr.Measurement(
@@ -238,8 +236,6 @@ def _body_part_group(
                 name=FRACTURE_PROBABILITY,
                 value=round(float(decision.probability), 6),
                 unit=UNIT_PROBABILITY,
-                algorithm_id=algorithm,
-                finding_sites=sites or None,
             )
         ],
         qualitative_evaluations=[

@@ -126,6 +126,10 @@ def _styles() -> dict[str, ParagraphStyle]:
         "cell": ParagraphStyle("cell", parent=base, fontSize=8.5, leading=10.5),
         "cell_bold": ParagraphStyle("cell_bold", parent=base, fontName=bold, fontSize=8.5,
                                     leading=10.5),
+        "cell_head": ParagraphStyle(
+            "cell_head", parent=base, fontName=bold, fontSize=8.5, leading=10.5,
+            textColor=colors.white,
+        ),
         "caption": ParagraphStyle(
             "caption", parent=base, fontSize=8, leading=10, alignment=TA_CENTER,
             textColor=colors.HexColor("#333333"),
@@ -206,6 +210,16 @@ def observation_text(result: StudyResult) -> tuple[str, list[str]]:
     """Rule-based observation paragraph and bullet findings (seed 000, VI.A)."""
     n_img = len(result.findings)
     n_ref = len(result.refusals)
+    if n_img == 0:
+        summary = (
+            f"No radiograph of this study could be analysed by the AI "
+            f"({n_ref} instance{'s' if n_ref != 1 else ''} refused; reasons below)."
+        )
+        bullets = [
+            f"Instance {j} ({r.meta.modality or 'instance'}): not analysed \u2014 {r.text}"
+            for j, r in enumerate(result.refusals, start=1)
+        ]
+        return summary, bullets
     summary = (
         f"{n_img} radiograph{'s' if n_img != 1 else ''} of this study "
         f"{'were' if n_img != 1 else 'was'} analysed by the AI"
@@ -408,8 +422,7 @@ def _image_block(
 
 def _results_table(result: StudyResult, doc_width: float) -> Table:
     header = ["#", "Body part (router p)", "Fracture p", "Threshold", "Doubt band", "Decision"]
-    data: list[list[object]] = [[_p(h, "cell_bold") for h in header]]
-    styles: list[tuple[object, ...]] = []
+    data: list[list[object]] = [[_p(_e(h), "cell_head") for h in header]]
     for i, f in enumerate(result.findings, start=1):
         low, high = f.doubt_band
         data.append(
@@ -421,10 +434,13 @@ def _results_table(result: StudyResult, doc_width: float) -> Table:
                 _p(f"{f.fracture_probability:.2f}", "cell"),
                 _p(f"{f.threshold:.2f}", "cell"),
                 _p(f"{low:.2f}\u2013{high:.2f}", "cell"),
-                _p(_e(DECISION_LABEL[f.decision]), "cell_bold"),
+                _p(
+                    f"<font color='#%02X%02X%02X'><b>{_e(DECISION_LABEL[f.decision])}</b></font>"
+                    % DECISION_COLOUR[f.decision],
+                    "cell",
+                ),
             ]
         )
-        styles.append(("TEXTCOLOR", (5, len(data) - 1), (5, len(data) - 1), _rgb(f.decision)))
     for j, r in enumerate(result.refusals, start=len(result.findings) + 1):
         data.append(
             [
@@ -451,10 +467,6 @@ def _results_table(result: StudyResult, doc_width: float) -> Table:
             ]
         )
     )
-    # header paragraphs carry their own colour
-    for cell in data[0]:
-        assert isinstance(cell, Paragraph)
-        cell.style = ParagraphStyle("hdr", parent=_styles()["cell_bold"], textColor=colors.white)
     return table
 
 

@@ -442,12 +442,12 @@ def document_stats(pixels: np.ndarray) -> tuple[float, float, float, float]:
     Returns
     -------
     (white, mid, dark, stroke)
-        Shares of paper-white (> 0.85), mid-grey (0.15-0.85) and dark (< 0.15) pixels,
+        Shares of paper-white (> 0.85), mid-grey (0.5-0.85) and dark (< 0.5) pixels,
         and the share of dark pixels that touch a white one (thin strokes: text, lines).
     """
-    small = _thumbnail(pixels)
+    small = _thumbnail(pixels, 512)  # thin pen strokes survive at this size
     white_mask = small > 0.85
-    dark_mask = small < 0.15
+    dark_mask = small < 0.5
     white = float(white_mask.mean())
     dark = float(dark_mask.mean())
     near_white = cv2.dilate(white_mask.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
@@ -467,7 +467,7 @@ def _document_reason(ds: Dataset, pixels: np.ndarray) -> str | None:
     if conversion in DOCUMENT_CONVERSION_TYPES:
         return f"Conversion Type {conversion}: scanned document"
     white, mid, dark, stroke = document_stats(pixels)
-    if white > 0.5 and mid < 0.2 and 0.005 < dark < 0.4 and stroke > 0.3:
+    if white > 0.5 and mid < 0.2 and 0.003 < dark < 0.4 and stroke > 0.3:
         return (
             f"document-like page: {100 * white:.0f} % paper-white, {100 * mid:.0f} % mid-grey,"
             f" {100 * dark:.0f} % dark, {100 * stroke:.0f} % of it in thin strokes"

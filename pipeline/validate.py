@@ -90,6 +90,9 @@ MAX_SIDE = 16384
 MAX_PIXELS = 100_000_000
 """Largest Rows x Columns accepted (a 10000 x 10000 image is already 200 MB at 16 bits)."""
 
+MAX_EXCESS_BYTES = 64
+"""Trailing bytes after the last native frame that are still read as padding."""
+
 MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
 """Colour photometric interpretations (PS3.3 C.7.6.3.1.2) that we decode to RGB, only to
@@ -242,9 +245,10 @@ def pixel_attribute_problem(ds: Dataset) -> tuple[RefusalCode, str] | None:
             f"{columns}x{rows} exceeds {MAX_SIDE} pixels a side or {MAX_PIXELS} pixels"
         )
     # Native Pixel Data holds exactly Rows x Columns x Samples x Frames samples, padded to
-    # even length (PS3.5 8.1.1, 8.2).  Trailing bytes shorter than one row are tolerated
-    # (a real-world defect pydicom also reads); a row or more means the declared matrix
-    # does not describe the data.
+    # even length (PS3.5 8.1.1, 8.2).  A few trailing bytes are tolerated (a real-world
+    # defect pydicom also reads); MAX_EXCESS_BYTES or more means the declared matrix does
+    # not describe the data: with sides of at least MIN_SIDE, a wrong Rows or Columns
+    # always leaves a whole row or column (>= 64 samples) unexplained or missing.
     try:
         element = ds["PixelData"]
         is_undefined = bool(element.is_undefined_length)
@@ -254,7 +258,7 @@ def pixel_attribute_problem(ds: Dataset) -> tuple[RefusalCode, str] | None:
     if not is_undefined:
         row_bytes = columns * samples * bits_allocated // 8
         needed = rows * row_bytes * (frames or 1)
-        if length < needed or length - needed >= max(row_bytes, 2):
+        if length < needed or length - needed >= MAX_EXCESS_BYTES:
             return RefusalCode.BAD_PIXEL_ATTRIBUTES, (
                 f"native Pixel Data holds {length} bytes, {frames or 1} frame(s) of"
                 f" {columns}x{rows}x{samples} {bits_allocated}-bit samples need {needed}"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,7 +40,9 @@ from pipeline.result import (
     NODE_MODEL_NAME,
     Decision,
     ImageFinding,
+    ImageMetadata,
     ModelInfo,
+    StudyResult,
 )
 
 logger = logging.getLogger(__name__)
@@ -310,6 +312,51 @@ def reference_dataset(source: pydicom.Dataset) -> pydicom.Dataset:
     ):
         if keyword in source:
             ds[keyword] = deepcopy(source[keyword])
+    return ds
+
+
+def study_head(result: StudyResult, sources: Mapping[str, pydicom.Dataset]) -> pydicom.Dataset:
+    """Check ``sources`` against ``result`` and return the instance to copy Patient/Study from.
+
+    Every analysed instance must be in ``sources``.  A refused instance may be
+    missing (it may not even have been readable); it is then referenced from the
+    UIDs in its :class:`~pipeline.result.Refusal`.  Every source present must
+    belong to the study of ``result``.
+
+    Raises
+    ------
+    ValueError
+        If the result is empty, an analysed instance has no source, a source
+        belongs to another study, or no source at all is available.
+    """
+    outcomes = [*result.findings, *result.refusals]
+    if not outcomes:
+        raise ValueError("a study result without findings or refusals has nothing to report")
+    missing = [f.meta.sop_instance_uid for f in result.findings if f.meta.sop_instance_uid not in sources]
+    if missing:
+        raise ValueError(f"{len(missing)} analysed instance(s) are missing from sources")
+    present = [sources[o.meta.sop_instance_uid] for o in outcomes if o.meta.sop_instance_uid in sources]
+    for ds in present:
+        if ds.StudyInstanceUID != result.study_instance_uid:
+            raise ValueError(f"source {ds.SOPInstanceUID} belongs to another study")
+    if not present:
+        raise ValueError("no source instance of the study to copy Patient and Study from")
+    absent = len(outcomes) - len(present)
+    if absent:
+        logger.debug("%d refused instance(s) without a source dataset", absent)
+    return present[0]
+
+
+def evidence_reference(meta: ImageMetadata) -> pydicom.Dataset | None:
+    """The UIDs of an instance known only from its metadata (for SR evidence), or
+    ``None`` when its SOP Class UID is unknown."""
+    if not meta.sop_class_uid or not meta.series_instance_uid:
+        return None
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = meta.sop_class_uid
+    ds.SOPInstanceUID = meta.sop_instance_uid
+    ds.SeriesInstanceUID = meta.series_instance_uid
+    ds.StudyInstanceUID = meta.study_instance_uid
     return ds
 
 

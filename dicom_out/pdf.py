@@ -64,6 +64,7 @@ from dicom_out.common import (
     render_views,
     series_description,
     shows_heatmap,
+    study_head,
     unique_models,
 )
 from pipeline.result import Decision, ImageFinding, ModelInfo, Refusal, StudyResult
@@ -689,9 +690,10 @@ def build_pdf_report(
     result
         Findings and refusals of the study and the study-level decisions.
     sources
-        Source instances keyed by SOP Instance UID; must hold every analysed and
-        refused instance.  Patient and Study modules (and Specific Character Set)
-        are copied exactly from the first of them.
+        Source instances keyed by SOP Instance UID; must hold every analysed
+        instance (refused ones may be missing).  Patient and Study modules (and
+        Specific Character Set) are copied exactly from the first analysed (else
+        first refused) instance.
     settings
         Series and equipment settings.
 
@@ -703,20 +705,12 @@ def build_pdf_report(
     Raises
     ------
     ValueError
-        If the result is empty, a source is missing or of another study, or the
-        typeset bytes are not a PDF.
+        If the result is empty, an analysed instance has no source, a source is
+        of another study, or the typeset bytes are not a PDF.
     """
+    head = study_head(result, sources)
     outcomes: list[ImageFinding | Refusal] = [*result.findings, *result.refusals]
-    if not outcomes:
-        raise ValueError("a study result without findings or refusals has nothing to report")
     sop_uids = [o.meta.sop_instance_uid for o in outcomes]
-    missing = [uid for uid in sop_uids if uid not in sources]
-    if missing:
-        raise ValueError(f"{len(missing)} instance(s) of the result are missing from sources")
-    for uid in sop_uids:
-        if sources[uid].StudyInstanceUID != result.study_instance_uid:
-            raise ValueError(f"source {uid} belongs to another study")
-    head = sources[sop_uids[0]]
     models = unique_models(
         [*result.models, *(m for f in result.findings for m in finding_models(f))]
     )

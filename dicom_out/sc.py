@@ -263,7 +263,7 @@ def build_secondary_capture(
         f"{NOT_FOR_DIAGNOSTIC_USE}."
     )[:1024]
     ds.ImageComments = ascii_text(
-        f"{NOT_FOR_DIAGNOSTIC_USE}. Fracture {DECISION_LABEL[finding.decision].lower()}, "
+        f"fracture-node Grad-CAM heat map. {NOT_FOR_DIAGNOSTIC_USE}. Fracture {DECISION_LABEL[finding.decision].lower()}, "
         f"p={finding.fracture_probability:.3f}, threshold {finding.threshold:.3f}. "
         f"Requires radiologist review."
     )[:10240]

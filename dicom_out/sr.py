@@ -51,8 +51,10 @@ from dicom_out.common import (
     local_coding_scheme,
     model_hashes,
     output_uid,
+    evidence_reference,
     reference_dataset,
     series_description,
+    study_head,
     unique_models,
 )
 from pipeline.result import (
@@ -172,10 +174,18 @@ def _image_group(finding: ImageFinding, number: int) -> hd.sr.MeasurementsAndQua
     )
 
 
+def _is_image(sop_class_uid: str) -> bool:
+    """Whether the SOP class is an image IOD (unknown classes are not)."""
+    try:
+        return bool(does_iod_have_pixel_data(sop_class_uid))
+    except KeyError:
+        return False
+
+
 def _refusal_group(refusal: Refusal, number: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     meta = refusal.meta
     sources = None
-    if does_iod_have_pixel_data(meta.sop_class_uid):
+    if evidence_reference(meta) is not None and _is_image(meta.sop_class_uid):
         sources = [
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=meta.sop_class_uid,
@@ -369,9 +379,11 @@ def build_structured_report(
     result
         Findings and refusals of the study and the study-level decisions.
     sources
-        Source instances keyed by SOP Instance UID; must hold every analysed and
-        every refused instance of ``result``.  Patient and Study modules are copied
-        from the first analysed (else first refused) instance.
+        Source instances keyed by SOP Instance UID; must hold every analysed
+        instance and should hold the refused ones (a refused instance without a
+        source, e.g. an unreadable file, is referenced from its Refusal's UIDs).
+        Patient and Study modules are copied from the first analysed (else first
+        refused) instance.
     secondary_captures
         The heat-map Secondary Captures built for the study; listed as evidence.
     settings
@@ -389,19 +401,12 @@ def build_structured_report(
     Raises
     ------
     ValueError
-        If the result is empty, a source is missing, or an instance belongs to
-        another study.
+        If the result is empty, an analysed instance has no source, or an
+        instance belongs to another study.
     """
+    head = study_head(result, sources)
     outcomes: list[ImageFinding | Refusal] = [*result.findings, *result.refusals]
-    if not outcomes:
-        raise ValueError("a study result without findings or refusals has nothing to report")
     sop_uids = [o.meta.sop_instance_uid for o in outcomes]
-    missing = [uid for uid in sop_uids if uid not in sources]
-    if missing:
-        raise ValueError(f"{len(missing)} instance(s) of the result are missing from sources")
-    for uid in sop_uids:
-        if sources[uid].StudyInstanceUID != result.study_instance_uid:
-            raise ValueError(f"source {uid} belongs to another study")
     for sc in secondary_captures:
         if sc.StudyInstanceUID != result.study_instance_uid:
             raise ValueError("a secondary capture belongs to another study")
@@ -454,8 +459,17 @@ def build_structured_report(
         )
         root.insert(at + 1, _image_library(library))
 
-    head = sources[sop_uids[0]]
-    evidence = [reference_dataset(sources[uid]) for uid in sop_uids]
+    evidence = [reference_dataset(head)]
+    for outcome in outcomes:
+        uid = outcome.meta.sop_instance_uid
+        if uid == head.SOPInstanceUID:
+            continue
+        if uid in sources:
+            evidence.append(reference_dataset(sources[uid]))
+        else:
+            reference = evidence_reference(outcome.meta)
+            if reference is not None:
+                evidence.append(reference)
     evidence.extend(reference_dataset(sc) for sc in secondary_captures)
     ds = hd.sr.Comprehensive3DSR(
         evidence=evidence,

@@ -554,13 +554,35 @@ def test_structured_report_of_refusals_only(study: Study) -> None:
     roundtrip(pdf)
 
 
-def test_structured_report_requires_every_source(study: Study) -> None:
+def test_sources_of_refused_instances_may_be_missing(study: Study) -> None:
+    # the node may not have a dataset for a refused instance (unreadable file)
     sources = dict(study.sources)
-    sources.pop(study.refusals[0].meta.sop_instance_uid)
+    refused = study.refusals[0].meta.sop_instance_uid
+    sources.pop(refused)
+    sr = roundtrip(build_structured_report(study.result, sources, [], SETTINGS))
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert refused in evidence
+    build_pdf_report(study.result, sources, SETTINGS)
+    # an analysed instance without its source is an error
+    sources.pop(study.findings[0].meta.sop_instance_uid)
     with pytest.raises(ValueError, match="missing from sources"):
         build_structured_report(study.result, sources, [], SETTINGS)
     with pytest.raises(ValueError, match="missing from sources"):
         build_pdf_report(study.result, sources, SETTINGS)
+
+
+def test_own_output_is_recognisable(built: tuple) -> None:
+    """The pipeline refuses our own objects (Manufacturer, and words it looks for)."""
+    scs, sr, pdf = built
+    for ds in (*scs, sr, pdf):
+        assert ds.Manufacturer == NODE_MANUFACTURER
+    for sc in scs:
+        assert "fracture-node" in sc.ImageComments.lower()
+        assert "grad-cam" in sc.DerivationDescription.lower()
 
 
 # ----------------------------------------------------------------------------- PDF

@@ -79,7 +79,10 @@ def _peer_from_args(args: argparse.Namespace, config: Config | None) -> Peer:
         if config is None:
             raise ConfigError("--destination needs a configuration file")
         dest = config.destination(args.destination)
-        return Peer(dest.ae_title, dest.host, dest.port)
+        from node.tls import client_context
+
+        context = client_context(config.tls) if dest.tls else None
+        return Peer(dest.ae_title, dest.host, dest.port, context)
     if not (args.aet and args.host and args.port):
         raise ConfigError("give either --destination NAME or --aet, --host and --port")
     return Peer(args.aet, args.host, int(args.port))

@@ -121,6 +121,8 @@ class DestinationConfig:
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    """Connect with DICOM TLS (PS3.15 B.1), using the ``[tls]`` section."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -130,6 +132,35 @@ class DestinationConfig:
         )
         _check_host(f"destinations[{self.name}].host", self.host)
         _check_port(f"destinations[{self.name}].port", self.port)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """``[tls]``: DICOM TLS (PS3.15 Annex B.1, the Basic TLS Secure Transport
+    Connection Profile) for the SCP, and for destinations with ``tls = true``."""
+
+    enabled: bool = False
+    """The SCP accepts TLS connections only."""
+    certificate: Path | None = None
+    """The node's certificate (PEM)."""
+    private_key: Path | None = None
+    """Its private key (PEM), readable only by the node's user."""
+    ca_certificates: Path | None = None
+    """CA certificates (PEM) that peer certificates must chain to."""
+    require_peer_certificate: bool = True
+    """The SCP refuses a TLS client that presents no certificate signed by the CA."""
+
+    def __post_init__(self) -> None:
+        for key in ("certificate", "private_key", "ca_certificates"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, Path(value))
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ConfigError("tls.certificate and tls.private_key are required when "
+                              "tls.enabled = true")
+        if self.enabled and self.require_peer_certificate and self.ca_certificates is None:
+            raise ConfigError("tls.ca_certificates is required to check peer certificates "
+                              "(or set tls.require_peer_certificate = false)")
 
 
 @dataclass(frozen=True)
@@ -249,6 +280,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     models: ModelConfig = field(default_factory=ModelConfig)
     outputs: OutputConfig = field(default_factory=OutputConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     allow_any_peer: bool = False
     """Accept any calling AE.  Off by default: set it explicitly to open the node."""
 
@@ -257,6 +289,8 @@ class Config:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"destinations.name must be unique (repeated: {', '.join(dupes)})")
+        if any(d.tls for d in self.destinations) and self.tls.certificate is None:
+            raise ConfigError("a destination uses tls but [tls] has no certificate/private_key")
         if not self.peers and not self.allow_any_peer:
             raise ConfigError(
                 "peers must list at least one calling AE (or set allow_any_peer = true)"
@@ -299,6 +333,7 @@ _SECTIONS: Mapping[str, type] = {
     "delivery": DeliveryConfig,
     "models": ModelConfig,
     "outputs": OutputConfig,
+    "tls": TlsConfig,
 }
 
 
@@ -367,6 +402,14 @@ def config_from_dict(
         router=models.router,
         classifier=models.classifier,
     )
+    tls = config.tls
+    resolved_tls = TlsConfig(
+        enabled=tls.enabled,
+        certificate=_resolve(base_dir, tls.certificate) if tls.certificate else None,
+        private_key=_resolve(base_dir, tls.private_key) if tls.private_key else None,
+        ca_certificates=_resolve(base_dir, tls.ca_certificates) if tls.ca_certificates else None,
+        require_peer_certificate=tls.require_peer_certificate,
+    )
     return Config(
         node=config.node,
         peers=config.peers,
@@ -377,6 +420,7 @@ def config_from_dict(
         delivery=config.delivery,
         models=resolved_models,
         outputs=config.outputs,
+        tls=resolved_tls,
         allow_any_peer=config.allow_any_peer,
     )
 

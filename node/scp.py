@@ -43,6 +43,7 @@ from node.config import Config
 from node.errors import DatasetError, SpoolError
 from node.jobs import InstanceRecord, JobStore
 from node.spool import Spool, safe_uid
+from node.tls import server_context
 from pipeline.result import NODE_MANUFACTURER
 
 logger = logging.getLogger(__name__)
@@ -194,15 +195,18 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self.handle_closed),
             (evt.EVT_REJECTED, self.handle_rejected),
         ]
+        ssl_context = server_context(self.config.tls) if self.config.tls.enabled else None
         server = self.ae.start_server(
             (self.config.node.bind_address, self.config.node.port),
             block=False,
             evt_handlers=handlers,  # type: ignore[arg-type]
+            ssl_context=ssl_context,
         )
         self._server = server
         address, port = server.server_address[:2]
         logger.info(
-            "listening as %s on %s:%s", self.config.node.ae_title, address, port,
+            "listening as %s on %s:%s%s", self.config.node.ae_title, address, port,
+            " (DICOM TLS)" if ssl_context else "",
             extra={"calling_aet": None},
         )
         return str(address), int(port)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,12 @@ _WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
 
 @dataclass(frozen=True)
 class Peer:
-    """A remote AE."""
+    """A remote AE; ``ssl_context`` set means DICOM TLS."""
 
     ae_title: str
     host: str
     port: int
+    ssl_context: ssl.SSLContext | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ def _associate(ae: AE, peer: Peer) -> Association:
         assoc = ae.associate(
             peer.host, peer.port, ae_title=peer.ae_title,
             evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+            tls_args=(peer.ssl_context, peer.host) if peer.ssl_context else None,
         )
     except (OSError, socket.gaierror) as exc:
         raise SendError(f"cannot connect to {peer.host}:{peer.port}: {exc}", permanent=False)

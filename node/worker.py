@@ -23,6 +23,7 @@ from node.config import Config, DestinationConfig
 from node.jobs import JobStore, OutboxItem, OutputFile, StudyJob
 from node.scu import Peer, store_files
 from node.spool import Spool
+from node.tls import client_context
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ class Deliverer:
         return True
 
     def _deliver(self, dest: DestinationConfig, batch: list[OutboxItem]) -> None:
-        peer = Peer(dest.ae_title, dest.host, dest.port)
+        context = client_context(self.config.tls) if dest.tls else None
+        peer = Peer(dest.ae_title, dest.host, dest.port, context)
         paths = [Path(item.path) for item in batch]
         missing = [item for item, p in zip(batch, paths) if not p.exists()]
         for item in missing:

@@ -63,6 +63,7 @@ class Orthanc:
         http_port: int | None = None,
         dicom_port: int | None = None,
         extra_modalities: dict[str, Any] | None = None,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
@@ -73,6 +74,7 @@ class Orthanc:
         self.route = route
         self.stable_age = stable_age
         self.extra_modalities = extra_modalities or {}
+        self.extra_config = extra_config or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -104,6 +106,7 @@ class Orthanc:
             "StorageCompression": False,
             "LuaScripts": [str(HERE / "route.lua")] if self.route else [],
         }
+        cfg.update(self.extra_config)
         return cfg
 
     def start(self, timeout: float = 30.0) -> "Orthanc":

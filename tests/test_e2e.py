@@ -1,0 +1,260 @@
+"""End to end through a real PACS: studies are stored into a real Orthanc with DCMTK
+``storescu``; Orthanc's auto-routing rule (orthanc-test/route.lua, OnStableStudy)
+sends them to the node, which runs the real shipped models and sends its results
+back into the same study.  Nothing calls the node directly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from conftest import ROOT, Orthanc, free_port, wait_for, write_config
+from node.config import load_config
+from node.processing import processor_factory
+from node.service import Node
+
+DEMO = sorted((ROOT / "demo" / "study").glob("*.dcm"))
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
+
+
+class Pacs:
+    """The running pair: Orthanc with the routing rule, and the node."""
+
+    def __init__(self, orthanc: Orthanc, node: Node, workdir: Path) -> None:
+        self.orthanc = orthanc
+        self.node = node
+        self.workdir = workdir
+
+    def store(self, files: list[Path]) -> None:
+        """A modality pushes files into Orthanc with storescu."""
+        flags = {"1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.4.90": "-xv"}
+        groups: dict[str, list[Path]] = {}
+        for f in files:
+            ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+            groups.setdefault(flags.get(ts, "-xe"), []).append(f)
+        for flag, group in groups.items():
+            subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", flag, "-R",
+                            "127.0.0.1", str(self.orthanc.dicom_port), *map(str, group)],
+                           check=True, capture_output=True,
+                           env=dict(os.environ, TCP_NODELAY="1"))
+
+    def settled(self, study_uid: str) -> bool:
+        rows = self.node.jobs.query(
+            "SELECT state FROM studies WHERE study_instance_uid = ?", [study_uid])
+        waiting = self.node.jobs.query(
+            "SELECT COUNT(*) AS n FROM outbox WHERE study_instance_uid = ? AND "
+            "state != 'delivered'", [study_uid])
+        return bool(rows) and rows[0]["state"] == "processed" and waiting[0]["n"] == 0
+
+    def wait_results(self, study_uid: str, timeout: float = 180.0) -> list[dict[str, Any]]:
+        wait_for(lambda: self.settled(study_uid), timeout=timeout, interval=0.2)
+        return self.results(study_uid)
+
+    def results(self, study_uid: str) -> list[dict[str, Any]]:
+        return [i for i in self.orthanc.study_instances(study_uid)
+                if i["tags"].get("Manufacturer") == "fracture-node"]
+
+    def fetch(self, instance_id: str) -> tuple[Path, Dataset]:
+        path = self.workdir / f"{instance_id}.dcm"
+        path.write_bytes(self.orthanc.get(f"/instances/{instance_id}/file", raw=True))
+        return path, pydicom.dcmread(path)
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
+    workdir = tmp_path_factory.mktemp("e2e")
+    node_port = free_port()
+    orthanc = Orthanc(workdir / "orthanc", node_port=node_port, route=True, stable_age=1).start()
+    config = load_config(write_config(
+        workdir, node_port, quiet_seconds=1.0,
+        destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom_port}],
+    ), environ={})
+    node = Node(config, processor_factory(config))
+    node.start()
+    yield Pacs(orthanc, node, workdir)
+    node.stop(grace_seconds=2)
+    orthanc.stop()
+
+
+def restudy(files: list[Path], directory: Path, study_uid: str) -> list[Path]:
+    """Copies of ``files`` filed into a new study (new UIDs, same patient)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, str(ds.SeriesInstanceUID)])
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[study_uid, str(ds.SOPInstanceUID)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = directory / f.name
+        ds.save_as(path)
+        out.append(path)
+    return out
+
+
+def colour_photograph(template: Path, path: Path) -> Path:
+    """A colour photograph filed into the study as a Secondary Capture (what a
+    clinical photo or screenshot pushed with a study looks like): a saturated
+    scene of sky, grass and a red object, RGB."""
+    src = pydicom.dcmread(template, stop_before_pixels=True)
+    rows, cols = 240, 320
+    img = np.zeros((rows, cols, 3), np.uint8)
+    img[: rows // 2] = (90, 160, 235)      # sky
+    img[rows // 2:] = (60, 170, 60)        # grass
+    img[100:180, 120:220] = (220, 30, 40)  # red object
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SC_CLASS
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+                    "ReferringPhysicianName"):
+        setattr(ds, keyword, src.get(keyword, ""))
+    ds.SOPClassUID = SC_CLASS
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.ConversionType = "DI"
+    ds.SeriesNumber = 50
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ""
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = img.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_routed_study_returns_sc_sr_pdf_into_same_study(pacs: Pacs, tmp_path: Path) -> None:
+    study_uid = generate_uid()
+    files = restudy(DEMO, tmp_path / "study", study_uid)
+    photo = colour_photograph(files[0], tmp_path / "photo.dcm")
+    pacs.store(files + [photo])
+    results = pacs.wait_results(study_uid)
+
+    sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f
+               for f in files + [photo]}
+    outcomes = {r["sop_instance_uid"]: (r["outcome"], r["reason"]) for r in pacs.node.jobs.query(
+        "SELECT sop_instance_uid, outcome, reason FROM instances WHERE study_instance_uid = ?",
+        [study_uid])}
+    assert set(outcomes) == set(sources), "every pushed instance reached the node"
+    analysed = {uid for uid, (o, _) in outcomes.items() if o == "analysed"}
+    refused = {uid: reason for uid, (o, reason) in outcomes.items() if o == "refused"}
+    photo_uid = str(pydicom.dcmread(photo, stop_before_pixels=True).SOPInstanceUID)
+    tibia_uid = str(pydicom.dcmread(files[-1], stop_before_pixels=True).SOPInstanceUID)
+    assert refused[photo_uid].startswith("colour-image")
+    assert tibia_uid in refused, "the tibia is an unsupported body part"
+    assert analysed, "no demo radiograph was analysed"
+
+    by_class: dict[str, list[tuple[Path, Dataset, str]]] = {}
+    for item in results:
+        path, ds = pacs.fetch(item["ID"])
+        by_class.setdefault(str(ds.SOPClassUID), []).append((path, ds, item["ID"]))
+    assert len(by_class[SR_CLASS]) == 1 and len(by_class[PDF_CLASS]) == 1
+    assert len(by_class[SC_CLASS]) == len(analysed)
+
+    source_series = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)
+                     for f in sources.values()}
+    result_series = {kind: {str(ds.SeriesInstanceUID) for _, ds, _ in items}
+                     for kind, items in by_class.items()}
+    assert all(len(s) == 1 for s in result_series.values())
+    all_series = set().union(*result_series.values())
+    assert len(all_series) == 3 and not all_series & source_series
+
+    for kind, items in by_class.items():
+        for path, ds, instance_id in items:
+            assert ds.StudyInstanceUID == study_uid
+            assert ds.PatientID == "DEMO-0001"
+            assert dciodvfy_errors(path) == [], (kind, dciodvfy_errors(path))
+    for path, ds, instance_id in by_class[SC_CLASS]:
+        assert str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) in analysed
+        png = pacs.orthanc.get(f"/instances/{instance_id}/preview", raw=True)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    _, sr, _ = by_class[SR_CLASS][0]
+    evidence = {str(inst.ReferencedSOPInstanceUID)
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for inst in series.ReferencedSOPSequence}
+    assert analysed <= evidence
+    assert {str(ds.SOPInstanceUID) for _, ds, _ in by_class[SC_CLASS]} <= evidence
+    text = subprocess.run(["dsrdump", "-Ei", str(by_class[SR_CLASS][0][0])],
+                          capture_output=True, text=True).stdout
+    assert "not analysed" in text.lower() or "not-analysed" in text.lower()
+
+    _, pdf, _ = by_class[PDF_CLASS][0]
+    assert bytes(pdf.EncapsulatedDocument).startswith(b"%PDF")
+    referenced = {str(i.ReferencedSOPInstanceUID) for i in pdf.SourceInstanceSequence}
+    assert analysed <= referenced
+
+
+def test_same_study_pushed_twice_makes_no_duplicates(pacs: Pacs, tmp_path: Path) -> None:
+    study_uid = generate_uid()
+    files = restudy(DEMO[:2], tmp_path / "study", study_uid)
+    pacs.store(files)
+    first = {i["tags"]["SOPInstanceUID"] for i in pacs.wait_results(study_uid)}
+    assert first
+    # push the whole study (sources and our results) from Orthanc to the node again
+    study_id = pacs.orthanc.find_study(study_uid)
+    pacs.orthanc.post("/modalities/fracture-node/store",
+                      {"Resources": [study_id], "Synchronous": True})
+    time.sleep(pacs.node.config.study.quiet_seconds + 2.5)  # a full quiet period + StableAge
+    wait_for(lambda: pacs.settled(study_uid), timeout=60)
+    again = [i["tags"]["SOPInstanceUID"] for i in pacs.results(study_uid)]
+    assert sorted(again) == sorted(first), "the second push created new objects"
+    ignored = pacs.node.jobs.query(
+        "SELECT COUNT(*) AS n FROM instances WHERE study_instance_uid = ? AND outcome = 'ignored'",
+        [study_uid])[0]["n"]
+    assert ignored == len(first), "our own results must be refused, not processed"
+
+
+def test_late_instance_reopens_study_with_new_sr_version(pacs: Pacs, tmp_path: Path) -> None:
+    study_uid = generate_uid()
+    files = restudy(DEMO[:2], tmp_path / "study", study_uid)
+    pacs.store(files[:1])
+    first = pacs.wait_results(study_uid)
+    first_sr = [i for i in first if i["tags"]["Modality"] == "SR"]
+    first_sc = {i["tags"]["SOPInstanceUID"] for i in first if i["tags"]["Modality"] != "SR"
+                and i["tags"]["Modality"] != "DOC"}
+    assert len(first_sr) == 1
+    pacs.store(files[1:])
+    wait_for(lambda: len([i for i in pacs.results(study_uid)
+                          if i["tags"]["Modality"] == "SR"]) == 2, timeout=120)
+    wait_for(lambda: pacs.settled(study_uid), timeout=60)
+    srs = [pacs.fetch(i["ID"])[1] for i in pacs.results(study_uid)
+           if i["tags"]["Modality"] == "SR"]
+    newest = [ds for ds in srs if "PredecessorDocumentsSequence" in ds]
+    assert len(newest) == 1
+    predecessor = newest[0].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+        first_sr[0]["tags"]["SOPInstanceUID"]
+    delivered = pacs.node.jobs.query(
+        "SELECT sop_instance_uid FROM outbox WHERE study_instance_uid = ? AND kind = 'sc'",
+        [study_uid])
+    sc_uids = [r["sop_instance_uid"] for r in delivered]
+    assert len(sc_uids) == len(set(sc_uids)), "an SC was queued twice"
+    assert first_sc <= set(sc_uids)

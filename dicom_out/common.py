@@ -83,6 +83,9 @@ class OutputSettings:
         Series of the Encapsulated PDF report (PS3.3 A.45.1).
     max_sc_side
         Longer side of a Secondary Capture is capped at this many pixels.
+    ko_series_number, ko_series_description
+        Series of the optional Key Object Selection of positive images (PS3.3
+        A.35.4); added after the first API, with defaults.
     """
 
     manufacturer: str = NODE_MANUFACTURER
@@ -96,6 +99,8 @@ class OutputSettings:
     pdf_series_number: int = 9003
     pdf_series_description: str = "AI fracture report (PDF)"
     max_sc_side: int = 2048
+    ko_series_number: int = 9004
+    ko_series_description: str = "AI fracture key images"
 
     def __post_init__(self) -> None:
         for name in ("manufacturer", "manufacturer_model_name", "software_version"):
@@ -108,13 +113,23 @@ class OutputSettings:
             not self.institution_name or len(self.institution_name) > 64
         ):
             raise ValueError("institution_name must be 1 to 64 characters (VR LO) or None")
-        numbers = (self.sc_series_number, self.sr_series_number, self.pdf_series_number)
+        numbers = (
+            self.sc_series_number,
+            self.sr_series_number,
+            self.pdf_series_number,
+            self.ko_series_number,
+        )
         for number in numbers:
             if not 0 < number < 2**31:
                 raise ValueError("series numbers must be positive and fit VR IS")
-        if len(set(numbers)) != 3:
-            raise ValueError("the SC, SR and PDF series numbers must differ")
-        for name in ("sc_series_description", "sr_series_description", "pdf_series_description"):
+        if len(set(numbers)) != len(numbers):
+            raise ValueError("the SC, SR, PDF and KO series numbers must differ")
+        for name in (
+            "sc_series_description",
+            "sr_series_description",
+            "pdf_series_description",
+            "ko_series_description",
+        ):
             value = getattr(self, name)
             # the "not for diagnostic use" suffix is added, the whole must fit VR LO (64)
             if not value or not value.isascii() or len(series_description(value)) > 64:

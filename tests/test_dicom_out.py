@@ -680,3 +680,34 @@ def test_same_input_gives_same_uids(study: Study, built: tuple) -> None:
     other = replace(study.findings[0], classifier=replace(CLASSIFIER, weights_sha256="c" * 64))
     source = study.sources[other.meta.sop_instance_uid]
     assert build_secondary_capture(other, source, SETTINGS).SOPInstanceUID != scs[0].SOPInstanceUID
+
+
+# ----------------------------------------------------------------------------- KO (going further)
+
+
+def test_key_object_selection_of_positive_images(
+    study: Study, built: tuple, tmp_path: Path
+) -> None:
+    from dicom_out.ko import build_key_object_selection
+
+    scs, _, _ = built
+    ko = build_key_object_selection(study.result, study.sources, scs, SETTINGS)
+    assert ko is not None
+    path = tmp_path / "ko.dcm"
+    ko.save_as(path, enforce_file_format=True)
+    back = pydicom.dcmread(path)
+    assert back.Modality == "KO" and back.SeriesNumber == SETTINGS.ko_series_number
+    assert_patient_study_copied(back, study.sources[study.findings[0].meta.sop_instance_uid])
+    referenced = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in back.ContentSequence
+        if item.ValueType == "IMAGE"
+    }
+    positive = [f for f in study.findings if f.decision is Decision.POSITIVE]
+    assert referenced == {f.meta.sop_instance_uid for f in positive} | {scs[0].SOPInstanceUID}
+    if shutil.which("dciodvfy"):
+        errors, warnings = dciodvfy(path)
+        assert not errors
+        assert all(any(a in w for a in ALLOWED_WARNINGS) for w in warnings), warnings
+    negative_only = replace(study.result, findings=(study.findings[2],))
+    assert build_key_object_selection(negative_only, study.sources, scs, SETTINGS) is None

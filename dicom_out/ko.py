@@ -1,0 +1,111 @@
+"""Key Object Selection of the images the AI flags (PS3.3 A.35.4), optional output.
+
+A Key Object Selection Document (highdicom ``ko``) titled "Of Interest" (DCM 113000,
+CID 7010) lists the positive source images and their heat-map Secondary Captures,
+so a viewer that honours key images can jump to them.  The description says the
+selection was made by an unverified AI.  Nothing is built when no image is positive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+
+from dicom_out.common import (
+    NOT_FOR_DIAGNOSTIC_USE,
+    OutputSettings,
+    contributing_equipment,
+    copy_patient_study,
+    finding_models,
+    model_hashes,
+    output_uid,
+    reference_dataset,
+    series_description,
+    study_head,
+    unique_models,
+)
+from pipeline.result import Decision, StudyResult
+
+logger = logging.getLogger(__name__)
+
+KEY_DECISIONS = frozenset({Decision.POSITIVE})
+"""Image decisions whose images are selected."""
+
+
+def build_key_object_selection(
+    result: StudyResult,
+    sources: Mapping[str, pydicom.Dataset],
+    secondary_captures: Sequence[pydicom.Dataset],
+    settings: OutputSettings,
+) -> pydicom.Dataset | None:
+    """Build the Key Object Selection of the positive images of a study, if any.
+
+    Parameters
+    ----------
+    result
+        The study result; images whose decision is positive are selected.
+    sources
+        Source instances keyed by SOP Instance UID (every analysed instance).
+    secondary_captures
+        Heat maps of the study; those derived from a selected image are selected
+        too (matched through their Source Image Sequence).
+    settings
+        Series and equipment settings (``ko_series_number``/``description``).
+
+    Returns
+    -------
+    pydicom.Dataset or None
+        A Key Object Selection Document (SOP Class 1.2.840.10008.5.1.4.1.1.88.59),
+        or ``None`` when no image is positive.
+    """
+    head = study_head(result, sources)
+    selected = [f for f in result.findings if f.decision in KEY_DECISIONS]
+    if not selected:
+        return None
+    uids = {f.meta.sop_instance_uid for f in selected}
+    objects = [reference_dataset(sources[f.meta.sop_instance_uid]) for f in selected]
+    for sc in secondary_captures:
+        refs = {item.ReferencedSOPInstanceUID for item in sc.get("SourceImageSequence", [])}
+        if refs & uids:
+            objects.append(reference_dataset(sc))
+    models = unique_models(m for f in result.findings for m in finding_models(f))
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=output_uid(settings.manufacturer, settings.manufacturer_model_name, "device"),
+            name=settings.manufacturer_model_name,
+            manufacturer_name=settings.manufacturer,
+            model_name=settings.manufacturer_model_name,
+        ),
+    )
+    content = hd.ko.KeyObjectSelection(
+        document_title=codes.DCM.OfInterest,
+        referenced_objects=objects,
+        observer_device_context=observer,
+        description=f"Images with a positive AI fracture finding. {NOT_FOR_DIAGNOSTIC_USE}.",
+    )
+    ds = hd.ko.KeyObjectSelectionDocument(
+        evidence=[reference_dataset(head), *objects],
+        content=content,
+        series_instance_uid=output_uid(
+            result.study_instance_uid, *model_hashes(models), "ko-series"
+        ),
+        series_number=settings.ko_series_number,
+        sop_instance_uid=output_uid(
+            result.study_instance_uid, *sorted(uids), *model_hashes(models), "ko"
+        ),
+        instance_number=1,
+        manufacturer=settings.manufacturer,
+        institution_name=settings.institution_name,
+        contributing_equipment=contributing_equipment(models, settings),
+        series_description=series_description(settings.ko_series_description),
+        manufacturer_model_name=settings.manufacturer_model_name,
+        software_versions=settings.software_version,
+    )
+    copy_patient_study(head, ds)
+    logger.debug("built key object selection %s: %d object(s)", ds.SOPInstanceUID, len(objects))
+    return ds

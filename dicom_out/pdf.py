@@ -36,6 +36,7 @@ from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
+from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import (
     Image,
     KeepTogether,
@@ -630,19 +631,15 @@ def render_pdf(
             story += [Spacer(1, 3), _p("Operating points \u2014 " + _e(text), "small")]
     story += [_p("Disclaimer", "h2"), _p(_e(DISCLAIMER), "small")]
 
-    def _footer(canvas: object, doc_: SimpleDocTemplate) -> None:
-        canvas.saveState()  # type: ignore[attr-defined]
-        canvas.setFont(regular, 7)  # type: ignore[attr-defined]
-        canvas.setFillColor(colors.HexColor("#666666"))  # type: ignore[attr-defined]
-        canvas.drawString(  # type: ignore[attr-defined]
-            doc_.leftMargin,
-            9 * mm,
-            f"{REVIEW_NOTICE} \u2014 UNVERIFIED, not for diagnostic use",
+    def _footer(canvas: Canvas, doc_: SimpleDocTemplate) -> None:
+        canvas.saveState()
+        canvas.setFont(regular, 7)
+        canvas.setFillColor(colors.HexColor("#666666"))
+        canvas.drawString(
+            doc_.leftMargin, 9 * mm, f"{REVIEW_NOTICE} \u2014 UNVERIFIED, not for diagnostic use"
         )
-        canvas.drawRightString(  # type: ignore[attr-defined]
-            doc_.leftMargin + doc_.width, 9 * mm, f"page {doc_.page}"
-        )
-        canvas.restoreState()  # type: ignore[attr-defined]
+        canvas.drawRightString(doc_.leftMargin + doc_.width, 9 * mm, f"page {doc_.page}")
+        canvas.restoreState()
 
     use_a85 = rl_config.useA85
     rl_config.useA85 = 0  # pure-Python ASCII85 of the images costs ~60 ms; binary is valid PDF

@@ -32,9 +32,12 @@ PATIENT = {"PatientName": "DEMO^Forearm", "PatientID": "DEMO-0001",
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
 
-def wrap(jpeg: Path, body_part: str, series: int, number: int) -> Dataset:
+def wrap(jpeg: Path, body_part: str, series: int, number: int, study_uid: str = STUDY,
+         patient: dict[str, str] | None = None) -> Dataset:
+    """A grayscale JPEG radiograph as a Computed Radiography instance of ``study_uid``."""
+    STUDY = study_uid  # noqa: N806 - the study this instance is filed into
     pixels = cv2.imread(str(jpeg), cv2.IMREAD_GRAYSCALE)
-    sop_uid = generate_uid(entropy_srcs=[jpeg.name, "demo"])
+    sop_uid = generate_uid(entropy_srcs=[jpeg.name, study_uid, "demo"])
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CR
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -62,7 +65,7 @@ def wrap(jpeg: Path, body_part: str, series: int, number: int) -> Dataset:
     ds.PatientOrientation = ""
     ds.Manufacturer = "UNIFESP (converted)"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    for key, value in PATIENT.items():
+    for key, value in (patient or PATIENT).items():
         setattr(ds, key, value)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

@@ -5,6 +5,7 @@ back into the same study.  Nothing calls the node directly."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -149,7 +150,10 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
-def test_routed_study_returns_sc_sr_pdf_into_same_study(pacs: Pacs, tmp_path: Path) -> None:
+def test_routed_study_returns_sc_sr_pdf_into_same_study(
+    pacs: Pacs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     study_uid = generate_uid()
     files = restudy(DEMO, tmp_path / "study", study_uid)
     photo = colour_photograph(files[0], tmp_path / "photo.dcm")
@@ -210,6 +214,11 @@ def test_routed_study_returns_sc_sr_pdf_into_same_study(pacs: Pacs, tmp_path: Pa
     assert bytes(pdf.EncapsulatedDocument).startswith(b"%PDF")
     referenced = {str(i.ReferencedSOPInstanceUID) for i in pdf.SourceInstanceSequence}
     assert analysed <= referenced
+
+    # the logs of the whole run carry UIDs, never the patient's name or ID
+    assert study_uid in caplog.text
+    for identifier in ("DEMO^Forearm", "Forearm", "DEMO-0001"):
+        assert identifier not in caplog.text
 
 
 def test_same_study_pushed_twice_makes_no_duplicates(pacs: Pacs, tmp_path: Path) -> None:

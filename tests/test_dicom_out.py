@@ -654,10 +654,16 @@ def test_non_ascii_names_survive(charset: str, name: str, visible: str, tmp_path
     st.findings = st.findings[:1]  # one image is enough here
     st.result = study_result(st.findings, st.refusals, st.result.study_instance_uid)
     scs, sr, pdf = st.build()
-    for ds in (*scs, sr, pdf):
+    for i, ds in enumerate((*scs, sr, pdf)):
         back = roundtrip(ds)
         assert back.SpecificCharacterSet == charset
         assert str(back.PatientName) == name
+        if shutil.which("dciodvfy"):
+            path = tmp_path / f"{i}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            errors, warnings = dciodvfy(path)
+            assert not errors, errors
+            assert all(any(a in w for a in ALLOWED_WARNINGS) for w in warnings), warnings
     path = tmp_path / "r.pdf"
     path.write_bytes(bytes(pdf.EncapsulatedDocument)[: pdf.EncapsulatedDocumentLength])
     text = subprocess.run(

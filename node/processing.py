@@ -124,18 +124,27 @@ class StudyProcessor:
 
 
 def _prepare(record: InstanceRecord) -> tuple[Dataset | None, NormalisedImage | Refusal]:
+    """Read and normalise one spooled instance; any failure becomes a Refusal, so one
+    bad instance never stops its study (``prepare`` promises not to raise; this is
+    the worker's second line of defence, found necessary by fuzzing)."""
+    meta = ImageMetadata(
+        study_instance_uid=record.study_instance_uid,
+        series_instance_uid=record.series_instance_uid,
+        sop_instance_uid=record.sop_instance_uid,
+        sop_class_uid=record.sop_class_uid,
+        transfer_syntax_uid=record.transfer_syntax_uid,
+    )
     try:
         ds = pydicom.dcmread(record.path)
     except Exception as exc:
-        meta = ImageMetadata(
-            study_instance_uid=record.study_instance_uid,
-            series_instance_uid=record.series_instance_uid,
-            sop_instance_uid=record.sop_instance_uid,
-            sop_class_uid=record.sop_class_uid,
-            transfer_syntax_uid=record.transfer_syntax_uid,
-        )
         return None, Refusal(meta, RefusalCode.DECODE_FAILED, f"unreadable dataset: {exc}")
-    return ds, prepare(ds)
+    try:
+        return ds, prepare(ds)
+    except Exception as exc:
+        logger.exception("instance %s could not be normalised", record.sop_instance_uid,
+                         extra={"sop_uid": record.sop_instance_uid})
+        return ds, Refusal(meta, RefusalCode.DECODE_FAILED,
+                           f"malformed dataset: {type(exc).__name__}: {exc}")
 
 
 def _read_previous(job: StudyJob) -> Dataset | None:

@@ -103,8 +103,9 @@ def load_image(ds: Dataset, max_side: int = 2048) -> NormalisedImage | Refusal:
         read them in.
     max_side
         The longer side of ``pixels`` is at most this; larger images are area-downscaled.
-        A JPEG 2000 image whose longer side is at least twice ``max_side`` is decoded at
-        the smallest resolution level that is still at least ``max_side`` (PS3.5 A.4.4).
+        A JPEG 2000 image is decoded at the smallest resolution level whose longer side
+        is still at least 70 % of ``max_side`` (PS3.5 A.4.4; see
+        :data:`pipeline.decode.J2K_LEVEL_FRACTION`), then area-downscaled if needed.
 
     Returns
     -------

@@ -3,7 +3,8 @@
 The target is what the worker runs on every received instance: ``pydicom.dcmread``
 (lenient, ``force=True``) then :func:`pipeline.normalise.prepare`.  A finding is any
 exception escaping ``prepare`` (it must return a ``NormalisedImage`` or a
-``Refusal``, never raise) or a crash.  ``dcmread`` itself may reject bytes: that is
+``Refusal``, never raise); findings are counted and grouped by where they were
+raised, and fuzzing goes on.  ``dcmread`` itself may reject bytes: that is
 the SCP's 0xC210 path and not a finding.
 
 The corpus is seeded with the real files of ../shared/data/dicom (under 1 MB each).
@@ -17,10 +18,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,20 +50,43 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.disable(logging.CRITICAL)
-    stats = {"executions": 0, "parsed": 0, "normalised": 0, "refused": 0, "findings": 0}
+    findings: dict[str, str] = {}
+    stats: dict[str, object] = {"executions": 0, "parsed": 0, "normalised": 0, "refused": 0, "findings": 0}
+
+    def finish() -> None:
+        stats["seconds"] = round(time.monotonic() - started, 1)
+        stats["corpus_files"] = len(list(corpus.iterdir()))
+        stats["distinct_findings"] = sorted(findings)
+        print(json.dumps(stats), flush=True)
+        for signature, trace in findings.items():
+            print(f"--- {signature}\n{trace}", flush=True)
+        if args.report:
+            Path(args.report).write_text(json.dumps(stats))
+        shutil.rmtree(corpus, ignore_errors=True)
+        os._exit(0)  # libFuzzer would otherwise exit from C, past Python's clean-up
 
     def target(data: bytes) -> None:
-        stats["executions"] += 1
+        if time.monotonic() - started > args.seconds:
+            finish()
+        stats["executions"] = int(stats["executions"]) + 1
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
         except Exception:
             return
-        stats["parsed"] += 1
-        result = prepare(ds)  # must never raise: an exception here is a finding
+        stats["parsed"] = int(stats["parsed"]) + 1
+        try:
+            result = prepare(ds)  # must never raise: an exception here is a finding
+        except Exception as exc:
+            stats["findings"] = int(stats["findings"]) + 1
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            signature = f"{type(exc).__name__} at {Path(where.filename).name}:{where.lineno}"
+            if signature not in findings:
+                findings[signature] = "".join(traceback.format_exception(exc)[-3:])
+            return
         if isinstance(result, NormalisedImage):
-            stats["normalised"] += 1
+            stats["normalised"] = int(stats["normalised"]) + 1
         elif isinstance(result, Refusal):
-            stats["refused"] += 1
+            stats["refused"] = int(stats["refused"]) + 1
         else:
             raise AssertionError(f"prepare returned {type(result).__name__}")
 
@@ -69,21 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         if path.stat().st_size < 1_000_000:
             shutil.copy(path, corpus / path.name)
     started = time.monotonic()
-    libfuzzer_args = [sys.argv[0], str(corpus), f"-max_total_time={args.seconds}",
+    libfuzzer_args = [sys.argv[0], str(corpus), f"-max_total_time={args.seconds + 60}",
                       "-rss_limit_mb=4096", "-max_len=1200000", "-timeout=20",
                       "-print_final_stats=1", *rest]
     atheris.Setup(libfuzzer_args, target)
-    try:
-        atheris.Fuzz()
-    except SystemExit:
-        pass
-    finally:
-        stats["seconds"] = round(time.monotonic() - started, 1)
-        stats["corpus_files"] = len(list(corpus.iterdir()))
-        print(json.dumps(stats), flush=True)
-        if args.report:
-            Path(args.report).write_text(json.dumps(stats))
-        shutil.rmtree(corpus, ignore_errors=True)
+    atheris.Fuzz()
+    finish()
     return 0
 
 

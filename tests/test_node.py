@@ -400,3 +400,46 @@ def test_sigkill_mid_study_loses_nothing_and_delivers_once(tmp_path: Path) -> No
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         orthanc.stop()
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from node.jobs import InstanceRecord, JobStore
+store = JobStore(Path(sys.argv[1]))
+i = 0
+while True:
+    uid = f"1.2.3.{i}"
+    store.record_instance(InstanceRecord(uid, f"1.2.4.{i % 7}", "1.2.5", "1.2.840.10008.5.1.4.1.1.1",
+                                         "1.2.840.10008.1.2.1", f"/spool/{uid}.dcm", 1000,
+                                         "TESTSCU", "127.0.0.1:1"))
+    print(i, flush=True)
+    i += 1
+"""
+
+
+def test_kill_during_heavy_writes_keeps_database_intact(tmp_path: Path) -> None:
+    """SIGKILL a process in the middle of a stream of committed transactions (WAL,
+    synchronous=FULL): the database opens intact and holds every transaction the
+    writer had seen committed."""
+    db = tmp_path / "jobs.sqlite"
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(db)], stdout=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+        assert proc.stdout is not None
+        seen = -1
+        deadline = time.monotonic() + 0.4 + 0.3 * _
+        for line in proc.stdout:
+            seen = int(line)
+            if time.monotonic() > deadline and seen > 20:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        con = sqlite3.connect(db)
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = con.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+        con.close()
+        assert rows >= seen + 1, "a committed transaction was lost"
+        db.unlink()
+        for suffix in ("-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)

@@ -1,0 +1,296 @@
+"""Reliability figures: load held, faults survived, bad inputs tried, fuzzing.
+
+Re-run it to regenerate ``docs/reliability.md``::
+
+    .venv/bin/python bench/reliability.py [--associations 16] [--per-association 50]
+                                          [--fuzz-seconds 120] [--write docs/reliability.md]
+
+1. **Load**: a real Orthanc and ``fracture-node serve`` (real models) as separate
+   processes; N concurrent DCMTK ``storescu`` associations each send M real
+   radiographs (MURA validation images wrapped into CR DICOM, one study per
+   association).  While they run, one more association is attempted: it must be
+   refused (A-ASSOCIATE-RJ, transient, local limit exceeded), not accepted and
+   dropped.  Then every acknowledged instance is accounted for (analysed or refused
+   with a reason, results delivered to Orthanc).  Peak RSS of the node (VmHWM).
+2. **Faults**: runs the fault tests (SIGKILL in receive / inference / delivery,
+   archive down, disk full, aborted association, kill during heavy writes) and
+   records each outcome.
+3. **Bad inputs**: runs the hostile-input tests and counts the generated cases.
+4. **Fuzzing**: ``bench/fuzz_decode.py`` for a bounded time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+MSK = ROOT.parent / "shared" / "data" / "msk"
+PY = ROOT / ".venv" / "bin" / "python"
+EXE = ROOT / ".venv" / "bin" / "fracture-node"
+sys.path.insert(0, str(ROOT))
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+orthanc_ctl = _load("orthanc_ctl", ROOT / "orthanc-test" / "orthanc_ctl.py")
+demo_data = _load("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
+
+
+def make_load(directory: Path, associations: int, per: int) -> list[list[Path]]:
+    from pydicom.uid import generate_uid
+
+    rows = [r for r in csv.DictReader((MSK / "manifest.csv").open())
+            if r["dataset"] == "MURA-v1.1" and r["split"] == "val"]
+    sets = []
+    k = 0
+    for a in range(associations):
+        study_uid = generate_uid()
+        patient = {"PatientName": f"LOAD^{a:02d}", "PatientID": f"LOAD-{a:02d}",
+                   "PatientBirthDate": "19700101", "PatientSex": "O"}
+        files = []
+        for n in range(per):
+            row = rows[k % len(rows)]
+            k += 1
+            ds = demo_data.wrap(MSK / row["path"], row["body_part"], 1, n + 1, study_uid, patient)
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            path = directory / f"{a:02d}_{n:03d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        sets.append(files)
+    return sets
+
+
+def _vmhwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_load(associations: int, per: int) -> dict[str, object]:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    work = Path(tempfile.mkdtemp(prefix="load-"))
+    try:
+        sets = make_load(work / "data", associations, per)
+        total_bytes = sum(p.stat().st_size for s in sets for p in s)
+        node_port = orthanc_ctl.free_port()
+        orthanc = orthanc_ctl.Orthanc(work / "orthanc", node_port=node_port).start()
+        shipped = (ROOT / "config.toml").read_text()
+        models = re.search(r"\[models\][^\[]*", shipped)
+        assert models
+        cfg = work / "node.toml"
+        cfg.write_text(textwrap.dedent(f"""
+            [node]
+            port = {node_port}
+            [[peers]]
+            ae_title = "STORESCU"
+            host = "127.0.0.1"
+            [[peers]]
+            ae_title = "PROBE"
+            [[destinations]]
+            name = "pacs"
+            ae_title = "ORTHANC"
+            host = "127.0.0.1"
+            port = {orthanc.dicom_port}
+            [storage]
+            spool_dir = "{work / 'spool'}"
+            database = "{work / 'node.sqlite'}"
+            [study]
+            quiet_seconds = 2
+            [limits]
+            max_associations = {associations}
+            """) + models.group(0).replace('"models/', f'"{ROOT}/models/'))
+        ready = work / "ready"
+        node = subprocess.Popen([str(EXE), "--config", str(cfg), "serve", "--ready-file",
+                                 str(ready)], stderr=(work / "node.log").open("wb"))
+        deadline = time.monotonic() + 120
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        try:
+            started = time.monotonic()
+            procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE",
+                                       "-xe", "127.0.0.1", str(node_port), *map(str, files)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                     for files in sets]
+            # one association more than the limit, while all of them are open
+            time.sleep(0.3)
+            ae = AE(ae_title="PROBE")
+            ae.add_requested_context(Verification)
+            probe = ae.associate("127.0.0.1", node_port, ae_title="FRACTURE_NODE")
+            extra_refused = probe.is_rejected
+            reason = None
+            if probe.is_rejected:
+                rsp = probe.acceptor.primitive
+                reason = (rsp.result_str, rsp.source_str, rsp.reason_str)
+            elif probe.is_established:
+                probe.release()
+            failures = sum(1 for p in procs if p.wait() != 0)
+            received = time.monotonic() - started
+            import sqlite3
+
+            def q(sql: str) -> list[tuple]:  # type: ignore[type-arg]
+                con = sqlite3.connect(work / "node.sqlite", timeout=30)
+                try:
+                    return con.execute(sql).fetchall()
+                finally:
+                    con.close()
+
+            n_studies = len(sets)
+            deadline = time.monotonic() + 1800
+            while time.monotonic() < deadline:
+                done = q("SELECT COUNT(*) FROM studies WHERE state = 'processed'")[0][0]
+                pending = q("SELECT COUNT(*) FROM outbox WHERE state != 'delivered'")[0][0]
+                if done >= n_studies and pending == 0:
+                    break
+                time.sleep(1)
+            finished = time.monotonic() - started
+            peak = _vmhwm_mb(node.pid)
+            acknowledged = q("SELECT COUNT(*) FROM instances")[0][0]
+            outcomes = dict(q("SELECT outcome, COUNT(*) FROM instances GROUP BY outcome"))
+            results = q("SELECT COUNT(*) FROM outbox WHERE state = 'delivered'")[0][0]
+            in_orthanc = len(orthanc.get("/instances"))
+        finally:
+            node.send_signal(signal.SIGTERM)
+            node.wait(120)
+            orthanc.stop()
+        sent = sum(len(s) for s in sets)
+        return {
+            "associations": associations, "per_association": per, "sent": sent,
+            "storescu_failures": failures, "acknowledged": acknowledged,
+            "outcomes": outcomes, "unaccounted": acknowledged - sum(outcomes.values()),
+            "results_delivered": results, "results_in_orthanc": in_orthanc,
+            "receive_seconds": round(received, 1),
+            "receive_mb_s": round(total_bytes / 2**20 / received, 1),
+            "receive_images_s": round(sent / received, 1),
+            "all_results_seconds": round(finished, 1),
+            "analysed_images_s": round(sent / finished, 2),
+            "peak_rss_mb": round(peak),
+            "extra_association_refused": extra_refused, "refusal": reason,
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+FAULT_TESTS = {
+    "SIGKILL during receive": "tests/test_faults.py::test_sigkill_then_restart_loses_nothing[receive]",
+    "SIGKILL during inference": "tests/test_faults.py::test_sigkill_then_restart_loses_nothing[inference]",
+    "SIGKILL during delivery": "tests/test_faults.py::test_sigkill_then_restart_loses_nothing[delivery]",
+    "SIGKILL mid-study (node core)": "tests/test_node.py::test_sigkill_mid_study_loses_nothing_and_delivers_once",
+    "Orthanc stopped during delivery": "tests/test_node.py::test_delivery_waits_for_orthanc_to_come_back",
+    "destination refuses (dead letter)": "tests/test_node.py::test_destination_that_rejects_becomes_dead_letter",
+    "disk full (tmpfs spool)": "tests/test_node.py::test_disk_full_answers_out_of_resources_then_recovers",
+    "association aborted mid-instance": "tests/test_hostile.py::test_association_aborted_mid_instance_keeps_nothing_partial",
+    "kill during heavy SQLite writes": "tests/test_node.py::test_kill_during_heavy_writes_keeps_database_intact",
+}
+BAD_INPUT_TESTS = {
+    "byte mutations of a real CR (truncation, flips, lengths, undefined lengths, random)":
+        "tests/test_hostile.py::test_mutated_instances_get_a_status_and_neighbours_survive",
+    "unknown transfer syntax, non-image SOP class":
+        "tests/test_hostile.py::test_unknown_transfer_syntax_and_non_image_class_are_not_accepted",
+    "declared 60000 x 60000":
+        "tests/test_hostile.py::test_absurd_declared_size_is_kept_for_the_pipeline_to_refuse",
+    "missing Study Instance UID": "tests/test_node.py::test_missing_study_uid_gets_failure_status_and_neighbours_survive",
+}
+
+
+def run_tests(ids: dict[str, str]) -> dict[str, str]:
+    out = subprocess.run([str(PY), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA",
+                          *ids.values()], cwd=ROOT, capture_output=True, text=True)
+    results = {}
+    for name, test_id in ids.items():
+        if f"PASSED {test_id}" in out.stdout:
+            results[name] = "survived, nothing lost"
+        elif f"FAILED {test_id}" in out.stdout or f"ERROR {test_id}" in out.stdout:
+            results[name] = "FAILED (see pytest output)"
+        else:
+            results[name] = "not run"
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--associations", type=int, default=16)
+    parser.add_argument("--per-association", type=int, default=50)
+    parser.add_argument("--fuzz-seconds", type=int, default=120)
+    parser.add_argument("--write", help="write the markdown report here")
+    args = parser.parse_args(argv)
+
+    print("load ...", flush=True)
+    load = run_load(args.associations, args.per_association)
+    print(json.dumps(load, indent=1), flush=True)
+    print("faults ...", flush=True)
+    faults = run_tests(FAULT_TESTS)
+    print(json.dumps(faults, indent=1), flush=True)
+    print("bad inputs ...", flush=True)
+    bad = run_tests(BAD_INPUT_TESTS)
+    print("fuzzing ...", flush=True)
+    fuzz_json = Path(tempfile.mkstemp(suffix=".json")[1])
+    subprocess.run([str(PY), str(ROOT / "bench" / "fuzz_decode.py"), "--seconds",
+                    str(args.fuzz_seconds), "--report", str(fuzz_json)], cwd=tempfile.gettempdir(),
+                   capture_output=True, text=True)
+    fuzz = json.loads(fuzz_json.read_text() or "{}")
+
+    lines = [
+        "# Reliability figures", "",
+        f"Produced by `bench/reliability.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f" (2-core CPU, loopback, real Orthanc, DCMTK storescu, real models).", "",
+        "## Load", "",
+        "| associations x instances | acknowledged | analysed / refused / unaccounted | results "
+        "delivered (in Orthanc) | receive | all results | peak RSS | extra association |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {load['associations']} x {load['per_association']} | {load['acknowledged']} of "
+        f"{load['sent']} (storescu failures: {load['storescu_failures']}) | "
+        f"{load['outcomes'].get('analysed', 0)} / {load['outcomes'].get('refused', 0)} / "  # type: ignore[union-attr]
+        f"{load['unaccounted']} | {load['results_delivered']} ({load['results_in_orthanc']}) | "
+        f"{load['receive_seconds']} s, {load['receive_images_s']} img/s, "
+        f"{load['receive_mb_s']} MB/s | {load['all_results_seconds']} s, "
+        f"{load['analysed_images_s']} img/s | {load['peak_rss_mb']} MB | "
+        f"{'refused: ' + ', '.join(load['refusal']) if load['extra_association_refused'] else 'ACCEPTED'} |",  # type: ignore[arg-type]
+        "", "## Faults (each an automated test against the real Orthanc)", "",
+        "| fault | outcome |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in faults.items()],
+        "", "## Bad inputs", "",
+        "| kind | outcome |", "|---|---|",
+        *[f"| {k} | {'every case answered with a status or a refusal; neighbours kept' if v.startswith('survived') else v} |"
+          for k, v in bad.items()],
+        "", "## Fuzzing (atheris, `bench/fuzz_decode.py`: dcmread + prepare)", "",
+        "| seconds | executions | parsed by pydicom | normalised | refused | findings | corpus |",
+        "|---|---|---|---|---|---|---|",
+        f"| {fuzz.get('seconds')} | {fuzz.get('executions')} | {fuzz.get('parsed')} | "
+        f"{fuzz.get('normalised')} | {fuzz.get('refused')} | {fuzz.get('findings', 'crash')} | "
+        f"{fuzz.get('corpus_files')} |", "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.write:
+        Path(args.write).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -177,7 +177,7 @@ def _wait_for_results(orthanc: Any, node: Node, studies: list[str], progress: Pr
         pending = node.jobs.query("SELECT COUNT(*) AS n FROM outbox WHERE state != 'delivered'")
         if (len(states) >= len(studies) and all(r["state"] == "processed" for r in states)
                 and pending[0]["n"] == 0):
-            found = []
+            found: list[dict[str, Any]] = []
             for uid in studies:
                 found.extend(i for i in orthanc.study_instances(uid)
                              if i["tags"].get("Manufacturer") == "fracture-node")

@@ -36,6 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -46,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.normalise import load_image  # noqa: E402
-from pipeline.result import Refusal  # noqa: E402
+from pipeline.normalise import load_image
+from pipeline.result import Refusal
 
 DICOM_DATA = ROOT.parent / "shared" / "data" / "dicom"
 LARGE_SIDE = 3000
@@ -124,7 +125,7 @@ def time_pydicom(path: Path, repeat: int) -> float | None:
         return None  # pydicom needs a transfer syntax
 
     def run() -> None:
-        pydicom.dcmread(path).pixel_array
+        _ = pydicom.dcmread(path).pixel_array
 
     try:
         return _median_ms(run, repeat)
@@ -148,7 +149,7 @@ def time_dcmtk(path: Path, workdir: Path, repeat: int) -> float | None:
     else:
         voi = ["+Wm"]
     cmd = [tool, *voi, "+op", str(path), str(workdir / "dcmtk.pgm")]
-    if subprocess.run(cmd, capture_output=True).returncode != 0:
+    if subprocess.run(cmd, capture_output=True, check=False).returncode != 0:
         return None
 
     def run() -> None:
@@ -172,8 +173,11 @@ def _write(ds: pydicom.Dataset, arr: np.ndarray, bits: int, path: Path) -> None:
     ds["PixelData"].VR = "OW" if bits > 8 else "OB"
     scale = 2.0 ** (bits - 10)
     ds.WindowCenter, ds.WindowWidth = round(511 * scale), round(1024 * scale)
-    for keyword in ("LossyImageCompression", "LossyImageCompressionRatio",
-                    "LossyImageCompressionMethod"):  # fmt: skip
+    for keyword in (
+        "LossyImageCompression",
+        "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod",
+    ):
         if keyword in ds:
             delattr(ds, keyword)
     ds.save_as(path, enforce_file_format=True)
@@ -212,10 +216,11 @@ def make_large_cases(workdir: Path) -> dict[str, Path]:
     dcmtk("1.2.840.10008.1.2.4.80", ["dcmcjpls", "+el"])
     dcmtk("1.2.840.10008.1.2.4.81", ["dcmcjpls", "+en"])
     dcmtk("1.2.840.10008.1.2.5", ["dcmcrle"])
-    for uid, kwargs in (
+    j2k_options: list[tuple[str, dict[str, Any]]] = [
         ("1.2.840.10008.1.2.4.90", {}),
         ("1.2.840.10008.1.2.4.91", {"j2k_cr": [20]}),
-    ):
+    ]
+    for uid, kwargs in j2k_options:
         path = workdir / f"large_{uid}.dcm"
         if not path.exists():
             ds = pydicom.dcmread(base16)
@@ -234,8 +239,10 @@ def _fmt(value: float | None, spec: str = ".0f") -> str:
 
 def print_table(rows: list[Row], title: str) -> None:
     print(f"\n{title}")
-    header = (f"{'syntax':<24} {'n':>2} {'ours ms':>8} {'dcmtk ms':>9} {'ratio':>6}"
-              f" {'pydicom ms':>10}  note")  # fmt: skip
+    header = (
+        f"{'syntax':<24} {'n':>2} {'ours ms':>8} {'dcmtk ms':>9} {'ratio':>6}"
+        f" {'pydicom ms':>10}  note"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -279,12 +286,20 @@ def bench_real(max_side: int, repeat: int, workdir: Path) -> list[Row]:
 
 def bench_large(max_side: int, repeat: int, workdir: Path) -> list[Row]:
     rows = []
-    for syntax, path in sorted(make_large_cases(workdir).items(),
-                               key=lambda kv: SYNTAX_NAMES[kv[0]]):  # fmt: skip
+    for syntax, path in sorted(
+        make_large_cases(workdir).items(), key=lambda kv: SYNTAX_NAMES[kv[0]]
+    ):
         ours, note = time_ours(path, max_side, repeat)
         rows.append(
-            Row("3000x3000", SYNTAX_NAMES[syntax], 1, ours, time_dcmtk(path, workdir, repeat),
-                time_pydicom(path, max(1, repeat // 2)), note)  # fmt: skip
+            Row(
+                "3000x3000",
+                SYNTAX_NAMES[syntax],
+                1,
+                ours,
+                time_dcmtk(path, workdir, repeat),
+                time_pydicom(path, max(1, repeat // 2)),
+                note,
+            )
         )
     return rows
 
@@ -293,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="runs per file (median)")
     parser.add_argument("--max-side", type=int, nargs="+", default=[2048, 1024])
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the 3000x3000 files are built (kept for reuse)")  # fmt: skip
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the 3000x3000 files are built (kept for reuse)",
+    )
     parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -302,10 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     for max_side in args.max_side:
         if not args.skip_real:
-            print_table(bench_real(max_side, args.repeat, workdir),
-                        f"Real files, max_side={max_side} (mean over files of median ms)")  # fmt: skip
-        print_table(bench_large(max_side, args.repeat, workdir),
-                    f"3000 x 3000 16-bit radiograph, max_side={max_side} (median ms)")  # fmt: skip
+            print_table(
+                bench_real(max_side, args.repeat, workdir),
+                f"Real files, max_side={max_side} (mean over files of median ms)",
+            )
+        print_table(
+            bench_large(max_side, args.repeat, workdir),
+            f"3000 x 3000 16-bit radiograph, max_side={max_side} (median ms)",
+        )
     return 0
 
 

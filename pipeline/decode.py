@@ -30,12 +30,12 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -180,9 +180,9 @@ def decode_first_frame(ds: Dataset, reduce_to: int | None = None) -> DecodedFram
                 )
             return DecodedFrame(arr, str(tsyntax), reduce)
         if tsyntax in JPEG_SYNTAXES and int(ds.SamplesPerPixel) == 1 and _HAVE_IMAGECODECS:
-            arr = _decode_jpeg_turbo(frame, ds)
-            if arr is not None:
-                return DecodedFrame(arr, str(tsyntax))
+            turbo = _decode_jpeg_turbo(frame, ds)
+            if turbo is not None:
+                return DecodedFrame(turbo, str(tsyntax))
         arr = _decode_with_pydicom(ds, tsyntax)
         return DecodedFrame(arr, str(tsyntax))
     except DecodeError:
@@ -248,12 +248,12 @@ def _check_codestream(frame: bytes, tsyntax: UID, ds: Dataset) -> None:
     truncated stream without complaint.  For JPEG and JPEG-LS the frame header (SOF /
     SOF55) must also agree with Rows and Columns.
     """
-    if tsyntax.is_encapsulated and tsyntax != "1.2.840.10008.1.2.5":  # not RLE
-        if b"\xff\xd9" not in frame[-16:]:
-            raise DecodeError(
-                f"frame 1 codestream ({len(frame)} bytes) has no end marker FFD9:"
-                " truncated or corrupt"
-            )
+    is_rle = tsyntax == "1.2.840.10008.1.2.5"
+    if tsyntax.is_encapsulated and not is_rle and b"\xff\xd9" not in frame[-16:]:
+        raise DecodeError(
+            f"frame 1 codestream ({len(frame)} bytes) has no end marker FFD9:"
+            " truncated or corrupt"
+        )
     if tsyntax in JPEG2000_SYNTAXES or not frame.startswith(b"\xff\xd8"):
         return
     from pydicom.pixels.utils import _get_jpg_parameters
@@ -472,7 +472,12 @@ def decode_j2k(data: bytes, reduce: int = 0) -> tuple[np.ndarray, int]:
     def on_error(msg: bytes, _user: int) -> None:
         errors.append(msg.decode(errors="replace").strip())
 
-    read_cb, skip_cb, seek_cb, err_cb = _READ_FN(read), _SKIP_FN(skip), _SEEK_FN(seek), _MSG_FN(on_error)
+    read_cb, skip_cb, seek_cb, err_cb = (
+        _READ_FN(read),
+        _SKIP_FN(skip),
+        _SEEK_FN(seek),
+        _MSG_FN(on_error),
+    )
     while True:
         codec = lib.opj_create_decompress(_codec_format(data))
         stream = lib.opj_stream_create(1 << 20, 1)

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 
-from pipeline.decode import DecodeError, DecodedFrame, decode_first_frame
+from pipeline.decode import DecodedFrame, DecodeError, decode_first_frame
 from pipeline.result import ImageMetadata, NormalisedImage, Refusal, RefusalCode
 from pipeline.validate import check_header, pixel_attribute_problem, read_metadata
 
@@ -121,9 +121,7 @@ def load_image(ds: Dataset, max_side: int = 2048) -> NormalisedImage | Refusal:
         logger.info("decode failed for %s: %s", meta.sop_instance_uid, exc)
         return Refusal(meta, RefusalCode.DECODE_FAILED, f"cannot decode Pixel Data: {exc}")
     except Exception as exc:  # never let one bad instance stop the study
-        logger.warning(
-            "normalisation failed for %s: %s", meta.sop_instance_uid, exc, exc_info=True
-        )
+        logger.warning("normalisation failed for %s: %s", meta.sop_instance_uid, exc, exc_info=True)
         return Refusal(
             meta, RefusalCode.DECODE_FAILED, f"cannot normalise: {type(exc).__name__}: {exc}"
         )
@@ -139,7 +137,7 @@ def _load_image(ds: Dataset, meta: ImageMetadata, max_side: int) -> NormalisedIm
     frame = decode_first_frame(ds, reduce_to=max_side)
     if frame.reduce_factor:
         notes.append(
-            f"JPEG 2000 decoded at resolution level 1/{2 ** frame.reduce_factor}"
+            f"JPEG 2000 decoded at resolution level 1/{2**frame.reduce_factor}"
             f" ({frame.array.shape[1]}x{frame.array.shape[0]})"
         )
     rows, columns = meta.rows, meta.columns
@@ -291,9 +289,7 @@ def _normalise_monochrome(ds: Dataset, frame: DecodedFrame) -> tuple[np.ndarray,
     return table[index], note
 
 
-def _choose_voi(
-    ds: Dataset, m: np.ndarray, index: np.ndarray, offset: int, mask: int
-) -> _Voi:
+def _choose_voi(ds: Dataset, m: np.ndarray, index: np.ndarray, offset: int, mask: int) -> _Voi:
     step = max(1, int(math.sqrt(index.size / 1_000_000)))
     counts = np.bincount(index[::step, ::step].ravel(), minlength=m.size)[: m.size]
     missed = ""
@@ -350,8 +346,8 @@ def _body_percentile_window(
             if i0 <= i1:
                 counts[i0 : i1 + 1] = 0
     if counts.sum() == 0:
-        counts = np.bincount(index[::step, ::step].ravel(), minlength=m.size)[: m.size]
-        counts = counts.astype(np.float64)
+        everything = np.bincount(index[::step, ::step].ravel(), minlength=m.size)[: m.size]
+        counts = everything.astype(np.float64)
     order = np.argsort(m, kind="stable")
     cumulative = np.cumsum(counts[order])
     total = cumulative[-1]

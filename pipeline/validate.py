@@ -41,11 +41,43 @@ of Secondary Capture.  The body part is decided later, by the router."""
 
 REFUSED_MODALITIES = frozenset(
     {
-        "CT", "MR", "NM", "US", "PT", "ES", "XC", "OP", "OPT", "OCT", "SM", "GM", "IVUS",
-        "ECG", "EPS", "HD", "RTIMAGE", "RTDOSE", "RTSTRUCT", "RTPLAN", "SEG", "SR", "DOC",
-        "KO", "PR", "REG", "FID", "BI", "TG", "OPM", "OPV", "IVOCT", "LS", "AU", "BDUS",
+        "CT",
+        "MR",
+        "NM",
+        "US",
+        "PT",
+        "ES",
+        "XC",
+        "OP",
+        "OPT",
+        "OCT",
+        "SM",
+        "GM",
+        "IVUS",
+        "ECG",
+        "EPS",
+        "HD",
+        "RTIMAGE",
+        "RTDOSE",
+        "RTSTRUCT",
+        "RTPLAN",
+        "SEG",
+        "SR",
+        "DOC",
+        "KO",
+        "PR",
+        "REG",
+        "FID",
+        "BI",
+        "TG",
+        "OPM",
+        "OPV",
+        "IVOCT",
+        "LS",
+        "AU",
+        "BDUS",
     }
-)  # fmt: skip
+)
 """Modalities that are not plain radiographs; refused whatever the SOP class."""
 
 _NON_IMAGE_SOP_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -187,9 +219,13 @@ def pixel_attribute_problem(ds: Dataset) -> tuple[RefusalCode, str] | None:
         return RefusalCode.BAD_PIXEL_ATTRIBUTES, "no Pixel Data (7FE0,0010)"
     values: dict[str, int] = {}
     for keyword in (
-        "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "PixelRepresentation",
         "SamplesPerPixel",
-    ):  # fmt: skip
+    ):
         value = _int(ds, keyword)
         if value is None:
             return RefusalCode.BAD_PIXEL_ATTRIBUTES, f"{keyword} is missing or not an integer"

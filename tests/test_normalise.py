@@ -83,7 +83,7 @@ EXPECTED: dict[str, RefusalCode | None] = {
 def _index_files() -> list[str]:
     """File names of the per-file table in INDEX.md."""
     text = (DICOM_DATA / "INDEX.md").read_text()
-    return sorted(re.findall(r"^\| ([^|]+\.dcm) \|", text, flags=re.M))
+    return sorted(re.findall(r"^\| ([^|]+\.dcm) \|", text, flags=re.MULTILINE))
 
 
 @cache
@@ -217,7 +217,9 @@ def _render_with_dcmtk(name: str, option: str, tmp_path: Path) -> np.ndarray:
         src = tmp_path / "decompressed.dcm"
         plain.save_as(src)
     out = tmp_path / "dcmtk.pgm"
-    subprocess.run([tool, *option.split(), "+op", str(src), str(out)], check=True, capture_output=True)
+    subprocess.run(
+        [tool, *option.split(), "+op", str(src), str(out)], check=True, capture_output=True
+    )
     ref = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
     assert ref is not None and ref.ndim == 2
     return ref.astype(np.float32) / 255.0
@@ -257,8 +259,8 @@ def test_monochrome1_comes_out_bone_bright(name: str) -> None:
     ours = _load(name).pixels
     if "TransferSyntaxUID" not in ds.file_meta:  # the ACR-NEMA style file
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
-    stored = ds.pixel_array.astype(np.float32)
-    stored = cv2.resize(stored, (ours.shape[1], ours.shape[0]), interpolation=cv2.INTER_AREA)
+    full = ds.pixel_array.astype(np.float32)
+    stored = cv2.resize(full, (ours.shape[1], ours.shape[0]), interpolation=cv2.INTER_AREA)
     inside = (ours > 0.02) & (ours < 0.98)  # outside the window's clipped ends
     r = float(np.corrcoef(ours[inside], stored[inside])[0, 1])
     assert r < -0.95, r
@@ -269,9 +271,11 @@ def test_monochrome1_comes_out_bone_bright(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("reference", "lossless"),
-    [("pydicom-data/RG3_UNCR.dcm", "pydicom-data/RG3_J2KR.dcm"),
-     ("pylibjpeg-data/RG2_JPLL.dcm", "pylibjpeg-data/RG2_JLSL.dcm")],
-)  # fmt: skip
+    [
+        ("pydicom-data/RG3_UNCR.dcm", "pydicom-data/RG3_J2KR.dcm"),
+        ("pylibjpeg-data/RG2_JPLL.dcm", "pylibjpeg-data/RG2_JLSL.dcm"),
+    ],
+)
 def test_lossless_versions_are_identical(reference: str, lossless: str) -> None:
     assert np.array_equal(_load(reference).pixels, _load(lossless).pixels)
 
@@ -424,8 +428,15 @@ def _scanned_page() -> np.ndarray:
     rng = np.random.default_rng(3)
     page = np.full((1100, 850), 235, np.uint8)
     for i, y in enumerate(range(120, 1000, 38)):
-        cv2.putText(page, f"Line {i}: clinical question / request text {i * 7}", (60, y),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.8, 20, 2)  # fmt: skip
+        cv2.putText(
+            page,
+            f"Line {i}: clinical question / request text {i * 7}",
+            (60, y),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.8,
+            20,
+            2,
+        )
     cv2.line(page, (50, 90), (800, 90), 0, 3)
     noise = rng.normal(0, 6, page.shape)
     return np.clip(page + noise, 0, 255).astype(np.uint8)
@@ -542,29 +553,46 @@ def test_bad_bits_stored_is_refused(name: str, bits_stored: int) -> None:
     assert isinstance(result, Refusal) and result.code is RefusalCode.BAD_PIXEL_ATTRIBUTES
 
 
-
-
 @MUTATION_SETTINGS
 @given(
     name=st.sampled_from(MUTATION_BASES),
     keyword=st.sampled_from(
-        ["BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
-         "NumberOfFrames", "WindowWidth", "RescaleSlope", "PixelPaddingValue"]
-    ),  # fmt: skip
+        [
+            "BitsAllocated",
+            "BitsStored",
+            "HighBit",
+            "PixelRepresentation",
+            "SamplesPerPixel",
+            "NumberOfFrames",
+            "WindowWidth",
+            "RescaleSlope",
+            "PixelPaddingValue",
+        ]
+    ),
     value=st.integers(0, 70000),
     photometric=st.sampled_from(["MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "HSV", ""]),
     flip_photometric=st.booleans(),
     also_bits=st.booleans(),
 )
 def test_any_attribute_mutation_gives_a_result_never_an_exception(
-    name: str, keyword: str, value: int, photometric: str, flip_photometric: bool,
+    name: str,
+    keyword: str,
+    value: int,
+    photometric: str,
+    flip_photometric: bool,
     also_bits: bool,
-) -> None:  # fmt: skip
+) -> None:
     """Whatever the mutation, prepare() answers with an image that keeps the contract or
     with a Refusal.  (Some changes cannot be detected, e.g. a smaller Bits Stored with a
     matching High Bit: then the image is analysed, still within [0, 1].)"""
     ds = _base(name)
-    if keyword in ("BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel"):
+    if keyword in (
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+    ):
         value %= 65536
     if keyword == "PixelPaddingValue":
         value %= 32768

@@ -66,7 +66,9 @@ def test_sr_and_pdf_are_not_images(sop_class_uid: str, modality: str) -> None:
     assert isinstance(prepare(_non_image(sop_class_uid, modality)), Refusal)
 
 
-@pytest.mark.parametrize(("sop_class_uid", "modality"), [(COMPREHENSIVE_SR, "SR"), (ENCAPSULATED_PDF, "DOC")])
+@pytest.mark.parametrize(
+    ("sop_class_uid", "modality"), [(COMPREHENSIVE_SR, "SR"), (ENCAPSULATED_PDF, "DOC")]
+)
 def test_our_own_sr_and_pdf_are_own_output(sop_class_uid: str, modality: str) -> None:
     ds = _non_image(sop_class_uid, modality)
     ds.Manufacturer = NODE_MANUFACTURER

@@ -8,7 +8,7 @@ syntax into a temporary directory), this prints the median time per image of
 - ours: ``dcmread`` + :func:`pipeline.normalise.load_image` (decode, Modality LUT, VOI,
   MONOCHROME1, area-downscale to ``max_side``);
 - DCMTK: ``dcmj2pnm`` (``dcml2pnm`` for JPEG-LS) rendering the same file with the same
-  window to an 8-bit PGM, timed as a subprocess in the same run (process start included:
+  window to an 8-bit PGM without overlays (``-O``), timed as a subprocess in the same run (process start included:
   that is what a PACS-side rendering costs).  The free DCMTK 3.6.7 has no JPEG 2000
   decoder, so that column is empty for JPEG 2000;
 - pydicom: ``dcmread`` + ``ds.pixel_array`` (full decode of all frames, no LUT), the
@@ -148,7 +148,7 @@ def time_dcmtk(path: Path, workdir: Path, repeat: int) -> float | None:
         voi = ["+Wl", "1"]
     else:
         voi = ["+Wm"]
-    cmd = [tool, *voi, "+op", str(path), str(workdir / "dcmtk.pgm")]
+    cmd = [tool, *voi, "-O", "+op", str(path), str(workdir / "dcmtk.pgm")]
     if subprocess.run(cmd, capture_output=True, check=False).returncode != 0:
         return None
 

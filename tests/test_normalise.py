@@ -183,14 +183,16 @@ GOLDEN: list[tuple[str, str]] = [
 # all of its stored values (32744..65535): DCMTK renders it pure white, we fall back to
 # the percentile window (test_window_that_misses_the_data_falls_back).
 
-# The bar.  Both images are on one grid (DCMTK's 16-bit PNG area-resampled to ours), so
-# what remains is quantisation (DCMTK writes 16-bit output) and resampling.  Measured:
-# r >= 0.9987 and mean |difference| <= 0.002 for every windowed file.  The bars leave
-# room for that and nothing else: a missed MONOCHROME1 inversion gives r = -1, a missed
-# Modality LUT, a wrong VOI function or window r < 0.99 or a mean difference of several
-# per cent.  The Pearson r ignores gain and offset; the mean difference catches them.
-MIN_R_WINDOWED = 0.995
-MAX_MEAN_ABS_DIFF = 0.01
+# The bar.  Both images are on one grid (DCMTK's 8-bit PGM area-resampled to ours), and
+# overlays are off in DCMTK (-O: overlay planes are not pixel data and we do not burn them
+# in).  What remains is DCMTK's 8-bit output (mean quantisation error 0.5/255 = 0.002) and
+# resampling.  Measured on these files: r >= 0.99997 and mean |difference| <= 0.0021 for
+# every windowed file.  The bars leave room for that and nothing else: a missed
+# MONOCHROME1 inversion gives r = -1; a missed Modality LUT, a wrong VOI LUT Function or
+# the wrong window gives r < 0.99 or a mean difference of several per cent.  The Pearson
+# r ignores gain and offset; the mean difference catches them.
+MIN_R_WINDOWED = 0.999
+MAX_MEAN_ABS_DIFF = 0.005
 MIN_R_MINMAX = 0.98
 """Without VOI, DCMTK's min-max window and our 0.5-99.5 % window differ by a linear map
 except in the clipped tails (~1 % of pixels), so only the correlation is compared."""
@@ -200,7 +202,7 @@ def _render_with_dcmtk(name: str, option: str, tmp_path: Path) -> np.ndarray:
     """DCMTK's rendering of ``name`` with ``option``, as float in [0, 1].
 
     DCMTK writes presentation values: what a viewer shows, so for MONOCHROME1 the
-    minimum stored value is already white.  JPEG-LS files go through ``dcml2pnm`` (the
+    minimum stored value is already white.  Overlays are left out (``-O``).  JPEG-LS files go through ``dcml2pnm`` (the
     CharLS build of the same renderer).  The free DCMTK 3.6.7 has no JPEG 2000 decoder:
     those files are decompressed first with pydicom's default plugin (pylibjpeg-openjpeg,
     not our libopenjp2 path), so the rendering is still DCMTK's.
@@ -218,7 +220,7 @@ def _render_with_dcmtk(name: str, option: str, tmp_path: Path) -> np.ndarray:
         plain.save_as(src)
     out = tmp_path / "dcmtk.pgm"
     subprocess.run(
-        [tool, *option.split(), "+op", str(src), str(out)], check=True, capture_output=True
+        [tool, *option.split(), "-O", "+op", str(src), str(out)], check=True, capture_output=True
     )
     ref = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
     assert ref is not None and ref.ndim == 2

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import cv2
@@ -115,8 +116,16 @@ def load_image(ds: Dataset, max_side: int = 2048) -> NormalisedImage | Refusal:
         ``DECODE_FAILED``, ``COLOUR_IMAGE``, ``DOCUMENT``.  Never raises for bad data.
     """
     meta = read_metadata(ds)
+    start = time.perf_counter()
     try:
-        return _load_image(ds, meta, max(1, int(max_side)))
+        result = _load_image(ds, meta, max(1, int(max_side)))
+        logger.debug(
+            "load_image %s: %s in %.0f ms",
+            meta.sop_instance_uid,
+            result.code if isinstance(result, Refusal) else "; ".join(result.notes),
+            (time.perf_counter() - start) * 1000.0,
+        )
+        return result
     except DecodeError as exc:
         logger.info("decode failed for %s: %s", meta.sop_instance_uid, exc)
         return Refusal(meta, RefusalCode.DECODE_FAILED, f"cannot decode Pixel Data: {exc}")

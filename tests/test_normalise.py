@@ -608,3 +608,29 @@ def test_any_attribute_mutation_gives_a_result_never_an_exception(
     if isinstance(result, NormalisedImage):
         assert result.pixels.dtype == np.float32
         assert float(result.pixels.min()) >= 0.0 and float(result.pixels.max()) <= 1.0
+
+
+# -- fast decoders against pydicom's own plugins ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "switch"),
+    [
+        ("pydicom-data/JPEG-LL.dcm", "_HAVE_IMAGECODECS"),  # signed 16-bit lossless JPEG
+        ("pylibjpeg-data/RG2_JPLL.dcm", "_HAVE_IMAGECODECS"),
+        ("pydicom-data/RG3_J2KR.dcm", "_openjp2"),
+        ("pydicom-testfiles/JPEG2000.dcm", "_openjp2"),  # signed J2K
+    ],
+)
+def test_fast_lossless_decoders_equal_the_pydicom_plugins(
+    name: str, switch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libjpeg-turbo (imagecodecs) and our libopenjp2 binding give the same normalised
+    pixels as pydicom with pylibjpeg, which is what runs when they are missing."""
+    import pipeline.decode
+
+    fast = load_image(_read(name))
+    monkeypatch.setattr(pipeline.decode, switch, None if switch == "_openjp2" else False)
+    plain = load_image(_read(name))
+    assert isinstance(fast, NormalisedImage) and isinstance(plain, NormalisedImage)
+    assert np.array_equal(fast.pixels, plain.pixels)

@@ -352,6 +352,31 @@ def test_pixel_padding_value_is_left_out_of_the_percentile_window() -> None:
     assert np.abs(plain.pixels[:, 80:] - padded.pixels[:, 80:]).mean() < 0.02
 
 
+def test_flat_collimator_borders_are_left_out_of_the_percentile_window() -> None:
+    """Unexposed collimator bands (flat, at one end of the range) must not set the window:
+    the collimated image is windowed as its exposed field alone would be."""
+    ds = _copy("fo-dicom/CR-MONO1-10-chest.dcm")
+    for keyword in ("WindowCenter", "WindowWidth"):
+        delattr(ds, keyword)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    arr = ds.pixel_array.copy()
+    field = (slice(50, -50), slice(50, None))
+    exposed = _copy("fo-dicom/CR-MONO1-10-chest.dcm")
+    for keyword in ("WindowCenter", "WindowWidth"):
+        delattr(exposed, keyword)
+    exposed.Rows, exposed.Columns = arr[field].shape
+    exposed.PixelData = np.ascontiguousarray(arr[field]).tobytes()
+    arr[:50, :] = 0  # MONOCHROME1: stored 0 is white, as unexposed film under a shutter
+    arr[-50:, :] = 0
+    arr[:, :50] = 0
+    ds.PixelData = arr.tobytes()
+    collimated = load_image(ds)
+    reference = load_image(exposed)
+    assert isinstance(collimated, NormalisedImage) and isinstance(reference, NormalisedImage)
+    assert np.abs(collimated.pixels[field] - reference.pixels).mean() < 0.01
+    assert float(collimated.pixels[:40, :].mean()) > 0.98  # the shutter is white
+
+
 # -- colour, documents --------------------------------------------------------------------
 
 
@@ -403,6 +428,21 @@ def test_colour_photograph_in_ybr_full_is_refused() -> None:
     ybr = cv2.cvtColor(_photograph(), cv2.COLOR_RGB2YCrCb)[..., [0, 2, 1]]  # Y, Cb, Cr
     refusal = prepare(_secondary_capture(ybr, "YBR_FULL"))
     assert isinstance(refusal, Refusal) and refusal.code is RefusalCode.COLOUR_IMAGE
+
+
+def test_colour_photograph_as_jpeg_baseline_is_refused() -> None:
+    """The usual way a photo arrives: JPEG Baseline, YBR_FULL_422 (PS3.5 8.2.1)."""
+    import imagecodecs
+
+    jpeg = imagecodecs.jpeg8_encode(_photograph(), level=90, subsampling="422")
+    ds = _secondary_capture(_photograph())
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = encapsulate([bytes(jpeg)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    refusal = prepare(ds)
+    assert isinstance(refusal, Refusal) and refusal.code is RefusalCode.COLOUR_IMAGE, refusal
 
 
 def test_colour_rendered_secondary_capture_is_refused() -> None:

@@ -42,16 +42,20 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from node.processing import output_settings
+
     config = _load(args)
+    output_settings(config)  # the result-object rules (series, descriptions) too
     print(json.dumps(config.as_dict(), indent=2))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.processing import processor_factory
+    from node.processing import output_settings, processor_factory
     from node.service import Node
 
     config = _load(args)
+    output_settings(config)  # fail before loading the models, not after
     logger.info("configuration: %s", json.dumps(config.as_dict()))
     node = Node(config, processor_factory(config))
     stop = threading.Event()
@@ -121,7 +125,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         print("no DICOM files found")
         return 1
     started = time.perf_counter()
-    outcomes = store_files(calling, peer, files)
+    try:
+        outcomes = store_files(calling, peer, files)
+    except SendError as exc:
+        print(f"send failed: {exc}")
+        return 2
     failed = [o for o in outcomes if not o.ok]
     for outcome in failed:
         print(f"FAILED {outcome.path}: {outcome.error}")
@@ -267,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `fracture-node status | head`
+        return 0
 
 
 if __name__ == "__main__":

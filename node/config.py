@@ -65,6 +65,12 @@ def _check_host(key: str, value: object) -> str:
     return value
 
 
+def _check_bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false (got {value!r})")
+    return value
+
+
 def _check_positive(key: str, value: object, *, integer: bool = False) -> float:
     ok_types: tuple[type, ...] = (int,) if integer else (int, float)
     if not isinstance(value, ok_types) or isinstance(value, bool):
@@ -132,6 +138,7 @@ class DestinationConfig:
         )
         _check_host(f"destinations[{self.name}].host", self.host)
         _check_port(f"destinations[{self.name}].port", self.port)
+        _check_bool(f"destinations[{self.name}].tls", self.tls)
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,8 @@ class TlsConfig:
     """The SCP refuses a TLS client that presents no certificate signed by the CA."""
 
     def __post_init__(self) -> None:
+        _check_bool("tls.enabled", self.enabled)
+        _check_bool("tls.require_peer_certificate", self.require_peer_certificate)
         for key in ("certificate", "private_key", "ca_certificates"):
             value = getattr(self, key)
             if value is not None:
@@ -172,8 +181,9 @@ class StorageConfig:
     min_free_mb: int = 256
     """Refuse new instances (0xA700) when less than this is free on the spool's disk."""
     retain_sources_hours: float = 24.0
-    """Keep received instances this long after their study's results were delivered,
-    so late instances can reopen the study; then delete them."""
+    """Keep received instances this long after their study was last processed (and
+    once every result is delivered), so late instances can reopen the study with all
+    its images; then delete them."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spool_dir", Path(self.spool_dir))
@@ -217,7 +227,10 @@ class DeliveryConfig:
     """``[delivery]``: retries of the C-STORE SCU."""
 
     max_attempts: int = 10
-    """After this many failed attempts an item becomes a dead letter (see ``retry``)."""
+    """A result the destination *refuses* (association rejected permanently, a
+    failure status) becomes a dead letter after this many attempts (see ``retry``).
+    Temporary failures (connection refused, timeout, abort, 0xA7xx) are retried
+    with back-off for as long as it takes: the archive being down loses nothing."""
     backoff_initial_seconds: float = 2.0
     backoff_max_seconds: float = 300.0
 
@@ -289,7 +302,9 @@ class Config:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"destinations.name must be unique (repeated: {', '.join(dupes)})")
-        if any(d.tls for d in self.destinations) and self.tls.certificate is None:
+        if any(d.tls for d in self.destinations) and (
+            self.tls.certificate is None or self.tls.private_key is None
+        ):
             raise ConfigError("a destination uses tls but [tls] has no certificate/private_key")
         if not self.peers and not self.allow_any_peer:
             raise ConfigError(

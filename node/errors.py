@@ -24,6 +24,11 @@ class DatasetError(NodeError):
     missing or inconsistent).  Maps to a 0xC000-range status."""
 
 
+class MissingIdentifierError(DatasetError):
+    """Study/Series/SOP Instance UID or SOP Class UID missing, invalid, or
+    inconsistent with the C-STORE request.  Maps to 0xC212."""
+
+
 class SendError(NodeError):
     """A C-STORE to a destination failed.
 

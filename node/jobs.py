@@ -353,6 +353,16 @@ class JobStore:
                     [reason, now + retry_after, now, job.study_instance_uid],
                 )
 
+    def queued_everywhere(self, sop_instance_uid: str, destinations: Sequence[str]) -> bool:
+        """True when the result object is already in the outbox of every destination."""
+        if not destinations:
+            return False
+        rows = self.query(
+            "SELECT COUNT(DISTINCT destination) AS n FROM outbox WHERE sop_instance_uid = ?",
+            [sop_instance_uid],
+        )
+        return int(rows[0]["n"]) >= len(destinations)
+
     def study_attempts(self, study_instance_uid: str) -> int:
         rows = self.query(
             "SELECT attempts FROM studies WHERE study_instance_uid = ?", [study_instance_uid]

@@ -21,6 +21,7 @@ from dicom_out.pdf import build_pdf_report
 from dicom_out.sc import build_secondary_capture
 from dicom_out.sr import build_structured_report
 from node.config import Config
+from node.errors import ConfigError
 from node.jobs import InstanceRecord, StudyJob
 from node.worker import ProcessedStudy, Processor
 from pipeline.aggregate import aggregate_study
@@ -41,6 +42,15 @@ _NOT_IMAGES = {RefusalCode.NOT_AN_IMAGE, RefusalCode.OWN_OUTPUT}
 
 
 def output_settings(config: Config) -> OutputSettings:
+    """The result-object settings from ``[outputs]``; their rules (VR LO lengths with
+    the "not diagnostic" suffix, distinct series numbers) become :class:`ConfigError`."""
+    try:
+        return _output_settings(config)
+    except ValueError as exc:
+        raise ConfigError(f"outputs: {exc}") from None
+
+
+def _output_settings(config: Config) -> OutputSettings:
     out = config.outputs
     return OutputSettings(
         institution_name=out.institution_name or None,

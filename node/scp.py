@@ -40,7 +40,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config
-from node.errors import DatasetError, SpoolError
+from node.errors import DatasetError, MissingIdentifierError, SpoolError
 from node.jobs import InstanceRecord, JobStore
 from node.spool import Spool, safe_uid
 from node.tls import server_context
@@ -194,6 +194,7 @@ class StorageSCP:
             (evt.EVT_ABORTED, self.handle_closed),
             (evt.EVT_CONN_CLOSE, self.handle_closed),
             (evt.EVT_REJECTED, self.handle_rejected),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
         ]
         ssl_context = server_context(self.config.tls) if self.config.tls.enabled else None
         server = self.ae.start_server(
@@ -253,11 +254,7 @@ class StorageSCP:
                 reason = f"calling AE {calling!r} is allowed only from {peer.host}"
                 diagnostic = 0x03
         if reason is None:
-            logger.info(
-                "association from %s at %s accepted", calling, _peer(assoc),
-                extra={"calling_aet": calling},
-            )
-            return
+            return  # pynetdicom still applies the association limit; see handle_accepted
         logger.warning(
             "association from %s at %s rejected: %s", calling, _peer(assoc), reason,
             extra={"calling_aet": calling},
@@ -266,12 +263,17 @@ class StorageSCP:
         assoc.is_rejected = True
         assoc.kill()
 
+    def handle_accepted(self, event: Event) -> None:
+        calling = event.assoc.requestor.ae_title.strip()
+        logger.info("association from %s at %s accepted", calling, _peer(event.assoc),
+                    extra={"calling_aet": calling})
+
     def handle_rejected(self, event: Event) -> None:
         rq = event.assoc.requestor.primitive
         calling = str(rq.calling_ae_title).strip() if rq is not None else "?"
         logger.warning(
-            "association from %s at %s rejected by the node (limit of %d associations or "
-            "policy)", calling, _peer(event.assoc), self.config.limits.max_associations,
+            "association from %s at %s rejected: limit of %d associations reached",
+            calling, _peer(event.assoc), self.config.limits.max_associations,
             extra={"calling_aet": calling},
         )
 
@@ -331,8 +333,8 @@ class StorageSCP:
                          extra=log_extra)
             return STATUS_OUT_OF_RESOURCES
         except DatasetError as exc:
-            status = STATUS_MISSING_IDENTIFIERS if exc.args and "UID" in str(exc) else \
-                STATUS_CANNOT_UNDERSTAND
+            status = (STATUS_MISSING_IDENTIFIERS if isinstance(exc, MissingIdentifierError)
+                      else STATUS_CANNOT_UNDERSTAND)
             logger.error("C-STORE %s from %s refused (0x%04X): %s", request_uid, calling,
                          status, exc, extra=log_extra)
             return status
@@ -379,10 +381,10 @@ def _identifiers(ds: pydicom.Dataset, event: Event) -> dict[str, str]:
         try:
             ids[key] = safe_uid(value)
         except ValueError:
-            raise DatasetError(f"{keyword} UID missing or invalid ({value[:70]!r})") from None
+            raise MissingIdentifierError(f"{keyword} UID missing or invalid ({value[:70]!r})") from None
     affected = str(event.request.AffectedSOPInstanceUID or "").strip()
     if affected and affected != ids["sop"]:
-        raise DatasetError(
+        raise MissingIdentifierError(
             f"SOPInstanceUID {ids['sop']} differs from the request's Affected SOP Instance UID "
             f"{affected}"
         )

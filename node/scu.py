@@ -52,13 +52,23 @@ class StoreOutcome:
         return self.error is None
 
 
-def _make_ae(calling_ae_title: str, timeout: float) -> AE:
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; see ``[limits]`` in config.toml."""
+
+    connection: float = 10.0
+    acse: float = 30.0
+    dimse: float = 60.0
+    network: float = 60.0
+
+
+def _make_ae(calling_ae_title: str, timeouts: Timeouts, max_pdu: int) -> AE:
     ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    ae.maximum_pdu_size = 262144
+    ae.connection_timeout = timeouts.connection
+    ae.acse_timeout = timeouts.acse
+    ae.dimse_timeout = timeouts.dimse
+    ae.network_timeout = timeouts.network
+    ae.maximum_pdu_size = max_pdu
     return ae
 
 
@@ -90,7 +100,8 @@ def _associate(ae: AE, peer: Peer) -> Association:
     )
 
 
-def echo(calling_ae_title: str, peer: Peer, timeout: float = 10.0) -> int:
+def echo(calling_ae_title: str, peer: Peer, timeouts: Timeouts = Timeouts(),
+         max_pdu: int = 262144) -> int:
     """C-ECHO ``peer``; returns the status (0x0000 on success).
 
     Raises
@@ -98,7 +109,7 @@ def echo(calling_ae_title: str, peer: Peer, timeout: float = 10.0) -> int:
     SendError
         No association could be established.
     """
-    ae = _make_ae(calling_ae_title, timeout)
+    ae = _make_ae(calling_ae_title, timeouts, max_pdu)
     ae.add_requested_context(Verification)
     assoc = _associate(ae, peer)
     try:
@@ -125,7 +136,8 @@ def store_files(
     calling_ae_title: str,
     peer: Peer,
     paths: Sequence[Path],
-    timeout: float = 30.0,
+    timeouts: Timeouts = Timeouts(),
+    max_pdu: int = 262144,
 ) -> list[StoreOutcome]:
     """C-STORE ``paths`` over one association, each in its own transfer syntax
     (with Explicit/Implicit VR Little Endian offered as fall-backs).
@@ -140,7 +152,7 @@ def store_files(
     except Exception as exc:  # unreadable file in our own spool: permanent
         err = SendError(f"cannot read a file to send: {exc}", permanent=True)
         return [StoreOutcome(p, "", None, err) for p in paths]
-    ae = _make_ae(calling_ae_title, timeout)
+    ae = _make_ae(calling_ae_title, timeouts, max_pdu)
     # One context per compressed syntax (a compressed file can only travel in its
     # own syntax; pynetdicom does not transcode), and one uncompressed context per
     # SOP class, so the peer's preference can never strand a compressed file.

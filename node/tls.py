@@ -23,10 +23,12 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
 def client_context(tls: TlsConfig) -> ssl.SSLContext:
     """The SCU's context: the destination's certificate must chain to the CA; we
     present our own certificate for peers that require one."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.ca_certificates is not None:
+    if tls.ca_certificates is not None:  # the configured CA only, not the system's
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(cafile=str(tls.ca_certificates))
+    else:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_identity(ctx, tls)
     return ctx
 

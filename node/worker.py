@@ -21,7 +21,7 @@ import pydicom
 
 from node.config import Config, DestinationConfig
 from node.jobs import JobStore, OutboxItem, OutputFile, StudyJob
-from node.scu import Peer, store_files
+from node.scu import Peer, Timeouts, store_files
 from node.spool import Spool
 from node.tls import client_context
 
@@ -85,9 +85,15 @@ class Worker:
             logger.info("resuming %d study(ies) left in processing by an earlier process",
                         recovered)
         while not self._stop.is_set():
-            if not self.run_once():
+            try:
+                busy = self.run_once()
+                self.cleanup()
+            except Exception:  # keep the loop alive; the state is in the database
+                logger.exception("worker loop error; retrying in 5 s")
+                busy = False
+                self._stop.wait(5.0)
+            if not busy:
                 self._stop.wait(poll_seconds)
-            self.cleanup()
 
     def run_once(self) -> bool:
         """Process one ready study, if any.  Returns whether one was processed."""
@@ -117,8 +123,13 @@ class Worker:
         return True
 
     def _write_outputs(self, job: StudyJob, result: ProcessedStudy) -> list[OutputFile]:
+        """Write the result objects to the spool.  One already queued for every
+        destination (an SC of a reopened study) is neither written nor queued again."""
         files: list[OutputFile] = []
+        names = [d.name for d in self.config.destinations]
         for kind, ds in result.outputs:
+            if self.jobs.queued_everywhere(str(ds.SOPInstanceUID), names):
+                continue
             area = "reports" if kind == "sr" else "outbox"
             path = self.spool.path(area, job.study_instance_uid, str(ds.SOPInstanceUID))
             if not path.exists():
@@ -164,7 +175,13 @@ class Deliverer:
 
     def run(self, poll_seconds: float = 0.2) -> None:
         while not self._stop.is_set():
-            if not self.run_once():
+            try:
+                busy = self.run_once()
+            except Exception:  # keep the loop alive; the state is in the database
+                logger.exception("delivery loop error; retrying in 5 s")
+                busy = False
+                self._stop.wait(5.0)
+            if not busy:
                 self._wake.wait(poll_seconds)
                 self._wake.clear()
 
@@ -198,8 +215,11 @@ class Deliverer:
         batch = [item for item, p in zip(batch, paths) if p.exists()]
         if not batch:
             return
+        limits = self.config.limits
+        timeouts = Timeouts(limits.connection_timeout, limits.acse_timeout,
+                            limits.dimse_timeout, limits.network_timeout)
         outcomes = store_files(self.config.node.ae_title, peer, [Path(i.path) for i in batch],
-                               timeout=self.config.limits.network_timeout)
+                               timeouts, self.config.node.max_pdu or 262144)
         for item, outcome in zip(batch, outcomes):
             extra = {"study_uid": item.study_instance_uid, "sop_uid": item.sop_instance_uid}
             if outcome.ok:

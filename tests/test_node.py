@@ -67,6 +67,8 @@ def _rows(n: Node, sql: str) -> list[dict]:
         ({"study": {"quiet_seconds": 0}}, "study.quiet_seconds must be greater than 0"),
         ({"node": {"colour": "red"}}, "node: unknown key(s) colour"),
         ({"limits": {"max_associations": 2.5}}, "limits.max_associations must be an integer"),
+        ({"tls": {"enabled": "false"}}, "tls.enabled must be true or false"),
+        ({"tls": {"enabled": True, "certificate": "a.crt"}}, "tls.certificate and tls.private_key"),
     ],
 )
 def test_invalid_config_names_key_and_rule(raw: dict, message: str) -> None:
@@ -91,6 +93,16 @@ def test_check_config_cli_reports_errors(tmp_path: Path) -> None:
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "node.ae_title must not exceed 16 characters" in out.stderr
+
+
+def test_check_config_applies_the_result_object_rules(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 11112, extra=(
+        '[outputs]\nsc_series_description = "A series description far too long for VR LO"\n'))
+    exe = ROOT / ".venv" / "bin" / "fracture-node"
+    out = subprocess.run([str(exe), "--config", str(path), "check-config"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "outputs: sc_series_description must be ASCII and short enough" in out.stderr
 
 
 def test_environment_overrides_only_deployment_fields(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 from pipeline.result import (
     NODE_MANUFACTURER,
@@ -135,13 +136,13 @@ def _text(ds: Dataset, keyword: str) -> str:
     """A string attribute, or ``""`` when absent, empty or unreadable."""
     try:
         value = ds.get(keyword, "")
+        if value is None or isinstance(value, (Dataset, Sequence, bytes)):
+            return ""  # a corrupt element read with another VR than the keyword's
+        if not isinstance(value, str) and hasattr(value, "__iter__"):
+            value = "\\".join(str(v) for v in value)
+        return str(value).strip()
     except Exception:  # an unparsable element read leniently
         return ""
-    if value is None:
-        return ""
-    if not isinstance(value, str) and hasattr(value, "__iter__"):
-        value = "\\".join(str(v) for v in value)
-    return str(value).strip()
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:

@@ -209,3 +209,18 @@ def test_a_real_radiograph_passes() -> None:
     ds = _small_cr()
     assert check_header(ds) is None
     assert isinstance(prepare(ds), NormalisedImage)
+
+
+def test_corrupt_element_under_a_routing_keyword_does_not_escape() -> None:
+    """Found by bench/fuzz_decode.py: Study Description read as a sequence whose item
+    holds an element of unknown VR; printing it raised out of read_metadata()."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    item = Dataset()
+    item[0x00100010] = RawDataElement(Tag(0x00100010), "U.", 4, b"abcd", 0, False, True)
+    ds = _small_cr()
+    ds.add_new(0x00081030, "SQ", [item])  # (0008,1030) Study Description
+    meta = read_metadata(ds)
+    assert meta.study_description == ""
+    assert isinstance(prepare(ds), (Refusal, NormalisedImage))

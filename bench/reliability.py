@@ -25,7 +25,6 @@ import argparse
 import csv
 import importlib.util
 import json
-import os
 import re
 import shutil
 import signal
@@ -33,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 from types import ModuleType

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -125,7 +124,10 @@ def run_demo(args: argparse.Namespace) -> int:
         progress.show("starting fracture-node (loading the models) ...")
         node.start()
         progress.show(f"pushing {len(files)} file(s) into Orthanc with storescu ...")
-        _storescu(orthanc.dicom_port, files)
+        sent = ctl.storescu(orthanc.dicom_port, files, "ORTHANC", "MODALITY")
+        if sent.returncode != 0:
+            progress.done(f"storescu failed: {sent.stderr.strip()[-300:]}")
+            return 1
         results = _wait_for_results(orthanc, node, studies, progress)
         if results is None:
             progress.done("timed out waiting for results; see `fracture-node status` and "
@@ -144,23 +146,6 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         node.stop(grace_seconds=2)
         orthanc.stop()
-
-
-def _storescu(port: int, files: list[Path]) -> None:
-    """Send like a modality: DCMTK storescu, one run per transfer syntax."""
-    flags = {"1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
-             "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.57": "-xs",
-             "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
-             "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
-             "1.2.840.10008.1.2.5": "-xr"}
-    groups: dict[str, list[Path]] = {}
-    for f in files:
-        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-        groups.setdefault(flags.get(ts, "-xe"), []).append(f)
-    for flag, group in groups.items():
-        subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", flag, "-R",
-                        "127.0.0.1", str(port), *map(str, group)], check=True,
-                       env=dict(os.environ, TCP_NODELAY="1"), capture_output=True)
 
 
 def _wait_for_results(orthanc: Any, node: Node, studies: list[str], progress: Progress,

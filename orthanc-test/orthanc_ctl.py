@@ -229,3 +229,39 @@ def _main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main())
+
+
+#: storescu's option that proposes each transfer syntax (it offers uncompressed
+#: syntaxes only unless told; a compressed file must travel in its own syntax).
+STORESCU_TS_FLAG = {
+    "1.2.840.10008.1.2.1": "-xe", "1.2.840.10008.1.2": "-xi", "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.57": "-xs",
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
+def storescu(port: int, files: list[Path], aec: str, aet: str = "STORESCU",
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK storescu as a modality would, each in its stored transfer
+    syntax (one storescu run per syntax).  Returns the last run, or the first that
+    failed."""
+    import pydicom
+
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(STORESCU_TS_FLAG.get(ts, "-xe"), []).append(f)
+    result: subprocess.CompletedProcess[str] | None = None
+    for flag, group in groups.items():
+        result = subprocess.run(
+            ["storescu", "-aet", aet, "-aec", aec, flag, "-R", *extra, "127.0.0.1", str(port),
+             *map(str, group)],
+            capture_output=True, text=True, timeout=600, env=dict(os.environ, TCP_NODELAY="1"),
+        )
+        if result.returncode != 0:
+            return result
+    assert result is not None, "no files to send"
+    return result

@@ -43,6 +43,7 @@ sys.modules["orthanc_ctl"] = orthanc_ctl
 _spec.loader.exec_module(orthanc_ctl)
 free_port = orthanc_ctl.free_port
 Orthanc = orthanc_ctl.Orthanc
+storescu = orthanc_ctl.storescu
 
 
 def write_config(directory: Path, node_port: int, *, destinations: list[dict[str, Any]] | None = None,

@@ -6,7 +6,6 @@ back into the same study.  Nothing calls the node directly."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import ROOT, Orthanc, free_port, wait_for, write_config
+from conftest import ROOT, Orthanc, free_port, storescu, wait_for, write_config
 from node.config import load_config
 from node.processing import processor_factory
 from node.service import Node
@@ -40,16 +39,8 @@ class Pacs:
 
     def store(self, files: list[Path]) -> None:
         """A modality pushes files into Orthanc with storescu."""
-        flags = {"1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.4.90": "-xv"}
-        groups: dict[str, list[Path]] = {}
-        for f in files:
-            ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-            groups.setdefault(flags.get(ts, "-xe"), []).append(f)
-        for flag, group in groups.items():
-            subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", flag, "-R",
-                            "127.0.0.1", str(self.orthanc.dicom_port), *map(str, group)],
-                           check=True, capture_output=True,
-                           env=dict(os.environ, TCP_NODELAY="1"))
+        out = storescu(self.orthanc.dicom_port, files, "ORTHANC", "MODALITY")
+        assert out.returncode == 0, out.stderr
 
     def settled(self, study_uid: str) -> bool:
         rows = self.node.jobs.query(

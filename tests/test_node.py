@@ -4,7 +4,6 @@ real Orthanc from orthanc-test/.  No socket mocks."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -20,7 +19,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from conftest import DICOM_DATA, ROOT, Orthanc, free_port, wait_for, write_config
+from conftest import DICOM_DATA, ROOT, Orthanc, free_port, storescu, wait_for, write_config
 from nodeharness import CopyProcessor
 from node.config import config_from_dict, load_config
 from node.errors import ConfigError
@@ -177,34 +176,8 @@ def test_associations_beyond_the_limit_are_refused(tmp_path: Path) -> None:
 # -- receiving ------------------------------------------------------------------------------
 
 
-# storescu proposes uncompressed syntaxes unless told which compressed one to offer
-STORESCU_TS_FLAG = {
-    "1.2.840.10008.1.2.1": "-xe", "1.2.840.10008.1.2": "-xi", "1.2.840.10008.1.2.2": "-xb",
-    "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.57": "-xs",
-    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
-    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
-    "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd",
-}
-
-
 def _storescu(port: int, files: list[Path], aet: str = "STORESCU") -> subprocess.CompletedProcess:
-    """Send with DCMTK storescu, one run per transfer syntax (each file as stored)."""
-    groups: dict[str, list[Path]] = {}
-    for f in files:
-        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-        groups.setdefault(STORESCU_TS_FLAG[ts], []).append(f)
-    result = None
-    for flag, group in groups.items():
-        result = subprocess.run(
-            ["storescu", "-aet", aet, "-aec", "FRACTURE_NODE", flag, "-R",
-             "127.0.0.1", str(port), *map(str, group)],
-            capture_output=True, text=True, timeout=120, env=dict(os.environ, TCP_NODELAY="1"),
-        )
-        if result.returncode != 0:
-            return result
-    assert result is not None
-    return result
+    return storescu(port, files, "FRACTURE_NODE", aet)
 
 
 def test_storescu_instances_are_spooled_byte_identical(node: Node) -> None:

@@ -4,9 +4,9 @@
   CR DICOMs; in ``../shared/data/msk``): two forearm and two hand/wrist views, from
   the validation split (never seen by the models in training), wrapped back into
   Computed Radiography DICOM (8-bit MONOCHROME2).
-* The pydicom test data CR of a distal tibia (RG3_J2KI, MIT; JPEG 2000, MONOCHROME1),
-  an out-of-scope body part that shows the "not analysed" path, re-filed into the
-  same study.
+* The pydicom test data CRs of a distal tibia (RG3_J2KI; JPEG 2000, MONOCHROME1) and
+  of a hip (RG2_JPLY; JPEG extended 12-bit), MIT, out-of-scope body parts that show
+  the "not analysed" / "needs review" paths, re-filed into the same study.
 
 Patient attributes are fictitious.  Run once; the output is committed.
 """
@@ -102,6 +102,13 @@ def main() -> int:
     tibia.AccessionNumber = "DEMO0001"
     tibia.SeriesNumber = 3
     tibia.save_as(OUT / "tibia_rg3_j2k.dcm")
+    hip = pydicom.dcmread(DICOM / "pylibjpeg-data" / "RG2_JPLY_fixed.dcm")
+    for key, value in PATIENT.items():
+        setattr(hip, key, value)
+    hip.StudyInstanceUID = STUDY
+    hip.AccessionNumber = "DEMO0001"
+    hip.SeriesNumber = 4
+    hip.save_as(OUT / "hip_rg2_jpeg.dcm")
     print(f"wrote {len(list(OUT.glob('*.dcm')))} files to {OUT}")
     return 0
 

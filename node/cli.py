@@ -267,7 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest: list[str] | None = None
+    for i, word in enumerate(argv):  # train/evaluate: their own parsers take every option
+        if word in ("train", "evaluate") and (i == 0 or argv[i - 1] not in ("--config",
+                                                                              "--log-level")):
+            argv, rest = argv[: i + 1], argv[i + 1:]
+            break
     args = parser.parse_args(argv)
+    if rest is not None:
+        args.rest = rest
     configure_logging(args.log_level)
     try:
         result: int = args.func(args)

@@ -38,8 +38,8 @@ from models.training import metrics as mm
 logger = logging.getLogger(__name__)
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[1] / "registry.toml"
-DEFAULT_ROUTER = "fn-router-mnv2"
-DEFAULT_CLASSIFIER = "fn-abnormality-mnv2"
+DEFAULT_ROUTER = "bodypart-router"
+DEFAULT_CLASSIFIER = "fracture-classifier"
 MURA_DENSENET_KAPPA = {"HUMERUS": 0.600, "FOREARM": 0.737, "WRIST": 0.931}
 
 

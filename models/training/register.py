@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = json.loads((args.run / "config.json").read_text())
         history = json.loads((args.run / "state.json").read_text())["history"]
-        dest = MODELS_DIR / "weights" / f"{args.name}-{args.version}.keras"
+        dest = args.registry.parent.resolve() / "weights" / f"{args.name}-{args.version}.keras"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.run / "model.keras", dest)
         sha = sha256_of(dest)

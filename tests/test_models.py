@@ -1,0 +1,164 @@
+"""The shipped models: hash-checked loading, real radiographs through the real
+Analyser, Grad-CAM in closed form equal to tf.GradientTape, a training smoke run and
+the evaluation CLI's metrics.json contract."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import MSK_DATA, ROOT
+from models.registry import load_registry, sha256_of
+from pipeline.classify import Analyser
+from pipeline.gradcam import gradcam_closed_form, gradcam_tape
+from pipeline.result import (
+    Decision,
+    ImageFinding,
+    ImageMetadata,
+    NormalisedImage,
+    Refusal,
+    RefusalCode,
+)
+from pipeline.resize import fit_square
+
+REGISTRY = ROOT / "models" / "registry.toml"
+ROUTER, CLASSIFIER = "bodypart-router", "fracture-classifier"
+
+
+def _rows(**match: str) -> list[dict[str, str]]:
+    with (MSK_DATA / "manifest.csv").open() as fh:
+        return [r for r in csv.DictReader(fh) if all(r[k] == v for k, v in match.items())]
+
+
+def _image(path: Path, uid: str, body_part: str = "") -> NormalisedImage:
+    pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
+    meta = ImageMetadata("1.2.3", "1.2.3.1", uid, "1.2.840.10008.5.1.4.1.1.1",
+                         modality="CR", body_part_examined=body_part)
+    return NormalisedImage(meta, pixels, pixels.shape)
+
+
+@pytest.fixture(scope="module")
+def analyser() -> Iterator[Analyser]:
+    yield Analyser.load(REGISTRY, ROUTER, CLASSIFIER)
+
+
+def test_registry_hashes_match_the_shipped_weights() -> None:
+    registry = load_registry(REGISTRY)
+    total = 0
+    for name in (ROUTER, CLASSIFIER):
+        entry = registry.get(name)
+        assert sha256_of(entry.weights) == entry.sha256
+        total += entry.weights.stat().st_size
+    assert total < 40 * 2**20, "shipped weights must stay within ~40 MB"
+
+
+def test_a_tampered_weights_file_is_refused(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "models" / "weights", tmp_path / "weights")
+    text = REGISTRY.read_text()
+    registry = tmp_path / "registry.toml"
+    registry.write_text(text)
+    victim = tmp_path / "weights" / f"{CLASSIFIER}-1.0.0.keras"
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="(?i)sha-?256|hash"):
+        Analyser.load(registry, ROUTER, CLASSIFIER)
+
+
+def test_real_radiographs_get_typed_findings(analyser: Analyser) -> None:
+    forearm = _rows(dataset="MURA-v1.1", split="val", body_part="FOREARM")[:3]
+    chest = _rows(dataset="UNIFESP-bodypart", split="val", body_part="CHEST")[:2]
+    images = [_image(MSK_DATA / r["path"], f"1.2.3.{i}", "ARM") for i, r in enumerate(forearm)]
+    images += [_image(MSK_DATA / r["path"], f"1.2.4.{i}", "CHEST") for i, r in enumerate(chest)]
+    outcomes = analyser.analyse(images)
+    assert len(outcomes) == len(images)
+    for image, outcome in zip(images, outcomes):
+        assert outcome.meta.sop_instance_uid == image.meta.sop_instance_uid
+    findings = [o for o in outcomes[:3] if isinstance(o, ImageFinding)]
+    assert findings, "no MURA forearm was analysed"
+    for f in findings:
+        assert 0.0 <= f.fracture_probability <= 1.0
+        assert f.heatmap.shape == (f.transform.size, f.transform.size)
+        assert f.heatmap.dtype == np.float32 and 0.0 <= f.heatmap.min() <= f.heatmap.max() <= 1.0
+        assert f.classifier.weights_sha256 == load_registry(REGISTRY).get(CLASSIFIER).sha256
+        assert f.decision in set(Decision)
+        assert abs(sum(f.body_part_probabilities.values()) - 1.0) < 1e-4
+    for outcome in outcomes[3:]:
+        assert isinstance(outcome, Refusal) and outcome.code is RefusalCode.UNSUPPORTED_BODY_PART
+
+
+def test_gradcam_closed_form_equals_gradient_tape(analyser: Analyser) -> None:
+    """With GAP + dense, d(logit)/d(feature map) is the head kernel / (h*w): the
+    closed form must equal tf.GradientTape's Grad-CAM on the same model and image."""
+    rows = _rows(dataset="MURA-v1.1", split="val", body_part="HUMERUS", label="positive")[:2]
+    size = load_registry(REGISTRY).get(CLASSIFIER).input_size
+    batch = np.stack([fit_square(cv2.imread(str(MSK_DATA / r["path"]), cv2.IMREAD_GRAYSCALE)
+                                 .astype(np.float32) / 255.0, size)[0] for r in rows])[..., None]
+    model = analyser._classifier_model
+    logits, feats = model(batch, training=False)
+    kernel = np.asarray(model.get_layer("head").kernel)
+    fast = gradcam_closed_form(np.asarray(feats), kernel, 0)
+    reference = gradcam_tape(model, batch, 0)
+    assert fast.shape == reference.shape
+    np.testing.assert_allclose(fast, reference, atol=1e-4)
+    assert fast.max() > 0.99  # normalised maps, not all zero
+
+
+def test_training_smoke_run_on_a_tiny_subset(tmp_path: Path) -> None:
+    from models.cli import train_main
+
+    out = tmp_path / "run"
+    code = train_main(["--task", "classifier", "--data", str(MSK_DATA), "--out", str(out),
+                       "--size", "64", "--epochs", "1", "--limit", "32", "--batch-size", "16",
+                       "--quiet"])
+    assert code == 0
+    assert (out / "model.keras").exists() and (out / "state.json").exists()
+    state = json.loads((out / "state.json").read_text())
+    assert state["history"] and np.isfinite(state["history"][-1]["loss"])
+
+
+def test_evaluate_cli_writes_the_metrics_contract(tmp_path: Path) -> None:
+    """``fracture-node evaluate`` on any folder in the manifest format."""
+    from models.cli import evaluate_main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    picked = []
+    for part in ("FOREARM", "HUMERUS"):
+        for label in ("positive", "negative"):
+            picked += _rows(dataset="MURA-v1.1", split="val", body_part=part, label=label)[:6]
+    with (MSK_DATA / "manifest.csv").open() as fh:
+        fields = csv.DictReader(fh).fieldnames
+    assert fields is not None
+    with (data / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in picked:
+            target = data / row["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(MSK_DATA / row["path"], target)
+            writer.writerow(row)
+    out = tmp_path / "eval"
+    assert evaluate_main(["--data", str(data), "--out", str(out), "--n-boot", "50",
+                          "--router", ROUTER, "--classifier", CLASSIFIER]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["router"]["accuracy"] <= 1.0
+    assert "per_class" in metrics["router"]
+    assert "auroc" in metrics["fracture"]["image"]
+    for key in ("auroc", "kappa", "sensitivity", "specificity", "n"):
+        assert key in metrics["fracture"]["study"]
+    assert set(metrics["fracture"]["by_body_part"]) <= {"FOREARM", "HUMERUS"}
+    assert "pointing_game" in metrics["localisation"]
+    assert (out / "report.md").exists() and list(out.glob("*.png"))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

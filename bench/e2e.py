@@ -55,6 +55,7 @@ demo_data = _load("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
 
 def make_studies(directory: Path, count: int) -> dict[str, list[Path]]:
     """``count`` MURA validation studies with 2-4 images each, as CR DICOM."""
+    directory.mkdir(parents=True, exist_ok=True)
     by_study: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in csv.DictReader((MSK / "manifest.csv").open()):
         if row["dataset"] == "MURA-v1.1" and row["split"] == "val" and \
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=20)
     parser.add_argument("--quiet-seconds", type=float, default=1.0)
     parser.add_argument("--stable-age", type=int, default=1)
+    parser.add_argument("--interval", type=float, default=0.0,
+                        help="seconds between two studies (0: all at once, a burst)")
     args = parser.parse_args(argv)
 
     from node.config import load_config
@@ -127,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         node.start()
         try:
             started = time.time()
-            for paths in studies.values():
+            for n, paths in enumerate(studies.values()):
+                if n and args.interval:
+                    time.sleep(args.interval)
                 subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "-xe",
                                 "127.0.0.1", str(orthanc.dicom_port), *map(str, paths)],
                                check=True, capture_output=True,
@@ -178,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"throughput: {n_images / (finished - started):.2f} images/s, "
                   f"{len(total) / (finished - started) * 60:.1f} studies/min "
                   f"(push took {pushed - started:.1f} s, Orthanc StableAge {args.stable_age} s, "
-                  f"node quiet period {args.quiet_seconds} s)")
+                  f"node quiet period {args.quiet_seconds} s, one study every "
+                  f"{args.interval} s)")
         return 0 if lost == 0 else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -59,6 +59,7 @@ demo_data = _load("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
 def make_load(directory: Path, associations: int, per: int) -> list[list[Path]]:
     from pydicom.uid import generate_uid
 
+    directory.mkdir(parents=True, exist_ok=True)
     rows = [r for r in csv.DictReader((MSK / "manifest.csv").open())
             if r["dataset"] == "MURA-v1.1" and r["split"] == "val"]
     sets = []

@@ -193,6 +193,11 @@ def test_storescu_instances_are_spooled_byte_identical(node: Node) -> None:
         assert held.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID
         assert held.PixelData == src.PixelData
         assert oct(Path(row["path"]).stat().st_mode & 0o777) == "0o600"
+    # spool and job database are readable by the node's user only
+    assert oct(node.spool.root.stat().st_mode & 0o777) == "0o700"
+    for suffix in ("", "-wal"):
+        db = Path(str(node.config.storage.database) + suffix)
+        assert oct(db.stat().st_mode & 0o777) == "0o600", db.name
 
 
 def test_duplicate_instance_is_acknowledged_once(node: Node) -> None:

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Install everything fracture-node needs on a fresh Debian 12 machine, idempotently:
-# Debian packages (Orthanc, DCMTK, dicom3tools, poppler for PDF rendering) and a
+# Debian packages (Orthanc, DCMTK, dicom3tools, poppler for PDF rendering, OpenJPEG,
+# openssl for the TLS tests, iproute2's ss for the load benchmark) and a
 # virtual environment in .venv with the project and its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=0
-for tool in Orthanc storescu dciodvfy pdftoppm; do
+for tool in Orthanc storescu dciodvfy pdftoppm openssl; do
   command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
+# libopenjp2: JPEG 2000 decoding at a reduced resolution level (pipeline/decode.py)
+ldconfig -p 2>/dev/null | grep -q 'libopenjp2.so.7' || need_apt=1
 if [ "$need_apt" = 1 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    orthanc dcmtk dicom3tools poppler-utils >/dev/null
+    orthanc dcmtk dicom3tools poppler-utils libopenjp2-7 openssl iproute2 >/dev/null
   # Debian starts an Orthanc service on install; the project runs its own Orthanc.
   $SUDO service orthanc stop >/dev/null 2>&1 || true
 fi

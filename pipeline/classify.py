@@ -6,6 +6,10 @@ warms them up.  :meth:`Analyser.analyse` takes the normalised images of a study 
 returns one :class:`~pipeline.result.ImageFinding` or
 :class:`~pipeline.result.Refusal` per image, in order:
 
+* the router's probabilities are pooled over the images of a study that share a
+  BodyPartExamined (one examination of one part, seen in several projections; see
+  :func:`pooled_router_probabilities`), except that an image the router itself calls
+  ``OTHER`` with confidence stays out of the pool and is refused;
 * router answer ``OTHER``, or a body part without validated classifier metrics ->
   ``Refusal(UNSUPPORTED_BODY_PART)`` naming the part;
 * router probability below the router's confidence floor -> an ``ImageFinding``
@@ -92,6 +96,37 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
+
+
+def pooled_router_probabilities(probabilities: np.ndarray, groups: Sequence[str], other_index: int,
+                                floor: float) -> np.ndarray:
+    """Router probabilities pooled (mean) over the images of each group.
+
+    A radiographic examination images one body part in several projections, and a
+    single projection can be ambiguous (a forearm view that is mostly wrist); the
+    mean over the examination's images decides for all of them, as MURA's rule does
+    for the abnormality.  Images whose own answer is ``OTHER`` at or above ``floor``
+    keep their own probabilities and do not enter the pool, so pooling never
+    turns an out-of-scope image into an analysed one.
+
+    Parameters
+    ----------
+    probabilities
+        ``(n, k)`` router softmax per image.
+    groups
+        ``n`` group keys (the node uses study UID + BodyPartExamined).
+    other_index, floor
+        Index of the ``OTHER`` class and the router's confidence floor.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    out = p.copy()
+    keys = np.asarray(list(groups), dtype=object)
+    own_other = (p.argmax(axis=1) == other_index) & (p.max(axis=1) >= floor) if len(p) else np.zeros(0, bool)
+    for key in dict.fromkeys(keys.tolist()):
+        members = (keys == key) & ~own_other
+        if members.sum() > 1:
+            out[members] = p[members].mean(axis=0)
+    return out
 
 
 def body_part_agrees(body_part_examined: str, router_part: str) -> bool:
@@ -205,6 +240,7 @@ class Analyser:
                 logger.warning("image %s not prepared: %s", image.meta.sop_instance_uid, exc)
                 outcomes[i] = Refusal(image.meta, RefusalCode.BAD_PIXEL_ATTRIBUTES,
                                       f"image could not be prepared for the models: {exc}")
+        decided: list[tuple[tuple[int, np.ndarray, np.ndarray, GridTransform], RawPredictions, int]] = []
         for start in range(0, len(prepared), MAX_BATCH):
             chunk = prepared[start : start + MAX_BATCH]
             try:
@@ -219,29 +255,45 @@ class Analyser:
                     except Exception as exc:
                         outcomes[c[0]] = Refusal(images[c[0]].meta, RefusalCode.BAD_PIXEL_ATTRIBUTES,
                                                  f"model inference failed on this image: {exc}")
-            for (i, _, _, transform), raw, k in results:
-                outcomes[i] = self._decide(images[i], transform, raw, k)
+            decided.extend(results)
+        if decided:
+            own = np.stack([raw.router_probabilities[k] for _, raw, k in decided])
+            groups = [self.pooling_key(images[c[0]]) for c, _, _ in decided]
+            pooled = pooled_router_probabilities(own, groups, self._router.classes.index(OTHER),
+                                                 self._router.confidence_floor)
+            for j, ((i, _, _, transform), raw, k) in enumerate(decided):
+                outcomes[i] = self._decide(images[i], transform, raw, k, own[j], pooled[j],
+                                           groups.count(groups[j]))
         return [o for o in outcomes if o is not None]
 
+    @staticmethod
+    def pooling_key(image: NormalisedImage) -> str:
+        """Images of one examination: same study, same BodyPartExamined (see the module docstring)."""
+        return f"{image.meta.study_instance_uid}|{image.meta.body_part_examined.strip().upper()}"
+
     def _decide(self, image: NormalisedImage, transform: GridTransform, raw: RawPredictions,
-                k: int) -> ImageFinding | Refusal:
+                k: int, own: np.ndarray, probs: np.ndarray, group_size: int) -> ImageFinding | Refusal:
         classes = self._router.classes
-        probs = raw.router_probabilities[k]
         top = int(np.argmax(probs))
         part, part_p = classes[top], float(probs[top])
+        own_top = int(np.argmax(own))
+        pooled_note = (
+            f"body part from the {group_size} images of this examination (this image alone: "
+            f"{classes[own_top]}, p={float(own[own_top]):.2f})"
+        ) if own_top != top else ""
         supported = self._classifier.supported_body_parts
         confident = part_p >= self._router.confidence_floor
-        if confident and (part == OTHER or part not in supported):
+        if part == OTHER or (confident and part not in supported):
             what = "a body part outside the supported set" if part == OTHER else f"the {part}"
             return Refusal(
                 image.meta,
                 RefusalCode.UNSUPPORTED_BODY_PART,
                 f"not analysed: unsupported body part (router: {what}, p={part_p:.2f}; "
-                f"supported: {', '.join(supported)})",
+                f"supported: {', '.join(supported)})" + (f"; {pooled_note}" if pooled_note else ""),
             )
         point = self._classifier.operating_point(part)
         p = float(raw.fracture_probabilities[k])
-        notes: list[str] = []
+        notes: list[str] = [pooled_note] if pooled_note else []
         if not confident:
             decision = Decision.NEEDS_REVIEW
             notes.append(

@@ -17,7 +17,8 @@ import pytest
 
 from conftest import MSK_DATA, ROOT
 from models.registry import load_registry, sha256_of
-from pipeline.classify import Analyser
+from models.training.data import box_mask
+from pipeline.classify import Analyser, pooled_router_probabilities
 from pipeline.gradcam import gradcam_closed_form, gradcam_tape
 from pipeline.result import (
     Decision,
@@ -95,6 +96,46 @@ def test_real_radiographs_get_typed_findings(analyser: Analyser) -> None:
         assert isinstance(outcome, Refusal) and outcome.code is RefusalCode.UNSUPPORTED_BODY_PART
 
 
+def test_one_examination_gets_one_body_part(analyser: Analyser) -> None:
+    """Three views of one MURA forearm study, BodyPartExamined ARM: the pooled router
+    answer is the same for all three, and it is the forearm."""
+    by_study: dict[str, list[dict[str, str]]] = {}
+    for r in _rows(dataset="MURA-v1.1", split="val", body_part="FOREARM"):
+        by_study.setdefault(r["study_id"], []).append(r)
+    study = next(rows for rows in by_study.values() if len(rows) >= 3)[:3]
+    outcomes = analyser.analyse([_image(MSK_DATA / r["path"], f"1.2.5.{i}", "ARM") for i, r in enumerate(study)])
+    parts = {o.body_part for o in outcomes if isinstance(o, ImageFinding)}
+    assert parts == {"FOREARM"} and len(outcomes) == 3
+
+
+def test_pooling_keeps_examinations_apart_and_other_out() -> None:
+    p = np.array([
+        [0.6, 0.3, 0.1],  # exam a: ambiguous view
+        [0.1, 0.8, 0.1],  # exam a
+        [0.0, 0.9, 0.1],  # exam a
+        [0.1, 0.1, 0.8],  # exam a, but OTHER on its own: stays out, stays OTHER
+        [0.7, 0.2, 0.1],  # exam b: alone, unchanged
+    ])
+    pooled = pooled_router_probabilities(p, ["a", "a", "a", "a", "b"], other_index=2, floor=0.5)
+    np.testing.assert_allclose(pooled[:3], np.tile(p[:3].mean(axis=0), (3, 1)))
+    assert pooled[:3].argmax(axis=1).tolist() == [1, 1, 1]
+    np.testing.assert_array_equal(pooled[3:], p[3:])
+    # below the floor, an OTHER answer is pooled like any other
+    low = pooled_router_probabilities(p[:2], ["a", "a"], other_index=0, floor=0.65)
+    np.testing.assert_allclose(low, np.tile(p[:2].mean(axis=0), (2, 1)))
+
+
+def test_box_masks_follow_the_node_square_geometry() -> None:
+    """A box on a landscape image lands where fit_square puts those pixels."""
+    image = np.zeros((50, 100), np.float32)
+    image[10:20, 60:80] = 1.0  # the box [0.6, 0.2, 0.8, 0.4] in normalised x0, y0, x1, y1
+    square, _ = fit_square(image, 64)
+    mask = box_mask([(0.6, 0.2, 0.8, 0.4)], image.shape, 64)
+    inside = square > 0.5
+    assert inside.any() and mask[inside].all()
+    assert mask.sum() <= inside.sum() + 2 * 64  # no more than a pixel border of rounding
+
+
 def test_gradcam_closed_form_equals_gradient_tape(analyser: Analyser) -> None:
     """With GAP + dense, d(logit)/d(feature map) is the head kernel / (h*w): the
     closed form must equal tf.GradientTape's Grad-CAM on the same model and image."""
@@ -123,6 +164,20 @@ def test_training_smoke_run_on_a_tiny_subset(tmp_path: Path) -> None:
     assert (out / "model.keras").exists() and (out / "state.json").exists()
     state = json.loads((out / "state.json").read_text())
     assert state["history"] and np.isfinite(state["history"][-1]["loss"])
+
+
+def test_localisation_training_smoke_run(tmp_path: Path) -> None:
+    """The box-supervised activation-map loss trains and reports a pointing game."""
+    from models.cli import train_main
+
+    out = tmp_path / "run"
+    code = train_main(["--task", "classifier", "--data", str(MSK_DATA), "--out", str(out),
+                       "--size", "64", "--epochs", "1", "--limit", "48", "--batch-size", "16",
+                       "--localisation-weight", "0.3", "--quiet"])
+    assert code == 0
+    last = json.loads((out / "state.json").read_text())["history"][-1]
+    assert np.isfinite(last["cam_loss"]) and np.isfinite(last["logit_loss"])
+    assert 0.0 <= last["pointing_game"] <= 1.0
 
 
 def test_evaluate_cli_writes_the_metrics_contract(tmp_path: Path) -> None:

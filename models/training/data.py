@@ -62,6 +62,8 @@ class Sample:
 
     row: Row
     target: int
+    classify: bool = True
+    """False for localisation-only samples: their label does not train the classifier."""
 
 
 def read_manifest(data_dir: Path) -> list[Row]:
@@ -142,6 +144,51 @@ def classifier_samples(rows: Sequence[Row], datasets: Sequence[str] = ("MURA-v1.
         if r.dataset in datasets and r.label in ("positive", "negative")
     ]
     logger.info("classifier samples: %d (%d positive)", len(out), sum(s.target for s in out))
+    return out
+
+
+def box_samples(rows: Sequence[Row], exclude: Iterable[Path] = ()) -> list[Sample]:
+    """Localisation-only samples: positive rows with fracture boxes, not in ``exclude``.
+
+    They teach where a fracture is (the Grad-CAM), not whether the image is abnormal:
+    fracture sets hold positives only, and their label means "fracture", not MURA's
+    "abnormal study", so their label is kept out of the classification loss.
+    """
+    skip = set(exclude)
+    out = [Sample(r, 1, classify=False) for r in rows if r.boxes and r.label == "positive" and r.path not in skip]
+    logger.info("localisation samples: %d images with boxes", len(out))
+    return out
+
+
+def box_mask(boxes: Sequence[Sequence[float]], image_shape: tuple[int, int], size: int) -> np.ndarray:
+    """``(size, size)`` uint8 mask of ``boxes`` (normalised ``[x0, y0, x1, y1]``) on the square grid.
+
+    Uses the geometry of :func:`pipeline.resize.fit_square` for an image of ``image_shape``.
+    """
+    rows, cols = image_shape
+    scale = size / float(max(rows, cols))
+    new_rows = max(1, min(size, int(round(rows * scale))))
+    new_cols = max(1, min(size, int(round(cols * scale))))
+    top, left = (size - new_rows) // 2, (size - new_cols) // 2
+    mask = np.zeros((size, size), dtype=np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        r0 = top + int(np.floor(min(y0, y1) * new_rows))
+        r1 = top + int(np.ceil(max(y0, y1) * new_rows))
+        c0 = left + int(np.floor(min(x0, x1) * new_cols))
+        c1 = left + int(np.ceil(max(x0, x1) * new_cols))
+        mask[max(r0, 0) : max(r1, r0 + 1), max(c0, 0) : max(c1, c0 + 1)] = 1
+    return mask
+
+
+def load_masks(samples: Sequence[Sample], size: int) -> np.ndarray:
+    """Box masks ``(n, size, size)`` uint8 for ``samples`` (zeros where a row has no boxes)."""
+    out = np.zeros((len(samples), size, size), dtype=np.uint8)
+    for i, s in enumerate(samples):
+        if s.row.boxes:
+            img = cv2.imread(str(s.row.path), cv2.IMREAD_GRAYSCALE)
+            if img is None:
+                raise OSError(f"cannot read image {s.row.path}")
+            out[i] = box_mask(s.row.boxes, img.shape, size)
     return out
 
 

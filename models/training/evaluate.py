@@ -34,6 +34,7 @@ import numpy as np
 
 from models.training import data as mdata
 from models.training import metrics as mm
+from pipeline.classify import pooled_router_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,11 @@ def evaluate_router(analyser: Any, rows: Sequence[mdata.Row], supported: Sequenc
         }
     sup = np.isin(y, [classes.index(c) for c in supported if c in classes])
     floor = analyser.router_entry.confidence_floor
+    # as the node decides: pooled over the images of an examination (here: a study,
+    # the manifest has no BodyPartExamined), OTHER answers kept out of the pool
+    pooled = pooled_router_probabilities(p, [r.study_key for r, _ in items], classes.index(mdata.OTHER), floor)
+    pred_pooled = pooled.argmax(1)
+    other = y == classes.index(mdata.OTHER)
     by_dataset: dict[str, dict[str, float]] = {}
     for ds in sorted({r.dataset for r, _ in items}):
         m = np.array([r.dataset == ds for r, _ in items])
@@ -91,6 +97,13 @@ def evaluate_router(analyser: Any, rows: Sequence[mdata.Row], supported: Sequenc
         "accuracy_supported": float(np.mean(pred[sup] == y[sup])) if sup.any() else float("nan"),
         "n_supported": int(sup.sum()),
         "supported_parts": list(supported),
+        "other_recall": float(np.mean(pred[other] == y[other])) if other.any() else float("nan"),
+        "pooled": {
+            "accuracy": float(np.mean(pred_pooled == y)),
+            "accuracy_supported": float(np.mean(pred_pooled[sup] == y[sup])) if sup.any() else float("nan"),
+            "other_recall": float(np.mean(pred_pooled[other] == y[other])) if other.any() else float("nan"),
+            "groups": len({r.study_key for r, _ in items}),
+        },
         "below_confidence_floor": float(np.mean(p.max(1) < floor)),
         "per_class": per_class,
         "by_dataset": by_dataset,
@@ -429,6 +442,12 @@ def write_report(out: Path, metrics: dict[str, Any], files: Sequence[str]) -> No
         f"({', '.join(r['supported_parts'])}) {r['accuracy_supported']:.3f} (n={r['n_supported']}; bar 0.97); "
         f"OTHER recall {r['per_class'].get('OTHER', {}).get('recall', float('nan')):.3f} (bar 0.95). "
         f"{100 * r['below_confidence_floor']:.1f}% of images fall below the confidence floor.",
+        "",
+        f"As the node decides (router probabilities pooled over the images of an examination, here each of "
+        f"the {r['pooled']['groups']} studies; an image the router itself calls OTHER stays out of the pool): "
+        f"accuracy {r['pooled']['accuracy']:.3f}, on the supported parts {r['pooled']['accuracy_supported']:.3f} "
+        f"(bar 0.97), OTHER recall {r['pooled']['other_recall']:.3f} (bar 0.95). The tables below are per image, "
+        f"each image alone.",
         "",
         "| class | n | recall | precision |",
         "|---|---|---|---|",

@@ -10,6 +10,16 @@ that stops before an epoch that would not finish in time.  The result is
 Inputs are built exactly as at inference: 8-bit JPEG / 255 -> :func:`fit_square`.
 Augmentation (training only): horizontal flip, rotation +-10 degrees, zoom +-10 %,
 shift +-5 %, contrast x[0.8, 1.2], brightness +-0.08, gamma [0.8, 1.25].
+
+With ``--localisation-weight`` the classifier also learns *where*: positive images
+with fracture boxes (any dataset of the manifest) add a second loss on the class
+activation map, the dense head applied at every cell of the last feature map (which
+is what Grad-CAM shows for a GAP + dense head).  The loss is the cross-entropy
+between the softmax of that map over the cells and the share of each cell covered
+by a box.  A softmax over cells does not change when every cell moves by the same
+amount, so this loss leaves the image logit (the mean of the map) to the
+classification loss; the boxed images themselves do not enter the classification
+loss (see :func:`models.training.data.box_samples`).
 """
 
 from __future__ import annotations
@@ -57,6 +67,8 @@ class TrainConfig:
     backbone: str = str(DEFAULT_BACKBONE)
     dropout: float = 0.2
     label_smoothing: float = 0.0
+    localisation_weight: float = 0.0
+    """Weight of the box-supervised class-activation-map loss (classifier only; 0 = off)."""
 
     def __post_init__(self) -> None:
         if self.task not in ("router", "classifier"):
@@ -65,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"size must be a multiple of 32 (>= 32), not {self.size}")
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
+        if self.localisation_weight < 0 or (self.localisation_weight and self.task != "classifier"):
+            raise ValueError("localisation_weight must be >= 0, and only the classifier has one")
 
 
 def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.Sample]:
@@ -74,6 +88,8 @@ def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.
         samples = mdata.router_samples(part, cap, cfg.seed)
     else:
         samples = mdata.classifier_samples(part)
+        if cfg.localisation_weight and split == "train":
+            samples += mdata.box_samples(part, exclude=[s.row.path for s in samples])
     if cfg.limit is not None:
         rng = np.random.default_rng(cfg.seed)
         idx = rng.permutation(len(samples))[: cfg.limit]
@@ -81,8 +97,13 @@ def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.
     return samples
 
 
-def _augment_fn(size: int, seed: int) -> "object":
-    """A batched tf.data map function doing the radiograph augmentation."""
+def _augment_fn(size: int, seed: int, with_masks: bool = False) -> "object":
+    """A batched tf.data map function doing the radiograph augmentation.
+
+    With ``with_masks`` the function takes ``(x, y, w, mask, w_loc)``, moves each box
+    mask with its image (same flip, rotation, zoom, shift) and returns it pooled to
+    the feature grid (share of each cell inside a box) as the ``"cam"`` target.
+    """
     import keras
     import tensorflow as tf
 
@@ -90,26 +111,54 @@ def _augment_fn(size: int, seed: int) -> "object":
     zoom = keras.layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed + 1)
     shift = keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed + 2)
 
-    def augment(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        x = tf.cast(x, tf.float32)[..., None]
+    stride = 32  # MobileNetV2's output stride: the feature grid is size / 32
+
+    def geometric(x: tf.Tensor) -> tf.Tensor:
         x = tf.image.random_flip_left_right(x, seed=seed)
-        x = shift(zoom(rot(x, training=True), training=True), training=True)
+        return shift(zoom(rot(x, training=True), training=True), training=True)
+
+    def photometric(x: tf.Tensor) -> tf.Tensor:
         b = tf.shape(x)[0]
         mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
         contrast = tf.random.uniform([b, 1, 1, 1], 0.8, 1.2)
         bright = tf.random.uniform([b, 1, 1, 1], -0.08, 0.08)
         gamma = tf.exp(tf.random.uniform([b, 1, 1, 1], math.log(0.8), math.log(1.25)))
         x = tf.clip_by_value((x - mean) * contrast + mean + bright, 0.0, 1.0)
-        x = tf.pow(x + 1e-6, gamma)
-        return x, y, w
+        return tf.pow(x + 1e-6, gamma)
 
-    return augment
+    def augment(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return photometric(geometric(tf.cast(x, tf.float32)[..., None])), y, w
+
+    def augment_with_masks(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor, mask: tf.Tensor, w_loc: tf.Tensor) -> tuple:
+        both = geometric(tf.stack([tf.cast(x, tf.float32), tf.cast(mask, tf.float32)], axis=-1))
+        image, moved = both[..., :1], both[..., 1:]
+        cells = tf.nn.avg_pool2d(moved, stride, stride, "VALID")
+        return photometric(image), {"logit": y, "cam": cells}, {"logit": w, "cam": w_loc}
+
+    return augment_with_masks if with_masks else augment
+
+
+def spatial_cross_entropy(y_true: "object", y_pred: "object") -> "object":
+    """Per image: cross-entropy of softmax(cells of ``y_pred``) against the box share ``y_true``.
+
+    ``y_true`` is ``(batch, g, g, 1)`` (share of each cell inside a box), ``y_pred``
+    the class activation map ``(batch, g, g, 1)``.  Images without boxes give 0.
+    """
+    import keras
+    from keras import ops
+
+    b = ops.shape(y_pred)[0]
+    logp = ops.log_softmax(ops.reshape(y_pred, (b, -1)), axis=-1)
+    q = ops.reshape(ops.cast(y_true, logp.dtype), (b, -1))
+    total = ops.sum(q, axis=-1)
+    ce = -ops.sum(q * logp, axis=-1) / ops.maximum(total, keras.config.epsilon())
+    return ops.where(total > 0, ce, ops.zeros_like(ce))
 
 
 def _predict_logits(model: "object", arrays: np.ndarray, batch: int = 64) -> np.ndarray:
     import tensorflow as tf
 
-    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    fn = tf.function(lambda x: _logits_of(model(x, training=False)), reduce_retracing=True)
     out = []
     for i in range(0, len(arrays), batch):
         x = tf.constant(arrays[i : i + batch].astype(np.float32)[..., None])
@@ -132,6 +181,26 @@ def _validation_summary(cfg: TrainConfig, logits: np.ndarray, val: list[mdata.Sa
     return {"image_auroc": mm.auroc(y, p), "study_auroc": mm.auroc(sy, sp), "n_studies": len(sy)}
 
 
+def _logits_of(output: "object") -> "object":
+    """The logits of a training model's output (a tensor, or ``{"logit", "cam"}``)."""
+    return output["logit"] if isinstance(output, dict) else output
+
+
+def _pointing_game(model: "object", arrays: np.ndarray, masks: np.ndarray) -> float:
+    """Share of images whose activation-map maximum (upsampled to the grid) lies in a box."""
+    import tensorflow as tf
+
+    if not len(arrays):
+        return float("nan")
+    hits = []
+    for i in range(0, len(arrays), 32):
+        cam = model(tf.constant(arrays[i : i + 32].astype(np.float32)[..., None]), training=False)["cam"]
+        up = tf.image.resize(cam, arrays.shape[1:3], method="bilinear").numpy()[..., 0]
+        for j, m in enumerate(masks[i : i + 32]):
+            hits.append(bool(m.flat[int(np.argmax(up[j]))]))
+    return round(float(np.mean(hits)), 4)
+
+
 def inference_model(train_model: "object") -> "object":
     """The two-output inference model (logits, feature map) sharing ``train_model``'s layers."""
     import keras
@@ -140,7 +209,7 @@ def inference_model(train_model: "object") -> "object":
 
     return keras.Model(
         train_model.input,
-        [train_model.output, train_model.get_layer(FEATURE_LAYER).output],
+        [_logits_of(train_model.output), train_model.get_layer(FEATURE_LAYER).output],
         name=train_model.name,
     )
 
@@ -167,19 +236,28 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
     x_train = mdata.load_arrays([s.row.path for s in train_s], cfg.size)
     x_val = mdata.load_arrays([s.row.path for s in val_s], cfg.size)
     y_train = np.array([s.target for s in train_s])
-    counts = Counter(y_train.tolist())
+    classify = np.array([s.classify for s in train_s])
+    counts = Counter(y_train[classify].tolist())
     n_classes = len(mdata.ROUTER_CLASSES) if cfg.task == "router" else 2
-    class_w = {c: len(y_train) / (n_classes * counts[c]) for c in counts}
-    w_train = np.array([class_w[t] for t in y_train], dtype=np.float32)
+    class_w = {c: int(classify.sum()) / (n_classes * counts[c]) for c in counts}
+    w_train = np.array([class_w[t] if c else 0.0 for t, c in zip(y_train, classify)], dtype=np.float32)
+    localise = cfg.localisation_weight > 0
     logger.info("loaded in %.0f s; class weights %s", time.monotonic() - start,
                 {k: round(v, 3) for k, v in sorted(class_w.items())})
 
     y_fit = y_train.astype(np.float32)[:, None] if cfg.task == "classifier" else y_train
+    if localise:
+        masks = mdata.load_masks(train_s, cfg.size)
+        w_loc = np.array([1.0 if s.row.boxes else 0.0 for s in train_s], dtype=np.float32)
+        logger.info("%d training images carry fracture boxes", int(w_loc.sum()))
+        tensors: tuple = (x_train, y_fit, w_train, masks, w_loc)
+    else:
+        tensors = (x_train, y_fit, w_train)
     ds = (
-        tf.data.Dataset.from_tensor_slices((x_train, y_fit, w_train))
+        tf.data.Dataset.from_tensor_slices(tensors)
         .shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True)
         .batch(cfg.batch_size, drop_remainder=len(x_train) > cfg.batch_size)
-        .map(_augment_fn(cfg.size, cfg.seed), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(_augment_fn(cfg.size, cfg.seed, with_masks=localise), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(2)
     )
     steps = max(1, len(x_train) // cfg.batch_size)
@@ -190,7 +268,8 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
     first_epoch = 0
     if resume and ckpt.exists() and state_path.exists():
         state = json.loads(state_path.read_text())
-        train_model = keras.models.load_model(ckpt, safe_mode=True)
+        train_model = keras.models.load_model(
+            ckpt, safe_mode=True, custom_objects={"spatial_cross_entropy": spatial_cross_entropy})
         first_epoch = int(state["epochs_done"])
         history = list(state.get("history", []))
         logger.info("resuming %s after epoch %d", out, first_epoch)
@@ -198,7 +277,11 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         n_out = len(mdata.ROUTER_CLASSES) if cfg.task == "router" else 1
         weights = mobilenet.load_backbone_weights(cfg.backbone)
         full = mobilenet.build_model(cfg.size, n_out, weights, cfg.dropout, name=f"{cfg.task}")
-        train_model = keras.Model(full.input, full.outputs[0], name=cfg.task)
+        if localise:
+            cam = full.get_layer("head")(full.outputs[1])  # the head at every cell: the CAM
+            train_model = keras.Model(full.input, {"logit": full.outputs[0], "cam": cam}, name=cfg.task)
+        else:
+            train_model = keras.Model(full.input, full.outputs[0], name=cfg.task)
         for layer in train_model.layers:
             block = mobilenet.block_of_layer(layer.name)
             if 0 <= block < cfg.freeze_blocks:
@@ -213,9 +296,18 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
                 if cfg.label_smoothing else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         else:
             loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
-        train_model.compile(optimizer=optimizer, loss=loss)
+        if localise:
+            train_model.compile(optimizer=optimizer, loss={"logit": loss, "cam": spatial_cross_entropy},
+                                loss_weights={"logit": 1.0, "cam": cfg.localisation_weight})
+        else:
+            train_model.compile(optimizer=optimizer, loss=loss)
     if cfg.task == "router" and cfg.label_smoothing:
         ds = ds.map(lambda x, y, w: (x, tf.one_hot(y, n_classes), w))
+
+    if localise:  # validation images with boxes, for the pointing game of every epoch
+        boxed_val = mdata.box_samples(mdata.in_split(rows, "val"))[: cfg.limit]
+        x_boxed = mdata.load_arrays([s.row.path for s in boxed_val], cfg.size)
+        boxed_masks = mdata.load_masks(boxed_val, cfg.size)
 
     epoch_seconds: list[float] = []
     for epoch in range(first_epoch, cfg.epochs):
@@ -231,7 +323,10 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         summary = _validation_summary(cfg, val_logits, val_s)
         dt = time.monotonic() - t0
         epoch_seconds.append(dt)
-        entry = {"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]), "seconds": round(dt, 1),
+        losses = {k: round(float(v[-1]), 4) for k, v in fit.history.items() if k.endswith("loss")}
+        if localise:
+            summary["pointing_game"] = _pointing_game(train_model, x_boxed, boxed_masks)
+        entry = {"epoch": epoch + 1, **losses, "seconds": round(dt, 1),
                  "images_per_second": round(len(x_train) / dt, 1), **summary}
         history.append(entry)
         logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, json.dumps(entry))
@@ -260,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--localisation-weight", type=float, default=0.0,
+                   help="classifier: weight of the box-supervised activation-map loss (0 = off)")
     p.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
@@ -275,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         freeze_blocks=args.freeze_blocks, seed=args.seed, max_per_class=args.max_per_class,
         limit=args.limit, max_minutes=args.max_minutes, backbone=str(args.backbone),
-        label_smoothing=args.label_smoothing,
+        label_smoothing=args.label_smoothing, localisation_weight=args.localisation_weight,
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1
     path = train(cfg, resume=args.resume, verbose=verbose)

@@ -66,7 +66,7 @@ def test_a_tampered_weights_file_is_refused(tmp_path: Path) -> None:
     text = REGISTRY.read_text()
     registry = tmp_path / "registry.toml"
     registry.write_text(text)
-    victim = tmp_path / "weights" / f"{CLASSIFIER}-1.0.0.keras"
+    victim = tmp_path / "weights" / load_registry(REGISTRY).get(CLASSIFIER).weights.name
     data = bytearray(victim.read_bytes())
     data[-100] ^= 0xFF
     victim.write_bytes(bytes(data))

@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         train_desc = (
             f"../shared/data/msk manifest split=train; {len(history)} epochs at {size} px, "
             f"seed {cfg['seed']}, lr {cfg['learning_rate']}, frozen blocks {cfg['freeze_blocks']}"
+            + (f", label smoothing {cfg['label_smoothing']}" if cfg.get("label_smoothing") else "")
         )
         if args.task == "router":
             entry["training_data"] = (
@@ -201,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             entry["training_data"] = (
                 "MURA v1.1 (train split of ../shared/data/msk: humerus, forearm, wrist, unknown), "
-                "study-level 'abnormal' labels. " + train_desc
+                "study-level 'abnormal' labels. " + (
+                    f"Activation map supervised by the fracture boxes of the train split's boxed positives "
+                    f"(weight {cfg['localisation_weight']}; their labels do not enter the classification loss). "
+                    if cfg.get("localisation_weight") else ""
+                ) + train_desc
             )
             entry["temperature"] = temperature
             entry["confidence_floor"] = 0.0
@@ -231,6 +236,9 @@ def flatten_metrics(metrics: Mapping[str, Any], role: str) -> dict[str, Any]:
         r = metrics["router"]
         out.update({"accuracy": r["accuracy"], "accuracy_supported": r["accuracy_supported"],
                     "other_recall": r["per_class"].get("OTHER", {}).get("recall", float("nan")), "n": r["n"]})
+        if "pooled" in r:
+            out.update({"pooled_accuracy_supported": r["pooled"]["accuracy_supported"],
+                        "pooled_other_recall": r["pooled"]["other_recall"]})
         return out
     f = metrics["fracture"]
     out.update({"image_auroc": f["image"]["auroc"], "study_auroc": f["study"]["auroc"],

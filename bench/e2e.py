@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -90,7 +89,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between two studies (0: all at once, a burst)")
     args = parser.parse_args(argv)
 
-    from node.config import load_config
+    from node.config import (
+        Config,
+        DestinationConfig,
+        NodeConfig,
+        PeerConfig,
+        StorageConfig,
+        StudyConfig,
+        load_config,
+        render_config,
+    )
     from node.processing import processor_factory
     from node.service import Node
 
@@ -102,29 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         node_port = orthanc_ctl.free_port()
         orthanc = orthanc_ctl.Orthanc(work / "orthanc", node_port=node_port, route=True,
                                       stable_age=args.stable_age).start()
-        cfg = work / "node.toml"
         shipped = load_config(ROOT / "config.toml", environ={})
-        cfg.write_text(textwrap.dedent(f"""
-            [node]
-            port = {node_port}
-            [[peers]]
-            ae_title = "ORTHANC"
-            host = "127.0.0.1"
-            [[destinations]]
-            name = "pacs"
-            ae_title = "ORTHANC"
-            host = "127.0.0.1"
-            port = {orthanc.dicom_port}
-            [storage]
-            spool_dir = "{work / 'spool'}"
-            database = "{work / 'node.sqlite'}"
-            [study]
-            quiet_seconds = {args.quiet_seconds}
-            [models]
-            registry = "{ROOT / 'models' / 'registry.toml'}"
-            router = "{shipped.models.router}"
-            classifier = "{shipped.models.classifier}"
-            """))
+        cfg = work / "node.toml"
+        cfg.write_text(render_config(Config(
+            node=NodeConfig(port=node_port),
+            peers=(PeerConfig("ORTHANC", "127.0.0.1"),),
+            destinations=(DestinationConfig("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port),),
+            storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
+            study=StudyConfig(quiet_seconds=args.quiet_seconds),
+            models=shipped.models,
+        )))
         config = load_config(cfg, environ={})
         node = Node(config, processor_factory(config))
         node.start()

@@ -25,13 +25,11 @@ import argparse
 import csv
 import importlib.util
 import json
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from types import ModuleType
@@ -93,37 +91,35 @@ def run_load(associations: int, per: int) -> dict[str, object]:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    from node.config import (
+        Config,
+        DestinationConfig,
+        LimitsConfig,
+        NodeConfig,
+        PeerConfig,
+        StorageConfig,
+        StudyConfig,
+        load_config,
+        render_config,
+    )
+
     work = Path(tempfile.mkdtemp(prefix="load-"))
     try:
         sets = make_load(work / "data", associations, per)
         total_bytes = sum(p.stat().st_size for s in sets for p in s)
         node_port = orthanc_ctl.free_port()
         orthanc = orthanc_ctl.Orthanc(work / "orthanc", node_port=node_port).start()
-        shipped = (ROOT / "config.toml").read_text()
-        models = re.search(r"\[models\][^\[]*", shipped)
-        assert models
+        shipped = load_config(ROOT / "config.toml", environ={})
         cfg = work / "node.toml"
-        cfg.write_text(textwrap.dedent(f"""
-            [node]
-            port = {node_port}
-            [[peers]]
-            ae_title = "STORESCU"
-            host = "127.0.0.1"
-            [[peers]]
-            ae_title = "PROBE"
-            [[destinations]]
-            name = "pacs"
-            ae_title = "ORTHANC"
-            host = "127.0.0.1"
-            port = {orthanc.dicom_port}
-            [storage]
-            spool_dir = "{work / 'spool'}"
-            database = "{work / 'node.sqlite'}"
-            [study]
-            quiet_seconds = 2
-            [limits]
-            max_associations = {associations}
-            """) + models.group(0).replace('"models/', f'"{ROOT}/models/'))
+        cfg.write_text(render_config(Config(
+            node=NodeConfig(port=node_port),
+            peers=(PeerConfig("STORESCU", "127.0.0.1"), PeerConfig("PROBE")),
+            destinations=(DestinationConfig("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port),),
+            storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
+            study=StudyConfig(quiet_seconds=2),
+            limits=LimitsConfig(max_associations=associations),
+            models=shipped.models,
+        )))
         ready = work / "ready"
         node = subprocess.Popen([str(EXE), "--config", str(cfg), "serve", "--ready-file",
                                  str(ready)], stderr=(work / "node.log").open("wb"))

@@ -9,10 +9,11 @@ reads ``os.environ``.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -459,3 +460,48 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     env = os.environ if environ is None else environ
     return config_from_dict(raw, path.resolve().parent, env)
+
+
+def _toml_value(key: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    raise ConfigError(f"{key}: cannot write a {type(value).__name__} to config.toml")
+
+
+def _table_body(name: str, section: Any) -> str:
+    """The ``key = value`` lines of one section, leaving out keys at their default."""
+    lines = []
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if value is None or (f.default is not MISSING and value == f.default):
+            continue
+        lines.append(f"{f.name} = {_toml_value(f'{name}.{f.name}', value)}\n")
+    return "".join(lines)
+
+
+def render_config(config: Config) -> str:
+    """``config.toml`` text that :func:`load_config` reads back as ``config``.
+
+    Only keys that differ from their default are written, and a section left at its
+    defaults is left out, so that text appended later may add it.  Paths are written
+    as they are: a relative one stays relative to the file's directory.
+
+    Parameters
+    ----------
+    config
+        The configuration; being a :class:`Config`, it has already passed every check.
+    """
+    parts = ["allow_any_peer = true\n"] if config.allow_any_peer else []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, tuple):  # [[peers]], [[destinations]]
+            parts.extend(f"[[{f.name}]]\n" + _table_body(f.name, entry) for entry in value)
+        elif is_dataclass(value):
+            body = _table_body(f.name, value)
+            if body:
+                parts.append(f"[{f.name}]\n" + body)
+    return "\n".join(parts)

@@ -22,7 +22,16 @@ from typing import Any
 
 import pydicom
 
-from node.config import load_config
+from node.config import (
+    Config,
+    DestinationConfig,
+    NodeConfig,
+    PeerConfig,
+    StorageConfig,
+    StudyConfig,
+    load_config,
+    render_config,
+)
 from node.processing import processor_factory
 from node.scu import dicom_files
 from node.service import Node
@@ -65,37 +74,18 @@ class Progress:
 
 
 def _write_config(workdir: Path, node_port: int, orthanc_port: int) -> Path:
-    text = textwrap.dedent(f"""
-        [node]
-        ae_title = "FRACTURE_NODE"
-        bind_address = "127.0.0.1"
-        port = {node_port}
-
-        [[peers]]
-        ae_title = "ORTHANC"
-        host = "127.0.0.1"
-
-        [[destinations]]
-        name = "pacs"
-        ae_title = "ORTHANC"
-        host = "127.0.0.1"
-        port = {orthanc_port}
-
-        [storage]
-        spool_dir = "spool"
-        database = "fracture-node.sqlite"
-        min_free_mb = 64
-
-        [study]
-        quiet_seconds = 2
-
-        [models]
-        registry = "{ROOT / 'models' / 'registry.toml'}"
-        """)
     shipped = load_config(ROOT / "config.toml", environ={})
-    text += f'router = "{shipped.models.router}"\nclassifier = "{shipped.models.classifier}"\n'
+    config = Config(
+        node=NodeConfig(port=node_port),
+        peers=(PeerConfig("ORTHANC", "127.0.0.1"),),
+        destinations=(DestinationConfig("pacs", "ORTHANC", "127.0.0.1", orthanc_port),),
+        storage=StorageConfig(spool_dir=Path("spool"), database=Path("fracture-node.sqlite"),
+                              min_free_mb=64),
+        study=StudyConfig(quiet_seconds=2),
+        models=shipped.models,
+    )
     path = workdir / "config.toml"
-    path.write_text(text)
+    path.write_text(render_config(config))
     return path
 
 

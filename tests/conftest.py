@@ -33,8 +33,19 @@ def _strict_writing() -> Iterator[None]:
 
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
-import textwrap  # noqa: E402
 from typing import Any  # noqa: E402
+
+from node.config import (  # noqa: E402
+    Config,
+    DeliveryConfig,
+    DestinationConfig,
+    ModelConfig,
+    NodeConfig,
+    PeerConfig,
+    StorageConfig,
+    StudyConfig,
+    render_config,
+)
 
 _spec = importlib.util.spec_from_file_location("orthanc_ctl", ROOT / "orthanc-test" / "orthanc_ctl.py")
 assert _spec is not None and _spec.loader is not None
@@ -47,54 +58,25 @@ storescu = orthanc_ctl.storescu
 
 
 def write_config(directory: Path, node_port: int, *, destinations: list[dict[str, Any]] | None = None,
-                 extra: str = "", peers: str | None = None, quiet_seconds: float = 0.5,
-                 min_free_mb: int = 0, spool_dir: Path | None = None,
-                 delivery: str = "") -> Path:
-    """A config.toml for a test node on loopback."""
-    dests = "".join(
-        textwrap.dedent(f"""
-        [[destinations]]
-        name = "{d['name']}"
-        ae_title = "{d['ae_title']}"
-        host = "127.0.0.1"
-        port = {d['port']}
-        """) for d in (destinations or [])
+                 extra: str = "", peers: tuple[PeerConfig, ...] | None = None,
+                 quiet_seconds: float = 0.5, min_free_mb: int = 0,
+                 spool_dir: Path | None = None) -> Path:
+    """A config.toml for a test node on loopback; ``extra`` is TOML text appended to it."""
+    config = Config(
+        node=NodeConfig(port=node_port),
+        peers=peers if peers is not None else (
+            PeerConfig("STORESCU", "127.0.0.1"), PeerConfig("ORTHANC", "127.0.0.1"),
+            PeerConfig("TESTSCU")),
+        destinations=tuple(DestinationConfig(host="127.0.0.1", **d) for d in destinations or []),
+        storage=StorageConfig(spool_dir=spool_dir or (directory / "spool"),
+                              database=directory / "node.sqlite", min_free_mb=min_free_mb),
+        study=StudyConfig(quiet_seconds=quiet_seconds),
+        delivery=DeliveryConfig(max_attempts=2, backoff_initial_seconds=0.2, backoff_max_seconds=1.0),
+        models=ModelConfig(registry=ROOT / "models" / "registry.toml", router="bodypart-router",
+                           classifier="fracture-classifier"),
     )
-    peers = peers if peers is not None else textwrap.dedent("""
-        [[peers]]
-        ae_title = "STORESCU"
-        host = "127.0.0.1"
-        [[peers]]
-        ae_title = "ORTHANC"
-        host = "127.0.0.1"
-        [[peers]]
-        ae_title = "TESTSCU"
-        """)
-    spool = spool_dir or (directory / "spool")
-    delivery = delivery or textwrap.dedent("""
-        [delivery]
-        max_attempts = 2
-        backoff_initial_seconds = 0.2
-        backoff_max_seconds = 1.0
-        """)
-    text = textwrap.dedent(f"""
-        [node]
-        ae_title = "FRACTURE_NODE"
-        bind_address = "127.0.0.1"
-        port = {node_port}
-        [storage]
-        spool_dir = "{spool}"
-        database = "{directory / 'node.sqlite'}"
-        min_free_mb = {min_free_mb}
-        [study]
-        quiet_seconds = {quiet_seconds}
-        [models]
-        registry = "{ROOT / 'models' / 'registry.toml'}"
-        router = "bodypart-router"
-        classifier = "fracture-classifier"
-        """) + peers + dests + delivery + extra
     path = directory / "config.toml"
-    path.write_text(text)
+    path.write_text(render_config(config) + extra)
     return path
 
 

@@ -3,6 +3,7 @@ real Orthanc from orthanc-test/.  No socket mocks."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -21,7 +22,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from conftest import DICOM_DATA, ROOT, Orthanc, free_port, storescu, wait_for, write_config
 from nodeharness import CopyProcessor
-from node.config import config_from_dict, load_config
+from node.config import PeerConfig, StudyConfig, config_from_dict, load_config, render_config
 from node.errors import ConfigError
 from node.scp import STATUS_MISSING_IDENTIFIERS, STATUS_OUT_OF_RESOURCES
 from node.service import Node
@@ -84,6 +85,16 @@ def test_shipped_config_is_valid_and_closed_by_default() -> None:
     assert all(p.host for p in config.peers)
 
 
+
+@pytest.mark.parametrize("allow_any_peer", [False, True])
+def test_rendered_config_reads_back_as_the_same_config(tmp_path: Path, allow_any_peer: bool) -> None:
+    shipped = load_config(ROOT / "config.toml", environ={})
+    config = dataclasses.replace(shipped, allow_any_peer=allow_any_peer,
+                                 study=StudyConfig(quiet_seconds=0.5))
+    path = tmp_path / "config.toml"
+    path.write_text(render_config(config))
+    assert load_config(path, environ={}) == config
+
 def test_check_config_cli_reports_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[node]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n[[peers]]\nae_title = "X"\n')
@@ -144,7 +155,7 @@ def test_wrong_called_ae_is_rejected(node: Node) -> None:
 
 
 def test_allowed_ae_from_wrong_host_is_rejected(tmp_path: Path) -> None:
-    peers = '[[peers]]\nae_title = "TESTSCU"\nhost = "127.0.0.2"\n'
+    peers = (PeerConfig("TESTSCU", "127.0.0.2"),)
     config = load_config(write_config(tmp_path, free_port(), peers=peers))
     n = Node(config, CopyProcessor)
     n.start()

@@ -5,7 +5,10 @@ Everything that two builders would otherwise write twice lives here:
 * :class:`OutputSettings` - series numbers/descriptions and equipment identity of
   the objects fracture-node writes;
 * :func:`output_uid` - deterministic UIDs, so reprocessing an image yields the same
-  objects instead of duplicates (PS3.5 9.1, pydicom ``generate_uid``);
+  objects instead of duplicates (PS3.5 9.1, pydicom ``generate_uid``), and the
+  per-study series and instance UIDs derived from it (:func:`study_series_uid`,
+  :func:`study_output_uid`);
+* :func:`device_observer` - the node as observer of its SR documents;
 * :func:`copy_patient_study` - exact copy of the Patient and Study modules
   (PS3.3 C.7.1.1, C.7.2.1, C.7.2.2) including Specific Character Set (C.12.1.1.2);
 * :func:`render_heatmap` - the one rendering of the radiograph with its Grad-CAM
@@ -169,6 +172,25 @@ def output_uid(*parts: str) -> str:
 def model_hashes(models: Iterable[ModelInfo]) -> list[str]:
     """Weights SHA-256 of ``models`` in a stable order, duplicates removed."""
     return sorted({m.weights_sha256 for m in models})
+
+
+def study_series_uid(study_instance_uid: str, models: Iterable[ModelInfo], kind: str) -> str:
+    """Series Instance UID of the ``kind`` outputs (``"sc"``, ``"sr"``, ``"pdf"``,
+    ``"ko"``) of a study and model version: study UID, model hashes, ``"<kind>-series"``."""
+    return output_uid(study_instance_uid, *model_hashes(models), f"{kind}-series")
+
+
+def study_output_uid(
+    study_instance_uid: str,
+    sop_instance_uids: Iterable[str],
+    models: Iterable[ModelInfo],
+    kind: str,
+) -> str:
+    """SOP Instance UID of a study-level output (``"sr"``, ``"pdf"``, ``"ko"``): study
+    UID, the sorted SOP Instance UIDs it reports on, model hashes, ``kind``."""
+    return output_uid(
+        study_instance_uid, *sorted(sop_instance_uids), *model_hashes(models), kind
+    )
 
 
 def finding_models(finding: ImageFinding) -> tuple[ModelInfo, ...]:
@@ -411,6 +433,23 @@ def contributing_equipment(
         item.DeviceUID = model.device_uid
         items.append(item)
     return items
+
+
+def device_observer(settings: OutputSettings) -> hd.sr.ObserverContext:
+    """The node as the Device observer of an SR document (TID 1004, CID 270).
+
+    Its Device Observer UID depends only on the manufacturer and model name, so
+    every document the node writes names the same observer.
+    """
+    return hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=output_uid(settings.manufacturer, settings.manufacturer_model_name, "device"),
+            name=settings.manufacturer_model_name,
+            manufacturer_name=settings.manufacturer,
+            model_name=settings.manufacturer_model_name,
+        ),
+    )
 
 
 def unique_models(models: Iterable[ModelInfo]) -> tuple[ModelInfo, ...]:

@@ -20,12 +20,13 @@ from dicom_out.common import (
     OutputSettings,
     contributing_equipment,
     copy_patient_study,
+    device_observer,
     finding_models,
-    model_hashes,
-    output_uid,
     reference_dataset,
     series_description,
     study_head,
+    study_output_uid,
+    study_series_uid,
     unique_models,
 )
 from pipeline.result import Decision, StudyResult
@@ -73,15 +74,7 @@ def build_key_object_selection(
         if refs & uids:
             objects.append(reference_dataset(sc))
     models = unique_models(m for f in result.findings for m in finding_models(f))
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=output_uid(settings.manufacturer, settings.manufacturer_model_name, "device"),
-            name=settings.manufacturer_model_name,
-            manufacturer_name=settings.manufacturer,
-            model_name=settings.manufacturer_model_name,
-        ),
-    )
+    observer = device_observer(settings)
     content = hd.ko.KeyObjectSelection(
         document_title=codes.DCM.OfInterest,
         referenced_objects=objects,
@@ -91,13 +84,9 @@ def build_key_object_selection(
     ds = hd.ko.KeyObjectSelectionDocument(
         evidence=[reference_dataset(head), *objects],
         content=content,
-        series_instance_uid=output_uid(
-            result.study_instance_uid, *model_hashes(models), "ko-series"
-        ),
+        series_instance_uid=study_series_uid(result.study_instance_uid, models, "ko"),
         series_number=settings.ko_series_number,
-        sop_instance_uid=output_uid(
-            result.study_instance_uid, *sorted(uids), *model_hashes(models), "ko"
-        ),
+        sop_instance_uid=study_output_uid(result.study_instance_uid, uids, models, "ko"),
         instance_number=1,
         manufacturer=settings.manufacturer,
         institution_name=settings.institution_name,

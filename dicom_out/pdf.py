@@ -60,12 +60,12 @@ from dicom_out.common import (
     encode_image,
     finding_models,
     font_path,
-    model_hashes,
-    output_uid,
     render_views,
     series_description,
     shows_heatmap,
     study_head,
+    study_output_uid,
+    study_series_uid,
     unique_models,
 )
 from pipeline.result import Decision, ImageFinding, ModelInfo, Refusal, StudyResult
@@ -661,20 +661,6 @@ def check_pdf(data: bytes) -> None:
 # --------------------------------------------------------------------------- DICOM
 
 
-def pdf_series_uid(study_instance_uid: str, models: Sequence[ModelInfo]) -> str:
-    """Series Instance UID of the PDF report series of a study and model version."""
-    return output_uid(study_instance_uid, *model_hashes(models), "pdf-series")
-
-
-def pdf_instance_uid(
-    study_instance_uid: str, sop_instance_uids: Sequence[str], models: Sequence[ModelInfo]
-) -> str:
-    """SOP Instance UID: study UID, sorted source SOP UIDs, model hashes, ``"pdf"``."""
-    return output_uid(
-        study_instance_uid, *sorted(sop_instance_uids), *model_hashes(models), "pdf"
-    )
-
-
 def build_pdf_report(
     result: StudyResult,
     sources: Mapping[str, pydicom.Dataset],
@@ -715,7 +701,7 @@ def build_pdf_report(
     data = render_pdf(result, head, settings, now)
     check_pdf(data)
 
-    sop_instance_uid = pdf_instance_uid(result.study_instance_uid, sop_uids, models)
+    sop_instance_uid = study_output_uid(result.study_instance_uid, sop_uids, models, "pdf")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF_STORAGE
     meta.MediaStorageSOPInstanceUID = sop_instance_uid
@@ -732,7 +718,7 @@ def build_pdf_report(
     ds.ContributingEquipmentSequence = contributing_equipment(models, settings)
     # Encapsulated Document Series (C.24.1)
     ds.Modality = "DOC"
-    ds.SeriesInstanceUID = pdf_series_uid(result.study_instance_uid, models)
+    ds.SeriesInstanceUID = study_series_uid(result.study_instance_uid, models, "pdf")
     ds.SeriesNumber = settings.pdf_series_number
     ds.SeriesDescription = series_description(settings.pdf_series_description)
     # General Equipment (C.7.5.1) and SC Equipment (C.8.6.1)

@@ -39,6 +39,7 @@ from dicom_out.common import (
     render_heatmap,
     series_description,
     shows_heatmap,
+    study_series_uid,
 )
 from pipeline.result import ImageFinding
 
@@ -53,7 +54,7 @@ MIN_SC_SIDE = 768
 
 def sc_series_uid(study_instance_uid: str, finding: ImageFinding) -> str:
     """Series Instance UID shared by the heat maps of one study and model version."""
-    return output_uid(study_instance_uid, *model_hashes(finding_models(finding)), "sc-series")
+    return study_series_uid(study_instance_uid, finding_models(finding), "sc")
 
 
 def sc_instance_uid(finding: ImageFinding) -> str:

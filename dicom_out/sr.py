@@ -47,6 +47,7 @@ from dicom_out.common import (
     contributing_equipment,
     copy_patient_study,
     decision_code,
+    device_observer,
     finding_models,
     local_coding_scheme,
     model_hashes,
@@ -55,6 +56,8 @@ from dicom_out.common import (
     reference_dataset,
     series_description,
     study_head,
+    study_output_uid,
+    study_series_uid,
     unique_models,
 )
 from pipeline.result import (
@@ -79,20 +82,6 @@ BODY_PART_PROBABILITY = Code("body-part-probability", LOCAL_SCHEME, "Body part p
 
 UNIT_PROBABILITY = codes.UCUM.NoUnits
 """Probabilities are unitless fractions in [0, 1] (UCUM "1")."""
-
-
-def sr_series_uid(study_instance_uid: str, models: Sequence[ModelInfo]) -> str:
-    """Series Instance UID of the SR series of a study and model version."""
-    return output_uid(study_instance_uid, *model_hashes(models), "sr-series")
-
-
-def sr_instance_uid(
-    study_instance_uid: str, sop_instance_uids: Sequence[str], models: Sequence[ModelInfo]
-) -> str:
-    """SOP Instance UID: study UID, sorted source SOP UIDs, model hashes, ``"sr"``."""
-    return output_uid(
-        study_instance_uid, *sorted(sop_instance_uids), *model_hashes(models), "sr"
-    )
 
 
 def _models_of(result: StudyResult) -> tuple[ModelInfo, ...]:
@@ -436,15 +425,7 @@ def build_structured_report(
         sources[f.meta.sop_instance_uid]
         for f in result.findings
     ]
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=output_uid(settings.manufacturer, settings.manufacturer_model_name, "device"),
-            name=settings.manufacturer_model_name,
-            manufacturer_name=settings.manufacturer,
-            model_name=settings.manufacturer_model_name,
-        ),
-    )
+    observer = device_observer(settings)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_RADIOGRAPHY,
@@ -474,9 +455,9 @@ def build_structured_report(
     ds = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
-        series_instance_uid=sr_series_uid(result.study_instance_uid, models),
+        series_instance_uid=study_series_uid(result.study_instance_uid, models, "sr"),
         series_number=settings.sr_series_number,
-        sop_instance_uid=sr_instance_uid(result.study_instance_uid, sop_uids, models),
+        sop_instance_uid=study_output_uid(result.study_instance_uid, sop_uids, models, "sr"),
         instance_number=1,
         manufacturer=settings.manufacturer,
         is_complete=True,

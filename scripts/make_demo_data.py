@@ -78,6 +78,18 @@ def wrap(jpeg: Path, body_part: str, series: int, number: int, study_uid: str = 
     return ds
 
 
+def refile(source: Path, series: int, target: Path) -> None:
+    """Save a real DICOM file as ``target``, filed into the demo study as series
+    ``series`` with the demo patient; its own UIDs and pixels are kept."""
+    ds = pydicom.dcmread(source)
+    for key, value in PATIENT.items():
+        setattr(ds, key, value)
+    ds.StudyInstanceUID = STUDY
+    ds.AccessionNumber = "DEMO0001"
+    ds.SeriesNumber = series
+    ds.save_as(target)
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     rows = {r["path"].rsplit("/", 1)[-1].split("-c.jpg")[0]: r
@@ -95,20 +107,8 @@ def main() -> int:
         number = sum(taken.values())
         ds = wrap(MSK / row["path"], part, series_of[part], number)
         ds.save_as(OUT / f"{part.lower()}_{taken[part]}.dcm", enforce_file_format=True)
-    tibia = pydicom.dcmread(DICOM / "pydicom-data" / "RG3_J2KI.dcm")
-    for key, value in PATIENT.items():
-        setattr(tibia, key, value)
-    tibia.StudyInstanceUID = STUDY
-    tibia.AccessionNumber = "DEMO0001"
-    tibia.SeriesNumber = 3
-    tibia.save_as(OUT / "tibia_rg3_j2k.dcm")
-    hip = pydicom.dcmread(DICOM / "pylibjpeg-data" / "RG2_JPLY_fixed.dcm")
-    for key, value in PATIENT.items():
-        setattr(hip, key, value)
-    hip.StudyInstanceUID = STUDY
-    hip.AccessionNumber = "DEMO0001"
-    hip.SeriesNumber = 4
-    hip.save_as(OUT / "hip_rg2_jpeg.dcm")
+    refile(DICOM / "pydicom-data" / "RG3_J2KI.dcm", 3, OUT / "tibia_rg3_j2k.dcm")
+    refile(DICOM / "pylibjpeg-data" / "RG2_JPLY_fixed.dcm", 4, OUT / "hip_rg2_jpeg.dcm")
     print(f"wrote {len(list(OUT.glob('*.dcm')))} files to {OUT}")
     return 0
 

@@ -95,12 +95,17 @@ def test_rendered_config_reads_back_as_the_same_config(tmp_path: Path, allow_any
     path.write_text(render_config(config))
     assert load_config(path, environ={}) == config
 
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the installed ``fracture-node`` console script with ``--config config``."""
+    exe = ROOT / ".venv" / "bin" / "fracture-node"
+    return subprocess.run([str(exe), "--config", str(config), *args],
+                          capture_output=True, text=True)
+
+
 def test_check_config_cli_reports_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[node]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n[[peers]]\nae_title = "X"\n')
-    exe = ROOT / ".venv" / "bin" / "fracture-node"
-    out = subprocess.run([str(exe), "--config", str(bad), "check-config"],
-                         capture_output=True, text=True)
+    out = _cli(bad, "check-config")
     assert out.returncode == 2
     assert "node.ae_title must not exceed 16 characters" in out.stderr
 
@@ -108,9 +113,7 @@ def test_check_config_cli_reports_errors(tmp_path: Path) -> None:
 def test_check_config_applies_the_result_object_rules(tmp_path: Path) -> None:
     path = write_config(tmp_path, 11112, extra=(
         '[outputs]\nsc_series_description = "A series description far too long for VR LO"\n'))
-    exe = ROOT / ".venv" / "bin" / "fracture-node"
-    out = subprocess.run([str(exe), "--config", str(path), "check-config"],
-                         capture_output=True, text=True)
+    out = _cli(path, "check-config")
     assert out.returncode == 2
     assert "outputs: sc_series_description must be ASCII and short enough" in out.stderr
 
@@ -357,9 +360,7 @@ def test_destination_that_rejects_becomes_dead_letter(tmp_path: Path) -> None:
         row = wait_for(lambda: [r for r in _rows(n, "SELECT * FROM outbox") if r["state"] == "dead"])
         assert "rejected" in row[0]["last_error"]
         assert row[0]["attempts"] == 2
-        exe = ROOT / ".venv" / "bin" / "fracture-node"
-        status = subprocess.run([str(exe), "--config", str(tmp_path / "config.toml"), "status"],
-                                capture_output=True, text=True)
+        status = _cli(tmp_path / "config.toml", "status")
         assert "dead" in status.stdout and "rejected" in status.stdout
     finally:
         n.stop(grace_seconds=1)

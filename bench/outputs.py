@@ -3,7 +3,8 @@
 Inputs are real radiographs from ``../shared/data/dicom`` (RG3_UNCR: CR 1760 x 1760,
 RG2_JPLL: CR 2140 x 1760), decoded and windowed once before timing (decoding is the
 pipeline's job, not ``dicom_out``'s).  Heat maps are Gaussian blobs on a 224 grid,
-standing in for Grad-CAM.  The four instances are moved into one study (Patient /
+standing in for Grad-CAM (the stand-ins of ``bench/findings.py``, which the tests of
+``dicom_out`` use too).  The four instances are moved into one study (Patient /
 Study attributes of the first, new UIDs), as a PACS would send them.
 
 Timed, per repetition: four Secondary Captures, the SR (which lists the SCs as
@@ -18,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import statistics
 import sys
@@ -29,48 +29,20 @@ from typing import TypeVar
 
 import numpy as np
 import pydicom
-from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.findings import make_finding, reparent, study_result, window  # noqa: E402
 from dicom_out.common import OutputSettings  # noqa: E402
 from dicom_out.pdf import build_pdf_report  # noqa: E402
 from dicom_out.sc import build_secondary_capture  # noqa: E402
 from dicom_out.sr import build_structured_report  # noqa: E402
-from pipeline.resize import fit_square  # noqa: E402
-from pipeline.result import (  # noqa: E402
-    BodyPartDecision,
-    Decision,
-    ImageFinding,
-    ImageMetadata,
-    ModelInfo,
-    NormalisedImage,
-    StudyResult,
-)
+from pipeline.result import Decision, ImageFinding, StudyResult  # noqa: E402
 
 DICOM_DATA = ROOT.parent / "shared" / "data" / "dicom"
-GRID = 224
 T = TypeVar("T")
-
-ROUTER = ModelInfo("fracture-router", "1.0.0", "MobileNetV2", "a" * 64, "1.2.826.0.1.3680043.8.498.1")
-CLASSIFIER = ModelInfo(
-    "fracture-classifier", "1.2.0", "MobileNetV2", "b" * 64, "1.2.826.0.1.3680043.8.498.2"
-)
-
-
-def _window(ds: pydicom.Dataset) -> np.ndarray:
-    arr = ds.pixel_array.astype(np.float32)
-    wc = float(np.atleast_1d(ds.WindowCenter)[0])
-    ww = float(np.atleast_1d(ds.WindowWidth)[0])
-    out = np.clip((arr - (wc - ww / 2.0)) / ww, 0.0, 1.0)
-    return (1.0 - out if ds.PhotometricInterpretation == "MONOCHROME1" else out).astype(np.float32)
-
-
-def _blob(cy: float, cx: float) -> np.ndarray:
-    yy, xx = np.mgrid[0:GRID, 0:GRID].astype(np.float32) / GRID
-    return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.12**2)).astype(np.float32)
 
 
 def demo_study() -> tuple[StudyResult, dict[str, pydicom.Dataset]]:
@@ -88,67 +60,15 @@ def demo_study() -> tuple[StudyResult, dict[str, pydicom.Dataset]]:
     for n, (name, part, p, decision) in enumerate(files, start=1):
         if name not in cache:
             ds = pydicom.dcmread(DICOM_DATA / name)
-            cache[name] = (ds, _window(ds))
+            cache[name] = (ds, window(ds))
         ds, pixels = cache[name]
-        src = copy.deepcopy(ds)
         if head is None:
-            head = src
-        for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                   "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-                   "ReferringPhysicianName", "StudyDescription"):
-            if kw in head:
-                src[kw] = copy.deepcopy(head[kw])
-        src.SeriesInstanceUID = generate_uid(entropy_srcs=[head.StudyInstanceUID, f"s{n}"])
-        src.SOPInstanceUID = generate_uid(entropy_srcs=[head.StudyInstanceUID, f"i{n}"])
-        src.InstanceNumber = n
+            head = ds
+        src = reparent(ds, head, n)
         sources[src.SOPInstanceUID] = src
-        _, transform = fit_square(pixels, GRID)
-        meta = ImageMetadata(
-            study_instance_uid=src.StudyInstanceUID,
-            series_instance_uid=src.SeriesInstanceUID,
-            sop_instance_uid=src.SOPInstanceUID,
-            sop_class_uid=src.SOPClassUID,
-            modality=src.Modality,
-            body_part_examined=src.get("BodyPartExamined", ""),
-            rows=int(src.Rows),
-            columns=int(src.Columns),
-        )
-        findings.append(
-            ImageFinding(
-                image=NormalisedImage(meta=meta, pixels=pixels, source_shape=pixels.shape),
-                transform=transform,
-                body_part=part,
-                body_part_probability=0.95,
-                body_part_probabilities={part: 0.95},
-                fracture_probability=p,
-                threshold=0.5,
-                doubt_band=(0.4, 0.6),
-                decision=decision,
-                heatmap=_blob(0.3 + 0.1 * n, 0.5),
-                router=ROUTER,
-                classifier=CLASSIFIER,
-            )
-        )
+        findings.append(make_finding(src, pixels, part, p, decision, (0.3 + 0.1 * n, 0.5)))
     assert head is not None
-    by_part = {}
-    for part in ("HAND", "WRIST"):
-        group = [f for f in findings if f.body_part == part]
-        mean = float(np.mean([f.fracture_probability for f in group]))
-        by_part[part] = BodyPartDecision(
-            part, mean, 0.5, (0.4, 0.6),
-            Decision.POSITIVE if mean >= 0.6 else Decision.DOUBTFUL if mean >= 0.4
-            else Decision.NEGATIVE,
-            tuple(f.meta.sop_instance_uid for f in group),
-        )
-    result = StudyResult(
-        study_instance_uid=head.StudyInstanceUID,
-        findings=tuple(findings),
-        refusals=(),
-        by_body_part=by_part,
-        models=(ROUTER, CLASSIFIER),
-        decision=Decision.POSITIVE,
-    )
-    return result, sources
+    return study_result(findings, [], head.StudyInstanceUID), sources
 
 
 CLOCK: Callable[[], float] = time.perf_counter

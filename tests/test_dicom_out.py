@@ -1,11 +1,12 @@
 """Tests of ``dicom_out``: Secondary Capture, TID 1500 SR and Encapsulated PDF.
 
-The inputs are real radiographs from ``../shared/data/dicom``, decoded here with
-pydicom and a plain window (standing in for ``pipeline.normalise``).  The heat maps
-are Gaussian blobs on the model grid: a fixture standing in for the models, whose
-real output is plugged in by the integration tests.  To make one study out of
-files that come from different studies, the test copies the Patient/Study
-attributes of the first file into the others and gives them new SOP Instance UIDs.
+The inputs are real radiographs from ``../shared/data/dicom``, decoded with pydicom
+and a plain window (standing in for ``pipeline.normalise``).  The heat maps are
+Gaussian blobs on the model grid: a fixture standing in for the models, whose real
+output is plugged in by the integration tests.  To make one study out of files that
+come from different studies, the test copies the Patient/Study attributes of the
+first file into the others and gives them new SOP Instance UIDs.  These stand-ins
+are ``bench/findings.py``, shared with the benchmark of ``dicom_out``.
 
 Every object is written with strict validation (``conftest.py``), read back,
 validated with ``dciodvfy`` and rendered with DCMTK / poppler.
@@ -13,7 +14,6 @@ validated with ``dciodvfy`` and rendered with DCMTK / poppler.
 
 from __future__ import annotations
 
-import copy
 import io
 import shutil
 import subprocess
@@ -25,8 +25,16 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
+from bench.findings import (
+    CLASSIFIER,
+    ROUTER,
+    make_finding,
+    meta_of,
+    reparent,
+    study_result,
+    window,
+)
 from dicom_out.common import (
     BODY_PART_CODES,
     OutputSettings,
@@ -36,37 +44,15 @@ from dicom_out.common import (
 from dicom_out.pdf import build_pdf_report
 from dicom_out.sc import build_secondary_capture
 from dicom_out.sr import build_structured_report
-from pipeline.resize import fit_square
 from pipeline.result import (
     NODE_MANUFACTURER,
-    BodyPartDecision,
     Decision,
-    ImageFinding,
-    ImageMetadata,
-    ModelInfo,
-    NormalisedImage,
     Refusal,
     RefusalCode,
     StudyResult,
 )
 
 DICOM_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
-MODEL_GRID = 224
-
-ROUTER = ModelInfo(
-    name="fracture-router",
-    version="1.0.0",
-    architecture="MobileNetV2",
-    weights_sha256="a" * 64,
-    device_uid="1.2.826.0.1.3680043.8.498.1001",
-)
-CLASSIFIER = ModelInfo(
-    name="fracture-classifier",
-    version="1.2.0",
-    architecture="MobileNetV2",
-    weights_sha256="b" * 64,
-    device_uid="1.2.826.0.1.3680043.8.498.1002",
-)
 SETTINGS = OutputSettings()
 
 
@@ -75,126 +61,6 @@ SETTINGS = OutputSettings()
 
 def read(name: str) -> pydicom.Dataset:
     return pydicom.dcmread(DICOM_DATA / name)
-
-
-def window(ds: pydicom.Dataset) -> np.ndarray:
-    """Decode and window like a viewer; bone bright, float32 in [0, 1]."""
-    arr = ds.pixel_array.astype(np.float32)
-    wc = float(np.atleast_1d(ds.WindowCenter)[0])
-    ww = float(np.atleast_1d(ds.WindowWidth)[0])
-    out = np.clip((arr - (wc - ww / 2.0)) / ww, 0.0, 1.0)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        out = 1.0 - out
-    return out.astype(np.float32)
-
-
-def meta_of(ds: pydicom.Dataset) -> ImageMetadata:
-    return ImageMetadata(
-        study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID,
-        sop_instance_uid=ds.SOPInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-        modality=ds.get("Modality", ""),
-        body_part_examined=ds.get("BodyPartExamined", ""),
-        laterality=ds.get("ImageLaterality", "") or ds.get("Laterality", ""),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-    )
-
-
-def blob(centre: tuple[float, float], sigma: float = 0.12) -> np.ndarray:
-    """Gaussian heat map on the model grid (stands in for Grad-CAM)."""
-    yy, xx = np.mgrid[0:MODEL_GRID, 0:MODEL_GRID].astype(np.float32) / MODEL_GRID
-    d2 = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2
-    return np.exp(-d2 / (2 * sigma**2)).astype(np.float32)
-
-
-def make_finding(
-    ds: pydicom.Dataset,
-    pixels: np.ndarray,
-    body_part: str,
-    probability: float,
-    decision: Decision,
-    centre: tuple[float, float] = (0.45, 0.5),
-) -> ImageFinding:
-    _, transform = fit_square(pixels, MODEL_GRID)
-    image = NormalisedImage(meta=meta_of(ds), pixels=pixels, source_shape=pixels.shape)
-    return ImageFinding(
-        image=image,
-        transform=transform,
-        body_part=body_part,
-        body_part_probability=0.97,
-        body_part_probabilities={body_part: 0.97, "HAND": 0.03},
-        fracture_probability=probability,
-        threshold=0.5,
-        doubt_band=(0.4, 0.6),
-        decision=decision,
-        heatmap=blob(centre),
-        router=ROUTER,
-        classifier=CLASSIFIER,
-    )
-
-
-def reparent(ds: pydicom.Dataset, study: pydicom.Dataset, n: int) -> pydicom.Dataset:
-    """A copy of ``ds`` moved into ``study`` with new Series/SOP Instance UIDs."""
-    out = copy.deepcopy(ds)
-    for keyword in (
-        "SpecificCharacterSet",
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "StudyID",
-        "AccessionNumber",
-        "ReferringPhysicianName",
-        "StudyDescription",
-    ):
-        if keyword in study:
-            out[keyword] = study[keyword]
-        elif keyword in out:
-            del out[keyword]
-    out.SeriesInstanceUID = generate_uid(entropy_srcs=[study.StudyInstanceUID, str(n), "series"])
-    out.SOPInstanceUID = generate_uid(entropy_srcs=[study.StudyInstanceUID, str(n), "sop"])
-    out.InstanceNumber = n
-    return out
-
-
-def study_result(
-    findings: list[ImageFinding], refusals: list[Refusal], study_uid: str
-) -> StudyResult:
-    by_part: dict[str, BodyPartDecision] = {}
-    for part in sorted({f.body_part for f in findings}):
-        group = [f for f in findings if f.body_part == part]
-        p = float(np.mean([f.fracture_probability for f in group]))
-        decision = (
-            Decision.POSITIVE
-            if p >= 0.6
-            else Decision.NEGATIVE
-            if p < 0.4
-            else Decision.DOUBTFUL
-        )
-        by_part[part] = BodyPartDecision(
-            body_part=part,
-            probability=p,
-            threshold=0.5,
-            doubt_band=(0.4, 0.6),
-            decision=decision,
-            sop_instance_uids=tuple(f.meta.sop_instance_uid for f in group),
-        )
-    order = [Decision.POSITIVE, Decision.DOUBTFUL, Decision.NEEDS_REVIEW, Decision.NEGATIVE]
-    decisions = [d.decision for d in by_part.values()]
-    decision = next((d for d in order if d in decisions), Decision.NOT_ANALYSED)
-    return StudyResult(
-        study_instance_uid=study_uid,
-        findings=tuple(findings),
-        refusals=tuple(refusals),
-        by_body_part=by_part,
-        models=(ROUTER, CLASSIFIER),
-        decision=decision,
-    )
 
 
 def to_bytes(ds: pydicom.Dataset) -> bytes:

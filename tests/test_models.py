@@ -167,14 +167,16 @@ def test_training_smoke_run_on_a_tiny_subset(tmp_path: Path) -> None:
 
 
 def test_localisation_training_smoke_run(tmp_path: Path) -> None:
-    """The box-supervised activation-map loss trains and reports a pointing game."""
+    """The box-supervised activation-map loss trains and reports a pointing game; the
+    shipped model is the mean of the last two epochs' weights."""
     from models.cli import train_main
 
     out = tmp_path / "run"
     code = train_main(["--task", "classifier", "--data", str(MSK_DATA), "--out", str(out),
-                       "--size", "64", "--epochs", "1", "--limit", "48", "--batch-size", "16",
-                       "--localisation-weight", "0.3", "--quiet"])
+                       "--size", "64", "--epochs", "2", "--limit", "48", "--batch-size", "16",
+                       "--localisation-weight", "0.3", "--average-last", "2", "--quiet"])
     assert code == 0
+    assert sorted(p.name for p in out.glob("epoch-*.keras")) == ["epoch-1.keras", "epoch-2.keras"]
     last = json.loads((out / "state.json").read_text())["history"][-1]
     assert np.isfinite(last["cam_loss"]) and np.isfinite(last["logit_loss"])
     assert 0.0 <= last["pointing_game"] <= 1.0

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -69,6 +70,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     localisation_weight: float = 0.0
     """Weight of the box-supervised class-activation-map loss (classifier only; 0 = off)."""
+    average_last: int = 1
+    """Ship the mean of the last ``average_last`` epochs' weights (see :mod:`models.training.average`)."""
 
     def __post_init__(self) -> None:
         if self.task not in ("router", "classifier"):
@@ -77,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"size must be a multiple of 32 (>= 32), not {self.size}")
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
+        if not 1 <= self.average_last <= self.epochs:
+            raise ValueError("average_last must be between 1 and the number of epochs")
         if self.localisation_weight < 0 or (self.localisation_weight and self.task != "classifier"):
             raise ValueError("localisation_weight must be >= 0, and only the classifier has one")
 
@@ -331,9 +336,16 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         history.append(entry)
         logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, json.dumps(entry))
         train_model.save(ckpt)
+        if epoch + 1 > cfg.epochs - cfg.average_last:
+            shutil.copyfile(ckpt, out / f"epoch-{epoch + 1}.keras")
         state_path.write_text(json.dumps({"epochs_done": epoch + 1, "history": history}, indent=2))
 
     model_path = out / "model.keras"
+    snapshots = sorted(out.glob("epoch-*.keras"), key=lambda p: int(p.stem.split("-")[1]))[-cfg.average_last:]
+    if cfg.average_last > 1 and len(snapshots) > 1:
+        from models.training.average import average_checkpoints
+
+        train_model = average_checkpoints(snapshots)
     inference_model(train_model).save(model_path)
     logger.info("wrote %s after %.1f min", model_path, (time.monotonic() - start) / 60.0)
     return model_path
@@ -358,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--localisation-weight", type=float, default=0.0,
                    help="classifier: weight of the box-supervised activation-map loss (0 = off)")
     p.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
+    p.add_argument("--average-last", type=int, default=1,
+                   help="ship the mean of the last N epochs' weights (1 = the last epoch)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     return p
@@ -373,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         freeze_blocks=args.freeze_blocks, seed=args.seed, max_per_class=args.max_per_class,
         limit=args.limit, max_minutes=args.max_minutes, backbone=str(args.backbone),
         label_smoothing=args.label_smoothing, localisation_weight=args.localisation_weight,
+        average_last=args.average_last,
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1
     path = train(cfg, resume=args.resume, verbose=verbose)

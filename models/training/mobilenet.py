@@ -49,13 +49,15 @@ def _conv_bn(
     name: str,
     depthwise: bool = False,
     relu: bool = True,
+    dilation: int = 1,
 ) -> keras.KerasTensor:
     """Conv (torch padding) + BN (+ ReLU6), named ``{name}_conv`` / ``_bn`` / ``_relu``."""
     if kernel == 3:
-        x = layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
+        x = layers.ZeroPadding2D(dilation, name=f"{name}_pad")(x)
     if depthwise:
         x = layers.DepthwiseConv2D(
-            kernel, strides=stride, padding="valid", use_bias=False, name=f"{name}_conv"
+            kernel, strides=stride, padding="valid", use_bias=False, dilation_rate=dilation,
+            name=f"{name}_conv",
         )(x)
     else:
         x = layers.Conv2D(
@@ -77,27 +79,40 @@ def grey_to_imagenet(x: keras.KerasTensor) -> keras.KerasTensor:
     return y
 
 
-def backbone(x: keras.KerasTensor) -> keras.KerasTensor:
+def backbone(x: keras.KerasTensor, output_stride: int = 32) -> keras.KerasTensor:
     """MobileNetV2 ``features`` (torchvision layout) on a 3-channel tensor.
 
-    Returns the output of ``features.18`` (1280 channels, stride 32) named
-    :data:`FEATURE_LAYER`.
+    Returns the output of ``features.18`` (1280 channels) named :data:`FEATURE_LAYER`.
+    With ``output_stride`` 16 the last stride-2 block keeps stride 1 and the
+    depthwise convolutions after it are dilated by 2 (the atrous MobileNetV2 of
+    DeepLabv3, Chen et al. 2017): the same weights and receptive field, a feature
+    grid twice as fine (16 x 16 at 256 px), which is what Grad-CAM is drawn on.
     """
+    if output_stride not in (16, 32):
+        raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
     x = _conv_bn(x, 32, 3, 2, "f0")
     in_ch = 32
     index = 1
+    current_stride, dilation = 2, 1
     for t, c, n, s in INVERTED_RESIDUAL_SETTING:
         for i in range(n):
             stride = s if i == 0 else 1
+            block_dilation = dilation
+            if stride > 1 and current_stride * stride > output_stride:
+                dilation *= stride  # keep the resolution; later blocks see as far as before
+                stride = 1
+            current_stride *= stride
             block_in = x
             name = f"f{index}"
             hidden = in_ch * t
             if t == 1:
-                x = _conv_bn(x, hidden, 3, stride, f"{name}_c0", depthwise=True)
+                x = _conv_bn(x, hidden, 3, stride, f"{name}_c0", depthwise=True,
+                             dilation=block_dilation)
                 x = _conv_bn(x, c, 1, 1, f"{name}_c1", relu=False)
             else:
                 x = _conv_bn(x, hidden, 1, 1, f"{name}_c0")
-                x = _conv_bn(x, hidden, 3, stride, f"{name}_c1", depthwise=True)
+                x = _conv_bn(x, hidden, 3, stride, f"{name}_c1", depthwise=True,
+                             dilation=block_dilation)
                 x = _conv_bn(x, c, 1, 1, f"{name}_c2", relu=False)
             if stride == 1 and in_ch == c:
                 x = layers.Add(name=f"{name}_add")([block_in, x])
@@ -122,6 +137,7 @@ def build_model(
     backbone_weights: dict[str, np.ndarray] | None = None,
     dropout: float = 0.2,
     name: str = "mobilenet_v2",
+    output_stride: int = 32,
 ) -> keras.Model:
     """MobileNetV2 with a GAP + dropout + dense head; two outputs.
 
@@ -137,6 +153,8 @@ def build_model(
         Dropout before the dense layer (inactive at inference).
     name
         Keras model name.
+    output_stride
+        32 (torchvision's network) or 16 (last stage dilated, see :func:`backbone`).
 
     Returns
     -------
@@ -146,7 +164,7 @@ def build_model(
     """
     inputs = keras.Input((size, size, 1), name="image")
     x = grey_to_imagenet(inputs)
-    features = backbone(x)
+    features = backbone(x, output_stride)
     pooled = layers.GlobalAveragePooling2D(name="gap")(features)
     pooled = layers.Dropout(dropout, name="dropout")(pooled)
     logits = layers.Dense(n_outputs, name="head")(pooled)

@@ -40,6 +40,13 @@ MODELS_DIR = Path(__file__).resolve().parents[1]
 ARCHITECTURE = "MobileNetV2 (torchvision layout, ImageNet init ported from mobilenet_v2-b0353104.pth), GAP + dropout + dense head"
 
 
+def architecture(output_stride: int) -> str:
+    """The registry's architecture text for a run's output stride."""
+    if output_stride == 32:
+        return ARCHITECTURE
+    return ARCHITECTURE.replace("), GAP", f"; output stride {output_stride}: last stage dilated), GAP")
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = {
             "version": args.version,
             "role": args.task,
-            "architecture": ARCHITECTURE,
+            "architecture": architecture(int(cfg.get("output_stride", 32))),
             "input_size": size,
             "classes": list(mdata.ROUTER_CLASSES) if args.task == "router" else ["normal", "abnormal"],
             "weights": str(dest.relative_to(args.registry.parent.resolve())),

@@ -72,6 +72,8 @@ class TrainConfig:
     """Weight of the box-supervised class-activation-map loss (classifier only; 0 = off)."""
     average_last: int = 1
     """Ship the mean of the last ``average_last`` epochs' weights (see :mod:`models.training.average`)."""
+    output_stride: int = 32
+    """32, or 16 for a feature grid (and Grad-CAM) twice as fine (see :func:`mobilenet.backbone`)."""
 
     def __post_init__(self) -> None:
         if self.task not in ("router", "classifier"):
@@ -84,6 +86,8 @@ class TrainConfig:
             raise ValueError("average_last must be between 1 and the number of epochs")
         if self.localisation_weight < 0 or (self.localisation_weight and self.task != "classifier"):
             raise ValueError("localisation_weight must be >= 0, and only the classifier has one")
+        if self.output_stride not in (16, 32):
+            raise ValueError(f"output_stride must be 16 or 32, not {self.output_stride}")
 
 
 def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.Sample]:
@@ -102,12 +106,13 @@ def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.
     return samples
 
 
-def _augment_fn(size: int, seed: int, with_masks: bool = False) -> "object":
+def _augment_fn(size: int, seed: int, with_masks: bool = False, stride: int = 32) -> "object":
     """A batched tf.data map function doing the radiograph augmentation.
 
     With ``with_masks`` the function takes ``(x, y, w, mask, w_loc)``, moves each box
     mask with its image (same flip, rotation, zoom, shift) and returns it pooled to
-    the feature grid (share of each cell inside a box) as the ``"cam"`` target.
+    the feature grid (cells of ``stride`` pixels: share of each cell inside a box) as
+    the ``"cam"`` target.
     """
     import keras
     import tensorflow as tf
@@ -115,8 +120,6 @@ def _augment_fn(size: int, seed: int, with_masks: bool = False) -> "object":
     rot = keras.layers.RandomRotation(10.0 / 360.0, fill_mode="constant", seed=seed)
     zoom = keras.layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed + 1)
     shift = keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed + 2)
-
-    stride = 32  # MobileNetV2's output stride: the feature grid is size / 32
 
     def geometric(x: tf.Tensor) -> tf.Tensor:
         x = tf.image.random_flip_left_right(x, seed=seed)
@@ -262,7 +265,8 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         tf.data.Dataset.from_tensor_slices(tensors)
         .shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True)
         .batch(cfg.batch_size, drop_remainder=len(x_train) > cfg.batch_size)
-        .map(_augment_fn(cfg.size, cfg.seed, with_masks=localise), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(_augment_fn(cfg.size, cfg.seed, with_masks=localise, stride=cfg.output_stride),
+             num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(2)
     )
     steps = max(1, len(x_train) // cfg.batch_size)
@@ -281,7 +285,8 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
     else:
         n_out = len(mdata.ROUTER_CLASSES) if cfg.task == "router" else 1
         weights = mobilenet.load_backbone_weights(cfg.backbone)
-        full = mobilenet.build_model(cfg.size, n_out, weights, cfg.dropout, name=f"{cfg.task}")
+        full = mobilenet.build_model(cfg.size, n_out, weights, cfg.dropout, name=f"{cfg.task}",
+                                     output_stride=cfg.output_stride)
         if localise:
             cam = full.get_layer("head")(full.outputs[1])  # the head at every cell: the CAM
             train_model = keras.Model(full.input, {"logit": full.outputs[0], "cam": cam}, name=cfg.task)
@@ -372,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
     p.add_argument("--average-last", type=int, default=1,
                    help="ship the mean of the last N epochs' weights (1 = the last epoch)")
+    p.add_argument("--output-stride", type=int, choices=(16, 32), default=32,
+                   help="16: dilate the last stage for a feature grid (Grad-CAM) twice as fine")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     return p
@@ -387,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         freeze_blocks=args.freeze_blocks, seed=args.seed, max_per_class=args.max_per_class,
         limit=args.limit, max_minutes=args.max_minutes, backbone=str(args.backbone),
         label_smoothing=args.label_smoothing, localisation_weight=args.localisation_weight,
-        average_last=args.average_last,
+        average_last=args.average_last, output_stride=args.output_stride,
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1
     path = train(cfg, resume=args.resume, verbose=verbose)

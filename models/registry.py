@@ -77,6 +77,9 @@ class ModelEntry:
     temperature: float = 1.0
     confidence_floor: float = 0.0
     operating_points: Mapping[str, OperatingPoint] = field(default_factory=dict)
+    test_time_flip: bool = False
+    """Classifier: also run the mirrored image and average the two feature maps
+    (the logit and Grad-CAM then come from the mean map; see :mod:`pipeline.classify`)."""
     metrics: Mapping[str, Any] = field(default_factory=dict)
     notes: str = ""
 
@@ -138,6 +141,12 @@ class Registry:
         return entry
 
 
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, not {value!r}")
+    return value
+
+
 def _entry(name: str, raw: Mapping[str, Any], base: Path) -> ModelEntry:
     try:
         points = {
@@ -159,6 +168,7 @@ def _entry(name: str, raw: Mapping[str, Any], base: Path) -> ModelEntry:
             temperature=float(raw.get("temperature", 1.0)),
             confidence_floor=float(raw.get("confidence_floor", 0.0)),
             operating_points=MappingProxyType(points),
+            test_time_flip=_bool(raw.get("test_time_flip", False), "test_time_flip"),
             metrics=MappingProxyType(dict(raw.get("metrics", {}))),
             notes=str(raw.get("notes", "")),
         )

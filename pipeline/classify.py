@@ -150,7 +150,8 @@ class Analyser:
         self._classifier = classifier
         self._router_model = router_model
         self._classifier_model = classifier_model
-        self._head_kernel = np.asarray(classifier_model.get_layer("head").kernel)
+        self._head_kernel = np.asarray(classifier_model.get_layer("head").kernel, dtype=np.float64)
+        self._head_bias = float(np.asarray(classifier_model.get_layer("head").bias)[0])
         rs, cs = router.input_size, classifier.input_size
         self._router_fn = tf.function(
             lambda x: router_model(x, training=False)[0],
@@ -201,11 +202,30 @@ class Analyser:
         r = np.asarray(self._router_fn(np.asarray(router_inputs, np.float32)[..., None]))
         return _softmax(r.astype(np.float64))
 
+    def classifier_features(self, classifier_inputs: np.ndarray) -> np.ndarray:
+        """The classifier's last feature map ``(n, h, w, c)`` for prepared squares.
+
+        With the registry's ``test_time_flip`` the mirrored squares go through the
+        same batch and their maps, mirrored back, are averaged with the originals.
+        The head (global average pooling + dense) is linear in the map, so the
+        logit of the mean map is the mean of the two logits, and the closed-form
+        Grad-CAM of that logit is drawn on the mean map: still one forward pass.
+        """
+        x = np.asarray(classifier_inputs, np.float32)[..., None]
+        n = len(x)
+        if self._classifier.test_time_flip:
+            x = np.concatenate([x, x[:, :, ::-1]])
+        _, feats = self._classifier_fn(x)
+        feats = np.asarray(feats)
+        if self._classifier.test_time_flip:
+            feats = 0.5 * (feats[:n] + feats[n:, :, ::-1])
+        return feats
+
     def predict_classifier(self, classifier_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(logits, calibrated probabilities, Grad-CAM on the model grid) for prepared squares."""
-        logits, feats = self._classifier_fn(np.asarray(classifier_inputs, np.float32)[..., None])
-        logits = np.asarray(logits)[:, 0]
-        cams = gradcam_closed_form(np.asarray(feats), self._head_kernel, 0)
+        feats = self.classifier_features(classifier_inputs)
+        logits = feats.mean(axis=(1, 2), dtype=np.float64) @ self._head_kernel[:, 0] + self._head_bias
+        cams = gradcam_closed_form(feats, self._head_kernel, 0)
         probs = _sigmoid(logits.astype(np.float64) / self._classifier.temperature)
         return logits, probs, upsample(cams, self._classifier.input_size)
 

@@ -153,6 +153,41 @@ def test_gradcam_closed_form_equals_gradient_tape(analyser: Analyser) -> None:
     assert fast.max() > 0.99  # normalised maps, not all zero
 
 
+def test_test_time_flip_is_one_head_on_the_mean_map(analyser: Analyser) -> None:
+    """With test_time_flip the logit is the mean of the logits of the image and its
+    mirror, and the heat map is the tf.GradientTape Grad-CAM of that mean logit, the
+    mirror's map mirrored back before the two are added."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    entry = dataclasses.replace(analyser.classifier_entry, test_time_flip=True)
+    flipping = Analyser(analyser.router_entry, entry, analyser._router_model, analyser._classifier_model)
+    rows = _rows(dataset="MURA-v1.1", split="val", body_part="FOREARM", label="positive")[:2]
+    size = entry.input_size
+    squares = np.stack([fit_square(cv2.imread(str(MSK_DATA / r["path"]), cv2.IMREAD_GRAYSCALE)
+                                   .astype(np.float32) / 255.0, size)[0] for r in rows])
+    logits, probs, heat = flipping.predict_classifier(squares)
+    model = analyser._classifier_model
+    x = tf.constant(squares[..., None])
+    with tf.GradientTape() as tape:
+        l1, a1 = model(x, training=False)
+        l2, a2 = model(x[:, :, ::-1], training=False)
+        tape.watch([a1, a2])
+        score = tf.reduce_sum(0.5 * (l1[:, 0] + l2[:, 0]))
+    g1, g2 = tape.gradient(score, [a1, a2])
+    np.testing.assert_allclose(logits, 0.5 * (l1[:, 0] + l2[:, 0]).numpy(), atol=1e-4)
+    cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", a1, tf.reduce_mean(g1, axis=(1, 2)))
+                     + tf.einsum("bhwc,bc->bhw", a2, tf.reduce_mean(g2, axis=(1, 2)))[:, :, ::-1]).numpy()
+    cam = cam / cam.reshape(len(cam), -1).max(axis=1)[:, None, None]
+    reference = np.stack([cv2.resize(c.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+                          for c in cam])
+    np.testing.assert_allclose(heat, np.clip(reference, 0, 1), atol=1e-4)
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits / entry.temperature)), atol=1e-9)
+    plain = analyser.predict_classifier(squares)[0]
+    assert not np.allclose(plain, logits, atol=1e-3)  # the mirror did change the answer
+
+
 def test_output_stride_16_keeps_the_weights_and_doubles_the_grid() -> None:
     """The atrous backbone (last stage dilated) has the same layers and weights as
     torchvision's, so the ported ImageNet weights load unchanged, and a feature grid

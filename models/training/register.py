@@ -107,13 +107,19 @@ def _predict(model: Any, arrays: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def calibrate_classifier(
-    model: Any, data_dir: Path, size: int, min_studies: int, doubt: float
+    model: Any, data_dir: Path, size: int, min_studies: int, doubt: float, test_time_flip: bool = False
 ) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
-    """Temperature, operating points and a calibration summary from the validation split."""
+    """Temperature, operating points and a calibration summary from the validation split.
+
+    With ``test_time_flip`` the logits are those the node computes: the mean of the
+    image's and its mirror's (see :meth:`pipeline.classify.Analyser.classifier_features`).
+    """
     rows = mdata.in_split(mdata.read_manifest(data_dir), "val")
     samples = [s for s in mdata.classifier_samples(rows) if s.row.body_part in mdata.CLASSIFIER_PARTS]
     x = mdata.load_arrays([s.row.path for s in samples], size)
     logits = _predict(model, x)[:, 0]
+    if test_time_flip:
+        logits = 0.5 * (logits + _predict(model, np.ascontiguousarray(x[:, :, ::-1]))[:, 0])
     y = np.array([s.target for s in samples])
     temperature = mm.fit_temperature(logits, y)
     prob = mm.sigmoid(logits / temperature)
@@ -160,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--confidence-floor", type=float, default=0.5)
     p.add_argument("--attach-metrics", type=Path, default=None, help="metrics.json to copy into the entry")
     p.add_argument("--skip-copy", action="store_true", help="entry exists: only (re)attach metrics")
+    p.add_argument("--test-time-flip", action="store_true",
+                   help="classifier: average the image's and its mirror's feature maps at inference")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -205,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = keras.models.load_model(dest, compile=False, safe_mode=True)
             temperature, points, summary = calibrate_classifier(
-                model, args.data, size, args.min_studies, args.doubt
+                model, args.data, size, args.min_studies, args.doubt, args.test_time_flip
             )
+            entry["test_time_flip"] = bool(args.test_time_flip)
             entry["training_data"] = (
                 "MURA v1.1 (train split of ../shared/data/msk: humerus, forearm, wrist, unknown), "
                 "study-level 'abnormal' labels. " + (

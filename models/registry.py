@@ -78,8 +78,9 @@ class ModelEntry:
     confidence_floor: float = 0.0
     operating_points: Mapping[str, OperatingPoint] = field(default_factory=dict)
     test_time_flip: bool = False
-    """Classifier: also run the mirrored image and average the two feature maps
-    (the logit and Grad-CAM then come from the mean map; see :mod:`pipeline.classify`)."""
+    """Also run the mirrored image: the classifier averages the two feature maps (the
+    logit and Grad-CAM then come from the mean map), the router the two logits (see
+    :mod:`pipeline.classify`)."""
     metrics: Mapping[str, Any] = field(default_factory=dict)
     notes: str = ""
 

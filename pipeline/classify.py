@@ -198,9 +198,15 @@ class Analyser:
         self.predict(np.zeros((1, rs, rs), np.float32), np.zeros((1, cs, cs), np.float32))
 
     def predict_router(self, router_inputs: np.ndarray) -> np.ndarray:
-        """Router softmax for prepared squares ``(n, s, s)`` float32 in [0, 1]."""
-        r = np.asarray(self._router_fn(np.asarray(router_inputs, np.float32)[..., None]))
-        return _softmax(r.astype(np.float64))
+        """Router softmax for prepared squares ``(n, s, s)`` float32 in [0, 1].
+
+        With the registry's ``test_time_flip`` the softmax of the mean of the logits
+        of the image and its mirror."""
+        x = np.asarray(router_inputs, np.float32)[..., None]
+        if not self._router.test_time_flip:
+            return _softmax(np.asarray(self._router_fn(x)).astype(np.float64))
+        r = np.asarray(self._router_fn(np.concatenate([x, x[:, :, ::-1]]))).astype(np.float64)
+        return _softmax(0.5 * (r[: len(x)] + r[len(x) :]))
 
     def classifier_features(self, classifier_inputs: np.ndarray) -> np.ndarray:
         """The classifier's last feature map ``(n, h, w, c)`` for prepared squares.

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attach-metrics", type=Path, default=None, help="metrics.json to copy into the entry")
     p.add_argument("--skip-copy", action="store_true", help="entry exists: only (re)attach metrics")
     p.add_argument("--test-time-flip", action="store_true",
-                   help="classifier: average the image's and its mirror's feature maps at inference")
+                   help="also run the mirrored image at inference (classifier: mean feature map; router: mean logits)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -196,15 +196,22 @@ def main(argv: list[str] | None = None) -> int:
             "sha256": sha,
             "device_uid": device_uid_for(args.name, args.version, sha),
             "feature_layer": "f18_relu",
+            "test_time_flip": bool(args.test_time_flip),
         }
         train_desc = (
             f"../shared/data/msk manifest split=train; {len(history)} epochs at {size} px, "
             f"seed {cfg['seed']}, lr {cfg['learning_rate']}, frozen blocks {cfg['freeze_blocks']}"
             + (f", label smoothing {cfg['label_smoothing']}" if cfg.get("label_smoothing") else "")
+            + (f", output stride {cfg['output_stride']}" if cfg.get("output_stride", 32) != 32 else "")
+            + (f", class weights to the power {cfg['class_weight_power']}"
+               if cfg.get("class_weight_power", 1.0) != 1.0 else "")
+            + (f", mean of the last {cfg['average_last']} epochs' weights" if cfg.get("average_last", 1) > 1 else "")
         )
         if args.task == "router":
             entry["training_data"] = (
-                "MURA humerus/forearm/wrist (capped per class), pkdarabi positives with body part, UNIFESP "
+                "MURA humerus/forearm/wrist" + (f" (at most {cfg['max_per_class']} per class)"
+                                                if cfg.get("max_per_class") else "")
+                + ", pkdarabi positives with body part, UNIFESP "
                 "single-part images, arnnv; OTHER = UNIFESP out-of-scope parts + knee crops. " + train_desc
             )
             entry["temperature"] = 1.0
@@ -215,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
             temperature, points, summary = calibrate_classifier(
                 model, args.data, size, args.min_studies, args.doubt, args.test_time_flip
             )
-            entry["test_time_flip"] = bool(args.test_time_flip)
             entry["training_data"] = (
                 "MURA v1.1 (train split of ../shared/data/msk: humerus, forearm, wrist, unknown), "
                 "study-level 'abnormal' labels. " + (

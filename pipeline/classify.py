@@ -183,6 +183,11 @@ class Analyser:
         return self._classifier.info
 
     @property
+    def classifier_grid(self) -> int:
+        """Side of the classifier's feature map, the grid Grad-CAM is computed on."""
+        return int(self._classifier_model.outputs[1].shape[1])
+
+    @property
     def router_entry(self) -> ModelEntry:
         """The router's registry entry."""
         return self._router

@@ -242,6 +242,19 @@ def test_localisation_training_smoke_run(tmp_path: Path) -> None:
     assert np.isfinite(last["cam_loss"]) and np.isfinite(last["logit_loss"])
     assert 0.0 <= last["pointing_game"] <= 1.0
 
+    # a second stage starts from the first stage's weights, not from ImageNet's
+    import keras
+
+    second = tmp_path / "second"
+    code = train_main(["--task", "classifier", "--data", str(MSK_DATA), "--out", str(second),
+                       "--size", "64", "--epochs", "1", "--limit", "16", "--batch-size", "16",
+                       "--localisation-weight", "1.0", "--lr", "1e-12", "--init-from", str(out / "model.keras"),
+                       "--quiet"])
+    assert code == 0
+    before = keras.models.load_model(out / "model.keras", compile=False).get_layer("f1_c0_conv").get_weights()[0]
+    after = keras.models.load_model(second / "model.keras", compile=False).get_layer("f1_c0_conv").get_weights()[0]
+    np.testing.assert_allclose(after, before, atol=1e-6)  # a learning rate of 1e-12 moves nothing
+
 
 def test_evaluate_cli_writes_the_metrics_contract(tmp_path: Path) -> None:
     """``fracture-node evaluate`` on any folder in the manifest format."""

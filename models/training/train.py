@@ -75,6 +75,9 @@ class TrainConfig:
     output_stride: int = 32
     class_weight_power: float = 1.0
     """Class weights ``(n / (k * n_c)) ** power``: 1 balances the classes, 0 weighs every image alike."""
+    init_from: str | None = None
+    """Start from the weights of an earlier run's ``model.keras`` (same task, size and
+    output stride) instead of the ImageNet backbone: a second stage of fine-tuning."""
     """32, or 16 for a feature grid (and Grad-CAM) twice as fine (see :func:`mobilenet.backbone`)."""
 
     def __post_init__(self) -> None:
@@ -291,6 +294,12 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         weights = mobilenet.load_backbone_weights(cfg.backbone)
         full = mobilenet.build_model(cfg.size, n_out, weights, cfg.dropout, name=f"{cfg.task}",
                                      output_stride=cfg.output_stride)
+        if cfg.init_from:
+            start_model = keras.models.load_model(cfg.init_from, compile=False, safe_mode=True)
+            for layer in full.layers:
+                if layer.weights:
+                    layer.set_weights(start_model.get_layer(layer.name).get_weights())
+            logger.info("initialised from %s", cfg.init_from)
         if localise:
             cam = full.get_layer("head")(full.outputs[1])  # the head at every cell: the CAM
             train_model = keras.Model(full.input, {"logit": full.outputs[0], "cam": cam}, name=cfg.task)
@@ -385,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="16: dilate the last stage for a feature grid (Grad-CAM) twice as fine")
     p.add_argument("--class-weight-power", type=float, default=1.0,
                    help="class weights (n / (k n_c)) ** POWER: 1 balanced, 0.5 milder, 0 none")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from an earlier run's model.keras (second-stage fine-tuning)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     return p
@@ -402,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         label_smoothing=args.label_smoothing, localisation_weight=args.localisation_weight,
         average_last=args.average_last, output_stride=args.output_stride,
         class_weight_power=args.class_weight_power,
+        init_from=str(args.init_from) if args.init_from else None,
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1
     path = train(cfg, resume=args.resume, verbose=verbose)

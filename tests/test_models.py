@@ -61,6 +61,22 @@ def test_registry_hashes_match_the_shipped_weights() -> None:
     assert total < 40 * 2**20, "shipped weights must stay within ~40 MB"
 
 
+def test_the_shipped_evaluation_is_of_the_registered_models(analyser: Analyser) -> None:
+    """models/eval/metrics.json (and the metrics copied into the registry) were produced
+    for exactly the registered weights, and describe them as the node runs them."""
+    metrics = json.loads((ROOT / "models" / "eval" / "metrics.json").read_text())
+    registry = load_registry(REGISTRY)
+    for role, name in (("router", ROUTER), ("classifier", CLASSIFIER)):
+        entry = registry.get(name)
+        assert metrics["models"][role]["sha256"] == entry.sha256
+        assert metrics["models"][role]["test_time_flip"] == entry.test_time_flip
+        assert entry.metrics["source"] == "models/eval/metrics.json"
+    assert registry.get(CLASSIFIER).metrics["pointing_game"] == metrics["localisation"]["pointing_game"]
+    entry = analyser.classifier_entry
+    stride = 16 if "output stride 16" in entry.architecture else 32
+    assert metrics["models"]["classifier"]["feature_grid"] == analyser.classifier_grid == entry.input_size // stride
+
+
 def test_a_tampered_weights_file_is_refused(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "models" / "weights", tmp_path / "weights")
     text = REGISTRY.read_text()

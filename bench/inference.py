@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
     node_med, keras_med = statistics.median(node_ms), statistics.median(keras_ms)
     print(f"images: {len(images)} (MURA validation), router {router_size} px, "
-          f"classifier {classifier_size} px")
+          f"classifier {classifier_size} px (Grad-CAM grid {analyser.classifier_grid}); test-time flip: "
+          f"router {analyser.router_entry.test_time_flip}, classifier {analyser.classifier_entry.test_time_flip} "
+          "(the node then runs each image and its mirror; keras predict runs each image once)")
     print("| path | median ms/image | p90 ms |")
     print("|---|---|---|")
     print(f"| node: router + classifier + Grad-CAM + decision (batch 1) | {node_med:.1f} | "

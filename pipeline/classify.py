@@ -98,6 +98,20 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
 
+def _with_mirrors(x: np.ndarray, flip: bool) -> np.ndarray:
+    """``(n, h, w, 1)`` squares, followed by their left-right mirrors when ``flip``."""
+    return np.concatenate([x, x[:, :, ::-1]]) if flip else x
+
+
+def _mean_with_mirrors(out: np.ndarray, n: int, flip: bool, spatial: bool) -> np.ndarray:
+    """Undo :func:`_with_mirrors` on a model output: the mean of each image's answer and
+    its mirror's (a ``spatial`` map is mirrored back first)."""
+    if not flip:
+        return out
+    mirrored = out[n:, :, ::-1] if spatial else out[n:]
+    return 0.5 * (out[:n] + mirrored)
+
+
 def pooled_router_probabilities(probabilities: np.ndarray, groups: Sequence[str], other_index: int,
                                 floor: float) -> np.ndarray:
     """Router probabilities pooled (mean) over the images of each group.
@@ -208,10 +222,8 @@ class Analyser:
         With the registry's ``test_time_flip`` the softmax of the mean of the logits
         of the image and its mirror."""
         x = np.asarray(router_inputs, np.float32)[..., None]
-        if not self._router.test_time_flip:
-            return _softmax(np.asarray(self._router_fn(x)).astype(np.float64))
-        r = np.asarray(self._router_fn(np.concatenate([x, x[:, :, ::-1]]))).astype(np.float64)
-        return _softmax(0.5 * (r[: len(x)] + r[len(x) :]))
+        r = np.asarray(self._router_fn(_with_mirrors(x, self._router.test_time_flip))).astype(np.float64)
+        return _softmax(_mean_with_mirrors(r, len(x), self._router.test_time_flip, spatial=False))
 
     def classifier_features(self, classifier_inputs: np.ndarray) -> np.ndarray:
         """The classifier's last feature map ``(n, h, w, c)`` for prepared squares.
@@ -223,21 +235,16 @@ class Analyser:
         Grad-CAM of that logit is drawn on the mean map: still one forward pass.
         """
         x = np.asarray(classifier_inputs, np.float32)[..., None]
-        n = len(x)
-        if self._classifier.test_time_flip:
-            x = np.concatenate([x, x[:, :, ::-1]])
-        _, feats = self._classifier_fn(x)
-        feats = np.asarray(feats)
-        if self._classifier.test_time_flip:
-            feats = 0.5 * (feats[:n] + feats[n:, :, ::-1])
-        return feats
+        flip = self._classifier.test_time_flip
+        _, feats = self._classifier_fn(_with_mirrors(x, flip))
+        return _mean_with_mirrors(np.asarray(feats), len(x), flip, spatial=True)
 
     def predict_classifier(self, classifier_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(logits, calibrated probabilities, Grad-CAM on the model grid) for prepared squares."""
         feats = self.classifier_features(classifier_inputs)
         logits = feats.mean(axis=(1, 2), dtype=np.float64) @ self._head_kernel[:, 0] + self._head_bias
         cams = gradcam_closed_form(feats, self._head_kernel, 0)
-        probs = _sigmoid(logits.astype(np.float64) / self._classifier.temperature)
+        probs = _sigmoid(logits / self._classifier.temperature)
         return logits, probs, upsample(cams, self._classifier.input_size)
 
     def predict(self, router_inputs: np.ndarray, classifier_inputs: np.ndarray) -> RawPredictions:

@@ -73,12 +73,12 @@ class TrainConfig:
     average_last: int = 1
     """Ship the mean of the last ``average_last`` epochs' weights (see :mod:`models.training.average`)."""
     output_stride: int = 32
+    """32, or 16 for a feature grid (and Grad-CAM) twice as fine (see :func:`mobilenet.backbone`)."""
     class_weight_power: float = 1.0
     """Class weights ``(n / (k * n_c)) ** power``: 1 balances the classes, 0 weighs every image alike."""
     init_from: str | None = None
     """Start from the weights of an earlier run's ``model.keras`` (same task, size and
     output stride) instead of the ImageNet backbone: a second stage of fine-tuning."""
-    """32, or 16 for a feature grid (and Grad-CAM) twice as fine (see :func:`mobilenet.backbone`)."""
 
     def __post_init__(self) -> None:
         if self.task not in ("router", "classifier"):

@@ -274,6 +274,23 @@ def test_localisation_training_smoke_run(tmp_path: Path) -> None:
     np.testing.assert_allclose(after, before, atol=1e-6)  # a learning rate of 1e-12 moves nothing
 
 
+def test_a_second_stage_records_the_registered_model_it_started_from(tmp_path: Path) -> None:
+    """The starting weights leave the tree with the new version, so the registry text
+    keeps their name, version, hash and training."""
+    from models.training.register import lineage
+
+    registry = load_registry(REGISTRY)
+    entry = registry.get(CLASSIFIER)
+    registered = {CLASSIFIER: {"version": entry.version, "sha256": entry.sha256,
+                               "training_data": "stage one text"}}
+    text = lineage(str(entry.weights), registered)
+    assert f"{CLASSIFIER} {entry.version}" in text and entry.sha256[:12] in text and "stage one text" in text
+    other = tmp_path / "other.keras"
+    other.write_bytes(b"not the registered weights")
+    assert lineage(str(other), registered) == f"; second stage, initialised from other.keras (sha256 {sha256_of(other)[:12]}...)"
+    assert lineage(None, registered) == ""
+
+
 def test_evaluate_cli_writes_the_metrics_contract(tmp_path: Path) -> None:
     """``fracture-node evaluate`` on any folder in the manifest format."""
     from models.cli import evaluate_main

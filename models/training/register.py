@@ -47,6 +47,23 @@ def architecture(output_stride: int) -> str:
     return ARCHITECTURE.replace("), GAP", f"; output stride {output_stride}: last stage dilated), GAP")
 
 
+def lineage(init_from: str | None, registered: Mapping[str, Mapping[str, Any]]) -> str:
+    """Where a second-stage run started: the registered model it was initialised from.
+
+    The starting weights are usually replaced by the new version, so the text carries
+    the earlier model's name, version, hash and its own training text.
+    """
+    if not init_from:
+        return ""
+    path = Path(init_from)
+    sha = sha256_of(path) if path.is_file() else None
+    for name, entry in registered.items():
+        if sha is not None and entry.get("sha256") == sha:
+            return (f"; second stage, initialised from {name} {entry.get('version', '?')} "
+                    f"(sha256 {sha[:12]}..., itself: {entry.get('training_data', 'not recorded')})")
+    return f"; second stage, initialised from {path.name}" + (f" (sha256 {sha[:12]}...)" if sha else "")
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -206,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f", class weights to the power {cfg['class_weight_power']}"
                if cfg.get("class_weight_power", 1.0) != 1.0 else "")
             + (f", mean of the last {cfg['average_last']} epochs' weights" if cfg.get("average_last", 1) > 1 else "")
+            + lineage(cfg.get("init_from"), existing)
         )
         if args.task == "router":
             entry["training_data"] = (

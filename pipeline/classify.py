@@ -112,6 +112,46 @@ def _mean_with_mirrors(out: np.ndarray, n: int, flip: bool, spatial: bool) -> np
     return 0.5 * (out[:n] + mirrored)
 
 
+class ClassifierGraph:
+    """The classifier as the node runs it: one ``tf.function`` giving the last feature
+    map, the mirrored squares in the same batch when ``test_time_flip``, and the GAP +
+    dense head applied in NumPy to the (mean) map.
+
+    The head is linear in the map, so the logit of the mean map is the mean of the
+    image's and its mirror's logits, and the closed-form Grad-CAM of that logit is
+    drawn on the mean map: still one forward pass.  :class:`Analyser` and the
+    calibration (``models.training.register``) share this class, so the temperature is
+    fitted on exactly the logits the node computes.
+    """
+
+    def __init__(self, model: Any, input_size: int, test_time_flip: bool) -> None:
+        import tensorflow as tf
+
+        self.model = model
+        self.test_time_flip = bool(test_time_flip)
+        self.head_kernel = np.asarray(model.get_layer("head").kernel, dtype=np.float64)
+        self.head_bias = float(np.asarray(model.get_layer("head").bias)[0])
+        self._fn = tf.function(
+            lambda x: model(x, training=False)[1],
+            input_signature=[tf.TensorSpec((None, input_size, input_size, 1), tf.float32)],
+        )
+
+    @property
+    def grid(self) -> int:
+        """Side of the feature map, the grid Grad-CAM is computed on."""
+        return int(self.model.outputs[1].shape[1])
+
+    def features(self, squares: np.ndarray) -> np.ndarray:
+        """The last feature map ``(n, h, w, c)`` of prepared squares ``(n, s, s)``."""
+        x = np.asarray(squares, np.float32)[..., None]
+        feats = self._fn(_with_mirrors(x, self.test_time_flip))
+        return _mean_with_mirrors(np.asarray(feats), len(x), self.test_time_flip, spatial=True)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """The head's logit for each feature map (float64)."""
+        return features.mean(axis=(1, 2), dtype=np.float64) @ self.head_kernel[:, 0] + self.head_bias
+
+
 def pooled_router_probabilities(probabilities: np.ndarray, groups: Sequence[str], other_index: int,
                                 floor: float) -> np.ndarray:
     """Router probabilities pooled (mean) over the images of each group.
@@ -164,16 +204,12 @@ class Analyser:
         self._classifier = classifier
         self._router_model = router_model
         self._classifier_model = classifier_model
-        self._head_kernel = np.asarray(classifier_model.get_layer("head").kernel, dtype=np.float64)
-        self._head_bias = float(np.asarray(classifier_model.get_layer("head").bias)[0])
-        rs, cs = router.input_size, classifier.input_size
+        self._classifier_graph = ClassifierGraph(classifier_model, classifier.input_size,
+                                                 classifier.test_time_flip)
+        rs = router.input_size
         self._router_fn = tf.function(
             lambda x: router_model(x, training=False)[0],
             input_signature=[tf.TensorSpec((None, rs, rs, 1), tf.float32)],
-        )
-        self._classifier_fn = tf.function(
-            lambda x: classifier_model(x, training=False),
-            input_signature=[tf.TensorSpec((None, cs, cs, 1), tf.float32)],
         )
 
     @classmethod
@@ -199,7 +235,7 @@ class Analyser:
     @property
     def classifier_grid(self) -> int:
         """Side of the classifier's feature map, the grid Grad-CAM is computed on."""
-        return int(self._classifier_model.outputs[1].shape[1])
+        return self._classifier_graph.grid
 
     @property
     def router_entry(self) -> ModelEntry:
@@ -226,24 +262,17 @@ class Analyser:
         return _softmax(_mean_with_mirrors(r, len(x), self._router.test_time_flip, spatial=False))
 
     def classifier_features(self, classifier_inputs: np.ndarray) -> np.ndarray:
-        """The classifier's last feature map ``(n, h, w, c)`` for prepared squares.
-
-        With the registry's ``test_time_flip`` the mirrored squares go through the
-        same batch and their maps, mirrored back, are averaged with the originals.
-        The head (global average pooling + dense) is linear in the map, so the
-        logit of the mean map is the mean of the two logits, and the closed-form
-        Grad-CAM of that logit is drawn on the mean map: still one forward pass.
-        """
-        x = np.asarray(classifier_inputs, np.float32)[..., None]
-        flip = self._classifier.test_time_flip
-        _, feats = self._classifier_fn(_with_mirrors(x, flip))
-        return _mean_with_mirrors(np.asarray(feats), len(x), flip, spatial=True)
+        """The classifier's last feature map ``(n, h, w, c)`` for prepared squares: with
+        the registry's ``test_time_flip``, the mean of the image's and its mirror's
+        (see :class:`ClassifierGraph`)."""
+        return self._classifier_graph.features(classifier_inputs)
 
     def predict_classifier(self, classifier_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(logits, calibrated probabilities, Grad-CAM on the model grid) for prepared squares."""
-        feats = self.classifier_features(classifier_inputs)
-        logits = feats.mean(axis=(1, 2), dtype=np.float64) @ self._head_kernel[:, 0] + self._head_bias
-        cams = gradcam_closed_form(feats, self._head_kernel, 0)
+        graph = self._classifier_graph
+        feats = graph.features(classifier_inputs)
+        logits = graph.logits(feats)
+        cams = gradcam_closed_form(feats, graph.head_kernel, 0)
         probs = _sigmoid(logits / self._classifier.temperature)
         return logits, probs, upsample(cams, self._classifier.input_size)
 

@@ -113,30 +113,21 @@ def dump_registry(models: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _predict(model: Any, arrays: np.ndarray, batch: int = 32) -> np.ndarray:
-    import tensorflow as tf
-
-    fn = tf.function(lambda x: model(x, training=False)[0])
-    return np.concatenate([
-        np.asarray(fn(tf.constant(arrays[i : i + batch].astype(np.float32)[..., None])))
-        for i in range(0, len(arrays), batch)
-    ])
-
-
 def calibrate_classifier(
     model: Any, data_dir: Path, size: int, min_studies: int, doubt: float, test_time_flip: bool = False
 ) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
     """Temperature, operating points and a calibration summary from the validation split.
 
-    With ``test_time_flip`` the logits are those the node computes: the mean of the
-    image's and its mirror's (see :meth:`pipeline.classify.Analyser.classifier_features`).
+    The logits are those the node computes (:class:`pipeline.classify.ClassifierGraph`):
+    with ``test_time_flip``, the head on the mean of the image's and its mirror's maps.
     """
+    from pipeline.classify import ClassifierGraph
+
     rows = mdata.in_split(mdata.read_manifest(data_dir), "val")
     samples = [s for s in mdata.classifier_samples(rows) if s.row.body_part in mdata.CLASSIFIER_PARTS]
     x = mdata.load_arrays([s.row.path for s in samples], size)
-    logits = _predict(model, x)[:, 0]
-    if test_time_flip:
-        logits = 0.5 * (logits + _predict(model, np.ascontiguousarray(x[:, :, ::-1]))[:, 0])
+    graph = ClassifierGraph(model, size, test_time_flip)
+    logits = np.concatenate([graph.logits(graph.features(x[i : i + 32])) for i in range(0, len(x), 32)])
     y = np.array([s.target for s in samples])
     temperature = mm.fit_temperature(logits, y)
     prob = mm.sigmoid(logits / temperature)

@@ -57,11 +57,13 @@ def lineage(init_from: str | None, registered: Mapping[str, Mapping[str, Any]]) 
         return ""
     path = Path(init_from)
     sha = sha256_of(path) if path.is_file() else None
+    if sha is None:
+        return f"; second stage, initialised from {path.name}"
     for name, entry in registered.items():
-        if sha is not None and entry.get("sha256") == sha:
+        if entry.get("sha256") == sha:
             return (f"; second stage, initialised from {name} {entry.get('version', '?')} "
                     f"(sha256 {sha[:12]}..., itself: {entry.get('training_data', 'not recorded')})")
-    return f"; second stage, initialised from {path.name}" + (f" (sha256 {sha[:12]}...)" if sha else "")
+    return f"; second stage, initialised from {path.name} (sha256 {sha[:12]}...)"
 
 
 def _toml_value(v: Any) -> str:

@@ -16,9 +16,10 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
+from pipeline.aggregate import aggregate_study
 from pipeline.resize import fit_square
+from pipeline.validate import read_metadata
 from pipeline.result import (
-    BodyPartDecision,
     Decision,
     ImageFinding,
     ImageMetadata,
@@ -36,6 +37,7 @@ ROUTER = ModelInfo(
     architecture="MobileNetV2",
     weights_sha256="a" * 64,
     device_uid="1.2.826.0.1.3680043.8.498.1001",
+    finding="body part",
 )
 CLASSIFIER = ModelInfo(
     name="fracture-classifier",
@@ -43,6 +45,7 @@ CLASSIFIER = ModelInfo(
     architecture="MobileNetV2",
     weights_sha256="b" * 64,
     device_uid="1.2.826.0.1.3680043.8.498.1002",
+    finding="fracture",
 )
 
 
@@ -58,17 +61,8 @@ def window(ds: pydicom.Dataset) -> np.ndarray:
 
 
 def meta_of(ds: pydicom.Dataset) -> ImageMetadata:
-    return ImageMetadata(
-        study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID,
-        sop_instance_uid=ds.SOPInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-        modality=ds.get("Modality", ""),
-        body_part_examined=ds.get("BodyPartExamined", ""),
-        laterality=ds.get("ImageLaterality", "") or ds.get("Laterality", ""),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-    )
+    """The node's own reading of the identifying attributes."""
+    return read_metadata(ds)
 
 
 def blob(centre: tuple[float, float], sigma: float = 0.12) -> np.ndarray:
@@ -134,33 +128,5 @@ def reparent(ds: pydicom.Dataset, study: pydicom.Dataset, n: int) -> pydicom.Dat
 def study_result(
     findings: list[ImageFinding], refusals: list[Refusal], study_uid: str
 ) -> StudyResult:
-    by_part: dict[str, BodyPartDecision] = {}
-    for part in sorted({f.body_part for f in findings}):
-        group = [f for f in findings if f.body_part == part]
-        p = float(np.mean([f.fracture_probability for f in group]))
-        decision = (
-            Decision.POSITIVE
-            if p >= 0.6
-            else Decision.NEGATIVE
-            if p < 0.4
-            else Decision.DOUBTFUL
-        )
-        by_part[part] = BodyPartDecision(
-            body_part=part,
-            probability=p,
-            threshold=0.5,
-            doubt_band=(0.4, 0.6),
-            decision=decision,
-            sop_instance_uids=tuple(f.meta.sop_instance_uid for f in group),
-        )
-    order = [Decision.POSITIVE, Decision.DOUBTFUL, Decision.NEEDS_REVIEW, Decision.NEGATIVE]
-    decisions = [d.decision for d in by_part.values()]
-    decision = next((d for d in order if d in decisions), Decision.NOT_ANALYSED)
-    return StudyResult(
-        study_instance_uid=study_uid,
-        findings=tuple(findings),
-        refusals=tuple(refusals),
-        by_body_part=by_part,
-        models=(ROUTER, CLASSIFIER),
-        decision=decision,
-    )
+    """The study result of stand-in findings, aggregated by the node's own rule."""
+    return aggregate_study(study_uid, [*findings, *refusals], (ROUTER, CLASSIFIER))

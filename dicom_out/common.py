@@ -38,6 +38,8 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+# the wording lives in dicom_out.wording; these names stay importable from here
+from dicom_out.wording import DECISION_LABEL, NOT_FOR_DIAGNOSTIC_USE, REVIEW_NOTICE  # noqa: F401
 from pipeline.result import (
     NODE_MANUFACTURER,
     NODE_MODEL_NAME,
@@ -53,11 +55,6 @@ logger = logging.getLogger(__name__)
 SOFTWARE_VERSION = "0.1.0"
 """Version of fracture-node written into Software Versions (0018,1020)."""
 
-NOT_FOR_DIAGNOSTIC_USE = "UNVERIFIED AI result, not for diagnostic use"
-"""Appended to every description we write (series, derivation, document title)."""
-
-REVIEW_NOTICE = "AI result \u2014 requires radiologist review"
-"""Burned into every Secondary Capture and printed on every PDF page."""
 
 # --------------------------------------------------------------------------- settings
 
@@ -462,15 +459,6 @@ def unique_models(models: Iterable[ModelInfo]) -> tuple[ModelInfo, ...]:
 
 # --------------------------------------------------------------------------- decisions
 
-DECISION_LABEL: dict[Decision, str] = {
-    Decision.POSITIVE: "POSITIVE",
-    Decision.DOUBTFUL: "DOUBTFUL",
-    Decision.NEGATIVE: "NEGATIVE",
-    Decision.NEEDS_REVIEW: "NEEDS REVIEW",
-    Decision.NOT_ANALYSED: "NOT ANALYSED",
-}
-"""Short upper-case label of a decision, as burned in and printed."""
-
 DECISION_COLOUR: dict[Decision, tuple[int, int, int]] = {
     Decision.POSITIVE: (200, 30, 30),
     Decision.DOUBTFUL: (230, 140, 0),
@@ -491,7 +479,7 @@ def shows_heatmap(decision: Decision) -> bool:
 
 
 FRACTURE = Code("125605004", "SCT", "Fracture of bone")
-"""Finding type and qualitative-evaluation concept (SNOMED CT)."""
+"""Finding type and qualitative-evaluation concept of a fracture output (SNOMED CT)."""
 
 NOT_DONE = Code("385660001", "SCT", "Not done")
 """Qualitative evaluation value of an image that was not analysed."""
@@ -510,6 +498,18 @@ LOCAL_SCHEME = "99FRNODE"
 
 AI_DECISION = Code("decision", LOCAL_SCHEME, "AI decision")
 REFUSAL_REASON = Code("refusal", LOCAL_SCHEME, "Reason not analysed")
+
+ABNORMALITY = Code("mura-abnormal", LOCAL_SCHEME, "Abnormal musculoskeletal radiograph (MURA)")
+"""Finding type and qualitative-evaluation concept of an abnormality output: MURA's
+abnormal study (fracture, hardware, degenerative change, lesion ...).  No SNOMED CT
+concept means exactly that, so it is a local code rather than "Fracture of bone"."""
+
+
+def finding_code(model: ModelInfo | None) -> Code:
+    """The SR concept of what a classifier measures (:data:`FRACTURE` or :data:`ABNORMALITY`)."""
+    if model is not None and model.finding == "abnormality":
+        return ABNORMALITY
+    return FRACTURE
 
 
 def decision_code(decision: Decision) -> Code:

@@ -1,9 +1,9 @@
 """Key Object Selection of the images the AI flags (PS3.3 A.35.4), optional output.
 
 A Key Object Selection Document (highdicom ``ko``) titled "Of Interest" (DCM 113000,
-CID 7010) lists the positive source images and their heat-map Secondary Captures,
+CID 7010) lists the source images with a positive or doubtful finding and their heat-map Secondary Captures,
 so a viewer that honours key images can jump to them.  The description says the
-selection was made by an unverified AI.  Nothing is built when no image is positive.
+selection was made by an unverified AI.  Nothing is built when no image is positive or doubtful.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 from dicom_out.common import (
-    NOT_FOR_DIAGNOSTIC_USE,
     OutputSettings,
     contributing_equipment,
     copy_patient_study,
@@ -29,11 +28,12 @@ from dicom_out.common import (
     study_series_uid,
     unique_models,
 )
-from pipeline.result import Decision, StudyResult
+from dicom_out import wording
+from pipeline.result import Decision, ImageFinding, StudyResult
 
 logger = logging.getLogger(__name__)
 
-KEY_DECISIONS = frozenset({Decision.POSITIVE})
+KEY_DECISIONS = frozenset({Decision.POSITIVE, Decision.DOUBTFUL})
 """Image decisions whose images are selected."""
 
 
@@ -48,7 +48,7 @@ def build_key_object_selection(
     Parameters
     ----------
     result
-        The study result; images whose decision is positive are selected.
+        The study result; images whose decision is positive or doubtful are selected.
     sources
         Source instances keyed by SOP Instance UID (every analysed instance).
     secondary_captures
@@ -61,10 +61,11 @@ def build_key_object_selection(
     -------
     pydicom.Dataset or None
         A Key Object Selection Document (SOP Class 1.2.840.10008.5.1.4.1.1.88.59),
-        or ``None`` when no image is positive.
+        or ``None`` when no image is positive or doubtful.
     """
     head = study_head(result, sources)
-    selected = [f for f in result.findings if f.decision in KEY_DECISIONS]
+    selected = [o for o in result.outcomes()
+                if isinstance(o, ImageFinding) and o.decision in KEY_DECISIONS]
     if not selected:
         return None
     uids = {f.meta.sop_instance_uid for f in selected}
@@ -79,7 +80,7 @@ def build_key_object_selection(
         document_title=codes.DCM.OfInterest,
         referenced_objects=objects,
         observer_device_context=observer,
-        description=f"Images with a positive AI fracture finding. {NOT_FOR_DIAGNOSTIC_USE}.",
+        description=wording.key_object_description(result),
     )
     ds = hd.ko.KeyObjectSelectionDocument(
         evidence=[reference_dataset(head), *objects],

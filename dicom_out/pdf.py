@@ -53,7 +53,6 @@ from dicom_out.common import (
     NOT_FOR_DIAGNOSTIC_USE,
     REVIEW_NOTICE,
     OutputSettings,
-    body_part_label,
     colour_bar,
     contributing_equipment,
     copy_patient_study,
@@ -68,6 +67,7 @@ from dicom_out.common import (
     study_series_uid,
     unique_models,
 )
+from dicom_out import wording
 from pipeline.result import Decision, ImageFinding, ModelInfo, Refusal, StudyResult
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,9 @@ ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 DIAGNOSTIC_IMAGING_REPORT = Code("18748-4", "LN", "Diagnostic imaging report")
 """Concept Name Code Sequence of the document (PS3.3 C.24.2, LOINC)."""
 
-DOCUMENT_TITLE = "AI fracture report - UNVERIFIED, not for diagnostic use"
+def document_title(result: StudyResult) -> str:
+    """Document Title (0042,0010): what the report is about, and that it is unverified."""
+    return f"AI {wording.study_finding(result)} report - UNVERIFIED, not for diagnostic use"
 
 PDF_IMAGE_SIDE = 640
 """Longer side in pixels of each picture embedded in the PDF (about 200 dpi)."""
@@ -190,105 +192,18 @@ def _sex(value: object) -> str:
 
 
 def banner_text(result: StudyResult) -> tuple[str, str]:
-    """(headline, sub-line) of the status banner."""
-    parts_by_decision: dict[Decision, list[str]] = {}
-    for part, decision in sorted(result.by_body_part.items()):
-        parts_by_decision.setdefault(decision.decision, []).append(body_part_label(part).lower())
-    d = result.decision
-    if d is Decision.POSITIVE:
-        where = ", ".join(parts_by_decision.get(d, [])) or "the study"
-        return "FRACTURE SUSPECTED", f"The AI flags a probable fracture / abnormality: {where}."
-    if d is Decision.DOUBTFUL:
-        where = ", ".join(parts_by_decision.get(d, [])) or "the study"
-        return "DOUBTFUL RESULT", f"Probability close to the operating threshold: {where}."
-    if d is Decision.NEEDS_REVIEW:
-        return "NEEDS HUMAN REVIEW", "The models were not confident enough to give an answer."
-    if d is Decision.NEGATIVE:
-        return "NO FRACTURE DETECTED", "No image reached the operating threshold."
-    return "NOT ANALYSED", "No image of this study could be analysed by the AI."
+    """(headline, sub-line) of the status banner (:func:`dicom_out.wording.headline`)."""
+    return wording.headline(result)
 
 
 def observation_text(result: StudyResult) -> tuple[str, list[str]]:
-    """Rule-based observation paragraph and bullet findings (seed 000, VI.A)."""
-    n_img = len(result.findings)
-    n_ref = len(result.refusals)
-    if n_img == 0:
-        summary = (
-            f"No radiograph of this study could be analysed by the AI "
-            f"({n_ref} instance{'s' if n_ref != 1 else ''} refused; reasons below)."
-        )
-        bullets = [
-            f"Instance {j} ({r.meta.modality or 'instance'}): not analysed \u2014 {r.text}"
-            for j, r in enumerate(result.refusals, start=1)
-        ]
-        return summary, bullets
-    summary = (
-        f"{n_img} radiograph{'s' if n_img != 1 else ''} of this study "
-        f"{'were' if n_img != 1 else 'was'} analysed by the AI"
-    )
-    if n_ref:
-        summary += f"; {n_ref} instance{'s' if n_ref != 1 else ''} could not be analysed"
-    summary += ". "
-    if result.by_body_part:
-        descr = []
-        for part, decision in sorted(result.by_body_part.items()):
-            descr.append(
-                f"{body_part_label(part).lower()}: mean fracture probability "
-                f"{decision.probability:.2f} against a threshold of {decision.threshold:.2f} "
-                f"({DECISION_LABEL[decision.decision].lower()})"
-            )
-        summary += "Per body part, " + "; ".join(descr) + ". "
-    summary += (
-        "Heat maps show where the classifier looked (Grad-CAM); they are shown only for "
-        "positive or doubtful images and do not delineate a fracture line."
-    )
-    bullets: list[str] = []
-    for i, f in enumerate(result.findings, start=1):
-        side = {"L": "left ", "R": "right "}.get(f.meta.laterality.upper(), "")
-        text = (
-            f"Image {i} ({side}{body_part_label(f.body_part).lower()}, body part p = "
-            f"{f.body_part_probability:.2f}): fracture probability "
-            f"{f.fracture_probability:.2f} \u2014 {DECISION_LABEL[f.decision].lower()}."
-        )
-        if f.notes:
-            text += " Note: " + "; ".join(f.notes) + "."
-        if f.meta.body_part_examined and f.meta.body_part_examined.upper() != f.body_part.upper():
-            text += (
-                f" The DICOM header says {f.meta.body_part_examined.upper()}; the AI routed "
-                f"the image as {f.body_part.upper()}."
-            )
-        bullets.append(text)
-    for j, r in enumerate(result.refusals, start=n_img + 1):
-        what = r.meta.modality or "instance"
-        bullets.append(f"Instance {j} ({what}): not analysed \u2014 {r.text}")
-    return summary, bullets
+    """Observation paragraph and bullet findings (seed 000, VI.A), in reading order."""
+    return wording.observation(result)
 
 
 def recommendation_text(result: StudyResult) -> str:
     """The clinical recommendation for the study decision."""
-    return {
-        Decision.POSITIVE: (
-            "Radiologist review of the flagged images is recommended with priority. "
-            "Correlate with the clinical findings; consider further views or follow-up "
-            "imaging if the fracture is not confirmed."
-        ),
-        Decision.DOUBTFUL: (
-            "The result is close to the operating threshold. A careful radiologist review "
-            "is recommended; consider additional views or clinical follow-up."
-        ),
-        Decision.NEEDS_REVIEW: (
-            "The AI could not reach a confident answer. The study requires a standard "
-            "radiologist read without reliance on this result."
-        ),
-        Decision.NEGATIVE: (
-            "No fracture was detected by the AI. This does not exclude a fracture: "
-            "the study still requires the usual radiologist read, in particular for "
-            "subtle or non-displaced fractures."
-        ),
-        Decision.NOT_ANALYSED: (
-            "The AI did not analyse this study. It requires the usual radiologist read."
-        ),
-    }[result.decision]
+    return wording.recommendation(result)
 
 
 DISCLAIMER = (
@@ -371,17 +286,18 @@ def _banner(result: StudyResult, doc_width: float) -> Table:
 
 
 def _image_block(
-    finding: ImageFinding, number: int, doc_width: float, heading: Paragraph | None = None
+    finding: ImageFinding, doc_width: float, heading: Paragraph | None = None
 ) -> KeepTogether:
     original, overlay = render_views(finding, PDF_IMAGE_SIDE)
     cell_w = doc_width / 2.0 - 6
     cell_h = 68 * mm
-    side = {"L": "left ", "R": "right "}.get(finding.meta.laterality.upper(), "")
     label = DECISION_LABEL[finding.decision]
     colour = "#%02X%02X%02X" % DECISION_COLOUR[finding.decision]
+    what = wording.finding_name(finding.classifier)
+    part = wording.side_name(finding.meta) + wording.body_part_name(finding.body_part)
     title = _p(
-        f"<b>Image {number}</b> \u2014 {_e(side + body_part_label(finding.body_part).lower())}"
-        f" \u2014 fracture probability <b>{finding.fracture_probability:.2f}</b> "
+        f"<b>{_e(wording.image_name(finding.meta))}</b> \u2014 {_e(part)}"
+        f" \u2014 {_e(what)} probability <b>{finding.fracture_probability:.2f}</b> "
         f"\u2014 <font color='{colour}'><b>{_e(label)}</b></font>",
         "base",
     )
@@ -422,41 +338,41 @@ def _image_block(
     return KeepTogether(parts)
 
 
+def _decision_cell(decision: Decision) -> Paragraph:
+    return _p(
+        f"<font color='#%02X%02X%02X'><b>{_e(DECISION_LABEL[decision])}</b></font>"
+        % DECISION_COLOUR[decision],
+        "cell",
+    )
+
+
 def _results_table(result: StudyResult, doc_width: float) -> Table:
-    header = ["#", "Body part (router p)", "Fracture p", "Threshold", "Doubt band", "Decision"]
+    what = wording.study_finding(result)
+    header = ["Image (series, instance)", "Body part (router p)", f"{what.capitalize()} p",
+              "Doubtful band", "Decision"]
     data: list[list[object]] = [[_p(_e(h), "cell_head") for h in header]]
-    for i, f in enumerate(result.findings, start=1):
-        low, high = f.doubt_band
-        data.append(
-            [
-                _p(str(i), "cell"),
-                _p(
-                    _e(f"{body_part_label(f.body_part)} ({f.body_part_probability:.2f})"), "cell"
-                ),
-                _p(f"{f.fracture_probability:.2f}", "cell"),
-                _p(f"{f.threshold:.2f}", "cell"),
-                _p(f"{low:.2f}\u2013{high:.2f}", "cell"),
-                _p(
-                    f"<font color='#%02X%02X%02X'><b>{_e(DECISION_LABEL[f.decision])}</b></font>"
-                    % DECISION_COLOUR[f.decision],
-                    "cell",
-                ),
-            ]
-        )
-    for j, r in enumerate(result.refusals, start=len(result.findings) + 1):
-        data.append(
-            [
-                _p(str(j), "cell"),
-                _p(_e(r.meta.modality or "-"), "cell"),
+    for outcome in result.outcomes():
+        name = _p(_e(wording.image_name(outcome.meta)), "cell")
+        if isinstance(outcome, ImageFinding):
+            part = wording.side_name(outcome.meta) + wording.body_part_name(outcome.body_part)
+            data.append([
+                name,
+                _p(_e(f"{part} ({outcome.body_part_probability:.2f})"), "cell"),
+                _p(f"{outcome.fracture_probability:.2f}", "cell"),
+                _p(_e(wording.band_text(outcome.doubt_band)), "cell"),
+                _decision_cell(outcome.decision),
+            ])
+        else:
+            data.append([
+                name,
+                _p(_e(wording.refusal_reason(outcome)), "cell"),
                 _p("\u2013", "cell"),
                 _p("\u2013", "cell"),
-                _p("\u2013", "cell"),
-                _p(_e(f"NOT ANALYSED: {r.text}"), "cell"),
-            ]
-        )
+                _decision_cell(Decision.NOT_ANALYSED),
+            ])
     w = doc_width
     table = Table(
-        data, colWidths=[0.06 * w, 0.27 * w, 0.13 * w, 0.13 * w, 0.14 * w, 0.27 * w], repeatRows=1
+        data, colWidths=[0.28 * w, 0.32 * w, 0.12 * w, 0.12 * w, 0.16 * w], repeatRows=1
     )
     table.setStyle(
         TableStyle(
@@ -475,28 +391,25 @@ def _results_table(result: StudyResult, doc_width: float) -> Table:
 def _body_part_table(result: StudyResult, doc_width: float) -> Table | None:
     if not result.by_body_part:
         return None
+    what = wording.study_finding(result)
     data: list[list[object]] = [
         [
-            _p(h, "cell_bold")
-            for h in ("Body part", "Images", "Mean fracture p", "Threshold", "Study decision")
+            _p(_e(h), "cell_bold")
+            for h in ("Body part", "Images by decision", f"Mean {what} p (mean rule)",
+                      "Study decision")
         ]
     ]
     for part, d in sorted(result.by_body_part.items()):
         data.append(
             [
-                _p(_e(body_part_label(part)), "cell"),
-                _p(str(len(d.sop_instance_uids)), "cell"),
-                _p(f"{d.probability:.2f}", "cell"),
-                _p(f"{d.threshold:.2f}", "cell"),
-                _p(
-                    f"<font color='#%02X%02X%02X'><b>{_e(DECISION_LABEL[d.decision])}</b></font>"
-                    % DECISION_COLOUR[d.decision],
-                    "cell",
-                ),
+                _p(_e(wording.body_part_name(part).capitalize()), "cell"),
+                _p(_e(wording.part_counts(d)), "cell"),
+                _p(_e(f"{d.probability:.2f} ({wording.decision_word(d.mean_decision)})"), "cell"),
+                _decision_cell(d.decision),
             ]
         )
     w = doc_width
-    table = Table(data, colWidths=[0.27 * w, 0.13 * w, 0.2 * w, 0.13 * w, 0.27 * w])
+    table = Table(data, colWidths=[0.18 * w, 0.42 * w, 0.22 * w, 0.18 * w])
     table.setStyle(
         TableStyle(
             [
@@ -528,31 +441,28 @@ def _recommendation_box(result: StudyResult, doc_width: float) -> Table:
     return table
 
 
-def _models_table(
-    result: StudyResult, models: Sequence[ModelInfo], doc_width: float
-) -> Table:
+def _models_table(models: Sequence[ModelInfo], doc_width: float) -> Table:
     data: list[list[object]] = [
-        [_p(h, "cell_bold") for h in ("Role", "Model", "Version", "Architecture", "Weights SHA-256")]
+        [_p(h, "cell_bold") for h in ("Model", "What its number means", "Validated")]
     ]
-    router = result.findings[0].router if result.findings else None
     for m in models:
-        role = "body-part router" if router is not None and m == router else "fracture classifier"
         data.append(
             [
-                _p(role, "cell"),
-                _p(_e(m.name), "cell"),
-                _p(_e(m.version), "cell"),
-                _p(_e(m.architecture), "cell"),
-                _p(_e(m.weights_sha256[:16] + "\u2026"), "cell"),
+                _p(f"<b>{_e(m.name)}</b> {_e(m.version)}<br/>{_e(wording.model_role(m))}<br/>"
+                   f"{_e(wording.architecture_name(m))}<br/>SHA-256 {_e(m.weights_sha256[:12])}",
+                   "cell"),
+                _p(_e(wording.meaning(m)), "cell"),
+                _p("<br/>".join(_e(v) for v in m.validated) or "not recorded", "cell"),
             ]
         )
     w = doc_width
-    table = Table(data, colWidths=[0.2 * w, 0.25 * w, 0.12 * w, 0.18 * w, 0.25 * w])
+    table = Table(data, colWidths=[0.28 * w, 0.36 * w, 0.36 * w])
     table.setStyle(
         TableStyle(
             [
                 ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#EEF2F7")),
                 ("GRID", (0, 0), (-1, -1), 0.4, colors.HexColor("#B8C2CE")),
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
             ]
         )
     )
@@ -579,18 +489,18 @@ def render_pdf(
         rightMargin=16 * mm,
         topMargin=14 * mm,
         bottomMargin=16 * mm,
-        title="AI fracture report",
+        title=f"AI {wording.study_finding(result)} report",
         author=settings.manufacturer,
         subject=NOT_FOR_DIAGNOSTIC_USE,
         creator=f"{settings.manufacturer} {settings.software_version}",
-        invariant=1,
+        invariant=0,  # a real creation date (invariant mode writes 2000-01-01)
     )
     width = doc.width
     models = unique_models(
         [*result.models, *(m for f in result.findings for m in finding_models(f))]
     )
     story: list[object] = [
-        _p("AI Fracture Detection Report", "title"),
+        _p(_e(f"AI {wording.study_finding(result).capitalize()} Detection Report"), "title"),
         _p(
             _e(
                 f"{settings.manufacturer_model_name} {settings.software_version} \u2014 "
@@ -613,10 +523,11 @@ def render_pdf(
     story += [KeepTogether(observation), Spacer(1, 8), _recommendation_box(result, width)]
     if result.findings:
         heading = _p("Images: original and heat map", "h2")
-        for i, finding in enumerate(result.findings, start=1):
-            story.append(_image_block(finding, i, width, heading if i == 1 else None))
+        shown = [o for o in result.outcomes() if isinstance(o, ImageFinding)]
+        for i, finding in enumerate(shown):
+            story.append(_image_block(finding, width, heading if i == 0 else None))
     if models:
-        story += [_p("Models", "h2"), _models_table(result, models, width)]
+        story += [_p("Models", "h2"), _models_table(models, width)]
         thresholds = sorted(
             {
                 (f.body_part, f.threshold, f.doubt_band)
@@ -625,7 +536,8 @@ def render_pdf(
         )
         if thresholds:
             text = "; ".join(
-                f"{body_part_label(bp)}: threshold {t:.2f}, doubtful {lo:.2f}\u2013{hi:.2f}"
+                f"{wording.body_part_name(bp).capitalize()}: threshold {t:.2f}, "
+                f"doubtful {lo:.2f}\u2013{hi:.2f}"
                 for bp, t, (lo, hi) in thresholds
             )
             story += [Spacer(1, 3), _p("Operating points \u2014 " + _e(text), "small")]
@@ -735,14 +647,14 @@ def build_pdf_report(
     ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
     ds.BurnedInAnnotation = "YES"
     ds.RecognizableVisualFeatures = "YES" if result.findings else "NO"
-    ds.DocumentTitle = DOCUMENT_TITLE
+    ds.DocumentTitle = document_title(result)
     concept = pydicom.Dataset()
     concept.CodeValue = DIAGNOSTIC_IMAGING_REPORT.value
     concept.CodingSchemeDesignator = DIAGNOSTIC_IMAGING_REPORT.scheme_designator
     concept.CodeMeaning = DIAGNOSTIC_IMAGING_REPORT.meaning
     ds.ConceptNameCodeSequence = [concept]
     source_items = []
-    for finding in result.findings:
+    for finding in (o for o in result.outcomes() if isinstance(o, ImageFinding)):
         item = pydicom.Dataset()
         item.ReferencedSOPClassUID = finding.meta.sop_class_uid
         item.ReferencedSOPInstanceUID = finding.meta.sop_instance_uid

@@ -12,7 +12,10 @@ lists the node and its models as Contributing Equipment (C.12.1).
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -20,15 +23,13 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.sr.coding import Code
 
+from dicom_out import wording
 from dicom_out.common import (
     DECISION_COLOUR,
-    DECISION_LABEL,
     NOT_FOR_DIAGNOSTIC_USE,
     PAIRED_BODY_PARTS,
-    REVIEW_NOTICE,
     OutputSettings,
     ascii_text,
-    body_part_label,
     colour_bar,
     contributing_equipment,
     copy_patient_study,
@@ -62,6 +63,7 @@ def sc_instance_uid(finding: ImageFinding) -> str:
     return output_uid(finding.meta.sop_instance_uid, *model_hashes(finding_models(finding)), "sc")
 
 
+@functools.lru_cache(maxsize=64)
 def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     path = font_path(bold)
     if path is None:
@@ -70,33 +72,12 @@ def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.I
 
 
 def caption_lines(finding: ImageFinding) -> list[tuple[str, bool, tuple[int, int, int]]]:
-    """Text of the burned-in caption: (line, bold, RGB colour), top to bottom."""
-    label = DECISION_LABEL[finding.decision]
-    low, high = finding.doubt_band
+    """Text of the burned-in caption: (line, bold, RGB colour), top to bottom
+    (the sentences are :func:`dicom_out.wording.caption_lines`)."""
     white = (235, 235, 235)
-    laterality = {"L": "left ", "R": "right "}.get(finding.meta.laterality.upper(), "")
-    lines = [
-        (f"Fracture: {label}   p = {finding.fracture_probability:.2f}", True, _caption_colour(finding)),
-        (
-            f"Threshold {finding.threshold:.2f}; doubtful from {low:.2f} to {high:.2f}",
-            False,
-            white,
-        ),
-        (
-            f"Body part: {laterality}{body_part_label(finding.body_part).lower()}   "
-            f"p = {finding.body_part_probability:.2f}",
-            False,
-            white,
-        ),
-        (
-            f"Model: {finding.classifier.name} {finding.classifier.version}   "
-            f"router: {finding.router.name} {finding.router.version}",
-            False,
-            white,
-        ),
-        (f"{REVIEW_NOTICE}. Not for diagnostic use.", True, (255, 255, 255)),
-    ]
-    return lines
+    lines = wording.caption_lines(finding)
+    colours = [_caption_colour(finding)] + [white] * (len(lines) - 2) + [(255, 255, 255)]
+    return [(text, bold, colour) for (text, bold), colour in zip(lines, colours)]
 
 
 def _caption_colour(finding: ImageFinding) -> tuple[int, int, int]:
@@ -105,48 +86,131 @@ def _caption_colour(finding: ImageFinding) -> tuple[int, int, int]:
     return (min(255, r + 55), min(255, g + 55), min(255, b + 55))
 
 
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def text_width(text: str, font: Font) -> float:
+    """Width in pixels of ``text`` set in ``font`` (the font's own advance metrics)."""
+    return float(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font))
+
+
+def wrap_text(text: str, font: Font, width: float) -> list[str] | None:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels, or ``None``
+    when a single word is wider than ``width`` (the caller then takes a smaller font).
+    Nothing is dropped: the lines joined by spaces are ``text`` again."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if text_width(candidate, font) <= width:
+            current = candidate
+            continue
+        if not current or text_width(word, font) > width:
+            return None
+        lines.append(current)
+        current = word
+    lines.append(current)
+    return lines
+
+
+@dataclass(frozen=True)
+class CaptionLayout:
+    """Where the caption goes under a rendering ``columns`` pixels wide.
+
+    ``lines`` are the wrapped caption lines (text, bold, colour); each fits
+    ``text_width``.  The legend sits beside the text when ``legend_beside``, else on
+    its own row below it.
+    """
+
+    font_size: int
+    line_height: int
+    pad: int
+    text_width: float
+    legend_width: int
+    legend_beside: bool
+    lines: tuple[tuple[str, bool, tuple[int, int, int]], ...]
+
+    @property
+    def legend_height(self) -> int:
+        return self.font_size * 3 + self.line_height
+
+    @property
+    def height(self) -> int:
+        """Height of the caption band in pixels."""
+        text = self.line_height * len(self.lines)
+        if self.legend_beside:
+            return self.pad * 2 + max(text, self.legend_height)
+        return self.pad * 3 + text + self.legend_height
+
+
+def caption_layout(finding: ImageFinding, columns: int, rows: int) -> CaptionLayout:
+    """Lay the caption out for a rendering of ``rows`` x ``columns`` pixels.
+
+    The font scales with the image; every line is wrapped at spaces to the width
+    available, and the font shrinks (to 8 px at the least) only when a single word
+    would not fit.  No text is cut off.
+    """
+    lines = caption_lines(finding)
+    size = max(14, int(round(min(columns, 1.25 * rows) / 52)))
+    while True:
+        pad = max(4, size)
+        legend_width = max(120, min(columns // 4, size * 12))
+        beside = columns - legend_width - 3 * pad >= size * 22
+        width = float(columns - legend_width - 3 * pad) if beside else float(columns - 2 * pad)
+        wrapped: list[tuple[str, bool, tuple[int, int, int]]] = []
+        fits = True
+        for text, is_bold, colour in lines:
+            parts = wrap_text(text, _font(size, bold=is_bold), width)
+            if parts is None:
+                fits = False
+                break
+            wrapped.extend((part, is_bold, colour) for part in parts)
+        if fits or size <= 8:
+            if not fits:
+                raise ValueError(f"caption does not fit an image {columns} pixels wide")
+            return CaptionLayout(size, int(round(size * 1.45)), pad, width,
+                                 min(legend_width, columns - 2 * pad), beside, tuple(wrapped))
+        size -= 1
+
+
 def compose_secondary_capture(finding: ImageFinding, max_side: int) -> np.ndarray:
     """The pixels of the Secondary Capture: image with heat map, legend and caption.
 
     Returns an RGB uint8 array, (rows, columns, 3): the rendering of
-    :func:`dicom_out.common.render_heatmap` on top, a black caption band below it.
+    :func:`dicom_out.common.render_heatmap` on top, a black caption band below it
+    (:func:`caption_layout`: every line whole).
     """
-    band_guess = 0.2
-    image = render_heatmap(
-        finding,
-        max(256, int(max_side / (1.0 + band_guess))),
-        min_side=MIN_SC_SIDE,
-    )
-    rows, cols = image.shape[:2]
-    font_size = max(14, int(round(min(cols, 1.25 * rows) / 52)))
-    line_height = int(round(font_size * 1.45))
-    lines = caption_lines(finding)
-    legend_height = font_size * 3
-    pad = font_size
-    band = pad * 2 + max(line_height * len(lines), legend_height + line_height)
-    canvas = np.zeros((rows + band, cols, 3), dtype=np.uint8)
+    target = max(256, int(max_side / 1.25))
+    for _ in range(4):  # the band depends on the width: shrink until the whole fits
+        image = render_heatmap(finding, target, min_side=min(MIN_SC_SIDE, target))
+        rows, cols = image.shape[:2]
+        layout = caption_layout(finding, cols, rows)
+        excess = max(rows + layout.height, cols) - max_side
+        if excess <= 0 or target <= 256:
+            break
+        target = max(256, target - excess - 8)
+    pad, size = layout.pad, layout.font_size
+    canvas = np.zeros((rows + layout.height, cols, 3), dtype=np.uint8)
     canvas[:rows] = image
     canvas[rows : rows + 2] = 90  # thin separator
     pil = Image.fromarray(canvas)
     draw = ImageDraw.Draw(pil)
-    regular = _font(font_size)
-    bold = _font(font_size, bold=True)
-    small = _font(max(12, int(font_size * 0.8)))
+    small = _font(max(8, int(size * 0.8)))
 
-    legend_width = max(120, min(cols // 4, font_size * 12))
-    text_right = cols - legend_width - 2 * pad
     y = rows + pad
-    for text, is_bold, colour in lines:
-        font = bold if is_bold else regular
-        draw.text((pad, y), _fit_text(draw, text, font, text_right - pad), font=font, fill=colour)
-        y += line_height
+    for text, is_bold, colour in layout.lines:
+        draw.text((pad, y), text, font=_font(size, bold=is_bold), fill=colour)
+        y += layout.line_height
 
-    x0 = cols - legend_width - pad
-    y0 = rows + pad
+    legend_width = layout.legend_width
+    if layout.legend_beside:
+        x0, y0 = cols - legend_width - pad, rows + pad
+    else:
+        x0, y0 = pad, y + pad
     if shows_heatmap(finding.decision):
         draw.text((x0, y0), "Grad-CAM attention", font=small, fill=(235, 235, 235))
-        bar_top = y0 + line_height
-        bar_h = max(8, font_size)
+        bar_top = y0 + layout.line_height
+        bar_h = max(8, size)
         bar = colour_bar(legend_width, bar_h)
         pil.paste(Image.fromarray(bar), (x0, bar_top))
         draw.rectangle(
@@ -162,31 +226,52 @@ def compose_secondary_capture(finding: ImageFinding, max_side: int) -> np.ndarra
         )
     else:
         draw.text((x0, y0), "No heat map shown:", font=small, fill=(235, 235, 235))
-        draw.text(
-            (x0, y0 + line_height),
-            _fit_text(draw, "no finding was made", small, legend_width + pad),
-            font=small,
-            fill=(235, 235, 235),
-        )
+        draw.text((x0, y0 + layout.line_height), "no finding was made", font=small,
+                  fill=(235, 235, 235))
     return np.asarray(pil, dtype=np.uint8)
 
 
-def _fit_text(
-    draw: ImageDraw.ImageDraw,
-    text: str,
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-    width: float,
-) -> str:
-    """``text`` shortened with an ellipsis until it fits ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while len(text) > 4 and draw.textlength(text + "\u2026", font=font) > width:
-        text = text[:-1]
-    return text.rstrip() + "\u2026"
+BODY_PART_EXAMINED: dict[str, str] = {
+    # router class -> PS3.16 Annex L defined term that dciodvfy knows and that means
+    # exactly that part (LEG is the lower leg in Annex L)
+    "ELBOW": "ELBOW", "FINGER": "FINGER", "HAND": "HAND", "HUMERUS": "HUMERUS",
+    "SHOULDER": "SHOULDER", "WRIST": "WRIST", "KNEE": "KNEE", "ANKLE": "ANKLE",
+    "FOOT": "FOOT", "HIP": "HIP", "PELVIS": "PELVIS", "LOWER_LEG": "LEG", "LEG": "LEG",
+    "CLAVICLE": "CLAVICLE",
+}
+"""Body Part Examined written for a router answer.  FOREARM has no term in the Annex L
+tables of dicom3tools (``dciodvfy`` warns "Unrecognized defined term <FOREARM>"): a
+forearm SC carries the source's own term when the source names an arm, else none."""
+
+_ARM_TERMS = {"ARM", "FOREARM", "UPPER LIMB", "UPPERLIMB", "EXTREMITY"}
+
+
+def sc_body_part(finding: ImageFinding) -> str | None:
+    """Body Part Examined (0018,0015) of the heat map of ``finding``: from its own
+    decision, never the series' or the router's guess at another image."""
+    part = finding.body_part.upper()
+    if part in BODY_PART_EXAMINED:
+        return BODY_PART_EXAMINED[part]
+    source = finding.meta.body_part_examined.strip().upper()
+    if part == "FOREARM" and source in _ARM_TERMS:
+        return source
+    return None
+
+
+def series_body_part(findings: Sequence[ImageFinding]) -> str | None:
+    """Body Part Examined of an SC series: a value only when all its images agree
+    (it is a General Series attribute, PS3.3 C.7.3.1)."""
+    values = {sc_body_part(f) for f in findings}
+    return values.pop() if len(values) == 1 else None
 
 
 def build_secondary_capture(
-    finding: ImageFinding, source: pydicom.Dataset, settings: OutputSettings
+    finding: ImageFinding,
+    source: pydicom.Dataset,
+    settings: OutputSettings,
+    *,
+    instance_number: int | None = None,
+    series_findings: Sequence[ImageFinding] | None = None,
 ) -> pydicom.Dataset:
     """Build the Grad-CAM Secondary Capture of one analysed radiograph.
 
@@ -199,6 +284,12 @@ def build_secondary_capture(
         Character Set) are copied from it exactly.
     settings
         Series, equipment and size settings.
+    instance_number
+        Instance Number within the SC series (unique per study: the caller numbers
+        the heat maps in reading order); the source's own number when omitted.
+    series_findings
+        All findings whose heat maps share this series; Body Part Examined is
+        written only when they agree (:func:`series_body_part`).
 
     Returns
     -------
@@ -233,7 +324,7 @@ def build_secondary_capture(
         series_instance_uid=sc_series_uid(source.StudyInstanceUID, finding),
         series_number=settings.sc_series_number,
         sop_instance_uid=sc_instance_uid(finding),
-        instance_number=_instance_number(source),
+        instance_number=instance_number or _instance_number(source),
         manufacturer=settings.manufacturer,
         laterality=laterality if laterality in ("L", "R") else None,
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
@@ -254,8 +345,11 @@ def build_secondary_capture(
     ds.RecognizableVisualFeatures = "NO"
     ds.LossyImageCompression = "00"
     body_part = finding.body_part.upper()
-    if body_part:
-        ds.BodyPartExamined = body_part[:16]
+    examined = series_body_part(series_findings if series_findings is not None else [finding])
+    if examined:
+        ds.BodyPartExamined = examined
+    elif "BodyPartExamined" in ds:
+        del ds.BodyPartExamined
     if "Laterality" not in ds and body_part in PAIRED_BODY_PARTS:
         ds.Laterality = None  # Type 2C: paired structure, side unknown
     ds.DerivationDescription = ascii_text(
@@ -263,11 +357,7 @@ def build_secondary_capture(
         f"blended over the source radiograph, with burned-in caption. "
         f"{NOT_FOR_DIAGNOSTIC_USE}."
     )[:1024]
-    ds.ImageComments = ascii_text(
-        f"fracture-node Grad-CAM heat map. {NOT_FOR_DIAGNOSTIC_USE}. Fracture {DECISION_LABEL[finding.decision].lower()}, "
-        f"p={finding.fracture_probability:.3f}, threshold {finding.threshold:.3f}. "
-        f"Requires radiologist review."
-    )[:10240]
+    ds.ImageComments = ascii_text(wording.image_comment(finding))[:10240]
     item = pydicom.Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID

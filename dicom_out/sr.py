@@ -37,7 +37,6 @@ from dicom_out.common import (
     AI_DECISION,
     DECISION_EVALUATION,
     DECISION_LABEL,
-    FRACTURE,
     LATERALITY_CODES,
     LOCAL_SCHEME,
     REFUSAL_REASON,
@@ -53,6 +52,7 @@ from dicom_out.common import (
     model_hashes,
     output_uid,
     evidence_reference,
+    finding_code,
     reference_dataset,
     series_description,
     study_head,
@@ -60,6 +60,7 @@ from dicom_out.common import (
     study_series_uid,
     unique_models,
 )
+from dicom_out import wording
 from pipeline.result import (
     BodyPartDecision,
     Decision,
@@ -71,11 +72,13 @@ from pipeline.result import (
 
 logger = logging.getLogger(__name__)
 
-PLAIN_RADIOGRAPHY = Code("168537006", "SCT", "Plain radiography")
-"""Procedure reported (TID 1500 row 3)."""
+IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
+"""Procedure reported (TID 1500 row 3): a member of CID 100, as PixelMed's validator
+checks ("Plain radiography", 168537006, is not in CID 100)."""
 
 FRACTURE_PROBABILITY = codes.DCM.Probability
-"""Concept name (DCM 122157) of the classifier's calibrated fracture probability (0 to 1)."""
+"""Concept name (DCM 122157) of the classifier's calibrated probability (0 to 1) of the
+finding named by the group's finding type (fracture, or MURA abnormality)."""
 
 BODY_PART_PROBABILITY = Code("body-part-probability", LOCAL_SCHEME, "Body part probability")
 """Concept name of the router's probability for the body part it chose."""
@@ -113,8 +116,9 @@ def _finding_sites(body_part: str, laterality: str = "") -> list[hd.sr.FindingSi
     return [hd.sr.FindingSite(anatomic_location=code, laterality=side)]
 
 
-def _image_group(finding: ImageFinding, number: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _image_group(finding: ImageFinding) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     meta = finding.meta
+    concept = finding_code(finding.classifier)
     low, high = finding.doubt_band
     algorithm = _algorithm(
         finding.classifier,
@@ -144,14 +148,14 @@ def _image_group(finding: ImageFinding, number: int) -> hd.sr.MeasurementsAndQua
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=output_uid(meta.sop_instance_uid, *model_hashes(finding_models(finding)), "track"),
-            identifier=f"Image {number}: {finding.body_part or 'unknown'}"[:64],
+            identifier=f"{wording.image_short(meta)}: {wording.body_part_name(finding.body_part)}"[:64],
         ),
-        finding_type=FRACTURE,
+        finding_type=concept,
         algorithm_id=algorithm,
         finding_sites=sites or None,
         measurements=measurements,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(FRACTURE, DECISION_EVALUATION[finding.decision]),
+            hd.sr.QualitativeEvaluation(concept, DECISION_EVALUATION[finding.decision]),
             hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(finding.decision)),
         ],
         source_images=[
@@ -163,6 +167,14 @@ def _image_group(finding: ImageFinding, number: int) -> hd.sr.MeasurementsAndQua
     )
 
 
+def _classifier_of(result: StudyResult) -> ModelInfo | None:
+    """The classifier among the study's models (for a study without findings)."""
+    for model in result.models:
+        if model.finding in ("fracture", "abnormality"):
+            return model
+    return None
+
+
 def _is_image(sop_class_uid: str) -> bool:
     """Whether the SOP class is an image IOD (unknown classes are not)."""
     try:
@@ -171,7 +183,7 @@ def _is_image(sop_class_uid: str) -> bool:
         return False
 
 
-def _refusal_group(refusal: Refusal, number: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _refusal_group(refusal: Refusal, concept: Code) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     meta = refusal.meta
     sources = None
     if evidence_reference(meta) is not None and _is_image(meta.sop_class_uid):
@@ -184,11 +196,11 @@ def _refusal_group(refusal: Refusal, number: int) -> hd.sr.MeasurementsAndQualit
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=output_uid(meta.sop_instance_uid, refusal.code.value, "track-refused"),
-            identifier=f"Instance {number}: not analysed"[:64],
+            identifier=f"{wording.image_short(meta)}: not analysed"[:64],
         ),
-        finding_type=FRACTURE,
+        finding_type=concept,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(FRACTURE, DECISION_EVALUATION[Decision.NOT_ANALYSED]),
+            hd.sr.QualitativeEvaluation(concept, DECISION_EVALUATION[Decision.NOT_ANALYSED]),
             hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(Decision.NOT_ANALYSED)),
             hd.sr.QualitativeEvaluation(
                 REFUSAL_REASON,
@@ -197,7 +209,8 @@ def _refusal_group(refusal: Refusal, number: int) -> hd.sr.MeasurementsAndQualit
         ],
         source_images=sources,
     )
-    text = ascii_text(refusal.text).strip() or refusal.code.value
+    detail = ascii_text(refusal.text).strip()
+    text = ascii_text(wording.refusal_reason(refusal)) + (f" ({detail})" if detail else "")
     group[0].ContentSequence.append(
         hd.sr.TextContentItem(
             name=codes.DCM.Comment,
@@ -218,16 +231,19 @@ def _body_part_group(
         [
             f"threshold={decision.threshold:.4g}",
             f"doubt band={low:.4g}..{high:.4g}",
-            "study rule: mean of image probabilities",
+            "study probability: mean of image probabilities",
+            f"mean rule decision: {decision.mean_decision.value}",
+            "study decision: at least the most severe image decision",
         ],
     )
     sites = _finding_sites(decision.body_part)
+    concept = finding_code(classifier)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=output_uid(study_uid, decision.body_part, *model_hashes([classifier]), "track-part"),
-            identifier=f"Study: {decision.body_part}"[:64],
+            identifier=f"Study: {wording.body_part_name(decision.body_part)}"[:64],
         ),
-        finding_type=FRACTURE,
+        finding_type=concept,
         algorithm_id=algorithm,
         finding_sites=sites or None,
         measurements=[
@@ -238,7 +254,7 @@ def _body_part_group(
             )
         ],
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(FRACTURE, DECISION_EVALUATION[decision.decision]),
+            hd.sr.QualitativeEvaluation(concept, DECISION_EVALUATION[decision.decision]),
             hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(decision.decision)),
         ],
     )
@@ -252,17 +268,18 @@ def _study_group(
         algorithm = _algorithm(
             classifier,
             None,
-            ["study decision: worst case over body parts"],
+            ["study decision: worst case over body parts and images"],
         )
+    concept = finding_code(classifier)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=output_uid(result.study_instance_uid, *model_hashes(models), "track-study"),
             identifier="Study",
         ),
-        finding_type=FRACTURE,
+        finding_type=concept,
         algorithm_id=algorithm,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(FRACTURE, DECISION_EVALUATION[result.decision]),
+            hd.sr.QualitativeEvaluation(concept, DECISION_EVALUATION[result.decision]),
             hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(result.decision)),
         ],
     )
@@ -407,11 +424,12 @@ def build_structured_report(
     router = result.findings[0].router if result.findings else None
 
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
-    for number, finding in enumerate(result.findings, start=1):
-        groups.append(_image_group(finding, number))
-    offset = len(result.findings)
-    for number, refusal in enumerate(result.refusals, start=offset + 1):
-        groups.append(_refusal_group(refusal, number))
+    concept = finding_code(classifier if classifier is not None else _classifier_of(result))
+    for outcome in result.outcomes():
+        if isinstance(outcome, ImageFinding):
+            groups.append(_image_group(outcome))
+        else:
+            groups.append(_refusal_group(outcome, concept))
     if classifier is not None:
         for part in sorted(result.by_body_part):
             groups.append(
@@ -422,13 +440,13 @@ def build_structured_report(
     groups.append(_study_group(result, classifier, models))
 
     library = [
-        sources[f.meta.sop_instance_uid]
-        for f in result.findings
+        sources[o.meta.sop_instance_uid]
+        for o in result.outcomes() if isinstance(o, ImageFinding)
     ]
     observer = device_observer(settings)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=PLAIN_RADIOGRAPHY,
+        procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=groups,
     )
     if library:

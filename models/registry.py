@@ -26,6 +26,8 @@ from pipeline.result import ModelInfo
 logger = logging.getLogger(__name__)
 
 ROLES = ("router", "classifier")
+FINDINGS = ("fracture", "abnormality")
+"""What a classifier output may mean: fracture-labelled training, or MURA's abnormal study."""
 DEFAULT_PART = "DEFAULT"
 """Operating point used for a body part without its own entry (e.g. needs-review images)."""
 
@@ -83,10 +85,18 @@ class ModelEntry:
     :mod:`pipeline.classify`)."""
     metrics: Mapping[str, Any] = field(default_factory=dict)
     notes: str = ""
+    finding: str = ""
+    """What a classifier's probability means (``fracture`` or ``abnormality``), named
+    so in every output; a router's is ``body part``."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise RegistryError(f"model {self.name}: role must be one of {ROLES}, not {self.role!r}")
+        if self.role == "classifier" and self.finding not in FINDINGS:
+            raise RegistryError(
+                f"model {self.name}: finding must be one of {', '.join(FINDINGS)} "
+                f"(what its probability means), not {self.finding!r}"
+            )
         if self.input_size < 32:
             raise RegistryError(f"model {self.name}: input_size must be >= 32")
         if len(self.sha256) != 64:
@@ -107,6 +117,8 @@ class ModelEntry:
             architecture=self.architecture,
             weights_sha256=self.sha256,
             device_uid=self.device_uid,
+            finding=self.finding or "body part",
+            validated=validation_summary(self),
         )
 
     @property
@@ -172,9 +184,59 @@ def _entry(name: str, raw: Mapping[str, Any], base: Path) -> ModelEntry:
             test_time_flip=_bool(raw.get("test_time_flip", False), "test_time_flip"),
             metrics=MappingProxyType(dict(raw.get("metrics", {}))),
             notes=str(raw.get("notes", "")),
+            finding=str(raw.get("finding", "abnormality" if raw.get("role") == "classifier" else "")),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise RegistryError(f"model {name!r} in registry is malformed: {exc!r}") from exc
+
+
+def _interval(metrics: Mapping[str, Any], key: str) -> str:
+    ci = metrics.get(f"{key}_ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return f" (95 % CI {float(ci[0]):.2f}\u2013{float(ci[1]):.2f})"
+    return ""
+
+
+def validation_summary(entry: ModelEntry) -> tuple[str, ...]:
+    """Plain sentences of an entry's validated metrics, for the reports.
+
+    Classifier: per supported body part, the study-level AUROC (``<part>_study_auroc``,
+    its ``_ci95`` and ``<part>_studies``) and kappa, or the image-level AUROC
+    (``<part>_image_auroc``, ``<part>_images``) with sensitivity and specificity at
+    the operating point where recorded.  Router: accuracy on the supported parts.
+    Keys that are absent are left out; nothing is made up.
+    """
+    m = entry.metrics
+    split = str(m.get("split", "validation"))
+    split = "validation" if split == "val" else split
+    lines: list[str] = []
+    if entry.role == "router":
+        for key, what in (("pooled_accuracy_supported", "pooled per examination"),
+                          ("accuracy_supported", "image by image")):
+            if key in m:
+                lines.append(f"Body-part accuracy on the supported parts {float(m[key]):.3f} "
+                             f"({what}, {split} split)")
+        return tuple(lines)
+    for part in entry.supported_body_parts:
+        low = part.lower()
+        name = part.replace("_", " ").capitalize()
+        for level, unit in (("study", "studies"), ("image", "images")):
+            key = f"{low}_{level}_auroc"
+            if key not in m:
+                continue
+            text = f"{name}: AUROC {float(m[key]):.2f}{_interval(m, key)}"
+            count = m.get(f"{low}_{unit}")
+            if count is not None:
+                text += f" on {int(count)} {split} {unit}"
+            extras = [f"{label} {float(m[f'{low}_{level}_{k}']):.2f}"
+                      for k, label in (("kappa", "kappa"), ("sensitivity", "sensitivity"),
+                                       ("specificity", "specificity"))
+                      if f"{low}_{level}_{k}" in m]
+            if extras:
+                text += "; " + ", ".join(extras)
+            lines.append(text)
+            break
+    return tuple(lines)
 
 
 def load_registry(path: Path) -> Registry:

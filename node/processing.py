@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from collections.abc import Callable
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_out.common import OutputSettings
+from dicom_out.ko import build_key_object_selection
 from dicom_out.pdf import build_pdf_report
 from dicom_out.sc import build_secondary_capture
 from dicom_out.sr import build_structured_report
+from dicom_out.wording import outcome_record
 from node.config import Config
 from node.errors import ConfigError
 from node.jobs import InstanceRecord, StudyJob
@@ -97,13 +100,7 @@ class StudyProcessor:
         models = (self.analyser.router_info, self.analyser.classifier_info)  # type: ignore[attr-defined]
         result = aggregate_study(job.study_instance_uid, final, models)
 
-        recorded = {
-            o.meta.sop_instance_uid: (
-                ("analysed", o.decision.value) if isinstance(o, ImageFinding)
-                else ("refused", f"{o.code.value}: {o.text}")
-            )
-            for o in final
-        }
+        recorded = {o.meta.sop_instance_uid: outcome_record(o) for o in final}
         if all(isinstance(o, Refusal) and o.code in _NOT_IMAGES for o in final):
             logger.info("study %s holds no radiograph; no results written",
                         job.study_instance_uid, extra={"study_uid": job.study_instance_uid})
@@ -111,8 +108,10 @@ class StudyProcessor:
 
         t2 = time.perf_counter()
         outputs: list[tuple[str, Dataset]] = []
-        scs = [build_secondary_capture(f, sources[f.meta.sop_instance_uid], self.settings)
-               for f in result.findings]
+        analysed = [o for o in result.outcomes() if isinstance(o, ImageFinding)]
+        scs = [build_secondary_capture(f, sources[f.meta.sop_instance_uid], self.settings,
+                                       instance_number=number, series_findings=analysed)
+               for number, f in enumerate(analysed, start=1)]
         outputs.extend(("sc", sc) for sc in scs)
         image_sources = {uid: ds for uid, ds in sources.items() if "PixelData" in ds}
         report_sources = image_sources or sources
@@ -122,6 +121,9 @@ class StudyProcessor:
             sr = build_structured_report(result, report_sources, scs, self.settings, None)
         outputs.append(("sr", sr))
         outputs.append(("pdf", build_pdf_report(result, report_sources, self.settings)))
+        ko = build_key_object_selection(result, report_sources, scs, self.settings)
+        if ko is not None:
+            outputs.append(("ko", ko))
         timings["outputs"] = time.perf_counter() - t2
         logger.info(
             "study %s: %s; %d analysed, %d refused; prepare %.0f ms, models %.0f ms, "
@@ -136,7 +138,12 @@ class StudyProcessor:
 def _prepare(record: InstanceRecord) -> tuple[Dataset | None, NormalisedImage | Refusal]:
     """Read and normalise one spooled instance; any failure becomes a Refusal, so one
     bad instance never stops its study (``prepare`` promises not to raise; this is
-    the worker's second line of defence, found necessary by fuzzing)."""
+    the worker's second line of defence, found necessary by fuzzing).
+
+    The identity of a refused instance is the job database's record of what was
+    received (checked at the network edge), so a dataset that reads back damaged or
+    empty is still named and referenced; its dataset is not used as a source.
+    """
     meta = ImageMetadata(
         study_instance_uid=record.study_instance_uid,
         series_instance_uid=record.series_instance_uid,
@@ -148,13 +155,41 @@ def _prepare(record: InstanceRecord) -> tuple[Dataset | None, NormalisedImage | 
         ds = pydicom.dcmread(record.path)
     except Exception as exc:
         return None, Refusal(meta, RefusalCode.DECODE_FAILED, f"unreadable dataset: {exc}")
+    mismatch = [
+        keyword for keyword, expected in (
+            ("SOPInstanceUID", record.sop_instance_uid),
+            ("StudyInstanceUID", record.study_instance_uid),
+            ("SeriesInstanceUID", record.series_instance_uid),
+        ) if str(ds.get(keyword, "") or "") != expected
+    ]
+    if mismatch:
+        logger.warning("instance %s reads back without its identifiers (%s); refused",
+                       record.sop_instance_uid, ", ".join(mismatch),
+                       extra={"sop_uid": record.sop_instance_uid,
+                              "study_uid": record.study_instance_uid})
+        return None, Refusal(meta, RefusalCode.DECODE_FAILED,
+                             f"dataset reads back damaged: {', '.join(mismatch)} missing or "
+                             "different from what was received")
     try:
-        return ds, prepare(ds)
+        prepared = prepare(ds)
     except Exception as exc:
         logger.exception("instance %s could not be normalised", record.sop_instance_uid,
                          extra={"sop_uid": record.sop_instance_uid})
-        return ds, Refusal(meta, RefusalCode.DECODE_FAILED,
+        return ds, Refusal(replace(meta, **_numbers(ds)), RefusalCode.DECODE_FAILED,
                            f"malformed dataset: {type(exc).__name__}: {exc}")
+    return ds, prepared
+
+
+def _numbers(ds: Dataset) -> dict[str, int | None]:
+    """Series and Instance Number of ``ds`` where readable (for naming a refusal)."""
+    out: dict[str, int | None] = {}
+    for keyword, key in (("SeriesNumber", "series_number"), ("InstanceNumber", "instance_number")):
+        try:
+            value = ds.get(keyword)
+            out[key] = int(value) if value not in (None, "") else None
+        except (TypeError, ValueError):
+            out[key] = None
+    return out
 
 
 def _read_previous(job: StudyJob) -> Dataset | None:

@@ -1,8 +1,15 @@
 """Study-level aggregation of the image findings.
 
-MURA labels studies, not images, and its rule is the mean of the image
-probabilities; we apply it per body part (a study may hold a wrist and a forearm),
-then compare the mean with that body part's operating threshold and doubt band.
+MURA labels studies, not images, and its validated rule is the mean of the image
+probabilities; we keep that mean as the study *probability* of each body part (a
+study may hold a wrist and a forearm) and compare it with the part's operating
+threshold and doubt band (the *mean decision*).  The study *decision* of a part is
+never less severe than the most severe decision of its images: one positive view
+makes the part positive and one doubtful view at least doubtful, whatever normal
+views are added to the study.  Adding a normal second view can therefore never turn
+a suspicious study into a negative one (it could under the plain mean: 0.70 and 0.41
+average to 0.55, below a 0.56 doubt band).  ``scripts/eval_study_rule.py`` measures
+both rules on the validation split.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pipeline.result import (
 )
 
 #: Worst first: the study answer is the worst of its parts.
-_SEVERITY = (
+SEVERITY = (
     Decision.POSITIVE,
     Decision.DOUBTFUL,
     Decision.NEEDS_REVIEW,
@@ -46,7 +53,18 @@ def worst(decisions: Sequence[Decision]) -> Decision:
     not-analysed)."""
     if not decisions:
         return Decision.NOT_ANALYSED
-    return min(decisions, key=_SEVERITY.index)
+    return min(decisions, key=SEVERITY.index)
+
+
+def part_decision(probabilities: Sequence[float], image_decisions: Sequence[Decision],
+                  doubt_band: tuple[float, float]) -> tuple[float, Decision, Decision]:
+    """(mean probability, mean decision, study decision) of one body part.
+
+    The study decision is the worst of the mean rule's decision and the images' own
+    decisions (see the module docstring)."""
+    mean = float(np.mean(probabilities))
+    by_mean = decide(mean, doubt_band)
+    return mean, by_mean, worst([by_mean, *image_decisions])
 
 
 def aggregate_study(
@@ -70,15 +88,18 @@ def aggregate_study(
         by_part.setdefault(finding.body_part, []).append(finding)
     parts: dict[str, BodyPartDecision] = {}
     for part, items in sorted(by_part.items()):
-        probability = float(np.mean([f.fracture_probability for f in items]))
         band = items[0].doubt_band
+        mean, by_mean, decision = part_decision(
+            [f.fracture_probability for f in items], [f.decision for f in items], band)
         parts[part] = BodyPartDecision(
             body_part=part,
-            probability=probability,
+            probability=mean,
             threshold=items[0].threshold,
             doubt_band=band,
-            decision=decide(probability, band),
+            decision=decision,
             sop_instance_uids=tuple(f.meta.sop_instance_uid for f in items),
+            mean_decision=by_mean,
+            image_decisions={f.meta.sop_instance_uid: f.decision for f in items},
         )
     decisions = [p.decision for p in parts.values()]
     if any(f.decision is Decision.NEEDS_REVIEW for f in findings):

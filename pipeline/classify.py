@@ -357,6 +357,7 @@ class Analyser:
                 RefusalCode.UNSUPPORTED_BODY_PART,
                 f"not analysed: unsupported body part (router: {what}, p={part_p:.2f}; "
                 f"supported: {', '.join(supported)})" + (f"; {pooled_note}" if pooled_note else ""),
+                body_part=part,
             )
         point = self._classifier.operating_point(part)
         p = float(raw.fracture_probabilities[k])

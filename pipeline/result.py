@@ -83,6 +83,10 @@ class ImageMetadata:
     number_of_frames: int = 1
     photometric_interpretation: str = ""
     transfer_syntax_uid: str = ""
+    series_number: int | None = None
+    """Series Number (0020,0011) of the source, how a reader finds the image in a viewer."""
+    instance_number: int | None = None
+    """Instance Number (0020,0013) of the source within its series."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,14 @@ class ModelInfo:
     weights_sha256: str
     device_uid: str
     """A DICOM UID standing for this model version (Contributing Equipment)."""
+    finding: str = ""
+    """What the classifier's probability means, as every output names it: ``"fracture"``
+    for a fracture-labelled output, ``"abnormality"`` for MURA's abnormal study
+    (fracture, hardware, degenerative change, lesion).  Routers: ``"body part"``
+    (``""`` where unknown)."""
+    validated: tuple[str, ...] = ()
+    """Plain sentences of the validated metrics from the registry ("Forearm: AUROC 0.89
+    (95 % CI 0.83-0.94) on 133 validation studies")."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,10 @@ class Refusal:
     meta: ImageMetadata
     code: RefusalCode
     text: str
+    """Technical detail of the reason (kept in the SR comment and the job database)."""
+    body_part: str = ""
+    """For ``UNSUPPORTED_BODY_PART``: the router's answer (``"OTHER"`` for an
+    out-of-scope region), so the wording can say which body part was not supported."""
 
 
 @dataclass(frozen=True)
@@ -208,8 +224,14 @@ ImageOutcome = ImageFinding | Refusal
 
 @dataclass(frozen=True)
 class BodyPartDecision:
-    """Study-level answer for one body part: the mean of its images' probabilities
-    (MURA's rule) against the body part's operating threshold."""
+    """Study-level answer for one body part.
+
+    ``probability`` is the mean of its images' probabilities (MURA's validated rule)
+    and ``mean_decision`` what that mean says against the operating point.  The
+    ``decision`` is never less severe than the most severe image decision
+    (:func:`pipeline.aggregate.aggregate_study`), so an added normal view cannot hide
+    a suspicious one.
+    """
 
     body_part: str
     probability: float
@@ -217,6 +239,14 @@ class BodyPartDecision:
     doubt_band: tuple[float, float]
     decision: Decision
     sop_instance_uids: tuple[str, ...]
+    mean_decision: Decision = Decision.NOT_ANALYSED
+    """The decision of the plain mean rule (reported beside ``decision``)."""
+    image_decisions: Mapping[str, Decision] = field(default_factory=dict)
+    """Decision of each image of the part, by SOP Instance UID."""
+
+    def count(self, *decisions: Decision) -> int:
+        """How many of the part's images have one of ``decisions``."""
+        return sum(1 for d in self.image_decisions.values() if d in decisions)
 
 
 @dataclass(frozen=True)
@@ -230,8 +260,21 @@ class StudyResult:
     models: tuple[ModelInfo, ...] = ()
     """The models that produced the findings (router first, then classifier)."""
     decision: Decision = Decision.NOT_ANALYSED
-    """Worst case over body parts: positive > doubtful > needs-review > negative;
-    not-analysed when no image was analysed."""
+    """Worst case over body parts and images: positive > doubtful > needs-review >
+    negative; not-analysed when no image was analysed."""
+
+    def outcomes(self) -> tuple[ImageFinding | Refusal, ...]:
+        """Findings and refusals in reading order: by source Series Number, then
+        Instance Number (unknown last), then SOP Instance UID."""
+        return tuple(sorted((*self.findings, *self.refusals), key=lambda o: reading_order(o.meta)))
+
+
+def reading_order(meta: ImageMetadata) -> tuple[int, int, str, str]:
+    """Sort key of an instance as a viewer lists it (series, instance, UIDs)."""
+    big = 2**31
+    series = meta.series_number if meta.series_number is not None else big
+    instance = meta.instance_number if meta.instance_number is not None else big
+    return (series, instance, meta.series_instance_uid, meta.sop_instance_uid)
 
 
 NODE_MANUFACTURER = "fracture-node"

@@ -188,6 +188,8 @@ def read_metadata(ds: Dataset) -> ImageMetadata:
         number_of_frames=_int(ds, "NumberOfFrames") or 1,
         photometric_interpretation=_text(ds, "PhotometricInterpretation").upper(),
         transfer_syntax_uid=tsyntax,
+        series_number=_int(ds, "SeriesNumber"),
+        instance_number=_int(ds, "InstanceNumber"),
     )
 
 

@@ -492,7 +492,7 @@ def test_pdf_renders_with_pdftoppm(built: tuple, tmp_path: Path) -> None:
         ["pdftotext", "-layout", str(path), "-"], capture_output=True, text=True, timeout=60
     ).stdout
     for phrase in ("FRACTURE SUSPECTED", "Recommendation", "Disclaimer", "fracture-classifier",
-                   "NOT ANALYSED", "requires radiologist review"):
+                   "not analysed:", "requires radiologist review"):
         assert phrase in text, phrase
 
 
@@ -557,7 +557,7 @@ def test_same_input_gives_same_uids(study: Study, built: tuple) -> None:
 # ----------------------------------------------------------------------------- KO (going further)
 
 
-def test_key_object_selection_of_positive_images(
+def test_key_object_selection_of_flagged_images(
     study: Study, built: tuple, tmp_path: Path
 ) -> None:
     from dicom_out.ko import build_key_object_selection
@@ -575,8 +575,12 @@ def test_key_object_selection_of_positive_images(
         for item in back.ContentSequence
         if item.ValueType == "IMAGE"
     }
-    positive = [f for f in study.findings if f.decision is Decision.POSITIVE]
-    assert referenced == {f.meta.sop_instance_uid for f in positive} | {scs[0].SOPInstanceUID}
+    flagged = {f.meta.sop_instance_uid for f in study.findings
+               if f.decision in (Decision.POSITIVE, Decision.DOUBTFUL)}
+    flagged_scs = {sc.SOPInstanceUID for sc in scs
+                   if sc.SourceImageSequence[0].ReferencedSOPInstanceUID in flagged}
+    assert len(flagged) == 2 and len(flagged_scs) == 2
+    assert referenced == flagged | flagged_scs
     if shutil.which("dciodvfy"):
         errors, warnings = dciodvfy(path)
         assert not errors

@@ -96,6 +96,11 @@ def build_key_object_selection(
         manufacturer_model_name=settings.manufacturer_model_name,
         software_versions=settings.software_version,
     )
+    for item in ds.ContentSequence:
+        # TID 2010 row 8: an IMAGE item of a key object selection has no concept name
+        # (highdicom writes "Source"; PixelMed's DicomSRValidator rejects it)
+        if item.ValueType in ("IMAGE", "COMPOSITE") and "ConceptNameCodeSequence" in item:
+            del item.ConceptNameCodeSequence
     copy_patient_study(head, ds)
     logger.debug("built key object selection %s: %d object(s)", ds.SOPInstanceUID, len(objects))
     return ds

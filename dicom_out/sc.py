@@ -52,6 +52,22 @@ SOURCE_IMAGE_PURPOSE = Code("121322", "DCM", "Source image for image processing 
 MIN_SC_SIDE = 768
 """Small images are enlarged to this longer side so the caption stays legible."""
 
+MIN_CAPTION_WIDTH = 480
+"""A rendering narrower than this (a stitched long-leg image, 64 x 16384 at the
+extreme the validator accepts) is centred on a black canvas this wide, so the caption
+has room for every word at a legible size."""
+
+
+def _widen(image: np.ndarray, width: int) -> np.ndarray:
+    """``image`` centred on a black canvas at least ``width`` pixels wide."""
+    rows, cols = image.shape[:2]
+    if cols >= width:
+        return image
+    out = np.zeros((rows, width, 3), dtype=np.uint8)
+    left = (width - cols) // 2
+    out[:, left : left + cols] = image
+    return out
+
 
 def sc_series_uid(study_instance_uid: str, finding: ImageFinding) -> str:
     """Series Instance UID shared by the heat maps of one study and model version."""
@@ -183,6 +199,7 @@ def compose_secondary_capture(finding: ImageFinding, max_side: int) -> np.ndarra
     target = max(256, int(max_side / 1.25))
     for _ in range(4):  # the band depends on the width: shrink until the whole fits
         image = render_heatmap(finding, target, min_side=min(MIN_SC_SIDE, target))
+        image = _widen(image, MIN_CAPTION_WIDTH)
         rows, cols = image.shape[:2]
         layout = caption_layout(finding, cols, rows)
         excess = max(rows + layout.height, cols) - max_side

@@ -437,7 +437,7 @@ def build_structured_report(
                     result.by_body_part[part], classifier, router, result.study_instance_uid
                 )
             )
-    groups.append(_study_group(result, classifier, models))
+    groups.append(_study_group(result, classifier or _classifier_of(result), models))
 
     library = [
         sources[o.meta.sop_instance_uid]

@@ -92,3 +92,27 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05) -> A
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+# -- a second validator ---------------------------------------------------------------
+
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+
+
+def pixelmed_sr_errors(path: Path) -> list[str]:
+    """Errors that PixelMed's ``DicomSRValidator`` (Debian ``libpixelmed-java``) reports
+    for an SR or KOS file: the IOD and its templates.  Its "Content Item not in
+    template" warnings for our qualitative evaluations are listed in the conformance
+    statement; errors fail.  The three JAXP flags lift the XPath limits that otherwise
+    stop it ("JAXP0801003 ... 10,000 limit")."""
+    import subprocess
+
+    proc = subprocess.run(
+        ["java", "-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0",
+         "-Djdk.xml.xpathTotalOpLimit=0", "-cp", str(PIXELMED_JAR),
+         "com.pixelmed.validate.DicomSRValidator", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert any("validation complete" in line.lower() for line in lines), lines[-20:]
+    return [line for line in lines if line.startswith("Error") or "Exception" in line]

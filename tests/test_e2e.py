@@ -5,6 +5,7 @@ back into the same study.  Nothing calls the node directly."""
 
 from __future__ import annotations
 
+import io
 import logging
 import subprocess
 import time
@@ -18,7 +19,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import ROOT, Orthanc, free_port, storescu, wait_for, write_config
+from conftest import ROOT, Orthanc, free_port, pixelmed_sr_errors, storescu, wait_for, write_config
 from node.config import load_config
 from node.processing import processor_factory
 from node.service import Node
@@ -27,6 +28,7 @@ DEMO = sorted((ROOT / "demo" / "study").glob("*.dcm"))
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
+KO_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 class Pacs:
@@ -172,6 +174,11 @@ def test_routed_study_returns_sc_sr_pdf_into_same_study(
         by_class.setdefault(str(ds.SOPClassUID), []).append((path, ds, item["ID"]))
     assert len(by_class[SR_CLASS]) == 1 and len(by_class[PDF_CLASS]) == 1
     assert len(by_class[SC_CLASS]) == len(analysed)
+    flagged = {uid for uid, (o, reason) in outcomes.items()
+               if o == "analysed" and reason.split(":")[0] in ("positive", "doubtful")}
+    assert len(by_class.get(KO_CLASS, [])) == (1 if flagged else 0), "KOS iff an image is flagged"
+    sc_numbers = [int(ds.InstanceNumber) for _, ds, _ in by_class[SC_CLASS]]
+    assert sorted(sc_numbers) == list(range(1, len(sc_numbers) + 1)), "unique SC numbers"
 
     source_series = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)
                      for f in sources.values()}
@@ -179,13 +186,15 @@ def test_routed_study_returns_sc_sr_pdf_into_same_study(
                      for kind, items in by_class.items()}
     assert all(len(s) == 1 for s in result_series.values())
     all_series = set().union(*result_series.values())
-    assert len(all_series) == 3 and not all_series & source_series
+    assert len(all_series) == len(by_class) and not all_series & source_series
 
     for kind, items in by_class.items():
         for path, ds, instance_id in items:
             assert ds.StudyInstanceUID == study_uid
             assert ds.PatientID == "DEMO-0001"
             assert dciodvfy_errors(path) == [], (kind, dciodvfy_errors(path))
+            if kind in (SR_CLASS, KO_CLASS):
+                assert pixelmed_sr_errors(path) == [], kind
     for path, ds, instance_id in by_class[SC_CLASS]:
         assert str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) in analysed
         png = pacs.orthanc.get(f"/instances/{instance_id}/preview", raw=True)
@@ -259,3 +268,75 @@ def test_late_instance_reopens_study_with_new_sr_version(pacs: Pacs, tmp_path: P
     sc_uids = [r["sop_instance_uid"] for r in delivered]
     assert len(sc_uids) == len(set(sc_uids)), "an SC was queued twice"
     assert first_sc <= set(sc_uids)
+
+
+def broken_copy(source: Path, path: Path, study_uid: str) -> str:
+    """What a client sent on the wrong presentation context: the encapsulated (JPEG)
+    pixel data of ``source`` under Explicit VR Little Endian, without the sequence
+    delimiter.  The header parses (the node acknowledges it), but the dataset reads
+    back empty.  Returns its SOP Instance UID."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID = study_uid
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[study_uid, "broken"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    data = buf.getvalue()
+    stream = io.BytesIO(data)
+    read_preamble(stream, False)
+    _read_file_meta_info(stream)
+    body = data[stream.tell():]
+    assert body[-8:] == bytes.fromhex("feffdde000000000"), "source must be encapsulated"
+    meta = ds.file_meta
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    head = io.BytesIO()
+    write_file_meta_info(head, meta, enforce_standard=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + head.getvalue() + body[:-8])
+    return str(ds.SOPInstanceUID)
+
+
+def test_a_broken_instance_costs_only_itself(pacs: Pacs, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study with one instance that reads back empty: the other images get their
+    results, and the broken one is a refusal named by what was received."""
+    from pynetdicom import AE, _config
+
+    # send the files' bytes as they are (pynetdicom's chunked mode), as the faulty client did
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    study_uid = generate_uid()
+    files = restudy([f for f in DEMO if f.name.startswith("forearm")], tmp_path / "s", study_uid)
+    hip = next(f for f in DEMO if f.name.startswith("hip"))
+    broken = tmp_path / "broken.dcm"
+    broken_uid = broken_copy(hip, broken, study_uid)
+    ae = AE(ae_title="TESTSCU")
+    for sop_class in {str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID)
+                      for f in files + [broken]}:
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", pacs.node.config.node.port, ae_title="FRACTURE_NODE")
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_store(f).Status for f in files]
+        statuses.append(assoc.send_c_store(broken).Status)
+    finally:
+        assoc.release()
+    assert statuses == [0] * len(statuses), [hex(s) for s in statuses]
+    results = pacs.wait_results(study_uid)
+    rows = {r["sop_instance_uid"]: (r["outcome"], r["reason"]) for r in pacs.node.jobs.query(
+        "SELECT sop_instance_uid, outcome, reason FROM instances WHERE study_instance_uid = ?",
+        [study_uid])}
+    assert rows[broken_uid][0] == "refused" and rows[broken_uid][1].startswith("decode-failed")
+    assert sum(1 for o, _ in rows.values() if o == "analysed") == len(files)
+    kinds: dict[str, list[Dataset]] = {}
+    for item in results:
+        _, ds = pacs.fetch(item["ID"])
+        kinds.setdefault(str(ds.SOPClassUID), []).append(ds)
+    assert len(kinds[SC_CLASS]) == len(files)
+    sr = kinds[SR_CLASS][0]
+    evidence = {str(inst.ReferencedSOPInstanceUID)
+                for st in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in st.ReferencedSeriesSequence for inst in series.ReferencedSOPSequence}
+    assert broken_uid in evidence, "the broken instance is still referenced"
+    assert sr.PatientID == "DEMO-0001", "patient and study come from a readable instance"

@@ -37,7 +37,7 @@ from node.scu import dicom_files
 from node.service import Node
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_STUDY = ROOT / "demo" / "study"
+DEMO_STUDIES = ROOT / "demo" / "studies"
 
 
 def _orthanc_ctl() -> ModuleType:
@@ -92,7 +92,7 @@ def _write_config(workdir: Path, node_port: int, orthanc_port: int) -> Path:
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code."""
     progress = Progress()
-    inputs = [Path(p) for p in args.inputs] or [DEMO_STUDY]
+    inputs = [Path(p) for p in args.inputs] or [DEMO_STUDIES]
     files = dicom_files(inputs)
     if not files:
         print(f"no DICOM files in {', '.join(map(str, inputs))}", file=sys.stderr)

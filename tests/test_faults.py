@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from conftest import ROOT, Orthanc, free_port, wait_for, write_config
 
 EXE = ROOT / ".venv" / "bin" / "fracture-node"
-DEMO = sorted((ROOT / "demo" / "study").glob("*.dcm"))
+DEMO = sorted((ROOT / "demo" / "studies" / "forearm").glob("*.dcm"))
 
 
 class ServedNode:

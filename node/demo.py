@@ -1,10 +1,12 @@
 """``fracture-node demo``: the whole product on one machine.
 
 Starts a real Orthanc (the PACS, with the auto-routing Lua rule of ``orthanc-test/``)
-and the node, pushes a real radiograph study into Orthanc with DCMTK ``storescu``
-(as a modality would), waits, without calling the node, for the results to come back
-into the same study, and shows where they are: Orthanc's address for the study, the
-SR rendered as text, and the PDF and Secondary Captures saved locally.
+and the node, pushes the demo's real radiograph studies (``demo/studies``) into Orthanc
+with DCMTK ``storescu`` (as a modality would), waits, without calling the node, for the
+results to come back into the same studies, and shows where they are: each study's
+decision and Orthanc address, the SRs rendered as text, and the PDFs, Secondary
+Captures and Key Object Selections saved locally.  With ``--keep-running`` Orthanc and
+the node stay up until Ctrl-C, so the printed links work.
 """
 
 from __future__ import annotations
@@ -125,13 +127,19 @@ def run_demo(args: argparse.Namespace) -> int:
             return 1
         progress.done("results are back in Orthanc")
         _show(orthanc, results, out)
+        _summary(orthanc, node, studies)
         if args.keep_running:
-            print(f"\nOrthanc and the node keep running (Ctrl-C to stop): {orthanc.url}")
+            print(f"\nOrthanc ({orthanc.url}) and the node keep running, so the links above "
+                  "work: press Ctrl-C to stop them.")
             try:
                 while True:
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
+        else:
+            print("\nOrthanc and the node stop now, so the Orthanc links above stop working; "
+                  "the files above stay. Run the demo with --keep-running "
+                  "(./scripts/demo.sh --keep-running) to keep them up until Ctrl-C.")
         return 0
     finally:
         node.stop(grace_seconds=2)
@@ -161,13 +169,27 @@ def _wait_for_results(orthanc: Any, node: Node, studies: list[str], progress: Pr
     return None
 
 
+def _summary(orthanc: Any, node: Node, studies: list[str]) -> None:
+    """One line per study: what it is, the node's decision, and its Orthanc link."""
+    print("\nStudies (decision of the node, then the study in Orthanc):")
+    for uid in studies:
+        rows = node.jobs.query("SELECT decision FROM studies WHERE study_instance_uid = ?", [uid])
+        decision = rows[0]["decision"] if rows else "not received"
+        study_id = orthanc.find_study(uid)
+        info = orthanc.get(f"/studies/{study_id}") if study_id else {}
+        tags = info.get("MainDicomTags", {})
+        date = tags.get("StudyDate", "")
+        date = f"{date[:4]}-{date[4:6]}-{date[6:]}" if len(date) == 8 else date
+        what = f"{tags.get('StudyDescription', '') or 'study'} ({date})"
+        link = f"{orthanc.url}/app/explorer.html#study?uuid={study_id}" if study_id else "-"
+        print(f"  {what:<46} {decision:<13} {link}")
+
+
 def _show(orthanc: Any, results: list[dict[str, Any]], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    by_kind: dict[str, list[Path]] = {"SC": [], "SR": [], "PDF": []}
-    study_ids = set()
+    by_kind: dict[str, list[Path]] = {"SC": [], "SR": [], "PDF": [], "KO": []}
     for item in results:
         tags = item["tags"]
-        study_ids.add(orthanc.get(f"/instances/{item['ID']}/study")["ID"])
         raw = orthanc.get(f"/instances/{item['ID']}/file", raw=True)
         sop = tags["SOPInstanceUID"]
         modality = tags.get("Modality", "")
@@ -175,6 +197,10 @@ def _show(orthanc: Any, results: list[dict[str, Any]], out: Path) -> None:
             path = out / f"report_{sop}.dcm"
             path.write_bytes(raw)
             by_kind["SR"].append(path)
+        elif modality == "KO":
+            path = out / f"key_images_{sop}.dcm"
+            path.write_bytes(raw)
+            by_kind["KO"].append(path)
         elif modality == "DOC":
             path = out / f"report_{sop}.pdf"
             path.write_bytes(orthanc.get(f"/instances/{item['ID']}/content/0042-0011", raw=True))
@@ -186,13 +212,13 @@ def _show(orthanc: Any, results: list[dict[str, Any]], out: Path) -> None:
             (out / f"heatmap_{sop}.dcm").write_bytes(raw)
             by_kind["SC"].append(path)
     print()
-    for study_id in sorted(study_ids):
-        print(f"Study in Orthanc:  {orthanc.url}/app/explorer.html#study?uuid={study_id}")
     print(f"Heat maps (SC):    {len(by_kind['SC'])} image(s)")
     for p in by_kind["SC"]:
         print(f"                   {p}")
     for p in by_kind["PDF"]:
         print(f"PDF report:        {p}")
+    for p in by_kind["KO"]:
+        print(f"Key images (KOS):  {p}")
     for p in by_kind["SR"]:
         print(f"Structured report: {p}\n")
         text = subprocess.run(["dsr2html", "-Ei", "+Rd", str(p)], capture_output=True,

@@ -175,6 +175,11 @@ def refusal_reason(refusal: Refusal) -> str:
         if not part or part == "OTHER":
             return "radiograph of a body part this version does not analyse"
         return f"{body_part_name(part)} radiograph: body part not supported by this version"
+    if code is RefusalCode.BODY_PART_CONFLICT:
+        router = body_part_name(refusal.body_part)
+        header = refusal.header or "another body part"
+        return (f"needs human review: the DICOM header names the {header}, the AI's body-part "
+                f"router saw a {router}; not analysed as either")
     if code is RefusalCode.UNSUPPORTED_MODALITY:
         modality = meta.modality or "non-radiograph"
         return f"{modality} image: only projection radiographs are analysed"
@@ -246,6 +251,10 @@ def _review_findings(result: StudyResult) -> list[ImageFinding]:
     return [f for f in result.findings if f.decision is Decision.NEEDS_REVIEW]
 
 
+def _conflicts(result: StudyResult) -> list[Refusal]:
+    return [r for r in result.refusals if r.code is RefusalCode.BODY_PART_CONFLICT]
+
+
 def flagged(result: StudyResult) -> list[ImageFinding]:
     """Analysed images whose own decision is positive or doubtful, in reading order."""
     return [o for o in result.outcomes()
@@ -274,6 +283,10 @@ def headline(result: StudyResult) -> tuple[str, str]:
     if review:
         parts.append(f"{len(review)} image{'s' if len(review) != 1 else ''} needing human "
                      "review (body part uncertain)")
+    conflicts = _conflicts(result)
+    if conflicts:
+        parts.append(f"{len(conflicts)} image{'s' if len(conflicts) != 1 else ''} whose "
+                     "header names another body part than the AI saw (needs human review)")
     missing = not_analysed_phrase(result)
     if missing:
         parts.append(missing)

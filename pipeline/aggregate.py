@@ -24,6 +24,7 @@ from pipeline.result import (
     ImageFinding,
     ModelInfo,
     Refusal,
+    RefusalCode,
     StudyResult,
 )
 
@@ -77,7 +78,8 @@ def aggregate_study(
     Findings whose router answer was below the confidence floor (``needs-review``)
     do not enter a body part's mean (their body part is not known well enough);
     they make the study ``needs-review`` unless another part is positive or
-    doubtful.
+    doubtful; so does an image whose header contradicts the router
+    (``body-part-conflict``).
     """
     findings = tuple(o for o in outcomes if isinstance(o, ImageFinding))
     refusals = tuple(o for o in outcomes if isinstance(o, Refusal))
@@ -102,7 +104,8 @@ def aggregate_study(
             image_decisions={f.meta.sop_instance_uid: f.decision for f in items},
         )
     decisions = [p.decision for p in parts.values()]
-    if any(f.decision is Decision.NEEDS_REVIEW for f in findings):
+    if any(f.decision is Decision.NEEDS_REVIEW for f in findings) or any(
+            r.code is RefusalCode.BODY_PART_CONFLICT for r in refusals):
         decisions.append(Decision.NEEDS_REVIEW)
     if not models and findings:
         models = (findings[0].router, findings[0].classifier)

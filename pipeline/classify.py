@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from models.registry import ModelEntry, load_keras_model, load_registry
+from pipeline.bodypart import header_body_part, reassignment
 from pipeline.gradcam import gradcam_closed_form, upsample
 from pipeline.resize import fit_square
 from pipeline.result import (
@@ -50,28 +51,6 @@ logger = logging.getLogger(__name__)
 
 OTHER = "OTHER"
 MAX_BATCH = 16
-
-_ARM = frozenset({"ELBOW", "FOREARM", "HUMERUS", "SHOULDER", "WRIST", "HAND", "FINGER"})
-BODY_PART_ALIASES: dict[str, frozenset[str]] = {
-    "ARM": frozenset({"HUMERUS", "FOREARM", "ELBOW"}),
-    "UPPERARM": frozenset({"HUMERUS"}),
-    "UPPER ARM": frozenset({"HUMERUS"}),
-    "LOWERARM": frozenset({"FOREARM"}),
-    "LOWER ARM": frozenset({"FOREARM"}),
-    "EXTREMITY": _ARM,
-    "UPPEREXTREMITY": _ARM,
-    "UPPER EXTREMITY": _ARM,
-    "UPPER LIMB": _ARM,
-    "HAND": frozenset({"HAND", "FINGER", "WRIST"}),
-    "FINGER": frozenset({"FINGER", "HAND"}),
-    "WRIST": frozenset({"WRIST", "HAND", "FOREARM"}),
-    "FOREARM": frozenset({"FOREARM", "WRIST", "ELBOW"}),
-    "ELBOW": frozenset({"ELBOW", "FOREARM", "HUMERUS"}),
-    "HUMERUS": frozenset({"HUMERUS", "SHOULDER", "ELBOW"}),
-    "SHOULDER": frozenset({"SHOULDER", "HUMERUS"}),
-}
-"""BodyPartExamined values (upper case) and the router answers that agree with them.
-Adjacent parts agree because one projection often shows both."""
 
 
 @dataclass(frozen=True)
@@ -181,14 +160,6 @@ def pooled_router_probabilities(probabilities: np.ndarray, groups: Sequence[str]
         if members.sum() > 1:
             out[members] = p[members].mean(axis=0)
     return out
-
-
-def body_part_agrees(body_part_examined: str, router_part: str) -> bool:
-    """Whether a DICOM BodyPartExamined is compatible with the router's answer."""
-    bpe = body_part_examined.strip().upper()
-    if not bpe:
-        return True
-    return router_part in BODY_PART_ALIASES.get(bpe, frozenset({bpe}))
 
 
 class Analyser:
@@ -349,6 +320,24 @@ class Analyser:
             f"{classes[own_top]}, p={float(own[own_top]):.2f})"
         ) if own_top != top else ""
         supported = self._classifier.supported_body_parts
+        header_note = ""
+        header = header_body_part(image.meta)
+        if header is not None and part != OTHER and not header.agrees_with(part):
+            ranked = [classes[i] for i in np.argsort(-probs)]
+            moved = reassignment(header, ranked, supported)
+            if moved is None:
+                return Refusal(
+                    image.meta, RefusalCode.BODY_PART_CONFLICT,
+                    f"needs human review: the header names the {header.label} "
+                    f"({header.attribute} {header.text!r}), the router the {part} "
+                    f"(p={part_p:.2f}); not analysed as either",
+                    body_part=part,
+                    header=f"{header.label} ({header.attribute} '{header.text}')",
+                )
+            header_note = (f"analysed as {moved}, which the header names ({header.attribute} "
+                           f"{header.text!r}) and the router ranks second; router's first "
+                           f"answer: {part}, p={part_p:.2f}")
+            part, part_p = moved, float(probs[classes.index(moved)])
         confident = part_p >= self._router.confidence_floor
         if part == OTHER or (confident and part not in supported):
             what = "a body part outside the supported set" if part == OTHER else f"the {part}"
@@ -361,7 +350,7 @@ class Analyser:
             )
         point = self._classifier.operating_point(part)
         p = float(raw.fracture_probabilities[k])
-        notes: list[str] = [pooled_note] if pooled_note else []
+        notes: list[str] = [n for n in (pooled_note, header_note) if n]
         if not confident:
             decision = Decision.NEEDS_REVIEW
             notes.append(
@@ -377,9 +366,6 @@ class Analyser:
             decision = Decision.NEGATIVE
         else:
             decision = Decision.DOUBTFUL
-        bpe = image.meta.body_part_examined
-        if bpe and not body_part_agrees(bpe, part):
-            notes.append(f"DICOM BodyPartExamined {bpe.strip().upper()} disagrees with the router ({part}, p={part_p:.2f})")
         return ImageFinding(
             image=image,
             transform=transform,

@@ -57,6 +57,9 @@ class RefusalCode(enum.StrEnum):
     """The pixel data could not be decoded (truncated, corrupt, unknown syntax)."""
     UNSUPPORTED_BODY_PART = "unsupported-body-part"
     """The router says the image shows a body part without a validated classifier."""
+    BODY_PART_CONFLICT = "body-part-conflict"
+    """The DICOM header names a body part that contradicts the router: needs human
+    review, not analysed as either (``pipeline/bodypart.py``)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,10 @@ class ImageMetadata:
     """Series Number (0020,0011) of the source, how a reader finds the image in a viewer."""
     instance_number: int | None = None
     """Instance Number (0020,0013) of the source within its series."""
+    protocol_name: str = ""
+    """Protocol Name (0018,1030)."""
+    anatomic_region: str = ""
+    """Code meaning(s) of the Anatomic Region Sequence (0008,2218), ``"; "``-joined."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +193,11 @@ class Refusal:
     text: str
     """Technical detail of the reason (kept in the SR comment and the job database)."""
     body_part: str = ""
-    """For ``UNSUPPORTED_BODY_PART``: the router's answer (``"OTHER"`` for an
-    out-of-scope region), so the wording can say which body part was not supported."""
+    """For ``UNSUPPORTED_BODY_PART`` and ``BODY_PART_CONFLICT``: the router's answer
+    (``"OTHER"`` for an out-of-scope region), so the wording can name it."""
+    header: str = ""
+    """For ``BODY_PART_CONFLICT``: the region the header names and where
+    (``"lower limb (StudyDescription 'XR TIBIA')"``)."""
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,18 @@ def read_metadata(ds: Dataset) -> ImageMetadata:
         transfer_syntax_uid=tsyntax,
         series_number=_int(ds, "SeriesNumber"),
         instance_number=_int(ds, "InstanceNumber"),
+        protocol_name=_text(ds, "ProtocolName"),
+        anatomic_region=_anatomic_region(ds),
     )
+
+
+def _anatomic_region(ds: Dataset) -> str:
+    """Code meanings of the Anatomic Region Sequence (0008,2218) (never raises)."""
+    try:
+        items = ds.get("AnatomicRegionSequence") or []
+        return "; ".join(str(item.get("CodeMeaning", "")) for item in items if item.get("CodeMeaning"))
+    except Exception:
+        return ""
 
 
 def own_output_reason(ds: Dataset) -> str | None:

@@ -1,0 +1,279 @@
+"""Several real node processes on one PostgreSQL and one spool directory, delivering
+to a real DCMTK storescp (every receipt kept as its own file with ``-uf``, so a
+duplicate delivery is seen, not merged as an archive would).
+
+The processing function is tests/nodeharness.py's ReportProcessor (a copy per image
+and one SR per study generation); the models are not the point here."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pydicom
+import pytest
+from psycopg.rows import dict_row
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+from conftest import ROOT, free_port, wait_for, write_config
+from nodeharness import CopyProcessor
+from node.config import load_config
+from node.scp import STATUS_OUT_OF_RESOURCES
+from node.service import Node
+from pgserver import PostgresServer, shared_server
+
+LEASE = 3.0
+
+
+def cr(study_uid: str, patient_id: str = "SCALE-1") -> Dataset:
+    """A small, valid CR image (64 x 64, 12 bits) of ``study_uid``."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PatientName, ds.PatientID = "Scale^Test", patient_id
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, "series"])
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+    ds.ReferringPhysicianName = ""
+    ds.Modality, ds.BodyPartExamined, ds.Manufacturer = "CR", "HAND", "test"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (np.arange(64 * 64, dtype=np.uint16) % 4096).tobytes()
+    return ds
+
+
+def store(port: int, datasets: list[Dataset]) -> list[int]:
+    """C-STORE with a real pynetdicom SCU over one association; the statuses."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+class StoreSCP:
+    """DCMTK's storescp (``/usr/bin``: pynetdicom shadows it in the venv), keeping
+    every received object as its own file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["/usr/bin/storescp", "-aet", "PACS", "-od", str(directory), "-uf", "+xa",
+             str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=(directory.parent / "storescp.log").open("ab"),
+            env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+
+    def received(self) -> list[tuple[str, str, str]]:
+        """(Study Instance UID, SOP Instance UID, Modality) of every file received."""
+        out = []
+        for f in sorted(self.directory.iterdir()):
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except Exception:  # still being written
+                continue
+            out.append((str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), str(ds.Modality)))
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class ServedNode:
+    """A node process (tests/nodeharness.py) on the shared database and spool."""
+
+    def __init__(self, tmp: Path, name: str, url: str, spool: Path, pacs_port: int,
+                 delay: float = 0.0, quiet: float = 1.0) -> None:
+        self.dir = tmp / name
+        self.dir.mkdir()
+        self.name = name
+        self.port = free_port()
+        self.delay = delay
+        self.config = write_config(
+            self.dir, self.port, quiet_seconds=quiet, spool_dir=spool,
+            destinations=[{"name": "pacs", "ae_title": "PACS", "port": pacs_port}],
+            extra=(f'[database]\nurl = "{url}"\nlease_seconds = {LEASE}\n'
+                   f'heartbeat_seconds = 0.5\nnode_name = "{name}"\n'))
+        self.ready = self.dir / "ready"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "ServedNode":
+        argv = [sys.executable, str(ROOT / "tests" / "nodeharness.py"), str(self.config),
+                str(self.ready), "--report", "--delay", str(self.delay)]
+        self.proc = subprocess.Popen(argv, cwd=ROOT / "tests",
+                                     stderr=(self.dir / "node.log").open("ab"))
+        wait_for(self.ready.exists, timeout=60)
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+
+
+def sql(url: str, text: str, params: Any = ()) -> list[dict[str, Any]]:
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        return list(conn.execute(text, params).fetchall())
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[str, Path, StoreSCP, list[ServedNode]]]:
+    """(database url, shared spool, the receiving storescp, nodes the test starts)."""
+    url = shared_server().new_database()
+    pacs = StoreSCP(tmp_path / "pacs")
+    nodes: list[ServedNode] = []
+    yield url, tmp_path / "spool", pacs, nodes
+    for n in nodes:
+        n.stop()
+    pacs.stop()
+
+
+def test_study_split_across_two_nodes_gives_one_sr_of_all_instances(cluster: Any,
+                                                                     tmp_path: Path) -> None:
+    url, spool, pacs, nodes = cluster
+    a = ServedNode(tmp_path, "node-a", url, spool, pacs.port, quiet=2.0).start()
+    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, quiet=2.0).start()
+    nodes += [a, b]
+    study = generate_uid()
+    images = [cr(study) for _ in range(4)]
+    assert store(a.port, images[:2]) == [0, 0]  # the PACS opens associations to either
+    assert store(b.port, images[2:]) == [0, 0]
+    wait_for(lambda: sql(url, "SELECT 1 FROM outbox WHERE state = 'delivered' AND kind = 'sr'"),
+             timeout=60)
+    wait_for(lambda: len(pacs.received()) == 5, timeout=30)
+    srs = [f for f in pacs.directory.iterdir()
+           if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SR"]
+    assert len(srs) == 1, "the study was reported more than once"
+    sr = pydicom.dcmread(srs[0])
+    refs = {r.ReferencedSOPInstanceUID
+            for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+            for r in s.ReferencedSOPSequence}
+    assert refs == {ds.SOPInstanceUID for ds in images}
+    row = sql(url, "SELECT state, generation, processed_generation FROM studies")
+    assert row == [{"state": "processed", "generation": 4, "processed_generation": 4}]
+    # both nodes received, into one shared spool, under paths relative to it
+    assert {r["path"].split("/")[0] for r in sql(url, "SELECT path FROM instances")} == {
+        "incoming"}
+    assert len(list((spool / "incoming" / study).iterdir())) == 4
+
+
+def test_sigkilled_node_s_studies_are_finished_by_the_other_exactly_once(
+        cluster: Any, tmp_path: Path) -> None:
+    url, spool, pacs, nodes = cluster
+    a = ServedNode(tmp_path, "node-a", url, spool, pacs.port, delay=1.0).start()
+    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, delay=1.0).start()
+    nodes += [a, b]
+    studies = {generate_uid(): [cr("")] for _ in range(10)}
+    for i, (uid, images) in enumerate(studies.items()):
+        for ds in images:
+            ds.StudyInstanceUID = uid
+        assert store((a if i % 2 == 0 else b).port, images) == [0]
+
+    def a_holds_a_study_and_owes_nothing() -> list[dict[str, Any]]:
+        held = sql(url, "SELECT study_instance_uid, lease_expires_at FROM studies "
+                        "WHERE owner LIKE 'node-a#%%' AND state = 'processing'")
+        owing = sql(url, "SELECT 1 FROM outbox WHERE state = 'pending'")
+        return held if held and not owing else []
+
+    held = wait_for(a_holds_a_study_and_owes_nothing, timeout=60, interval=0.02)
+    killed_at_lease = held[0]["lease_expires_at"]
+    a.signal(signal.SIGKILL)
+
+    expected = {uid: 2 for uid in studies}  # one copy and one SR per study
+    wait_for(lambda: Counter(s for s, _, _ in pacs.received()) == expected, timeout=120)
+    wait_for(lambda: not sql(url, "SELECT 1 FROM outbox WHERE state != 'delivered'"), timeout=30)
+    received = Counter(sop for _, sop, _ in pacs.received())
+    assert all(n == 1 for n in received.values()), f"delivered twice: {received}"
+    orphan = sql(url, "SELECT state, processed_by, updated_at FROM studies "
+                      "WHERE study_instance_uid = %s", [held[0]["study_instance_uid"]])[0]
+    assert orphan["state"] == "processed"
+    assert orphan["processed_by"].startswith("node-b#"), "the orphaned study was not taken over"
+    assert orphan["updated_at"] > killed_at_lease, "taken over before the lease expired"
+    assert "taken over" in (b.dir / "node.log").read_text()
+    assert sql(url, "SELECT count(*) AS n FROM outbox") == [{"n": 20}]
+
+
+def test_new_node_takes_a_share_and_sigterm_drains(cluster: Any, tmp_path: Path) -> None:
+    url, spool, pacs, nodes = cluster
+    a = ServedNode(tmp_path, "node-a", url, spool, pacs.port, delay=1.0).start()
+    nodes.append(a)
+    studies = [generate_uid() for _ in range(6)]
+    for uid in studies:
+        assert store(a.port, [cr(uid)]) == [0]
+    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, delay=1.0).start()
+    nodes.append(b)
+    # a is stopped (SIGTERM) while it holds a study: it finishes or releases it
+    wait_for(lambda: sql(url, "SELECT 1 FROM studies WHERE owner LIKE 'node-a#%%'"), timeout=60,
+             interval=0.02)
+    a.signal(signal.SIGTERM)
+    assert a.proc is not None and a.proc.returncode == 0
+    assert sql(url, "SELECT 1 FROM studies WHERE owner LIKE 'node-a#%%'") == []
+    assert sql(url, "SELECT 1 FROM outbox WHERE owner LIKE 'node-a#%%'") == []
+    gone = sql(url, "SELECT stopped_at FROM nodes WHERE node_id LIKE 'node-a#%%'")
+    assert gone and gone[0]["stopped_at"] is not None
+    wait_for(lambda: len(sql(url, "SELECT 1 FROM studies WHERE state = 'processed'")) == 6,
+             timeout=60)
+    by = Counter(r["processed_by"].split("#")[0]
+                 for r in sql(url, "SELECT processed_by FROM studies"))
+    assert by["node-b"] >= 1, f"the new node took no share: {by}"
+    wait_for(lambda: len(pacs.received()) == 12, timeout=30)
+    assert len({sop for _, sop, _ in pacs.received()}) == 12
+
+
+def test_database_down_refuses_with_a700_and_loses_nothing(tmp_path: Path) -> None:
+    server = PostgresServer()  # its own: this test stops it
+    try:
+        url = server.new_database()
+        config = load_config(write_config(
+            tmp_path, free_port(), quiet_seconds=1.0,
+            extra=f'[database]\nurl = "{url}"\nlease_seconds = {LEASE}\nnode_name = "solo"\n'))
+        node = Node(config, CopyProcessor)
+        port = node.start()[1]
+        try:
+            acknowledged, refused = cr(generate_uid()), cr(generate_uid())
+            assert store(port, [acknowledged]) == [0]
+            server.stop()
+            assert store(port, [refused]) == [STATUS_OUT_OF_RESOURCES]
+            assert not (config.storage.spool_dir / "incoming" /
+                        refused.StudyInstanceUID).exists(), "a refused instance was kept"
+            time.sleep(LEASE + 0.5)  # the worker and the heartbeat run into the outage
+            server.start()
+            wait_for(lambda: node.jobs.query(
+                "SELECT state FROM studies WHERE study_instance_uid = ?",
+                [acknowledged.StudyInstanceUID]) == [{"state": "processed"}], timeout=60)
+            assert store(port, [refused]) == [0]
+            wait_for(lambda: len(node.jobs.query(
+                "SELECT 1 FROM studies WHERE state = 'processed'")) == 2, timeout=60)
+            held = {r["sop_instance_uid"] for r in node.jobs.query(
+                "SELECT sop_instance_uid FROM instances")}
+            assert held == {acknowledged.SOPInstanceUID, refused.SOPInstanceUID}
+        finally:
+            node.stop(grace_seconds=2)
+    finally:
+        server.destroy()

@@ -429,3 +429,53 @@ def test_unreachable_database_is_an_out_of_resources_error(spool_root: Path) -> 
         PostgresJobStore(f"postgresql://postgres@127.0.0.1:{free_port()}/x", spool_root,
                          connect_timeout=2)
     assert isinstance(info.value, SpoolError), "the SCP would not answer 0xA700"
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("database", "message"),
+    [
+        ({"url": "mysql://x/y"}, "database.url must be a postgresql:// URL"),
+        ({"url": "postgresql://x/y", "lease_seconds": 0}, "database.lease_seconds must be greater"),
+        ({"url": "postgresql://x/y", "lease_seconds": 5, "heartbeat_seconds": 5},
+         "database.heartbeat_seconds must be shorter"),
+        ({"colour": "red"}, "database: unknown key(s) colour"),
+    ],
+)
+def test_invalid_database_section_names_key_and_rule(database: dict[str, Any],
+                                                     message: str) -> None:
+    from node.config import config_from_dict
+    from node.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"peers": [{"ae_title": "ORTHANC"}], "database": database}, Path("/tmp"))
+    assert message in str(info.value)
+
+
+def test_database_section_chooses_the_backend(tmp_path: Path) -> None:
+    from node.config import config_from_dict, load_config, render_config
+    from node.jobs import node_name, open_job_store
+
+    base = {"peers": [{"ae_title": "ORTHANC"}], "storage": {"spool_dir": str(tmp_path / "s"),
+                                                             "database": str(tmp_path / "j.db")}}
+    plain = config_from_dict(base, tmp_path)
+    sqlite_store = open_job_store(plain)
+    assert isinstance(sqlite_store, SQLiteJobStore)
+    sqlite_store.close()
+    url = shared_server().new_database()
+    shared = config_from_dict({**base, "database": {"url": url, "node_name": "a/b c"}}, tmp_path)
+    assert node_name(shared) == "a_b_c", "a node name must be safe as a spool directory"
+    pg_store = open_job_store(shared, as_node=True)
+    try:
+        assert isinstance(pg_store, PostgresJobStore)
+        assert pg_store.node_id is not None and pg_store.node_id.startswith("a_b_c#")
+        assert pg_store.spool_root == tmp_path / "s"
+    finally:
+        pg_store.close()
+    path = tmp_path / "config.toml"
+    path.write_text(render_config(shared))
+    assert load_config(path, environ={}) == shared
+    env = load_config(path, environ={"FRACTURE_NODE_DATABASE_URL": "postgresql://other/db"})
+    assert env.database.url == "postgresql://other/db"

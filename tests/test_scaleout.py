@@ -277,3 +277,33 @@ def test_database_down_refuses_with_a700_and_loses_nothing(tmp_path: Path) -> No
             node.stop(grace_seconds=2)
     finally:
         server.destroy()
+
+
+def test_status_shows_live_nodes_and_who_holds_which_study(tmp_path: Path) -> None:
+    url = shared_server().new_database()
+    cfg = write_config(tmp_path, 11112, extra=f'[database]\nurl = "{url}"\n')
+    config = load_config(cfg)
+    from node.jobs import InstanceRecord
+    from node.jobs.postgres import PostgresJobStore
+
+    holder = PostgresJobStore(url, config.storage.spool_dir, node_id="node-x#42",
+                              lease_seconds=600)
+    gone = PostgresJobStore(url, config.storage.spool_dir, node_id="node-y#43")
+    gone.close()
+    try:
+        study = generate_uid()
+        holder.record_instance(InstanceRecord(generate_uid(), study, generate_uid(),
+                                              ComputedRadiographyImageStorage,
+                                              ExplicitVRLittleEndian, "incoming/x.dcm", 10,
+                                              "TESTSCU", "127.0.0.1:1"), now=time.time() - 60)
+        assert holder.claim_ready_study(1.0) is not None
+        out = subprocess.run([str(ROOT / ".venv" / "bin" / "fracture-node"), "--config", str(cfg),
+                              "status"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert any("node-x#42" in ln and "alive" in ln for ln in lines), out.stdout
+        assert any("node-y#43" in ln and "gone" in ln for ln in lines), out.stdout
+        lease = [ln for ln in lines if study in ln and "node-x#42" in ln]
+        assert lease and "until" in lease[0] and "expired" not in lease[0], out.stdout
+    finally:
+        holder.close()

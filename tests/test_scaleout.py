@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
-from conftest import ROOT, free_port, wait_for, write_config
+from conftest import ROOT, Orthanc, free_port, wait_for, write_config
 from nodeharness import CopyProcessor
 from node.config import load_config
 from node.scp import STATUS_OUT_OF_RESOURCES
@@ -105,15 +106,16 @@ class ServedNode:
     """A node process (tests/nodeharness.py) on the shared database and spool."""
 
     def __init__(self, tmp: Path, name: str, url: str, spool: Path, pacs_port: int,
-                 delay: float = 0.0, quiet: float = 1.0) -> None:
+                 delay: float = 0.0, quiet: float = 1.0, pacs_aet: str = "PACS",
+                 port: int | None = None) -> None:
         self.dir = tmp / name
         self.dir.mkdir()
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.delay = delay
         self.config = write_config(
             self.dir, self.port, quiet_seconds=quiet, spool_dir=spool,
-            destinations=[{"name": "pacs", "ae_title": "PACS", "port": pacs_port}],
+            destinations=[{"name": "pacs", "ae_title": pacs_aet, "port": pacs_port}],
             extra=(f'[database]\nurl = "{url}"\nlease_seconds = {LEASE}\n'
                    f'heartbeat_seconds = 0.5\nnode_name = "{name}"\n'))
         self.ready = self.dir / "ready"
@@ -307,3 +309,57 @@ def test_status_shows_live_nodes_and_who_holds_which_study(tmp_path: Path) -> No
         assert lease and "until" in lease[0] and "expired" not in lease[0], out.stdout
     finally:
         holder.close()
+
+
+def _route_hash(uid: str) -> int:
+    """route_nodes.lua's hash of a Study Instance UID."""
+    h = 0
+    for c in uid:
+        h = (h * 31 + ord(c)) % 2147483647
+    return h
+
+
+def test_orthanc_routes_each_study_to_one_node_by_hash_with_fall_over(tmp_path: Path) -> None:
+    url = shared_server().new_database()
+    dead_port = free_port()  # a third node that is down
+    a_port, b_port = free_port(), free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", route=True, stable_age=1,
+                      node_ports=[a_port, b_port, dead_port])
+    nodes: list[ServedNode] = []
+    try:
+        orthanc.start()
+        for name, port in (("node-a", a_port), ("node-b", b_port)):
+            nodes.append(ServedNode(tmp_path, name, url, tmp_path / "spool", orthanc.dicom_port,
+                                    pacs_aet="ORTHANC", port=port).start())
+        # studies whose hash picks each of the three nodes, the dead one included
+        studies: dict[int, list[str]] = {0: [], 1: [], 2: []}
+        while any(len(v) < 2 for v in studies.values()):
+            uid = generate_uid()
+            if len(studies[_route_hash(uid) % 3]) < 2:
+                studies[_route_hash(uid) % 3].append(uid)
+        sops: dict[str, str] = {}
+        for bucket, uids in studies.items():
+            for i, uid in enumerate(uids):
+                ds = cr(uid, patient_id=f"ROUTE-{bucket}-{i}")
+                sops[uid] = ds.SOPInstanceUID
+                buf = BytesIO()
+                ds.save_as(buf, enforce_file_format=True)
+                orthanc.upload(buf.getvalue())
+        every = [u for uids in studies.values() for u in uids]
+        wait_for(lambda: all(len(orthanc.study_instances(u)) == 3 for u in every), timeout=120)
+        logs = {n.name: (n.dir / "node.log").read_text() for n in nodes}
+        expected = {0: "node-a", 1: "node-b", 2: "node-a"}  # 2 (down) falls over to 1st
+        for bucket, uids in studies.items():
+            for uid in uids:
+                chosen = expected[bucket]
+                other = "node-b" if chosen == "node-a" else "node-a"
+                assert f"C-STORE {sops[uid]} from ORTHANC stored" in logs[chosen], (bucket, uid)
+                assert sops[uid] not in logs[other], "a study went to two nodes"
+        made = [i for u in every for i in orthanc.study_instances(u)
+                if i["tags"].get("Manufacturer") == "fracture-node"]
+        assert len(made) == 2 * len(every)
+        assert "failed, trying the next node" in (tmp_path / "orthanc" / "orthanc.log").read_text()
+    finally:
+        for n in nodes:
+            n.stop()
+        orthanc.stop()

@@ -24,13 +24,13 @@ import pytest
 from psycopg.rows import dict_row
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from conftest import ROOT, Orthanc, free_port, wait_for, write_config
 from nodeharness import CopyProcessor
 from node.config import load_config
-from node.scp import STATUS_OUT_OF_RESOURCES
+from node.scp import STATUS_OUT_OF_RESOURCES, set_nodelay
 from node.service import Node
 from pgserver import PostgresServer, shared_server
 
@@ -64,7 +64,8 @@ def store(port: int, datasets: list[Dataset]) -> list[int]:
     """C-STORE with a real pynetdicom SCU over one association; the statuses."""
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+    assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE",
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])  # no Nagle stall
     assert assoc.is_established
     try:
         return [int(assoc.send_c_store(ds).Status) for ds in datasets]

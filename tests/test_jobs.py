@@ -76,7 +76,8 @@ def store(make_store: Factory) -> JobStoreBackend:
     return make_store()
 
 
-def _rec(spool_root: Path, sop: str, study: str = "1.2.3", series: str = "1.2.3.1") -> InstanceRecord:
+def _rec(spool_root: Path, sop: str, study: str = "1.2.3",
+         series: str = "1.2.3.1") -> InstanceRecord:
     return InstanceRecord(sop, study, series, "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1",
                           str(spool_root / "incoming" / study / f"{sop}.dcm"), 1000, "TESTSCU",
                           "127.0.0.1:1")

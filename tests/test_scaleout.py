@@ -364,3 +364,46 @@ def test_orthanc_routes_each_study_to_one_node_by_hash_with_fall_over(tmp_path: 
         for n in nodes:
             n.stop()
         orthanc.stop()
+
+
+def test_orthanc_routed_studies_survive_a_node_killed_mid_way(tmp_path: Path) -> None:
+    """The topology of a department: Orthanc routes 20 stable studies across two
+    nodes; one node is SIGKILLed while it holds a study; every study's results arrive
+    in Orthanc, one of each, and the survivor finished the dead node's study."""
+    url = shared_server().new_database()
+    a_port, b_port = free_port(), free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", route=True, stable_age=1,
+                      node_ports=[a_port, b_port])
+    nodes: list[ServedNode] = []
+    try:
+        orthanc.start()
+        for name, port in (("node-a", a_port), ("node-b", b_port)):
+            nodes.append(ServedNode(tmp_path, name, url, tmp_path / "spool", orthanc.dicom_port,
+                                    pacs_aet="ORTHANC", port=port, delay=0.5).start())
+        a = nodes[0]
+        uids = [generate_uid() for _ in range(20)]
+        for i, uid in enumerate(uids):
+            buf = BytesIO()
+            cr(uid, patient_id=f"KILL-{i}").save_as(buf, enforce_file_format=True)
+            orthanc.upload(buf.getvalue())
+        held = wait_for(lambda: sql(url, "SELECT study_instance_uid, lease_expires_at FROM "
+                                         "studies WHERE owner LIKE 'node-a#%%'"),
+                        timeout=60, interval=0.02)
+        a.signal(signal.SIGKILL)
+        wait_for(lambda: all(len(orthanc.study_instances(u)) == 3 for u in uids), timeout=120,
+                 interval=0.5)
+        wait_for(lambda: not sql(url, "SELECT 1 FROM outbox WHERE state != 'delivered'"),
+                 timeout=30)
+        for uid in uids:
+            made = [i["tags"]["SOPInstanceUID"] for i in orthanc.study_instances(uid)
+                    if i["tags"].get("Manufacturer") == "fracture-node"]
+            assert len(made) == len(set(made)) == 2, (uid, made)  # one copy, one SR
+        assert sql(url, "SELECT count(*) AS n FROM outbox") == [{"n": 40}]
+        orphan = sql(url, "SELECT processed_by, updated_at FROM studies WHERE "
+                          "study_instance_uid = %s", [held[0]["study_instance_uid"]])[0]
+        assert orphan["processed_by"].startswith("node-b#")
+        assert orphan["updated_at"] > held[0]["lease_expires_at"]
+    finally:
+        for n in nodes:
+            n.stop()
+        orthanc.stop()

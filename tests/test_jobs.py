@@ -480,3 +480,24 @@ def test_database_section_chooses_the_backend(tmp_path: Path) -> None:
     assert load_config(path, environ={}) == shared
     env = load_config(path, environ={"FRACTURE_NODE_DATABASE_URL": "postgresql://other/db"})
     assert env.database.url == "postgresql://other/db"
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_study_that_keeps_losing_its_node_is_failed_not_handed_on(pg: Factory,
+                                                                    spool_root: Path) -> None:
+    from node.jobs.postgres import MAX_TAKEOVERS
+
+    a = pg("node-a#1", lease_seconds=5.0)
+    t = time.time()
+    a.record_instance(_rec(spool_root, "1.9.1"), now=t)
+    assert a.claim_ready_study(1.0, now=t + 2) is not None
+    for i in range(1, MAX_TAKEOVERS):  # each taker "dies" holding it
+        t += 10
+        taker = pg(f"node-{i}#{i}", lease_seconds=5.0)
+        assert taker.claim_ready_study(1.0, now=t) is not None, f"takeover {i}"
+    t += 10
+    assert pg("node-z#9").claim_ready_study(1.0, now=t) is None
+    row = _state(a)
+    assert row["state"] == FAILED and "stopped while processing it" in row["reason"]
+    assert a.retry_dead("1.2.3") == 1
+    assert a.claim_ready_study(1.0, now=t + 1) is not None, "retry did not requeue it"

@@ -123,6 +123,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE studies ADD COLUMN owner TEXT;
     ALTER TABLE studies ADD COLUMN lease_expires_at DOUBLE PRECISION;
     ALTER TABLE studies ADD COLUMN processed_by TEXT;
+    ALTER TABLE studies ADD COLUMN takeovers INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE outbox ADD COLUMN owner TEXT;
     ALTER TABLE outbox ADD COLUMN lease_expires_at DOUBLE PRECISION;
     ALTER TABLE outbox ADD COLUMN delivered_by TEXT;
@@ -148,6 +149,11 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+#: A study whose node stopped heart-beating this many times while processing it is
+#: marked ``failed`` instead of being handed to the next node: it may be what kills
+#: them (``retry`` requeues it).
+MAX_TAKEOVERS = 3
 _MIGRATION_LOCK = 0x46524E31  # pg_advisory_xact_lock key ("FRN1")
 _NOW = "SELECT extract(epoch FROM clock_timestamp())::double precision"
 
@@ -437,7 +443,8 @@ class PostgresJobStore:
             now = self._now(cur, now)
             self._sync_receiving(cur, busy, now)
             cur.execute(
-                "SELECT s.study_instance_uid, s.generation, s.state, s.owner FROM studies s "
+                "SELECT s.study_instance_uid, s.generation, s.state, s.owner, s.takeovers "
+                "FROM studies s "
                 "WHERE ((s.state = 'pending' AND s.not_before <= %(now)s) OR "
                 "(s.state = 'processing' AND s.lease_expires_at < %(now)s)) "
                 "AND s.last_received_at <= %(quiet)s "
@@ -450,14 +457,26 @@ class PostgresJobStore:
             row = cur.fetchone()
             if row is None:
                 return None
-            study_uid, generation, state, previous_owner = row
+            study_uid, generation, state, previous_owner, takeovers = row
+            extra = {"study_uid": study_uid}
             if state == "processing":
+                takeovers += 1
+                if takeovers >= MAX_TAKEOVERS:
+                    reason = (f"its node stopped while processing it {takeovers} times "
+                              f"(last {previous_owner}); not handed on again")
+                    cur.execute(
+                        "UPDATE studies SET state = 'failed', reason = %s, owner = NULL, "
+                        "lease_expires_at = NULL, takeovers = %s, updated_at = %s "
+                        "WHERE study_instance_uid = %s",
+                        [reason, takeovers, now, study_uid])
+                    logger.error("study %s failed: %s", study_uid, reason, extra=extra)
+                    return None
                 logger.warning("study %s: lease of %s expired, taken over", study_uid,
-                               previous_owner, extra={"study_uid": study_uid})
+                               previous_owner, extra=extra)
             cur.execute(
                 "UPDATE studies SET state = 'processing', owner = %s, lease_expires_at = %s, "
-                "updated_at = %s WHERE study_instance_uid = %s",
-                [node, now + self.lease_seconds, now, study_uid],
+                "takeovers = %s, updated_at = %s WHERE study_instance_uid = %s",
+                [node, now + self.lease_seconds, takeovers, now, study_uid],
             )
             cur.execute(
                 "SELECT sop_instance_uid, study_instance_uid, series_instance_uid, "
@@ -540,7 +559,7 @@ class PostgresJobStore:
                 "UPDATE studies SET state = CASE WHEN generation = %s THEN 'processed' "
                 "ELSE 'pending' END, processed_generation = %s, reason = NULL, decision = %s, "
                 "attempts = 0, updated_at = %s, owner = NULL, lease_expires_at = NULL, "
-                "processed_by = %s WHERE study_instance_uid = %s",
+                "processed_by = %s, takeovers = 0 WHERE study_instance_uid = %s",
                 [job.generation, job.generation, decision, now, self.node_id,
                  job.study_instance_uid],
             )
@@ -667,7 +686,7 @@ class PostgresJobStore:
             cur.execute(sql.encode(), params)
             n = cur.rowcount
             sql = ("UPDATE studies SET state = 'pending', attempts = 0, not_before = 0, "
-                   "updated_at = %s WHERE state = 'failed'")
+                   "takeovers = 0, updated_at = %s WHERE state = 'failed'")
             params = [now]
             if study_instance_uid:
                 sql += " AND study_instance_uid = %s"

@@ -407,3 +407,69 @@ def test_orthanc_routed_studies_survive_a_node_killed_mid_way(tmp_path: Path) ->
         for n in nodes:
             n.stop()
         orthanc.stop()
+
+
+def _all_referenced(ds: Dataset) -> set[str]:
+    """Every Referenced SOP Instance UID anywhere in a dataset (content and evidence)."""
+    found: set[str] = set()
+    for elem in ds.iterall():
+        if elem.keyword == "ReferencedSOPInstanceUID":
+            found.add(str(elem.value))
+    return found
+
+
+def test_real_models_two_served_nodes_one_sr_for_a_split_study(tmp_path: Path) -> None:
+    """The one scale-out test with the real pipeline: two ``fracture-node serve``
+    processes (real models) on one PostgreSQL and spool, a demo study whose images
+    reach both nodes; Orthanc gets one TID 1500 SR that references all of them."""
+    url = shared_server().new_database()
+    a_port, b_port = free_port(), free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=a_port).start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        study = generate_uid()
+        files = []
+        for f in sorted((ROOT / "demo" / "study").glob("*.dcm"))[:4]:  # forearm x2, hand x2
+            ds = pydicom.dcmread(f)
+            ds.StudyInstanceUID = study
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            files.append(tmp_path / f.name)
+            ds.save_as(files[-1])
+        readies = []
+        for name, port in (("node-a", a_port), ("node-b", b_port)):
+            d = tmp_path / name
+            d.mkdir()
+            cfg = write_config(
+                d, port, quiet_seconds=3.0, spool_dir=tmp_path / "spool",
+                destinations=[{"name": "pacs", "ae_title": "ORTHANC",
+                               "port": orthanc.dicom_port}],
+                extra=f'[database]\nurl = "{url}"\nlease_seconds = 10\nnode_name = "{name}"\n')
+            readies.append(d / "ready")
+            procs.append(subprocess.Popen(
+                [str(ROOT / ".venv" / "bin" / "fracture-node"), "--config", str(cfg), "serve",
+                 "--ready-file", str(readies[-1])], stderr=(d / "node.log").open("ab")))
+        for ready in readies:
+            wait_for(ready.exists, timeout=180)
+        for port, part in ((a_port, files[:2]), (b_port, files[2:])):
+            out = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xe",
+                                  "127.0.0.1", str(port), *map(str, part)], capture_output=True,
+                                 timeout=120)
+            assert out.returncode == 0, out.stderr
+        wait_for(lambda: sql(url, "SELECT 1 FROM studies WHERE state = 'processed'") and not
+                 sql(url, "SELECT 1 FROM outbox WHERE state != 'delivered'"), timeout=300,
+                 interval=0.5)
+        srs = [i for i in orthanc.study_instances(study) if i["tags"].get("Modality") == "SR"]
+        assert len(srs) == 1, f"{len(srs)} SRs for one study"
+        sr = pydicom.dcmread(BytesIO(orthanc.get(f"/instances/{srs[0]['ID']}/file", raw=True)))
+        sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                   for f in files}
+        assert sources <= _all_referenced(sr), "the SR does not reference every instance"
+        received = sql(url, "SELECT sop_instance_uid FROM instances WHERE path IS NOT NULL")
+        assert {r["sop_instance_uid"] for r in received} == sources
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=60)
+        orthanc.stop()

@@ -31,6 +31,11 @@ Tables (the same in both)
 
 PostgreSQL adds ``nodes`` (who is alive), ``receiving`` (which node has an open
 association sending which study) and lease columns on ``studies`` and ``outbox``.
+
+Paths: the records the methods return carry absolute paths on this node's mount of
+the spool.  The ``path`` columns that :meth:`JobStoreBackend.query` returns raw are
+absolute in SQLite but *relative to the spool root* in PostgreSQL: resolve them with
+:func:`spool_absolute` (``config.storage.spool_dir``) before opening a file.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class PostgresServer:
         if self._as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
         self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
-                   "--auth=trust", "-E", "UTF8", "--no-instructions"])
+                   "--auth=trust", "-E", "UTF8", "--locale=C", "--no-instructions"])
         self.start()
 
     def _run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:

@@ -140,11 +140,12 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from node.jobs import JobStore
+    from node.jobs import open_job_store
 
     config = _load(args)
-    jobs = JobStore(config.storage.database)
+    jobs = open_job_store(config)
     try:
+        nodes, leases = jobs.nodes(), jobs.leases()
         counts = jobs.counts()
         studies = jobs.query(
             "SELECT study_instance_uid, state, decision, attempts, reason, updated_at, "
@@ -163,8 +164,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         jobs.close()
     if args.json:
         print(json.dumps({"counts": counts, "studies": studies, "delivery_problems": problems,
-                          "not_analysed": refused}, indent=2))
+                          "not_analysed": refused, "nodes": nodes, "leases": leases}, indent=2))
         return 0
+    if nodes:  # a shared job database: who is alive, who holds what, until when
+        print("nodes:")
+        for nd in nodes:
+            beat = time.strftime("%H:%M:%S", time.localtime(nd["heartbeat_at"]))
+            print(f"  {nd['node_id']:32}  {'alive' if nd['alive'] else 'gone':5}  "
+                  f"{nd['ae_title']}  last heartbeat {beat}")
+        print("leases:", "none" if not leases else "")
+        for le in leases:
+            what = le["study_instance_uid"] if le["kind"] == "study" else le["sop_instance_uid"]
+            until = time.strftime("%H:%M:%S", time.localtime(le["lease_expires_at"]))
+            print(f"  {le['kind']:6}  {what:64}  {le['owner']:32}  until {until}"
+                  f"{'  (expired)' if le['expired'] else ''}")
+        print()
     print("studies:", ", ".join(f"{k} {v}" for k, v in sorted(counts["studies"].items()))
           or "none")
     print("outbox: ", ", ".join(f"{k} {v}" for k, v in sorted(counts["outbox"].items()))
@@ -187,10 +201,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from node.jobs import JobStore
+    from node.jobs import open_job_store
 
     config = _load(args)
-    jobs = JobStore(config.storage.database)
+    jobs = open_job_store(config)
     try:
         n = jobs.retry_dead(args.study)
     finally:

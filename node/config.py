@@ -26,6 +26,7 @@ ENV_OVERRIDES: Mapping[str, tuple[str, str]] = {
     "FRACTURE_NODE_BIND_ADDRESS": ("node", "bind_address"),
     "FRACTURE_NODE_SPOOL_DIR": ("storage", "spool_dir"),
     "FRACTURE_NODE_DATABASE": ("storage", "database"),
+    "FRACTURE_NODE_DATABASE_URL": ("database", "url"),
 }
 
 _AE_ALLOWED = set(
@@ -196,6 +197,42 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class DatabaseConfig:
+    """``[database]``: a job database shared by several nodes (PostgreSQL).
+
+    Absent (no ``url``), the node keeps its jobs in the SQLite file
+    ``[storage] database``.  With a ``url``, every node of the group names the same
+    database and mounts the same spool directory (docs/deploy.md).
+    """
+
+    url: str = ""
+    """``postgresql://user@host:port/dbname`` (libpq URI; keep the password in
+    ``~/.pgpass`` or ``PGPASSWORD``, not here)."""
+    lease_seconds: float = 30.0
+    """A claimed study or outbox item is this node's for this long after its last
+    heartbeat; then another node may take it over."""
+    heartbeat_seconds: float = 0.0
+    """How often the node renews its leases (0: a third of ``lease_seconds``)."""
+    node_name: str = ""
+    """This node's name in ``status`` and the spool's ``tmp/<name>`` (default
+    ``<host name>-<port>``); unique within the group."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str):
+            raise ConfigError("database.url must be a string")
+        if self.url and not self.url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("database.url must be a postgresql:// URL (or absent for SQLite)")
+        _check_positive("database.lease_seconds", self.lease_seconds)
+        if not isinstance(self.heartbeat_seconds, (int, float)) or self.heartbeat_seconds < 0:
+            raise ConfigError("database.heartbeat_seconds must be a number >= 0")
+        if self.heartbeat_seconds and self.heartbeat_seconds >= self.lease_seconds:
+            raise ConfigError("database.heartbeat_seconds must be shorter than "
+                              "database.lease_seconds")
+        if not isinstance(self.node_name, str):
+            raise ConfigError("database.node_name must be a string")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """``[study]``: when a study counts as complete."""
 
@@ -295,6 +332,7 @@ class Config:
     models: ModelConfig = field(default_factory=ModelConfig)
     outputs: OutputConfig = field(default_factory=OutputConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
     allow_any_peer: bool = False
     """Accept any calling AE.  Off by default: set it explicitly to open the node."""
 
@@ -350,6 +388,7 @@ _SECTIONS: Mapping[str, type] = {
     "models": ModelConfig,
     "outputs": OutputConfig,
     "tls": TlsConfig,
+    "database": DatabaseConfig,
 }
 
 
@@ -437,6 +476,7 @@ def config_from_dict(
         models=resolved_models,
         outputs=config.outputs,
         tls=resolved_tls,
+        database=config.database,
         allow_any_peer=config.allow_any_peer,
     )
 

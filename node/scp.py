@@ -41,7 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config
 from node.errors import DatasetError, MissingIdentifierError, SpoolError
-from node.jobs import InstanceRecord, JobStore
+from node.jobs import InstanceRecord, JobStoreBackend
 from node.spool import Spool, safe_uid
 from node.tls import server_context
 from pipeline.result import NODE_MANUFACTURER
@@ -162,7 +162,7 @@ class StorageSCP:
         Where received instances are kept and recorded.
     """
 
-    def __init__(self, config: Config, spool: Spool, jobs: JobStore) -> None:
+    def __init__(self, config: Config, spool: Spool, jobs: JobStoreBackend) -> None:
         self.config = config
         self.spool = spool
         self.jobs = jobs

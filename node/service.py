@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 
 from node.config import Config
-from node.jobs import JobStore
+from node.jobs import node_name, open_job_store
 from node.scp import StorageSCP
 from node.spool import Spool
 from node.worker import Deliverer, Processor, Worker
@@ -30,8 +30,10 @@ class Node:
 
     def __init__(self, config: Config, processor_factory: Callable[[], Processor]) -> None:
         self.config = config
-        self.spool = Spool(config.storage.spool_dir, config.storage.min_free_mb * 2**20)
-        self.jobs = JobStore(config.storage.database)
+        shared = bool(config.database.url)  # several nodes share spool and database
+        self.spool = Spool(config.storage.spool_dir, config.storage.min_free_mb * 2**20,
+                           node_name=node_name(config) if shared else None)
+        self.jobs = open_job_store(config, as_node=True)
         self.scp = StorageSCP(config, self.spool, self.jobs)
         self._processor_factory = processor_factory
         self.worker: Worker | None = None

@@ -5,9 +5,17 @@ renamed into place, and the directory entry is fsynced too; a reader never sees 
 half-written file, and after a crash a file either exists whole or not at all.
 Leftovers in ``tmp/`` are deleted at start-up.
 
+Several nodes may share one spool directory (a shared job database, docs/deploy.md):
+each then writes its partial files to its own ``tmp/<node name>/`` and empties only
+that one at start-up, never another live node's.  What this asks of the file system
+(a shared one such as NFS mounted ``sync``): ``fsync`` of a file makes its bytes
+durable on the server, ``rename`` within the spool is atomic and durable once the
+directory is fsynced, and ``O_EXCL`` creation is exclusive.
+
 Layout under ``spool_dir``::
 
     tmp/                               partial writes (emptied at start)
+    tmp/<node name>/                   ... of one node, when several share the spool
     incoming/<study uid>/<sop uid>.dcm received instances
     outbox/<study uid>/<sop uid>.dcm   result objects awaiting delivery
     reports/<study uid>/<sop uid>.dcm  the latest SR of a study (predecessor of the next)
@@ -58,17 +66,23 @@ class Spool:
     min_free_bytes
         A write that would leave less than this free on the file system fails with
         :class:`SpoolError` before anything is written.
+    node_name
+        Set when several nodes share the spool: partial writes go to
+        ``tmp/<node_name>/``, and only that directory is emptied at start-up.
     """
 
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0, node_name: str | None = None) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
-        self.tmp = root / "tmp"
-        for sub in (root, self.tmp, root / "incoming", root / "outbox", root / "reports"):
+        self.tmp = root / "tmp" if node_name is None else root / "tmp" / node_name
+        for sub in (root, root / "tmp", self.tmp, root / "incoming", root / "outbox",
+                    root / "reports"):
             sub.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)
         self._dir_lock = threading.Lock()
         for leftover in self.tmp.iterdir():
+            if leftover.is_dir():  # another node's tmp/<name>/ in a shared spool
+                continue
             logger.info("removing partial spool file left by an earlier process: %s", leftover.name)
             leftover.unlink(missing_ok=True)
 
@@ -109,11 +123,19 @@ class Spool:
             finally:
                 os.close(fd)
             parent = target.parent
-            if not parent.is_dir():
-                with self._dir_lock:
-                    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                    _fsync_dir(parent.parent)
-            os.replace(tmp, target)
+            for attempt in range(3):
+                if not parent.is_dir():
+                    with self._dir_lock:
+                        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                        _fsync_dir(parent.parent)
+                try:
+                    os.replace(tmp, target)
+                    break
+                except FileNotFoundError:
+                    # In a shared spool another node may have removed the (then empty)
+                    # study directory between our check and the rename: make it again.
+                    if attempt == 2 or not tmp.exists():
+                        raise
             _fsync_dir(parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

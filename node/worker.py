@@ -2,7 +2,9 @@
 deliverer loop (outbox -> C-STORE to every destination, with retries).
 
 Both run as threads of ``fracture-node serve`` and keep all their state in the job
-database, so a node killed at any point resumes on restart.
+database, so a node killed at any point resumes on restart.  With a shared job
+database (PostgreSQL) the worker also runs the node's :class:`Heartbeat`, which
+renews the leases of the studies and outbox items this node holds.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Protocol
 import pydicom
 
 from node.config import Config, DestinationConfig
-from node.jobs import JobStore, OutboxItem, OutputFile, StudyJob
+from node.jobs import JobStoreBackend, LeaseLostError, OutboxItem, OutputFile, StudyJob
 from node.scu import Peer, Timeouts, store_files
 from node.spool import Spool
 from node.tls import client_context
@@ -55,6 +57,48 @@ def encode(ds: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
+class Heartbeat:
+    """Renews this node's leases every ``jobs.heartbeat_seconds`` in its own thread
+    (and publishes which studies its open associations are receiving).
+
+    A beat that fails (database unreachable) is logged and retried at the next one:
+    the leases then lapse only if the outage outlasts them.
+    """
+
+    def __init__(self, jobs: JobStoreBackend,
+                 busy_studies: Callable[[], frozenset[str]] = frozenset) -> None:
+        self.jobs = jobs
+        self.busy_studies = busy_studies
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        if self.jobs.heartbeat_seconds is None:
+            return
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        interval = self.jobs.heartbeat_seconds
+        assert interval is not None
+        while not self._stop.wait(interval):
+            try:
+                self.jobs.heartbeat(self.busy_studies())
+                if self._failing:
+                    logger.info("heartbeat restored")
+                self._failing = False
+            except Exception as exc:  # keep beating; the leases say how long we may miss
+                if not self._failing:
+                    logger.warning("heartbeat failed: %s", exc)
+                self._failing = True
+
+
 class Worker:
     """Processes studies that are ready, one at a time, in this thread."""
 
@@ -62,7 +106,7 @@ class Worker:
         self,
         config: Config,
         spool: Spool,
-        jobs: JobStore,
+        jobs: JobStoreBackend,
         processor: Processor,
         busy_studies: Callable[[], frozenset[str]] = frozenset,
         max_attempts: int = 3,
@@ -80,20 +124,35 @@ class Worker:
         self._stop.set()
 
     def run(self, poll_seconds: float = 0.2) -> None:
-        recovered = self.jobs.recover()
-        if recovered:
-            logger.info("resuming %d study(ies) left in processing by an earlier process",
-                        recovered)
+        heartbeat = Heartbeat(self.jobs, self.busy_studies)
+        heartbeat.start()
+        try:
+            self._recover()
+            while not self._stop.is_set():
+                try:
+                    busy = self.run_once()
+                    self.cleanup()
+                except Exception:  # keep the loop alive; the state is in the database
+                    logger.exception("worker loop error; retrying in 5 s")
+                    busy = False
+                    self._stop.wait(5.0)
+                if not busy:
+                    self._stop.wait(poll_seconds)
+        finally:
+            heartbeat.stop()
+
+    def _recover(self) -> None:
         while not self._stop.is_set():
             try:
-                busy = self.run_once()
-                self.cleanup()
-            except Exception:  # keep the loop alive; the state is in the database
-                logger.exception("worker loop error; retrying in 5 s")
-                busy = False
+                recovered = self.jobs.recover()
+            except Exception:  # e.g. the job database is not reachable yet
+                logger.exception("start-up recovery failed; retrying in 5 s")
                 self._stop.wait(5.0)
-            if not busy:
-                self._stop.wait(poll_seconds)
+                continue
+            if recovered:
+                logger.info("resuming %d study(ies) left in processing by a stopped process",
+                            recovered)
+            return
 
     def run_once(self) -> bool:
         """Process one ready study, if any.  Returns whether one was processed."""
@@ -112,10 +171,19 @@ class Worker:
             retry = None if attempts >= self.max_attempts else 5.0 * attempts
             logger.exception("study %s could not be processed (attempt %d of %d)",
                              job.study_instance_uid, attempts, self.max_attempts, extra=extra)
-            self.jobs.fail_study(job, f"{type(exc).__name__}: {exc}", retry)
+            try:
+                self.jobs.fail_study(job, f"{type(exc).__name__}: {exc}", retry)
+            except LeaseLostError as lost:
+                logger.warning("%s; this attempt is discarded", lost, extra=extra)
             return True
         names = [d.name for d in self.config.destinations]
-        self.jobs.finish_study(job, files, names, dict(result.outcomes), result.decision)
+        try:
+            self.jobs.finish_study(job, files, names, dict(result.outcomes), result.decision)
+        except LeaseLostError as lost:
+            # Another node took the study over after our lease expired; its run counts.
+            # Our files in the spool have the same deterministic UIDs as its own.
+            logger.warning("%s; this result is discarded", lost, extra=extra)
+            return True
         logger.info("study %s processed: %s, %d result object(s) queued for %s (%.0f ms)",
                     job.study_instance_uid, result.decision, len(files),
                     ", ".join(names) or "no destination",
@@ -154,7 +222,7 @@ class Worker:
 class Deliverer:
     """Sends outbox items to their destinations with exponential back-off."""
 
-    def __init__(self, config: Config, spool: Spool, jobs: JobStore) -> None:
+    def __init__(self, config: Config, spool: Spool, jobs: JobStoreBackend) -> None:
         self.config = config
         self.spool = spool
         self.jobs = jobs
@@ -193,15 +261,23 @@ class Deliverer:
         by_dest: dict[str, list[OutboxItem]] = {}
         for item in items:
             by_dest.setdefault(item.destination, []).append(item)
-        for name, batch in by_dest.items():
-            try:
-                dest: DestinationConfig = self.config.destination(name)
-            except Exception:
-                for item in batch:
-                    self.jobs.mark_failed(item.id, f"destination {name!r} no longer configured",
-                                          dead=True, retry_at=time.time())
-                continue
-            self._deliver(dest, batch)
+        try:
+            for name, batch in by_dest.items():
+                if self._stop.is_set():
+                    break
+                try:
+                    dest: DestinationConfig = self.config.destination(name)
+                except Exception:
+                    for item in batch:
+                        self.jobs.mark_failed(item.id, f"destination {name!r} no longer "
+                                              "configured", dead=True, retry_at=time.time())
+                    continue
+                self._deliver(dest, batch)
+        finally:
+            # Items claimed (leased) and not tried, e.g. after an error or at stop:
+            # give them back at once rather than holding them until the lease runs out.
+            # Items already marked are not ours any more, and are left as they are.
+            self.jobs.release_items([i.id for i in items])
         return True
 
     def _deliver(self, dest: DestinationConfig, batch: list[OutboxItem]) -> None:

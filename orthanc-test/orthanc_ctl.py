@@ -4,6 +4,10 @@ loopback ports, for the tests and the demo.
 Topology: modality (storescu) -> Orthanc (the PACS) -> fracture-node -> Orthanc.
 The node is registered in ``DicomModalities`` as ``fracture-node``; with
 ``route=True`` the Lua rule in ``route.lua`` auto-routes stable CR/DX studies to it.
+With ``node_ports`` (a group of nodes sharing one job database) the nodes are
+registered as ``fracture-node-1`` ... ``fracture-node-N`` and ``route_nodes.lua``
+sends each stable study to one of them, chosen by a hash of its Study Instance UID,
+falling over to the next when a C-STORE fails.
 
 Usable as a module (:class:`Orthanc`) or a script::
 
@@ -50,6 +54,9 @@ class Orthanc:
         Install the auto-routing Lua rule (OnStableStudy -> node).
     stable_age
         Seconds a study must be quiet before it is stable (Orthanc's StableAge).
+    node_ports
+        A group of nodes (ports on loopback, AE ``node_aet``) instead of the one node:
+        registered as ``fracture-node-1`` ... and routed by ``route_nodes.lua``.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class Orthanc:
         dicom_port: int | None = None,
         extra_modalities: dict[str, Any] | None = None,
         extra_config: dict[str, Any] | None = None,
+        node_ports: list[int] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
@@ -75,6 +83,7 @@ class Orthanc:
         self.stable_age = stable_age
         self.extra_modalities = extra_modalities or {}
         self.extra_config = extra_config or {}
+        self.node_ports = node_ports
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,6 +94,10 @@ class Orthanc:
         modalities: dict[str, Any] = {
             "fracture-node": {"AET": self.node_aet, "Host": "127.0.0.1", "Port": self.node_port},
         }
+        if self.node_ports is not None:  # a group of nodes: fracture-node-1 ... -N
+            modalities = {f"fracture-node-{i}": {"AET": self.node_aet, "Host": "127.0.0.1",
+                                                 "Port": port}
+                          for i, port in enumerate(self.node_ports, start=1)}
         modalities.update(self.extra_modalities)
         cfg: dict[str, Any] = {
             "Name": "fracture-node test PACS",
@@ -104,7 +117,8 @@ class Orthanc:
             "OverwriteInstances": True,
             "DicomScuTimeout": 30,
             "StorageCompression": False,
-            "LuaScripts": [str(HERE / "route.lua")] if self.route else [],
+            "LuaScripts": ([str(HERE / ("route_nodes.lua" if self.node_ports is not None
+                                         else "route.lua"))] if self.route else []),
         }
         cfg.update(self.extra_config)
         return cfg

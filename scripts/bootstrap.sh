@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install everything fracture-node needs on a fresh Debian 12 machine, idempotently:
 # Debian packages (Orthanc, DCMTK, dicom3tools, PixelMed + a JRE for the second SR
-# validator, poppler for PDF rendering, OpenJPEG,
-# openssl for the TLS tests, iproute2's ss for the load benchmark) and a
+# validator, poppler for PDF rendering, OpenJPEG, openssl for the TLS tests, iproute2's
+# ss for the load benchmark, PostgreSQL for the shared job queue of several nodes) and a
 # virtual environment in .venv with the project and its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,15 +15,19 @@ done
 [ -f /usr/share/java/pixelmed.jar ] || need_apt=1
 # libopenjp2: JPEG 2000 decoding at a reduced resolution level (pipeline/decode.py)
 ldconfig -p 2>/dev/null | grep -q 'libopenjp2.so.7' || need_apt=1
+# PostgreSQL: the tests start their own server (initdb + pg_ctl) as the postgres user
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_apt=1
 if [ "$need_apt" = 1 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     orthanc dcmtk dicom3tools poppler-utils libopenjp2-7 openssl iproute2 \
-    libpixelmed-java default-jre-headless >/dev/null
+    libpixelmed-java default-jre-headless postgresql >/dev/null
   # Debian starts an Orthanc service on install; the project runs its own Orthanc.
   $SUDO service orthanc stop >/dev/null 2>&1 || true
+  # Likewise PostgreSQL: the tests run their own server in a temporary directory.
+  $SUDO service postgresql stop >/dev/null 2>&1 || true
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -1,20 +1,10 @@
-"""The job database (SQLite through sqlite-utils, WAL, synchronous=FULL).
+"""The single-node job store: SQLite through sqlite-utils, WAL, synchronous=FULL.
 
-Every step of a study is a row state here, so ``status`` can show what is waiting,
-processing, delivered or failed and why, and a restarted node resumes where the last
-process stopped.  Every change is one transaction: a kill at any instant leaves the
-database at the last committed state, never in between.
-
-Tables
-------
-``instances``  one row per received SOP Instance (its spool path, who sent it, what
-               the pipeline made of it).
-``studies``    one row per Study Instance UID: ``pending`` (receiving or waiting for
-               the quiet period), ``processing``, ``processed``, ``failed``.
-``outbox``     one row per (destination, result object): ``pending``, ``delivered``,
-               ``dead`` (a dead letter, see ``retry``).
-``reports``    the SR versions written for a study (for the Predecessor Documents
-               Sequence of the next version).
+One process owns the file (in the spool by default): it needs no leases, and
+:meth:`SQLiteJobStore.recover` puts every study left ``processing`` back to
+``pending``, since only a killed earlier process of this node can have left it so.
+The schema version is SQLite's ``user_version``.  See :mod:`node.jobs` for the
+tables and the interface.
 """
 
 from __future__ import annotations
@@ -24,19 +14,23 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
-# states
-PENDING = "pending"
-PROCESSING = "processing"
-PROCESSED = "processed"
-FAILED = "failed"
-DELIVERED = "delivered"
-DEAD = "dead"
+from node.errors import NodeError
+from node.jobs import (
+    DEAD,
+    PENDING,
+    InstanceRecord,
+    OutboxItem,
+    OutputFile,
+    StudyJob,
+)
+
+#: The schema this code writes (``PRAGMA user_version``); 1 is the original.
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -94,58 +88,19 @@ CREATE TABLE IF NOT EXISTS reports (
 """
 
 
-@dataclass(frozen=True)
-class InstanceRecord:
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    path: str
-    size: int
-    calling_aet: str
-    peer: str
-
-
-@dataclass(frozen=True)
-class StudyJob:
-    """A study claimed by the worker: what to process, as of ``generation``."""
-
-    study_instance_uid: str
-    generation: int
-    instances: tuple[InstanceRecord, ...]
-    previous_report: Path | None
-    """The latest SR written for this study, if any (predecessor of the next)."""
-
-
-@dataclass(frozen=True)
-class OutboxItem:
-    id: int
-    destination: str
-    study_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    kind: str
-    path: str
-    attempts: int
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    """A result object written to the spool, ready to enter the outbox."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    kind: str
-    """``sc``, ``sr``, ``pdf`` ..."""
-    path: Path
-
-
-class JobStore:
-    """Thread-safe access to the job database.
+class SQLiteJobStore:
+    """Thread-safe access to the job database of one node.
 
     One connection guarded by a lock: every method is one short transaction.
+
+    Parameters
+    ----------
+    path
+        The SQLite file (created, mode 0600, with its directory, mode 0700).
     """
+
+    node_id: str | None = None
+    """A single-node store holds no leases."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -155,7 +110,13 @@ class JobStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.executescript(_SCHEMA)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise NodeError(f"{path.name}: schema version {version} is newer than this "
+                            f"node's ({SCHEMA_VERSION}); upgrade the node")
+        conn.executescript(_SCHEMA)  # version 1, idempotent (also for files older than it)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         for suffix in ("", "-wal", "-shm"):
             p = Path(str(path) + suffix)
             if p.exists():
@@ -163,6 +124,10 @@ class JobStore:
         self._conn = conn
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
+
+    @property
+    def heartbeat_seconds(self) -> float | None:
+        return None
 
     def close(self) -> None:
         with self._lock:
@@ -463,3 +428,19 @@ class JobStore:
             rows = self.query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
             out[table] = {r["state"]: int(r["n"]) for r in rows}
         return out
+
+    # -- leases (none: one node) --------------------------------------------------------
+
+    def heartbeat(self, busy: frozenset[str] = frozenset()) -> None:
+        """Nothing to extend: a single-node store holds no leases."""
+
+    def release_items(self, item_ids: Sequence[int]) -> None:
+        """Nothing to release: outbox items are not leased here."""
+
+    def leases(self) -> list[dict[str, Any]]:
+        """No leases in a single-node store (``status`` shows the states)."""
+        return []
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """A single-node store knows no other nodes."""
+        return []

@@ -1,0 +1,475 @@
+"""Several real node processes on one PostgreSQL and one spool directory, delivering
+to a real DCMTK storescp (every receipt kept as its own file with ``-uf``, so a
+duplicate delivery is seen, not merged as an archive would).
+
+The processing function is tests/nodeharness.py's ReportProcessor (a copy per image
+and one SR per study generation); the models are not the point here."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pydicom
+import pytest
+from psycopg.rows import dict_row
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+from conftest import ROOT, Orthanc, free_port, wait_for, write_config
+from nodeharness import CopyProcessor
+from node.config import load_config
+from node.scp import STATUS_OUT_OF_RESOURCES, set_nodelay
+from node.service import Node
+from pgserver import PostgresServer, shared_server
+
+LEASE = 3.0
+
+
+def cr(study_uid: str, patient_id: str = "SCALE-1") -> Dataset:
+    """A small, valid CR image (64 x 64, 12 bits) of ``study_uid``."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PatientName, ds.PatientID = "Scale^Test", patient_id
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, "series"])
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+    ds.ReferringPhysicianName = ""
+    ds.Modality, ds.BodyPartExamined, ds.Manufacturer = "CR", "HAND", "test"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (np.arange(64 * 64, dtype=np.uint16) % 4096).tobytes()
+    return ds
+
+
+def store(port: int, datasets: list[Dataset]) -> list[int]:
+    """C-STORE with a real pynetdicom SCU over one association; the statuses."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE",
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])  # no Nagle stall
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+class StoreSCP:
+    """DCMTK's storescp (``/usr/bin``: pynetdicom shadows it in the venv), keeping
+    every received object as its own file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["/usr/bin/storescp", "-aet", "PACS", "-od", str(directory), "-uf", "+xa",
+             str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=(directory.parent / "storescp.log").open("ab"),
+            env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+
+    def received(self) -> list[tuple[str, str, str]]:
+        """(Study Instance UID, SOP Instance UID, Modality) of every file received."""
+        out = []
+        for f in sorted(self.directory.iterdir()):
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except Exception:  # still being written
+                continue
+            out.append((str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), str(ds.Modality)))
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class ServedNode:
+    """A node process (tests/nodeharness.py) on the shared database and spool."""
+
+    def __init__(self, tmp: Path, name: str, url: str, spool: Path, pacs_port: int,
+                 delay: float = 0.0, quiet: float = 1.0, pacs_aet: str = "PACS",
+                 port: int | None = None) -> None:
+        self.dir = tmp / name
+        self.dir.mkdir()
+        self.name = name
+        self.port = port or free_port()
+        self.delay = delay
+        self.config = write_config(
+            self.dir, self.port, quiet_seconds=quiet, spool_dir=spool,
+            destinations=[{"name": "pacs", "ae_title": pacs_aet, "port": pacs_port}],
+            extra=(f'[database]\nurl = "{url}"\nlease_seconds = {LEASE}\n'
+                   f'heartbeat_seconds = 0.5\nnode_name = "{name}"\n'))
+        self.ready = self.dir / "ready"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "ServedNode":
+        argv = [sys.executable, str(ROOT / "tests" / "nodeharness.py"), str(self.config),
+                str(self.ready), "--report", "--delay", str(self.delay)]
+        self.proc = subprocess.Popen(argv, cwd=ROOT / "tests",
+                                     stderr=(self.dir / "node.log").open("ab"))
+        wait_for(self.ready.exists, timeout=60)
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+
+
+def sql(url: str, text: str, params: Any = ()) -> list[dict[str, Any]]:
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        return list(conn.execute(text, params).fetchall())
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[str, Path, StoreSCP, list[ServedNode]]]:
+    """(database url, shared spool, the receiving storescp, nodes the test starts)."""
+    url = shared_server().new_database()
+    pacs = StoreSCP(tmp_path / "pacs")
+    nodes: list[ServedNode] = []
+    yield url, tmp_path / "spool", pacs, nodes
+    for n in nodes:
+        n.stop()
+    pacs.stop()
+
+
+def test_study_split_across_two_nodes_gives_one_sr_of_all_instances(cluster: Any,
+                                                                     tmp_path: Path) -> None:
+    url, spool, pacs, nodes = cluster
+    a = ServedNode(tmp_path, "node-a", url, spool, pacs.port, quiet=2.0).start()
+    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, quiet=2.0).start()
+    nodes += [a, b]
+    study = generate_uid()
+    images = [cr(study) for _ in range(4)]
+    assert store(a.port, images[:2]) == [0, 0]  # the PACS opens associations to either
+    assert store(b.port, images[2:]) == [0, 0]
+    wait_for(lambda: sql(url, "SELECT 1 FROM outbox WHERE state = 'delivered' AND kind = 'sr'"),
+             timeout=60)
+    wait_for(lambda: len(pacs.received()) == 5, timeout=30)
+    srs = [f for f in pacs.directory.iterdir()
+           if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SR"]
+    assert len(srs) == 1, "the study was reported more than once"
+    sr = pydicom.dcmread(srs[0])
+    refs = {r.ReferencedSOPInstanceUID
+            for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+            for r in s.ReferencedSOPSequence}
+    assert refs == {ds.SOPInstanceUID for ds in images}
+    row = sql(url, "SELECT state, generation, processed_generation FROM studies")
+    assert row == [{"state": "processed", "generation": 4, "processed_generation": 4}]
+    # both nodes received, into one shared spool, under paths relative to it
+    assert {r["path"].split("/")[0] for r in sql(url, "SELECT path FROM instances")} == {
+        "incoming"}
+    assert len(list((spool / "incoming" / study).iterdir())) == 4
+
+
+def test_sigkilled_node_s_studies_are_finished_by_the_other_exactly_once(
+        cluster: Any, tmp_path: Path) -> None:
+    url, spool, pacs, nodes = cluster
+    a = ServedNode(tmp_path, "node-a", url, spool, pacs.port, delay=1.0).start()
+    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, delay=1.0).start()
+    nodes += [a, b]
+    studies = {generate_uid(): [cr("")] for _ in range(10)}
+    for i, (uid, images) in enumerate(studies.items()):
+        for ds in images:
+            ds.StudyInstanceUID = uid
+        assert store((a if i % 2 == 0 else b).port, images) == [0]
+
+    def a_holds_a_study_and_owes_nothing() -> list[dict[str, Any]]:
+        held = sql(url, "SELECT study_instance_uid, lease_expires_at FROM studies "
+                        "WHERE owner LIKE 'node-a#%%' AND state = 'processing'")
+        owing = sql(url, "SELECT 1 FROM outbox WHERE state = 'pending'")
+        return held if held and not owing else []
+
+    held = wait_for(a_holds_a_study_and_owes_nothing, timeout=60, interval=0.02)
+    killed_at_lease = held[0]["lease_expires_at"]
+    a.signal(signal.SIGKILL)
+
+    expected = {uid: 2 for uid in studies}  # one copy and one SR per study
+    wait_for(lambda: Counter(s for s, _, _ in pacs.received()) == expected, timeout=120)
+    wait_for(lambda: not sql(url, "SELECT 1 FROM outbox WHERE state != 'delivered'"), timeout=30)
+    received = Counter(sop for _, sop, _ in pacs.received())
+    assert all(n == 1 for n in received.values()), f"delivered twice: {received}"
+    orphan = sql(url, "SELECT state, processed_by, updated_at FROM studies "
+                      "WHERE study_instance_uid = %s", [held[0]["study_instance_uid"]])[0]
+    assert orphan["state"] == "processed"
+    assert orphan["processed_by"].startswith("node-b#"), "the orphaned study was not taken over"
+    assert orphan["updated_at"] > killed_at_lease, "taken over before the lease expired"
+    assert "taken over" in (b.dir / "node.log").read_text()
+    assert sql(url, "SELECT count(*) AS n FROM outbox") == [{"n": 20}]
+
+
+def test_new_node_takes_a_share_and_sigterm_drains(cluster: Any, tmp_path: Path) -> None:
+    url, spool, pacs, nodes = cluster
+    a = ServedNode(tmp_path, "node-a", url, spool, pacs.port, delay=1.0).start()
+    nodes.append(a)
+    studies = [generate_uid() for _ in range(6)]
+    for uid in studies:
+        assert store(a.port, [cr(uid)]) == [0]
+    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, delay=1.0).start()
+    nodes.append(b)
+    # a is stopped (SIGTERM) while it holds a study: it finishes or releases it
+    wait_for(lambda: sql(url, "SELECT 1 FROM studies WHERE owner LIKE 'node-a#%%'"), timeout=60,
+             interval=0.02)
+    a.signal(signal.SIGTERM)
+    assert a.proc is not None and a.proc.returncode == 0
+    assert sql(url, "SELECT 1 FROM studies WHERE owner LIKE 'node-a#%%'") == []
+    assert sql(url, "SELECT 1 FROM outbox WHERE owner LIKE 'node-a#%%'") == []
+    gone = sql(url, "SELECT stopped_at FROM nodes WHERE node_id LIKE 'node-a#%%'")
+    assert gone and gone[0]["stopped_at"] is not None
+    wait_for(lambda: len(sql(url, "SELECT 1 FROM studies WHERE state = 'processed'")) == 6,
+             timeout=60)
+    by = Counter(r["processed_by"].split("#")[0]
+                 for r in sql(url, "SELECT processed_by FROM studies"))
+    assert by["node-b"] >= 1, f"the new node took no share: {by}"
+    wait_for(lambda: len(pacs.received()) == 12, timeout=30)
+    assert len({sop for _, sop, _ in pacs.received()}) == 12
+
+
+def test_database_down_refuses_with_a700_and_loses_nothing(tmp_path: Path) -> None:
+    server = PostgresServer()  # its own: this test stops it
+    try:
+        url = server.new_database()
+        config = load_config(write_config(
+            tmp_path, free_port(), quiet_seconds=1.0,
+            extra=f'[database]\nurl = "{url}"\nlease_seconds = {LEASE}\nnode_name = "solo"\n'))
+        node = Node(config, CopyProcessor)
+        port = node.start()[1]
+        try:
+            acknowledged, refused = cr(generate_uid()), cr(generate_uid())
+            assert store(port, [acknowledged]) == [0]
+            server.stop()
+            assert store(port, [refused]) == [STATUS_OUT_OF_RESOURCES]
+            assert not (config.storage.spool_dir / "incoming" /
+                        refused.StudyInstanceUID).exists(), "a refused instance was kept"
+            time.sleep(LEASE + 0.5)  # the worker and the heartbeat run into the outage
+            server.start()
+            wait_for(lambda: node.jobs.query(
+                "SELECT state FROM studies WHERE study_instance_uid = ?",
+                [acknowledged.StudyInstanceUID]) == [{"state": "processed"}], timeout=60)
+            assert store(port, [refused]) == [0]
+            wait_for(lambda: len(node.jobs.query(
+                "SELECT 1 FROM studies WHERE state = 'processed'")) == 2, timeout=60)
+            held = {r["sop_instance_uid"] for r in node.jobs.query(
+                "SELECT sop_instance_uid FROM instances")}
+            assert held == {acknowledged.SOPInstanceUID, refused.SOPInstanceUID}
+        finally:
+            node.stop(grace_seconds=2)
+    finally:
+        server.destroy()
+
+
+def test_status_shows_live_nodes_and_who_holds_which_study(tmp_path: Path) -> None:
+    url = shared_server().new_database()
+    cfg = write_config(tmp_path, 11112, extra=f'[database]\nurl = "{url}"\n')
+    config = load_config(cfg)
+    from node.jobs import InstanceRecord
+    from node.jobs.postgres import PostgresJobStore
+
+    holder = PostgresJobStore(url, config.storage.spool_dir, node_id="node-x#42",
+                              lease_seconds=600)
+    gone = PostgresJobStore(url, config.storage.spool_dir, node_id="node-y#43")
+    gone.close()
+    try:
+        study = generate_uid()
+        holder.record_instance(InstanceRecord(generate_uid(), study, generate_uid(),
+                                              ComputedRadiographyImageStorage,
+                                              ExplicitVRLittleEndian, "incoming/x.dcm", 10,
+                                              "TESTSCU", "127.0.0.1:1"), now=time.time() - 60)
+        assert holder.claim_ready_study(1.0) is not None
+        out = subprocess.run([str(ROOT / ".venv" / "bin" / "fracture-node"), "--config", str(cfg),
+                              "status"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert any("node-x#42" in ln and "alive" in ln for ln in lines), out.stdout
+        assert any("node-y#43" in ln and "gone" in ln for ln in lines), out.stdout
+        lease = [ln for ln in lines if study in ln and "node-x#42" in ln]
+        assert lease and "until" in lease[0] and "expired" not in lease[0], out.stdout
+    finally:
+        holder.close()
+
+
+def _route_hash(uid: str) -> int:
+    """route_nodes.lua's hash of a Study Instance UID."""
+    h = 0
+    for c in uid:
+        h = (h * 31 + ord(c)) % 2147483647
+    return h
+
+
+def test_orthanc_routes_each_study_to_one_node_by_hash_with_fall_over(tmp_path: Path) -> None:
+    url = shared_server().new_database()
+    dead_port = free_port()  # a third node that is down
+    a_port, b_port = free_port(), free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", route=True, stable_age=1,
+                      node_ports=[a_port, b_port, dead_port])
+    nodes: list[ServedNode] = []
+    try:
+        orthanc.start()
+        for name, port in (("node-a", a_port), ("node-b", b_port)):
+            nodes.append(ServedNode(tmp_path, name, url, tmp_path / "spool", orthanc.dicom_port,
+                                    pacs_aet="ORTHANC", port=port).start())
+        # studies whose hash picks each of the three nodes, the dead one included
+        studies: dict[int, list[str]] = {0: [], 1: [], 2: []}
+        while any(len(v) < 2 for v in studies.values()):
+            uid = generate_uid()
+            if len(studies[_route_hash(uid) % 3]) < 2:
+                studies[_route_hash(uid) % 3].append(uid)
+        sops: dict[str, str] = {}
+        for bucket, uids in studies.items():
+            for i, uid in enumerate(uids):
+                ds = cr(uid, patient_id=f"ROUTE-{bucket}-{i}")
+                sops[uid] = ds.SOPInstanceUID
+                buf = BytesIO()
+                ds.save_as(buf, enforce_file_format=True)
+                orthanc.upload(buf.getvalue())
+        every = [u for uids in studies.values() for u in uids]
+        wait_for(lambda: all(len(orthanc.study_instances(u)) == 3 for u in every), timeout=120)
+        logs = {n.name: (n.dir / "node.log").read_text() for n in nodes}
+        expected = {0: "node-a", 1: "node-b", 2: "node-a"}  # 2 (down) falls over to 1st
+        for bucket, uids in studies.items():
+            for uid in uids:
+                chosen = expected[bucket]
+                other = "node-b" if chosen == "node-a" else "node-a"
+                assert f"C-STORE {sops[uid]} from ORTHANC stored" in logs[chosen], (bucket, uid)
+                assert sops[uid] not in logs[other], "a study went to two nodes"
+        made = [i for u in every for i in orthanc.study_instances(u)
+                if i["tags"].get("Manufacturer") == "fracture-node"]
+        assert len(made) == 2 * len(every)
+        assert "failed, trying the next node" in (tmp_path / "orthanc" / "orthanc.log").read_text()
+    finally:
+        for n in nodes:
+            n.stop()
+        orthanc.stop()
+
+
+def test_orthanc_routed_studies_survive_a_node_killed_mid_way(tmp_path: Path) -> None:
+    """The topology of a department: Orthanc routes 20 stable studies across two
+    nodes; one node is SIGKILLed while it holds a study; every study's results arrive
+    in Orthanc, one of each, and the survivor finished the dead node's study."""
+    url = shared_server().new_database()
+    a_port, b_port = free_port(), free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", route=True, stable_age=1,
+                      node_ports=[a_port, b_port])
+    nodes: list[ServedNode] = []
+    try:
+        orthanc.start()
+        for name, port in (("node-a", a_port), ("node-b", b_port)):
+            nodes.append(ServedNode(tmp_path, name, url, tmp_path / "spool", orthanc.dicom_port,
+                                    pacs_aet="ORTHANC", port=port, delay=0.5).start())
+        a = nodes[0]
+        uids = [generate_uid() for _ in range(20)]
+        for i, uid in enumerate(uids):
+            buf = BytesIO()
+            cr(uid, patient_id=f"KILL-{i}").save_as(buf, enforce_file_format=True)
+            orthanc.upload(buf.getvalue())
+        held = wait_for(lambda: sql(url, "SELECT study_instance_uid, lease_expires_at FROM "
+                                         "studies WHERE owner LIKE 'node-a#%%'"),
+                        timeout=60, interval=0.02)
+        a.signal(signal.SIGKILL)
+        wait_for(lambda: all(len(orthanc.study_instances(u)) == 3 for u in uids), timeout=120,
+                 interval=0.5)
+        wait_for(lambda: not sql(url, "SELECT 1 FROM outbox WHERE state != 'delivered'"),
+                 timeout=30)
+        for uid in uids:
+            made = [i["tags"]["SOPInstanceUID"] for i in orthanc.study_instances(uid)
+                    if i["tags"].get("Manufacturer") == "fracture-node"]
+            assert len(made) == len(set(made)) == 2, (uid, made)  # one copy, one SR
+        assert sql(url, "SELECT count(*) AS n FROM outbox") == [{"n": 40}]
+        orphan = sql(url, "SELECT processed_by, updated_at FROM studies WHERE "
+                          "study_instance_uid = %s", [held[0]["study_instance_uid"]])[0]
+        assert orphan["processed_by"].startswith("node-b#")
+        assert orphan["updated_at"] > held[0]["lease_expires_at"]
+    finally:
+        for n in nodes:
+            n.stop()
+        orthanc.stop()
+
+
+def _all_referenced(ds: Dataset) -> set[str]:
+    """Every Referenced SOP Instance UID anywhere in a dataset (content and evidence)."""
+    found: set[str] = set()
+    for elem in ds.iterall():
+        if elem.keyword == "ReferencedSOPInstanceUID":
+            found.add(str(elem.value))
+    return found
+
+
+def test_real_models_two_served_nodes_one_sr_for_a_split_study(tmp_path: Path) -> None:
+    """The one scale-out test with the real pipeline: two ``fracture-node serve``
+    processes (real models) on one PostgreSQL and spool, a demo study whose images
+    reach both nodes; Orthanc gets one TID 1500 SR that references all of them."""
+    url = shared_server().new_database()
+    a_port, b_port = free_port(), free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=a_port).start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        study = generate_uid()
+        files = []
+        for f in sorted((ROOT / "demo" / "study").glob("*.dcm"))[:4]:  # forearm x2, hand x2
+            ds = pydicom.dcmread(f)
+            ds.StudyInstanceUID = study
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            files.append(tmp_path / f.name)
+            ds.save_as(files[-1])
+        readies = []
+        for name, port in (("node-a", a_port), ("node-b", b_port)):
+            d = tmp_path / name
+            d.mkdir()
+            cfg = write_config(
+                d, port, quiet_seconds=3.0, spool_dir=tmp_path / "spool",
+                destinations=[{"name": "pacs", "ae_title": "ORTHANC",
+                               "port": orthanc.dicom_port}],
+                extra=f'[database]\nurl = "{url}"\nlease_seconds = 10\nnode_name = "{name}"\n')
+            readies.append(d / "ready")
+            procs.append(subprocess.Popen(
+                [str(ROOT / ".venv" / "bin" / "fracture-node"), "--config", str(cfg), "serve",
+                 "--ready-file", str(readies[-1])], stderr=(d / "node.log").open("ab")))
+        for ready in readies:
+            wait_for(ready.exists, timeout=180)
+        for port, part in ((a_port, files[:2]), (b_port, files[2:])):
+            out = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xe",
+                                  "127.0.0.1", str(port), *map(str, part)], capture_output=True,
+                                 timeout=120)
+            assert out.returncode == 0, out.stderr
+        wait_for(lambda: sql(url, "SELECT 1 FROM studies WHERE state = 'processed'") and not
+                 sql(url, "SELECT 1 FROM outbox WHERE state != 'delivered'"), timeout=300,
+                 interval=0.5)
+        srs = [i for i in orthanc.study_instances(study) if i["tags"].get("Modality") == "SR"]
+        assert len(srs) == 1, f"{len(srs)} SRs for one study"
+        sr = pydicom.dcmread(BytesIO(orthanc.get(f"/instances/{srs[0]['ID']}/file", raw=True)))
+        sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                   for f in files}
+        assert sources <= _all_referenced(sr), "the SR does not reference every instance"
+        received = sql(url, "SELECT sop_instance_uid FROM instances WHERE path IS NOT NULL")
+        assert {r["sop_instance_uid"] for r in received} == sources
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=60)
+        orthanc.stop()

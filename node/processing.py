@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from collections.abc import Callable
 
 import pydicom
@@ -29,6 +28,7 @@ from node.jobs import InstanceRecord, StudyJob
 from node.worker import ProcessedStudy, Processor
 from pipeline.aggregate import aggregate_study
 from pipeline.normalise import prepare
+from pipeline.validate import read_metadata
 from pipeline.result import (
     ImageFinding,
     ImageMetadata,
@@ -175,21 +175,9 @@ def _prepare(record: InstanceRecord) -> tuple[Dataset | None, NormalisedImage | 
     except Exception as exc:
         logger.exception("instance %s could not be normalised", record.sop_instance_uid,
                          extra={"sop_uid": record.sop_instance_uid})
-        return ds, Refusal(replace(meta, **_numbers(ds)), RefusalCode.DECODE_FAILED,
+        return ds, Refusal(read_metadata(ds), RefusalCode.DECODE_FAILED,
                            f"malformed dataset: {type(exc).__name__}: {exc}")
     return ds, prepared
-
-
-def _numbers(ds: Dataset) -> dict[str, int | None]:
-    """Series and Instance Number of ``ds`` where readable (for naming a refusal)."""
-    out: dict[str, int | None] = {}
-    for keyword, key in (("SeriesNumber", "series_number"), ("InstanceNumber", "instance_number")):
-        try:
-            value = ds.get(keyword)
-            out[key] = int(value) if value not in (None, "") else None
-        except (TypeError, ValueError):
-            out[key] = None
-    return out
 
 
 def _read_previous(job: StudyJob) -> Dataset | None:

@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +38,8 @@ class ProcessedStudy:
     """SOP Instance UID -> (outcome, reason) for every source instance."""
     decision: str
     """The study-level answer, for ``status``."""
+    timings: Mapping[str, float] = field(default_factory=dict)
+    """Seconds per stage (``decode``, ``inference``, ``build``), for ``/metrics``."""
 
 
 class Processor(Protocol):
@@ -102,8 +104,8 @@ class Worker:
             return False
         extra = {"study_uid": job.study_instance_uid}
         started = time.perf_counter()
-        logger.info("processing study %s (%d instance(s), generation %d)",
-                    job.study_instance_uid, len(job.instances), job.generation, extra=extra)
+        logger.info("processing study %s (%d instance(s))",
+                    job.study_instance_uid, len(job.instances), extra=extra)
         try:
             result = self.processor(job)
             files = self._write_outputs(job, result)
@@ -116,9 +118,10 @@ class Worker:
             return True
         names = [d.name for d in self.config.destinations]
         self.jobs.finish_study(job, files, names, dict(result.outcomes), result.decision)
-        logger.info("study %s processed: %s, %d result object(s) queued for %s (%.0f ms)",
+        logger.info("study %s processed: %s, %d result object(s) %s (%.0f ms)",
                     job.study_instance_uid, result.decision, len(files),
-                    ", ".join(names) or "no destination",
+                    f"queued for {', '.join(names)}" if names
+                    else "kept in the spool (keep_results_local)",
                     (time.perf_counter() - started) * 1000, extra=extra)
         return True
 
@@ -154,10 +157,14 @@ class Worker:
 class Deliverer:
     """Sends outbox items to their destinations with exponential back-off."""
 
-    def __init__(self, config: Config, spool: Spool, jobs: JobStore) -> None:
+    def __init__(self, config: Config, spool: Spool, jobs: JobStore,
+                 on_outcome: Callable[[str, str, float], None] | None = None) -> None:
         self.config = config
         self.spool = spool
         self.jobs = jobs
+        self.on_outcome = on_outcome
+        """Called per item with (destination, ``delivered``/``retry``/``dead``, seconds
+        the association took), e.g. by the node's metrics."""
         self._stop = threading.Event()
         self._wake = threading.Event()
 
@@ -218,8 +225,11 @@ class Deliverer:
         limits = self.config.limits
         timeouts = Timeouts(limits.connection_timeout, limits.acse_timeout,
                             limits.dimse_timeout, limits.network_timeout)
+        started = time.perf_counter()
         outcomes = store_files(self.config.node.ae_title, peer, [Path(i.path) for i in batch],
                                timeouts, self.config.node.max_pdu or 262144)
+        seconds = time.perf_counter() - started
+        retry_logged = False
         for item, outcome in zip(batch, outcomes):
             extra = {"study_uid": item.study_instance_uid, "sop_uid": item.sop_instance_uid}
             if outcome.ok:
@@ -228,6 +238,8 @@ class Deliverer:
                             extra=extra)
                 if all_done and item.kind != "sr":
                     self.spool.remove(Path(item.path))
+                if self.on_outcome is not None:
+                    self.on_outcome(dest.name, "delivered", seconds)
                 continue
             err = outcome.error
             assert err is not None
@@ -235,10 +247,18 @@ class Deliverer:
             dead = err.permanent and attempts >= self.config.delivery.max_attempts
             retry_at = time.time() + self.backoff(attempts - 1)
             self.jobs.mark_failed(item.id, str(err), dead=dead, retry_at=retry_at)
-            level = logging.ERROR if dead else logging.WARNING
-            logger.log(level, "delivery of %s %s to %s failed (attempt %d%s): %s", item.kind,
-                       item.sop_instance_uid, dest.name, attempts,
-                       ", dead letter" if dead else f", retry in {retry_at - time.time():.0f} s",
-                       err, extra=extra)
+            if self.on_outcome is not None:
+                self.on_outcome(dest.name, "dead" if dead else "retry", seconds)
+            if dead:
+                logger.error("delivery of %s %s to %s failed (attempt %d), dead letter: %s",
+                             item.kind, item.sop_instance_uid, dest.name, attempts, err,
+                             extra=extra)
+            elif not retry_logged:  # one line per attempt of the batch, not one per object
+                retry_logged = True
+                waiting = sum(1 for o in outcomes if not o.ok)
+                logger.warning(
+                    "delivery to %s failed (attempt %d, %d object(s) waiting): %s; next attempt "
+                    "at %s", dest.name, attempts, waiting, err,
+                    time.strftime("%H:%M:%S", time.localtime(retry_at)), extra=extra)
 
 

@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log detail on stderr (default: INFO; DEBUG adds pynetdicom's "
                              "own messages)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do (fracture-node COMMAND --help for its options)")
 
     p = sub.add_parser("serve", help="run the DICOM node (SCP, worker, delivery)")
     p.add_argument("--ready-file", help="write address:port to this file once listening")

@@ -65,14 +65,18 @@ class Node:
             The port is taken (or not ours to bind); nothing was loaded.
         """
         self.address = self.scp.start()
-        self._spawn("deliverer", self.deliverer.run)
-        self._spawn("worker", self._load_and_process)
         if self.config.console.enabled:
             from node.console.app import ConsoleServer
 
             server = ConsoleServer(self.config, self.jobs, self.metrics)
-            server.start()
+            try:
+                server.start()
+            except Exception:
+                self.scp.stop(0)
+                raise
             self.console = server
+        self._spawn("deliverer", self.deliverer.run)
+        self._spawn("worker", self._load_and_process)
         return self.address
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:

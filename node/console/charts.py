@@ -29,7 +29,7 @@ def stacked_bars(title: str, columns: Sequence[str],
     """Stacked vertical bars: one bar per column (e.g. a day), one colour per series
     (e.g. a decision).  An empty chart says so instead of drawing nothing."""
     names = list(series)
-    left, top, bottom, legend_w = 36, 24, 36, 130
+    left, top, bottom, legend_w = 48, 24, 36, 130
     plot_w, plot_h = width - left - legend_w, height - top - bottom
     totals = [sum(series[n][i] for n in names) for i in range(len(columns))]
     peak = max(totals, default=0) or 1
@@ -39,7 +39,7 @@ def stacked_bars(title: str, columns: Sequence[str],
            f'<text x="{left}" y="14" font-size="12" font-weight="bold">{escape(title)}</text>',
            f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" '
            'stroke="#888"/>',
-           f'<text x="{left - 4}" y="{top + 8}" font-size="10" text-anchor="end">{peak:g}</text>']
+           f'<text x="{left - 4}" y="{top + 8}" font-size="10" text-anchor="end">{peak:.3g}</text>']
     if not columns:
         out.append(f'<text x="{left + 10}" y="{top + plot_h / 2}" font-size="12">no data yet</text>')
     step = plot_w / max(len(columns), 1)

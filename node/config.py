@@ -357,6 +357,32 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """``[audit]``: the DICOM audit trail (PS3.15 A.5), as JSON lines in ``file`` and,
+    with ``syslog_host``, as RFC 5424 syslog to an audit repository (spooled and
+    retried while it is unreachable)."""
+
+    enabled: bool = False
+    file: Path = Path("var/audit/audit.jsonl")
+    """JSON lines, one audit message a line; the syslog spool lives beside it."""
+    syslog_host: str | None = None
+    syslog_port: int = 6514
+    syslog_protocol: str = "tls"
+    """``udp`` (RFC 5426), ``tcp`` (RFC 6587 octet counting) or ``tls`` (RFC 5425,
+    checked against ``[tls] ca_certificates``)."""
+
+    def __post_init__(self) -> None:
+        _check_bool("audit.enabled", self.enabled)
+        object.__setattr__(self, "file", _check_path("audit.file", self.file))
+        if self.syslog_host is not None:
+            check_host("audit.syslog_host", self.syslog_host)
+        _check_port("audit.syslog_port", self.syslog_port)
+        if self.syslog_protocol not in ("udp", "tcp", "tls"):
+            raise ConfigError(f"audit.syslog_protocol must be \"udp\", \"tcp\" or \"tls\" "
+                              f"(got {self.syslog_protocol!r})")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration."""
 
@@ -371,6 +397,7 @@ class Config:
     outputs: OutputConfig = field(default_factory=OutputConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     allow_any_peer: bool = False
     """Accept any calling AE.  Off by default: set it explicitly to open the node."""
     keep_results_local: bool = False
@@ -436,6 +463,7 @@ _SECTIONS: Mapping[str, type] = {
     "outputs": OutputConfig,
     "tls": TlsConfig,
     "console": ConsoleConfig,
+    "audit": AuditConfig,
 }
 
 _TOP_LEVEL_FLAGS = ("allow_any_peer", "keep_results_local")
@@ -535,6 +563,7 @@ def config_from_dict(
         certificate=_resolve(base_dir, console.certificate) if console.certificate else None,
         private_key=_resolve(base_dir, console.private_key) if console.private_key else None,
     )
+    resolved_audit = dataclasses.replace(config.audit, file=_resolve(base_dir, config.audit.file))
     tls = config.tls
     resolved_tls = TlsConfig(
         enabled=tls.enabled,
@@ -555,6 +584,7 @@ def config_from_dict(
         outputs=config.outputs,
         tls=resolved_tls,
         console=resolved_console,
+        audit=resolved_audit,
         allow_any_peer=config.allow_any_peer,
         keep_results_local=config.keep_results_local,
     )

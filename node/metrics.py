@@ -95,7 +95,8 @@ class NodeMetrics:
         """Observe one latency of ``stage`` (one of :data:`STAGES`)."""
         self.stage_seconds.labels(stage=stage).observe(seconds)
 
-    def delivery(self, destination: str, outcome: str, seconds: float) -> None:
+    def delivery(self, destination: str, outcome: str, seconds: float,
+                 item: object = None) -> None:
         """One result object's delivery attempt (the deliverer's ``on_outcome``)."""
         self.deliveries.labels(destination=destination, outcome=outcome).inc()
         self.stage("delivery", seconds)

@@ -51,6 +51,7 @@ from node.tls import server_context
 from pipeline.result import NODE_MANUFACTURER
 
 if TYPE_CHECKING:
+    from node.audit import AuditTrail
     from node.metrics import NodeMetrics
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ class _AssocLog:
     duplicates: int = 0
     refused: int = 0
     abort: str | None = None
+    studies: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Study Instance UID -> SOP Class UID -> instances stored (for the audit trail)."""
 
 
 def _context_name(uid: str) -> str:
@@ -220,11 +223,12 @@ class StorageSCP:
     """
 
     def __init__(self, config: Config, spool: Spool, jobs: JobStore,
-                 metrics: NodeMetrics | None = None) -> None:
+                 metrics: NodeMetrics | None = None, audit: AuditTrail | None = None) -> None:
         self.config = config
         self.spool = spool
         self.jobs = jobs
         self.metrics = metrics
+        self.audit = audit
         self.tracker = AssociationTracker()
         self._sop_locks = SopLocks()
         self._assocs: dict[int, _AssocLog] = {}
@@ -345,6 +349,8 @@ class StorageSCP:
         )
         if self.metrics is not None:
             self.metrics.associations.labels(result="rejected", reason=code).inc()
+        if self.audit is not None:
+            self.audit.association_rejected(calling, _peer(assoc), reason)
         assoc.acse.send_reject(0x01, 0x01, diagnostic)
         assoc.is_rejected = True
         assoc.kill()
@@ -420,7 +426,13 @@ class StorageSCP:
 
     def _finish(self, event: Event) -> _AssocLog | None:
         with self._assocs_lock:
-            return self._assocs.pop(id(event.assoc), None)
+            log = self._assocs.pop(id(event.assoc), None)
+        if log is not None and self.audit is not None:
+            for study, sop_classes in log.studies.items():
+                self.audit.instances_transferred(
+                    received=True, peer_ae=log.calling, peer_address=log.peer,
+                    study_instance_uid=study, sop_classes=sop_classes)
+        return log
 
     def _count(self, assoc: Association, what: str) -> None:
         with self._assocs_lock:
@@ -519,6 +531,11 @@ class StorageSCP:
             return STATUS_UNEXPECTED
         seconds = time.perf_counter() - started
         self._instance(assoc, "stored", STATUS_SUCCESS)
+        with self._assocs_lock:
+            log = self._assocs.get(id(assoc))
+            if log is not None:
+                per_class = log.studies.setdefault(ids["study"], {})
+                per_class[ids["sop_class"]] = per_class.get(ids["sop_class"], 0) + 1
         if self.metrics is not None:
             self.metrics.stage("receive", seconds)
         logger.info(

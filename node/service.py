@@ -14,8 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from node.audit import AuditTrail
 from node.config import Config
-from node.jobs import JobStore, StudyJob
+from node.jobs import JobStore, OutboxItem, StudyJob
 from node.metrics import NodeMetrics
 from node.scp import StorageSCP
 from node.spool import Spool
@@ -41,11 +42,12 @@ class Node:
         self.spool = Spool(config.storage.spool_dir, config.storage.min_free_mb * 2**20)
         self.jobs = JobStore(config.storage.database)
         self.metrics = NodeMetrics(self.jobs, self.spool)
-        self.scp = StorageSCP(config, self.spool, self.jobs, metrics=self.metrics)
+        self.audit: AuditTrail | None = AuditTrail(config) if config.audit.enabled else None
+        self.scp = StorageSCP(config, self.spool, self.jobs, metrics=self.metrics,
+                              audit=self.audit)
         self._processor_factory = processor_factory
         self.worker: Worker | None = None
-        self.deliverer = Deliverer(config, self.spool, self.jobs,
-                                   on_outcome=self.metrics.delivery)
+        self.deliverer = Deliverer(config, self.spool, self.jobs, on_outcome=self._delivered)
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self.processing = threading.Event()
@@ -77,7 +79,19 @@ class Node:
             self.console = server
         self._spawn("deliverer", self.deliverer.run)
         self._spawn("worker", self._load_and_process)
+        if self.audit is not None:
+            self.audit.application(started=True)
         return self.address
+
+    def _delivered(self, destination: str, outcome: str, seconds: float,
+                   item: OutboxItem) -> None:
+        self.metrics.delivery(destination, outcome, seconds, item)
+        if self.audit is not None and outcome in ("delivered", "dead"):
+            dest = self.config.destination(destination)
+            self.audit.instances_transferred(
+                received=False, peer_ae=dest.ae_title, peer_address=dest.host,
+                study_instance_uid=item.study_instance_uid, sop_classes={item.sop_class_uid: 1},
+                outcome="0" if outcome == "delivered" else "8")
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -140,4 +154,7 @@ class Node:
                 continue  # still loading the models: a daemon thread, left to exit
             thread.join(timeout=grace_seconds + 60)
         self.jobs.close()
+        if self.audit is not None:
+            self.audit.application(started=False)
+            self.audit.close()
         logger.info("node stopped")

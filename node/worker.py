@@ -158,13 +158,14 @@ class Deliverer:
     """Sends outbox items to their destinations with exponential back-off."""
 
     def __init__(self, config: Config, spool: Spool, jobs: JobStore,
-                 on_outcome: Callable[[str, str, float], None] | None = None) -> None:
+                 on_outcome: Callable[[str, str, float, OutboxItem], None] | None = None
+                 ) -> None:
         self.config = config
         self.spool = spool
         self.jobs = jobs
         self.on_outcome = on_outcome
         """Called per item with (destination, ``delivered``/``retry``/``dead``, seconds
-        the association took), e.g. by the node's metrics."""
+        the association took, the item), by the node's metrics and audit trail."""
         self._stop = threading.Event()
         self._wake = threading.Event()
 
@@ -239,7 +240,7 @@ class Deliverer:
                 if all_done and item.kind != "sr":
                     self.spool.remove(Path(item.path))
                 if self.on_outcome is not None:
-                    self.on_outcome(dest.name, "delivered", seconds)
+                    self.on_outcome(dest.name, "delivered", seconds, item)
                 continue
             err = outcome.error
             assert err is not None
@@ -248,7 +249,7 @@ class Deliverer:
             retry_at = time.time() + self.backoff(attempts - 1)
             self.jobs.mark_failed(item.id, str(err), dead=dead, retry_at=retry_at)
             if self.on_outcome is not None:
-                self.on_outcome(dest.name, "dead" if dead else "retry", seconds)
+                self.on_outcome(dest.name, "dead" if dead else "retry", seconds, item)
             if dead:
                 logger.error("delivery of %s %s to %s failed (attempt %d), dead letter: %s",
                              item.kind, item.sop_instance_uid, dest.name, attempts, err,

@@ -114,6 +114,7 @@ class NodeReceiver(Receiver):
         port = orthanc_ctl.free_port()
         cfg = workdir / "node.toml"
         cfg.write_text(textwrap.dedent(f"""
+            keep_results_local = true
             [node]
             ae_title = "FRACTURE_NODE"
             port = {port}

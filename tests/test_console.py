@@ -211,3 +211,15 @@ def test_console_in_chromium_shows_studies_dead_letter_and_charts(tmp_path: Path
     finally:
         node.stop(grace_seconds=1)
         server.shutdown()
+
+
+def test_body_parts_come_from_the_finding_sites_of_the_node_s_sr(tmp_path: Path) -> None:
+    from node.console.data import BodyParts
+    from test_dicom_out import Study
+
+    _, sr, _ = Study(name="Secret^Patient").build()
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    parts = BodyParts().of(str(path))
+    assert {p.split()[0] for p in parts} == {"wrist", "hand", "elbow"}, parts
+    assert BodyParts().of(str(tmp_path / "missing.dcm")) == ()

@@ -13,10 +13,11 @@ import errno
 import io
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -287,6 +288,8 @@ class StorageSCP:
                     f"node.bind_address {bind[0]} is not an address of this machine: use "
                     "127.0.0.1, 0.0.0.0 or one of its own addresses") from None
             raise StartError(f"cannot listen on {bind[0]}:{bind[1]}: {exc.strerror}") from None
+        if ssl_context is not None:
+            server.get_request = self._tls_accept(server)  # type: ignore[method-assign]
         self._server = server
         address, port = server.server_address[:2]
         logger.info(
@@ -295,6 +298,29 @@ class StorageSCP:
             extra={"calling_aet": None},
         )
         return str(address), int(port)
+
+    def _tls_accept(self, server: ThreadedAssociationServer) -> Callable[[], tuple[socket.socket, tuple[str, int]]]:
+        """The server's accept step with the TLS handshake's failure logged and audited
+        (socketserver otherwise drops it without a word)."""
+
+        def get_request() -> tuple[socket.socket, tuple[str, int]]:
+            assert server.socket is not None and server.ssl_context is not None
+            client, address = server.socket.accept()
+            try:
+                return server.ssl_context.wrap_socket(client, server_side=True), address
+            except (ssl.SSLError, OSError) as exc:
+                client.close()
+                reason = f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
+                logger.warning("connection from %s:%s refused: %s", address[0], address[1],
+                               reason)
+                if self.audit is not None:
+                    self.audit.tls_failure(f"{address[0]}:{address[1]}", reason)
+                if self.metrics is not None:
+                    self.metrics.associations.labels(result="rejected",
+                                                     reason="tls-handshake").inc()
+                raise
+
+        return get_request
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting associations, let open ones finish the instance in hand

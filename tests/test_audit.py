@@ -8,12 +8,15 @@ were written (spool and retry)."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import subprocess
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
@@ -22,6 +25,7 @@ from conftest import DICOM_DATA, free_port, wait_for, write_config
 from nodeharness import CopyProcessor
 from node.config import load_config
 from node.service import Node
+from test_tls import pki  # noqa: F401  (the test CA, node and client certificates)
 
 STUDY = "1.2.826.0.1.3680043.10.5151"
 
@@ -142,3 +146,28 @@ def test_audit_messages_reach_the_syslog_receiver_after_it_comes_up(tmp_path: Pa
         [e[0] for e in events]
     everything = "\n".join(frames) + (tmp_path / "audit" / "audit.jsonl").read_text()
     assert "Secret" not in everything and "PID-123987" not in everything
+
+
+def test_a_failed_tls_handshake_is_logged_and_audited(
+        tmp_path: Path, pki: Path, caplog: pytest.LogCaptureFixture) -> None:
+    extra = (f'[tls]\nenabled = true\ncertificate = "{pki / "node.crt"}"\n'
+             f'private_key = "{pki / "node.key"}"\nca_certificates = "{pki / "ca.crt"}"\n'
+             f'[audit]\nenabled = true\nfile = "{tmp_path / "audit.jsonl"}"\n')
+    config = load_config(write_config(tmp_path, free_port(), extra=extra))
+    node = Node(config, CopyProcessor)
+    caplog.set_level(logging.WARNING, logger="node.scp")
+    node.start()
+    try:
+        out = subprocess.run(["/usr/bin/echoscu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE",
+                              "127.0.0.1", str(node.address[1])], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode != 0  # plain DICOM to a TLS-only node
+        wait_for(lambda: any("TLS handshake failed" in r.getMessage() for r in caplog.records))
+    finally:
+        node.stop(grace_seconds=1)
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    alerts = [m for m in lines if m["EventIdentification"]["EventID"]["originalText"]
+              == "Security Alert"]
+    assert len(alerts) == 1
+    assert alerts[0]["EventIdentification"]["EventOutcomeIndicator"] == "8"
+    assert "TLS handshake failed" in alerts[0]["EventIdentification"]["EventOutcomeDescription"]

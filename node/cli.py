@@ -10,10 +10,13 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -23,6 +26,7 @@ from node.errors import ConfigError, NodeError, SendError
 
 if TYPE_CHECKING:
     from node.scu import Peer
+    from node.service import Node
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,42 @@ def configure_logging(level: str = "INFO") -> None:
         logging.DEBUG if numeric <= logging.DEBUG else logging.CRITICAL)
     if numeric > logging.DEBUG:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the entry point only
+
+
+#: Lines that TensorFlow's C++ runtime writes straight to file descriptor 2 at start-up,
+#: before (and regardless of) TF_CPP_MIN_LOG_LEVEL: absl's pre-initialisation notice
+#: and the oneDNN / CPU-feature information lines.
+NATIVE_CHATTER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IW]\d{4} [\d:. ]+\d+ (port|cpu_feature_guard|cuda_\w+)\.cc:\d+\])")
+
+
+@contextmanager
+def native_stderr_filtered(pattern: re.Pattern[str] = NATIVE_CHATTER) -> Iterator[None]:
+    """Pass file descriptor 2 through a filter that drops TensorFlow's native start-up
+    lines (:data:`NATIVE_CHATTER`) and forwards everything else unchanged; restored,
+    and drained, on exit.  Only ``serve`` uses it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not pattern.match(line.decode("utf-8", "replace")):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the thread drains and ends
+        thread.join(timeout=5)
+        os.close(saved)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -145,7 +185,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not config.destinations:
         logger.warning("no [[destinations]]: keep_results_local = true, results stay in %s",
                        config.storage.spool_dir / "outbox")
-    node = Node(config, processor_factory(config))
+    with native_stderr_filtered():
+        return _serve(args, Node(config, processor_factory(config)))
+
+
+def _serve(args: argparse.Namespace, node: Node) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

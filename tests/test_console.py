@@ -223,3 +223,65 @@ def test_body_parts_come_from_the_finding_sites_of_the_node_s_sr(tmp_path: Path)
     parts = BodyParts().of(str(path))
     assert {p.split()[0] for p in parts} == {"wrist", "hand", "elbow"}, parts
     assert BodyParts().of(str(tmp_path / "missing.dcm")) == ()
+
+
+def test_serve_with_the_real_models_demo_study_in_the_console(tmp_path: Path) -> None:
+    """The real ``serve`` (real models) with the console on: the demo study sent with
+    ``fracture-node send`` while the models may still load, then the page in Chromium
+    lists it with the decision ``status`` records and its body parts; serve's log
+    has no third-party chatter."""
+    import json
+    import signal
+    import subprocess
+
+    from playwright.sync_api import sync_playwright
+
+    exe = str(ROOT / ".venv" / "bin" / "fracture-node")
+    console_port = free_port()
+    cfg = write_config(tmp_path, free_port(), extra=_console_extra(console_port))
+    ready = tmp_path / "ready"
+    log = tmp_path / "serve.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([exe, "--config", str(cfg), "serve", "--ready-file", str(ready)],
+                                stderr=err, cwd=tmp_path)
+    try:
+        wait_for(ready.exists, timeout=60)
+        port = ready.read_text().strip().rsplit(":", 1)[1]
+        sent = subprocess.run([exe, "--config", str(cfg), "send", "--aet", "FRACTURE_NODE",
+                               "--host", "127.0.0.1", "--port", port, "--calling-aet", "STORESCU",
+                               str(ROOT / "demo" / "study")], capture_output=True, text=True,
+                              timeout=120)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+
+        def status() -> dict:
+            out = subprocess.run([exe, "--config", str(cfg), "status", "--json"],
+                                 capture_output=True, text=True, timeout=60)
+            return json.loads(out.stdout) if out.returncode == 0 else {}
+
+        done = wait_for(lambda: (s := status()) and s["studies"] and all(
+            r["state"] == "processed" for r in s["studies"]) and s, timeout=300)
+        study = done["studies"][0]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                        args=["--no-sandbox", "--disable-gpu"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"http://127.0.0.1:{console_port}/")
+                row = page.locator("#studies tr", has_text=study["study_instance_uid"])
+                cells = row.locator("td").all_inner_texts()
+                assert cells[1] == "processed" and cells[2] == study["decision"], cells
+                assert cells[3] not in ("", "-"), cells  # body parts from the SR
+                assert page.locator("svg.chart").count() == 5
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "console-demo.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0
+    text = log.read_text()
+    assert "processing started" in text
+    for noise in ("oneDNN", "cpu_feature_guard", "generation", " highdicom", " pynetdicom",
+                  " tensorflow", " absl", "Traceback"):
+        assert noise not in text, f"{noise!r} in serve's log:\n{text[-3000:]}"

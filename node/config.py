@@ -473,7 +473,8 @@ def _build(cls: type, key: str, raw: object) -> Any:
     """One section from its TOML table; every failure is one :class:`ConfigError`
     line naming the key and what to write instead."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{key} must be a table ([{key.split('[')[0]}] with key = value lines)")
+        section = key.split("[")[0]
+        raise ConfigError(f"{key} must be a table ([{section}] with key = value lines)")
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(raw) - set(known))
     if unknown:
@@ -525,9 +526,9 @@ def config_from_dict(
 
     unknown = sorted(set(data) - set(_SECTIONS) - {"peers", "destinations", *_TOP_LEVEL_FLAGS})
     if unknown:
+        known = ", ".join([*_SECTIONS, "peers", "destinations", *_TOP_LEVEL_FLAGS])
         raise ConfigError(f"unknown section(s) or key(s): {', '.join(unknown)} (known: "
-                          f"{', '.join([*_SECTIONS, 'peers', 'destinations', *_TOP_LEVEL_FLAGS])};"
-                          " check the spelling)")
+                          f"{known}; check the spelling)")
 
     kwargs: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -563,7 +564,8 @@ def config_from_dict(
         certificate=_resolve(base_dir, console.certificate) if console.certificate else None,
         private_key=_resolve(base_dir, console.private_key) if console.private_key else None,
     )
-    resolved_audit = dataclasses.replace(config.audit, file=_resolve(base_dir, config.audit.file))
+    resolved_audit = dataclasses.replace(config.audit,
+                                         file=_resolve(base_dir, config.audit.file))
     tls = config.tls
     resolved_tls = TlsConfig(
         enabled=tls.enabled,

@@ -299,7 +299,9 @@ class StorageSCP:
         )
         return str(address), int(port)
 
-    def _tls_accept(self, server: ThreadedAssociationServer) -> Callable[[], tuple[socket.socket, tuple[str, int]]]:
+    def _tls_accept(
+        self, server: ThreadedAssociationServer
+    ) -> Callable[[], tuple[socket.socket, tuple[str, int]]]:
         """The server's accept step with the TLS handshake's failure logged and audited
         (socketserver otherwise drops it without a word)."""
 

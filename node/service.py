@@ -122,10 +122,11 @@ class Node:
         jobs = self.jobs
 
         def process(job: StudyJob) -> ProcessedStudy:
-            rows = jobs.query("SELECT last_received_at FROM studies WHERE study_instance_uid = ?",
-                              [job.study_instance_uid])
+            rows = jobs.query("SELECT last_received_at FROM studies "
+                              "WHERE study_instance_uid = ?", [job.study_instance_uid])
             if rows:
-                metrics.stage("quiet_wait", max(0.0, time.time() - float(rows[0]["last_received_at"])))
+                waited = time.time() - float(rows[0]["last_received_at"])
+                metrics.stage("quiet_wait", max(0.0, waited))
             started = time.perf_counter()
             try:
                 result = processor(job)

@@ -441,3 +441,17 @@ def test_aborted_and_context_less_associations_are_logged_with_reason(
         assert "MR Image Storage" in no_context[0]
     finally:
         node.stop(grace_seconds=1)
+
+
+def test_models_that_fail_to_load_are_a_fatal_one_line_reason(tmp_path: Path) -> None:
+    def broken() -> CopyProcessor:
+        raise RuntimeError("weights file truncated")
+
+    node = Node(load_config(write_config(tmp_path, free_port())), broken)
+    node.start()
+    try:
+        reason = wait_for(lambda: node.fatal)
+        assert "the models could not be loaded (RuntimeError: weights file truncated)" in reason
+        assert "\n" not in reason and not node.processing.is_set()
+    finally:
+        node.stop(grace_seconds=1)

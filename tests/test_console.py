@@ -261,6 +261,13 @@ def test_serve_with_the_real_models_demo_study_in_the_console(tmp_path: Path) ->
         done = wait_for(lambda: (s := status()) and s["studies"] and all(
             r["state"] == "processed" for r in s["studies"]) and s, timeout=300)
         study = done["studies"][0]
+        status_code, text = _get(f"http://127.0.0.1:{console_port}/metrics")
+        got = _samples(text)
+        assert status_code == 200
+        for stage in ("receive", "quiet_wait", "processing", "decode", "inference", "build"):
+            count = got.get(("fracture_node_stage_seconds_count", (("stage", stage),)), 0)
+            assert count == (6 if stage == "receive" else 1), (stage, count)
+        assert got[("fracture_node_studies_total", (("decision", study["decision"]),))] == 1
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium",
                                         args=["--no-sandbox", "--disable-gpu"])

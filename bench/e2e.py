@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             for n, paths in enumerate(studies.values()):
                 if n and args.interval:
                     time.sleep(args.interval)
-                subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "-xe",
+                subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "-xe",
                                 "127.0.0.1", str(orthanc.dicom_port), *map(str, paths)],
                                check=True, capture_output=True,
                                env=dict(os.environ, TCP_NODELAY="1"))

@@ -72,7 +72,7 @@ def send(port: int, aec: str, files: list[Path], associations: int) -> float:
     """Send ``files`` with ``associations`` concurrent storescu processes; seconds."""
     chunks = [files[i::associations] for i in range(associations)]
     started = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", aec, "-xe",
+    procs = [subprocess.Popen(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", aec, "-xe",
                                "127.0.0.1", str(port), *map(str, chunk)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for chunk in chunks]
@@ -114,6 +114,7 @@ class NodeReceiver(Receiver):
         port = orthanc_ctl.free_port()
         cfg = workdir / "node.toml"
         cfg.write_text(textwrap.dedent(f"""
+            keep_results_local = true
             [node]
             ae_title = "FRACTURE_NODE"
             port = {port}
@@ -146,7 +147,7 @@ class StorescpReceiver(Receiver):
         port = orthanc_ctl.free_port()
         out = workdir / "storescp"
         out.mkdir()
-        self.proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out),
+        self.proc = subprocess.Popen(["/usr/bin/storescp", "-aet", "STORESCP", "-od", str(out),
                                       str(port)], env=dict(os.environ, TCP_NODELAY="1"),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(port)

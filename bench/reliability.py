@@ -128,7 +128,7 @@ def run_load(associations: int, per: int) -> dict[str, object]:
             time.sleep(0.1)
         try:
             started = time.monotonic()
-            procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE",
+            procs = [subprocess.Popen(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE",
                                        "-xe", "127.0.0.1", str(node_port), *map(str, files)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                      for files in sets]

@@ -9,55 +9,187 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from node.config import Config, load_config
-from node.errors import ConfigError, SendError
+from node.errors import ConfigError, NodeError, SendError
 
 if TYPE_CHECKING:
     from node.scu import Peer
+    from node.service import Node
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = (
+    "A DICOM node that returns AI fracture results (heat-map images, a structured "
+    "report, a PDF) for musculoskeletal radiographs. Administrators: serve, "
+    "check-config, echo, send, status, retry. ML engineers: train, evaluate. "
+    "Try it: demo."
+)
+
+
+#: Third-party loggers kept at WARNING (their INFO is per-PDU or per-object chatter).
+QUIET_LOGGERS = ("h5py", "absl", "tensorflow", "keras", "matplotlib", "PIL", "highdicom",
+                 "uvicorn", "uvicorn.error", "uvicorn.access", "asyncio", "urllib3")
+
 
 def configure_logging(level: str = "INFO") -> None:
-    """Log to stderr; only entry points call this."""
+    """Log to stderr; only entry points call this.
+
+    Third-party INFO is off; pynetdicom's own ERROR lines (two per failed connection,
+    repeating what the node logs once with its reason and the next attempt) are shown
+    only at ``--log-level DEBUG``; TensorFlow's C++ start-up chatter is silenced
+    through ``TF_CPP_MIN_LOG_LEVEL`` before TensorFlow is imported.
+    """
+    numeric = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=numeric,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("pynetdicom", "h5py", "absl", "tensorflow", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in QUIET_LOGGERS:
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if numeric <= logging.DEBUG else logging.CRITICAL)
+    if numeric > logging.DEBUG:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the entry point only
+
+
+#: Lines that TensorFlow's C++ runtime writes straight to file descriptor 2 at start-up,
+#: before (and regardless of) TF_CPP_MIN_LOG_LEVEL: absl's pre-initialisation notice
+#: and the oneDNN / CPU-feature information lines.
+NATIVE_CHATTER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IW]\d{4} [\d:. ]+\d+ (port|cpu_feature_guard|cuda_\w+)\.cc:\d+\])")
+
+
+@contextmanager
+def native_stderr_filtered(pattern: re.Pattern[str] = NATIVE_CHATTER) -> Iterator[None]:
+    """Pass file descriptor 2 through a filter that drops TensorFlow's native start-up
+    lines (:data:`NATIVE_CHATTER`) and forwards everything else unchanged; restored,
+    and drained, on exit.  Only ``serve`` uses it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not pattern.match(line.decode("utf-8", "replace")):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the thread drains and ends
+        thread.join(timeout=5)
+        os.close(saved)
 
 
 def _load(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def preflight(config: Config) -> None:
+    """Every check that needs no network and no model in memory: the result-object
+    rules, the active models against the registry (names, roles, weights present with
+    the recorded SHA-256), and the console's token and certificate files.  Both
+    ``check-config`` and ``serve`` run it, so ``serve`` refuses what ``check-config``
+    refuses.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key and the fix.
+    """
+    from models.registry import RegistryError, load_registry, verify_weights
     from node.processing import output_settings
 
+    output_settings(config)
+    models = config.models
+    try:
+        registry = load_registry(models.registry)
+    except RegistryError as exc:
+        raise ConfigError(f"models.registry: {exc}; point it at the registry.toml that "
+                          "lists the models") from None
+    for role in ("router", "classifier"):
+        name = getattr(models, role)
+        candidates = sorted(n for n, e in registry.models.items() if e.role == role)
+        if not name:
+            raise ConfigError(f"models.{role} is empty: name the active {role} (registered "
+                              f"{role}s: {', '.join(candidates) or 'none'})")
+        entry = registry.models.get(name)
+        if entry is None or entry.role != role:
+            what = "is not in" if entry is None else f"is a {entry.role}, not a {role}, in"
+            raise ConfigError(f"models.{role} = {name!r} {what} {models.registry}; use one of: "
+                              f"{', '.join(candidates) or 'none registered'}")
+        try:
+            verify_weights(entry)
+        except RegistryError as exc:
+            raise ConfigError(f"models.{role} = {name!r}: {exc}; restore the weights file "
+                              "the registry names") from None
+    console = config.console
+    if console.enabled:
+        for key in ("token_file", "certificate", "private_key"):
+            path = getattr(console, key)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"console.{key}: {path} is not a readable file; create it "
+                                  "or remove the key")
+        if console.token_file is not None and not read_token(console.token_file):
+            raise ConfigError(f"console.token_file: {console.token_file} is empty; put a long "
+                              "random token on its first line")
+
+
+def read_token(path: Path) -> str:
+    """The console's bearer token: the first line of ``path``, stripped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(f"console.token_file: {path} cannot be read; check its "
+                          "permissions") from None
+    return lines[0].strip() if lines else ""
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
-    output_settings(config)  # the result-object rules (series, descriptions) too
+    preflight(config)
     print(json.dumps(config.as_dict(), indent=2))
+    if not config.destinations:
+        print("note: keep_results_local = true: results stay in "
+              f"{config.storage.spool_dir / 'outbox'} and are sent nowhere", file=sys.stderr)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.processing import output_settings, processor_factory
+    from node.processing import processor_factory
     from node.service import Node
 
     config = _load(args)
-    output_settings(config)  # fail before loading the models, not after
+    preflight(config)  # what check-config refuses, serve refuses, before binding anything
     logger.info("configuration: %s", json.dumps(config.as_dict()))
-    node = Node(config, processor_factory(config))
+    if not config.destinations:
+        logger.warning("no [[destinations]]: keep_results_local = true, results stay in %s",
+                       config.storage.spool_dir / "outbox")
+    with native_stderr_filtered():
+        return _serve(args, Node(config, processor_factory(config)))
+
+
+def _serve(args: argparse.Namespace, node: Node) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -67,12 +199,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    address, port = node.start()
+    address, port = node.start()  # binds first (exit 2 if the port is taken), then loads
     if args.ready_file:
         Path(args.ready_file).write_text(f"{address}:{port}\n")
     while not stop.wait(0.5):
-        pass
+        if node.fatal is not None:
+            break
     node.stop()
+    if node.fatal is not None:
+        print(f"error: {node.fatal}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -140,28 +276,22 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from node.jobs import open_job_store
+    from node.status import open_existing, status_rows
 
     config = _load(args)
-    jobs = open_job_store(config)
+    jobs = open_existing(config)  # read-only: never creates a SQLite database
+    if jobs is None:
+        print(f"no job database at {config.storage.database}: this node has not run with "
+              f"{args.config} yet (the demo keeps its own, in its --out folder)",
+              file=sys.stderr)
+        return 1
     try:
         nodes, leases = jobs.nodes(), jobs.leases()
-        counts = jobs.counts()
-        studies = jobs.query(
-            "SELECT study_instance_uid, state, decision, attempts, reason, updated_at, "
-            "(SELECT COUNT(*) FROM instances i WHERE i.study_instance_uid = s.study_instance_uid"
-            " AND i.path IS NOT NULL) AS instances FROM studies s "
-            "ORDER BY updated_at DESC LIMIT ?", [args.limit])
-        problems = jobs.query(
-            "SELECT destination, study_instance_uid, sop_instance_uid, kind, state, attempts, "
-            "last_error FROM outbox WHERE state = 'dead' OR (state = 'pending' AND attempts > 0) "
-            "ORDER BY id LIMIT ?", [args.limit])
-        refused = jobs.query(
-            "SELECT study_instance_uid, sop_instance_uid, outcome, reason FROM instances "
-            "WHERE outcome IS NOT NULL AND outcome != 'analysed' ORDER BY received_at DESC "
-            "LIMIT ?", [args.limit])
+        rows = status_rows(jobs, args.limit)
     finally:
         jobs.close()
+    counts, studies = rows["counts"], rows["studies"]
+    problems, refused = rows["delivery_problems"], rows["not_analysed"]
     if args.json:
         print(json.dumps({"counts": counts, "studies": studies, "delivery_problems": problems,
                           "not_analysed": refused, "nodes": nodes, "leases": leases}, indent=2))
@@ -201,10 +331,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from node.jobs import open_job_store
+    from node.status import open_existing
 
     config = _load(args)
-    jobs = open_job_store(config)
+    jobs = open_existing(config)
+    if jobs is None:
+        print(f"no job database at {config.storage.database}: nothing to retry",
+              file=sys.stderr)
+        return 1
     try:
         n = jobs.retry_dead(args.study)
     finally:
@@ -232,13 +366,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fracture-node", description=__doc__)
-    parser.add_argument("--config", default="config.toml", help="configuration file")
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="fracture-node", description=DESCRIPTION)
+    parser.add_argument("--config", default="config.toml",
+                        help="configuration file (default: config.toml in this folder)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log detail on stderr (default: INFO; DEBUG adds pynetdicom's "
+                             "own messages)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do (fracture-node COMMAND --help for its options)")
 
     p = sub.add_parser("serve", help="run the DICOM node (SCP, worker, delivery)")
-    p.add_argument("--ready-file", help="write address:port here once listening")
+    p.add_argument("--ready-file", help="write address:port to this file once listening")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="print the resolved configuration or its errors")
@@ -248,17 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("send", cmd_send, "C-STORE files or folders to an AE")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--destination", help="a destination name from config.toml")
-        p.add_argument("--aet", help="called AE title")
-        p.add_argument("--host")
-        p.add_argument("--port", type=int)
+        p.add_argument("--aet", help="called AE title (with --host and --port)")
+        p.add_argument("--host", help="host name or IP address of the AE (with --aet)")
+        p.add_argument("--port", type=int, help="DICOM port of the AE (with --aet)")
         p.add_argument("--calling-aet", help="our AE title (default: node.ae_title)")
         if name == "send":
             p.add_argument("paths", nargs="+", help="DICOM files or folders")
         p.set_defaults(func=func)
 
     p = sub.add_parser("status", help="studies and outbox items by state, with reasons")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=50,
+                   help="show at most this many studies, problems and refusals (default: 50)")
+    p.add_argument("--json", action="store_true", help="print the same rows as JSON")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("retry", help="requeue dead letters and failed studies")
@@ -268,13 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, helptext in (("train", cmd_train, "train a model (see --help)"),
                                  ("evaluate", cmd_evaluate, "evaluate models on a manifest")):
         p = sub.add_parser(name, help=helptext, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.add_argument("rest", nargs=argparse.REMAINDER,
+                       help=f"options of {name} (fracture-node {name} --help lists them)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="start Orthanc and the node, push a real study, show results")
     p.add_argument("inputs", nargs="*", help="DICOM files/folders (default: the shipped demo)")
     p.add_argument("--out", default="demo-out", help="where results are saved")
-    p.add_argument("--keep-running", action="store_true")
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave Orthanc and the node running until Ctrl-C so the printed "
+                        "links work")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -297,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         return result
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except NodeError as exc:  # e.g. the port is taken: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `fracture-node status | head`
         return 0

@@ -8,9 +8,11 @@ reads ``os.environ``.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -59,12 +61,40 @@ def _check_port(key: str, value: object, allow_zero: bool = False) -> int:
     return value
 
 
-def _check_host(key: str, value: object) -> str:
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_host(key: str, value: object) -> str:
+    """Check a host: an IPv4 or IPv6 address, or a DNS name (RFC 1123: dot-separated
+    labels of 1-63 letters, digits and hyphens, at most 253 characters).  A name made
+    only of digits and dots must be a valid IPv4 address (``127.0.0.300`` is not)."""
+    fix = "give a host name such as pacs.example.org or an IP address such as 10.0.0.5"
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key} must be a non-empty host name or IP address")
-    if any(c.isspace() for c in value):
-        raise ConfigError(f"{key} must not contain spaces (got {value!r})")
+        raise ConfigError(f"{key} must be a host name or IP address: {fix}")
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", value):
+        raise ConfigError(f"{key} = {value!r} is not a valid IPv4 address (four numbers "
+                          "0-255 separated by dots, e.g. 10.0.0.5)")
+    if ":" in value:
+        raise ConfigError(f"{key} = {value!r} is not a valid IPv6 address; {fix}")
+    labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
+    if len(value) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ConfigError(f"{key} = {value!r} is not a valid host name (letters, digits, "
+                          f"hyphens and dots only); {fix}")
     return value
+
+
+_check_host = check_host
+
+
+def _check_path(key: str, value: object) -> Path:
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise ConfigError(f"{key} must be a file or folder path in quotes (got {value!r})")
+    return Path(value)
 
 
 def _check_bool(key: str, value: object) -> bool:
@@ -134,7 +164,7 @@ class DestinationConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            raise ConfigError("destinations.name must be a non-empty string")
+            raise ConfigError('destinations.name must be a non-empty string (e.g. name = "pacs")')
         object.__setattr__(
             self, "ae_title", check_ae_title(f"destinations[{self.name}].ae_title", self.ae_title)
         )
@@ -165,7 +195,7 @@ class TlsConfig:
         for key in ("certificate", "private_key", "ca_certificates"):
             value = getattr(self, key)
             if value is not None:
-                object.__setattr__(self, key, Path(value))
+                object.__setattr__(self, key, _check_path(f"tls.{key}", value))
         if self.enabled and (self.certificate is None or self.private_key is None):
             raise ConfigError("tls.certificate and tls.private_key are required when "
                               "tls.enabled = true")
@@ -188,8 +218,8 @@ class StorageConfig:
     its images; then delete them."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "spool_dir", Path(self.spool_dir))
-        object.__setattr__(self, "database", Path(self.database))
+        object.__setattr__(self, "spool_dir", _check_path("storage.spool_dir", self.spool_dir))
+        object.__setattr__(self, "database", _check_path("storage.database", self.database))
         if not isinstance(self.min_free_mb, int) or self.min_free_mb < 0:
             raise ConfigError(f"storage.min_free_mb must be an integer >= 0 (got {self.min_free_mb!r})")
         if not isinstance(self.retain_sources_hours, (int, float)) or self.retain_sources_hours < 0:
@@ -291,7 +321,11 @@ class ModelConfig:
     classifier: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "registry", Path(self.registry))
+        object.__setattr__(self, "registry", _check_path("models.registry", self.registry))
+        for key in ("router", "classifier"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"models.{key} must be a model name in quotes, as in the "
+                                  "registry's [models.<name>] tables")
 
 
 @dataclass(frozen=True)
@@ -319,6 +353,73 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """``[console]``: the read-only status console and the Prometheus ``/metrics``
+    endpoint, one HTTP server in the ``serve`` process.  Off by default; on loopback
+    it needs no token, on any other address a bearer token is required."""
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: int = 8480
+    token_file: Path | None = None
+    """A file holding the bearer token (one line); required beyond loopback."""
+    certificate: Path | None = None
+    """HTTPS: the server certificate (PEM); with ``private_key``."""
+    private_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_bool("console.enabled", self.enabled)
+        try:
+            address = ipaddress.ip_address(self.bind_address)
+        except ValueError:
+            raise ConfigError(f"console.bind_address must be an IP address, e.g. 127.0.0.1 "
+                              f"(got {self.bind_address!r})") from None
+        _check_port("console.port", self.port, allow_zero=True)
+        for key in ("token_file", "certificate", "private_key"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, _check_path(f"console.{key}", value))
+        if self.enabled and not address.is_loopback and self.token_file is None:
+            raise ConfigError(
+                f"console.token_file is required when console.bind_address ({self.bind_address}) "
+                "is not a loopback address: put a long random token in a file readable only "
+                "by the node and name it here, or bind to 127.0.0.1")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ConfigError("console.certificate and console.private_key go together: set "
+                              "both for HTTPS, or neither")
+
+    @property
+    def loopback_only(self) -> bool:
+        return ipaddress.ip_address(self.bind_address).is_loopback
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """``[audit]``: the DICOM audit trail (PS3.15 A.5), as JSON lines in ``file`` and,
+    with ``syslog_host``, as RFC 5424 syslog to an audit repository (spooled and
+    retried while it is unreachable)."""
+
+    enabled: bool = False
+    file: Path = Path("var/audit/audit.jsonl")
+    """JSON lines, one audit message a line; the syslog spool lives beside it."""
+    syslog_host: str | None = None
+    syslog_port: int = 6514
+    syslog_protocol: str = "tls"
+    """``udp`` (RFC 5426), ``tcp`` (RFC 6587 octet counting) or ``tls`` (RFC 5425,
+    checked against ``[tls] ca_certificates``)."""
+
+    def __post_init__(self) -> None:
+        _check_bool("audit.enabled", self.enabled)
+        object.__setattr__(self, "file", _check_path("audit.file", self.file))
+        if self.syslog_host is not None:
+            check_host("audit.syslog_host", self.syslog_host)
+        _check_port("audit.syslog_port", self.syslog_port)
+        if self.syslog_protocol not in ("udp", "tcp", "tls"):
+            raise ConfigError(f"audit.syslog_protocol must be \"udp\", \"tcp\" or \"tls\" "
+                              f"(got {self.syslog_protocol!r})")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration."""
 
@@ -333,8 +434,13 @@ class Config:
     outputs: OutputConfig = field(default_factory=OutputConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     allow_any_peer: bool = False
     """Accept any calling AE.  Off by default: set it explicitly to open the node."""
+    keep_results_local: bool = False
+    """Without ``[[destinations]]``, keep the results in the spool's ``outbox/`` only.
+    Must be said explicitly: a node with no destination otherwise drops its results."""
 
     def __post_init__(self) -> None:
         names = [d.name for d in self.destinations]
@@ -349,6 +455,12 @@ class Config:
             raise ConfigError(
                 "peers must list at least one calling AE (or set allow_any_peer = true)"
             )
+        _check_bool("keep_results_local", self.keep_results_local)
+        if not self.destinations and not self.keep_results_local:
+            raise ConfigError(
+                "destinations: none configured, so every result would stay unsent; add a "
+                "[[destinations]] table (name, ae_title, host, port) for the archive, or set "
+                "keep_results_local = true to keep results in the spool only")
 
     def peer(self, calling_ae_title: str) -> PeerConfig | None:
         """The allow-list entry for a calling AE title, if any."""
@@ -389,20 +501,46 @@ _SECTIONS: Mapping[str, type] = {
     "outputs": OutputConfig,
     "tls": TlsConfig,
     "database": DatabaseConfig,
+    "console": ConsoleConfig,
+    "audit": AuditConfig,
 }
+
+_TOP_LEVEL_FLAGS = ("allow_any_peer", "keep_results_local")
 
 
 def _build(cls: type, key: str, raw: object) -> Any:
+    """One section from its TOML table; every failure is one :class:`ConfigError`
+    line naming the key and what to write instead."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{key} must be a table")
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
+        section = key.split("[")[0]
+        raise ConfigError(f"{key} must be a table ([{section}] with key = value lines)")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)}")
+        raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)} (known keys: "
+                          f"{', '.join(known)}; check the spelling)")
+    label = key
+    if "name" in raw and isinstance(raw["name"], str):
+        label = f"{key} ({raw['name']})"
+    missing = [f.name for f in fields(cls)
+               if f.default is MISSING and f.default_factory is MISSING and f.name not in raw]
+    if missing:
+        raise ConfigError(f"{label}: missing key(s) {', '.join(missing)}; add "
+                          + ", ".join(f"{m} = {_EXAMPLES.get(m, '...')}" for m in missing))
     try:
         return cls(**raw)
-    except TypeError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # a value of the wrong kind that no check caught
+        raise ConfigError(f"{label}: a value has the wrong type ({type(exc).__name__}); "
+                          "write numbers without quotes, text and paths in quotes, and "
+                          "booleans as true/false") from None
+
+
+#: Example values quoted in "missing key" errors.
+_EXAMPLES: Mapping[str, str] = {
+    "name": '"pacs"', "ae_title": '"PACS"', "host": '"10.0.0.5"', "port": "104",
+}
 
 
 def _resolve(base: Path, path: Path) -> Path:
@@ -425,9 +563,11 @@ def config_from_dict(
                     raise ConfigError(f"{var} must be an integer (got {value!r})") from None
             data.setdefault(section, {})[key] = value
 
-    unknown = sorted(set(data) - set(_SECTIONS) - {"peers", "destinations", "allow_any_peer"})
+    unknown = sorted(set(data) - set(_SECTIONS) - {"peers", "destinations", *_TOP_LEVEL_FLAGS})
     if unknown:
-        raise ConfigError(f"unknown section(s) or key(s): {', '.join(unknown)}")
+        known = ", ".join([*_SECTIONS, "peers", "destinations", *_TOP_LEVEL_FLAGS])
+        raise ConfigError(f"unknown section(s) or key(s): {', '.join(unknown)} (known: "
+                          f"{known}; check the spelling)")
 
     kwargs: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -438,10 +578,9 @@ def config_from_dict(
         if not isinstance(entries, list):
             raise ConfigError(f"{name} must be an array of tables ([[{name}]])")
         kwargs[name] = tuple(_build(cls, f"{name}[{i}]", e) for i, e in enumerate(entries))
-    if "allow_any_peer" in data:
-        if not isinstance(data["allow_any_peer"], bool):
-            raise ConfigError("allow_any_peer must be true or false")
-        kwargs["allow_any_peer"] = data["allow_any_peer"]
+    for flag in _TOP_LEVEL_FLAGS:
+        if flag in data:
+            kwargs[flag] = _check_bool(flag, data[flag])
 
     config = Config(**kwargs)
     storage = config.storage
@@ -457,6 +596,15 @@ def config_from_dict(
         router=models.router,
         classifier=models.classifier,
     )
+    console = config.console
+    resolved_console = dataclasses.replace(
+        console,
+        token_file=_resolve(base_dir, console.token_file) if console.token_file else None,
+        certificate=_resolve(base_dir, console.certificate) if console.certificate else None,
+        private_key=_resolve(base_dir, console.private_key) if console.private_key else None,
+    )
+    resolved_audit = dataclasses.replace(config.audit,
+                                         file=_resolve(base_dir, config.audit.file))
     tls = config.tls
     resolved_tls = TlsConfig(
         enabled=tls.enabled,
@@ -477,7 +625,10 @@ def config_from_dict(
         outputs=config.outputs,
         tls=resolved_tls,
         database=config.database,
+        console=resolved_console,
+        audit=resolved_audit,
         allow_any_peer=config.allow_any_peer,
+        keep_results_local=config.keep_results_local,
     )
 
 
@@ -495,9 +646,14 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"configuration file not found: {path}") from None
+        raise ConfigError(f"configuration file not found: {path} (give the node's file with "
+                          "--config PATH)") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML ({exc}); quote text values and check "
+                          "the line named") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({type(exc).__name__}); check that it is "
+                          "a UTF-8 text file readable by this user") from None
     env = os.environ if environ is None else environ
     return config_from_dict(raw, path.resolve().parent, env)
 
@@ -535,7 +691,7 @@ def render_config(config: Config) -> str:
     config
         The configuration; being a :class:`Config`, it has already passed every check.
     """
-    parts = ["allow_any_peer = true\n"] if config.allow_any_peer else []
+    parts = [f"{flag} = true\n" for flag in _TOP_LEVEL_FLAGS if getattr(config, flag)]
     for f in fields(config):
         value = getattr(config, f.name)
         if isinstance(value, tuple):  # [[peers]], [[destinations]]

@@ -40,3 +40,8 @@ class SendError(NodeError):
     def __init__(self, message: str, *, permanent: bool) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class StartError(NodeError):
+    """The node cannot start (its port is taken, its models cannot be loaded); the
+    message names the port or the model and what to do.  ``serve`` exits 2."""

@@ -132,7 +132,10 @@ class StudyProcessor:
             timings["models"] * 1000, timings["outputs"] * 1000,
             extra={"study_uid": job.study_instance_uid},
         )
-        return ProcessedStudy(outputs=outputs, outcomes=recorded, decision=result.decision.value)
+        return ProcessedStudy(outputs=outputs, outcomes=recorded, decision=result.decision.value,
+                              timings={"decode": timings["prepare"],
+                                       "inference": timings["models"],
+                                       "build": timings["outputs"]})
 
 
 def _prepare(record: InstanceRecord) -> tuple[Dataset | None, NormalisedImage | Refusal]:

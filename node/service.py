@@ -1,17 +1,26 @@
 """One running node: the SCP, the worker and the deliverer, sharing a spool and a
-job database.  ``fracture-node serve`` builds one of these."""
+job database, and, when configured, the status console with ``/metrics``.
+``fracture-node serve`` builds one of these.
+
+Start-up order: the SCP binds its port first (a taken port fails in a second, not
+after the models have loaded) and accepts and spools associations at once; the
+models load in the worker's thread, and processing starts when they are in memory.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
+from node.audit import AuditTrail
 from node.config import Config
-from node.jobs import node_name, open_job_store
+from node.jobs import OutboxItem, StudyJob, node_name, open_job_store
+from node.metrics import NodeMetrics
 from node.scp import StorageSCP
 from node.spool import Spool
-from node.worker import Deliverer, Processor, Worker
+from node.worker import Deliverer, Heartbeat, ProcessedStudy, Processor, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +33,8 @@ class Node:
     config
         Resolved configuration.
     processor_factory
-        Called once, in :meth:`start`, to build the processing function (so the
-        models are loaded once per process and stay warm).
+        Called once, in the worker's thread after the SCP is listening, to build the
+        processing function (so the models are loaded once per process and stay warm).
     """
 
     def __init__(self, config: Config, processor_factory: Callable[[], Processor]) -> None:
@@ -34,32 +43,126 @@ class Node:
         self.spool = Spool(config.storage.spool_dir, config.storage.min_free_mb * 2**20,
                            node_name=node_name(config) if shared else None)
         self.jobs = open_job_store(config, as_node=True)
-        self.scp = StorageSCP(config, self.spool, self.jobs)
+        self.metrics = NodeMetrics(self.jobs, self.spool)
+        self.audit: AuditTrail | None = AuditTrail(config) if config.audit.enabled else None
+        self.scp = StorageSCP(config, self.spool, self.jobs, metrics=self.metrics,
+                              audit=self.audit)
         self._processor_factory = processor_factory
+        self.heartbeat = Heartbeat(self.jobs, self.scp.tracker.busy_studies)
         self.worker: Worker | None = None
-        self.deliverer = Deliverer(config, self.spool, self.jobs)
+        self.deliverer = Deliverer(config, self.spool, self.jobs, on_outcome=self._delivered)
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self.processing = threading.Event()
+        """Set once the models are loaded and the worker runs."""
+        self.fatal: str | None = None
+        """Why the node cannot go on (the models failed to load); ``serve`` exits 2."""
         self.address: tuple[str, int] | None = None
+        self.console: object | None = None
 
     def start(self) -> tuple[str, int]:
-        """Load the processor, start delivering and processing, then listen."""
-        processor = self._processor_factory()
-        self.worker = Worker(self.config, self.spool, self.jobs, processor,
-                             busy_studies=self.scp.tracker.busy_studies)
-        for name, target in (("worker", self.worker.run), ("deliverer", self.deliverer.run)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        """Listen, start delivering, then load the processor and start processing in
+        the worker thread.  Returns the bound (address, port).
+
+        Raises
+        ------
+        StartError
+            The port is taken (or not ours to bind); nothing was loaded.
+        """
         self.address = self.scp.start()
+        # beat from the start: while the models load the node already receives, and
+        # other nodes must see it alive and its receiving marks
+        self.heartbeat.start()
+        if self.config.console.enabled:
+            from node.console.app import ConsoleServer
+
+            server = ConsoleServer(self.config, self.jobs, self.metrics)
+            try:
+                server.start()
+            except Exception:
+                self.scp.stop(0)
+                raise
+            self.console = server
+        self._spawn("deliverer", self.deliverer.run)
+        self._spawn("worker", self._load_and_process)
+        if self.audit is not None:
+            self.audit.application(started=True)
         return self.address
+
+    def _delivered(self, destination: str, outcome: str, seconds: float,
+                   item: OutboxItem) -> None:
+        self.metrics.delivery(destination, outcome, seconds, item)
+        if self.audit is not None and outcome in ("delivered", "dead"):
+            dest = self.config.destination(destination)
+            self.audit.instances_transferred(
+                received=False, peer_ae=dest.ae_title, peer_address=dest.host,
+                study_instance_uid=item.study_instance_uid, sop_classes={item.sop_class_uid: 1},
+                outcome="0" if outcome == "delivered" else "8")
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _load_and_process(self) -> None:
+        started = time.perf_counter()
+        try:
+            processor = self._processor_factory()
+        except Exception as exc:
+            self.fatal = (f"the models could not be loaded ({type(exc).__name__}: {exc}); "
+                          "run fracture-node check-config")
+            logger.error("%s; received instances stay in the spool", self.fatal)
+            return
+        if self._stopping.is_set():
+            return
+        self.worker = Worker(self.config, self.spool, self.jobs, self._observed(processor),
+                             busy_studies=self.scp.tracker.busy_studies, heartbeat=False)
+        logger.info("processing started (%.1f s after listening)",
+                    time.perf_counter() - started)
+        self.processing.set()
+        self.worker.run()
+
+    def _observed(self, processor: Processor) -> Processor:
+        """The processor with its study latencies and decisions counted in /metrics."""
+        metrics = self.metrics
+        jobs = self.jobs
+
+        def process(job: StudyJob) -> ProcessedStudy:
+            rows = jobs.query("SELECT last_received_at FROM studies "
+                              "WHERE study_instance_uid = ?", [job.study_instance_uid])
+            if rows:
+                waited = time.time() - float(rows[0]["last_received_at"])
+                metrics.stage("quiet_wait", max(0.0, waited))
+            started = time.perf_counter()
+            try:
+                result = processor(job)
+            except Exception:
+                metrics.studies.labels(decision="error").inc()
+                raise
+            metrics.stage("processing", time.perf_counter() - started)
+            for stage, seconds in getattr(result, "timings", {}).items():
+                metrics.stage(stage, seconds)
+            metrics.studies.labels(decision=result.decision).inc()
+            return result
+
+        return process
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting, finish what is in hand, stop the loops, close the database."""
+        self._stopping.set()
+        if self.console is not None:
+            self.console.stop()  # type: ignore[attr-defined]
         self.scp.stop(grace_seconds)
         if self.worker is not None:
             self.worker.stop()
         self.deliverer.stop()
         for thread in self._threads:
+            if thread.name == "worker" and self.worker is None:
+                continue  # still loading the models: a daemon thread, left to exit
             thread.join(timeout=grace_seconds + 60)
+        self.heartbeat.stop()
         self.jobs.close()
+        if self.audit is not None:
+            self.audit.application(started=False)
+            self.audit.close()
         logger.info("node stopped")

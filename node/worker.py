@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -40,6 +40,8 @@ class ProcessedStudy:
     """SOP Instance UID -> (outcome, reason) for every source instance."""
     decision: str
     """The study-level answer, for ``status``."""
+    timings: Mapping[str, float] = field(default_factory=dict)
+    """Seconds per stage (``decode``, ``inference``, ``build``), for ``/metrics``."""
 
 
 class Processor(Protocol):
@@ -110,6 +112,7 @@ class Worker:
         processor: Processor,
         busy_studies: Callable[[], frozenset[str]] = frozenset,
         max_attempts: int = 3,
+        heartbeat: bool = True,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -117,6 +120,9 @@ class Worker:
         self.processor = processor
         self.busy_studies = busy_studies
         self.max_attempts = max_attempts
+        self.heartbeat = heartbeat
+        """Run the node's :class:`Heartbeat` while processing (``False`` when the
+        service beats from start-up, before the models are loaded)."""
         self._stop = threading.Event()
         self._last_cleanup = 0.0
 
@@ -125,7 +131,8 @@ class Worker:
 
     def run(self, poll_seconds: float = 0.2) -> None:
         heartbeat = Heartbeat(self.jobs, self.busy_studies)
-        heartbeat.start()
+        if self.heartbeat:
+            heartbeat.start()
         try:
             self._recover()
             while not self._stop.is_set():
@@ -161,8 +168,8 @@ class Worker:
             return False
         extra = {"study_uid": job.study_instance_uid}
         started = time.perf_counter()
-        logger.info("processing study %s (%d instance(s), generation %d)",
-                    job.study_instance_uid, len(job.instances), job.generation, extra=extra)
+        logger.info("processing study %s (%d instance(s))",
+                    job.study_instance_uid, len(job.instances), extra=extra)
         try:
             result = self.processor(job)
             files = self._write_outputs(job, result)
@@ -184,9 +191,10 @@ class Worker:
             # Our files in the spool have the same deterministic UIDs as its own.
             logger.warning("%s; this result is discarded", lost, extra=extra)
             return True
-        logger.info("study %s processed: %s, %d result object(s) queued for %s (%.0f ms)",
+        logger.info("study %s processed: %s, %d result object(s) %s (%.0f ms)",
                     job.study_instance_uid, result.decision, len(files),
-                    ", ".join(names) or "no destination",
+                    f"queued for {', '.join(names)}" if names
+                    else "kept in the spool (keep_results_local)",
                     (time.perf_counter() - started) * 1000, extra=extra)
         return True
 
@@ -222,10 +230,15 @@ class Worker:
 class Deliverer:
     """Sends outbox items to their destinations with exponential back-off."""
 
-    def __init__(self, config: Config, spool: Spool, jobs: JobStoreBackend) -> None:
+    def __init__(self, config: Config, spool: Spool, jobs: JobStoreBackend,
+                 on_outcome: Callable[[str, str, float, OutboxItem], None] | None = None
+                 ) -> None:
         self.config = config
         self.spool = spool
         self.jobs = jobs
+        self.on_outcome = on_outcome
+        """Called per item with (destination, ``delivered``/``retry``/``dead``, seconds
+        the association took, the item), by the node's metrics and audit trail."""
         self._stop = threading.Event()
         self._wake = threading.Event()
 
@@ -294,8 +307,11 @@ class Deliverer:
         limits = self.config.limits
         timeouts = Timeouts(limits.connection_timeout, limits.acse_timeout,
                             limits.dimse_timeout, limits.network_timeout)
+        started = time.perf_counter()
         outcomes = store_files(self.config.node.ae_title, peer, [Path(i.path) for i in batch],
                                timeouts, self.config.node.max_pdu or 262144)
+        seconds = time.perf_counter() - started
+        retry_logged = False
         for item, outcome in zip(batch, outcomes):
             extra = {"study_uid": item.study_instance_uid, "sop_uid": item.sop_instance_uid}
             if outcome.ok:
@@ -304,6 +320,8 @@ class Deliverer:
                             extra=extra)
                 if all_done and item.kind != "sr":
                     self.spool.remove(Path(item.path))
+                if self.on_outcome is not None:
+                    self.on_outcome(dest.name, "delivered", seconds, item)
                 continue
             err = outcome.error
             assert err is not None
@@ -311,10 +329,18 @@ class Deliverer:
             dead = err.permanent and attempts >= self.config.delivery.max_attempts
             retry_at = time.time() + self.backoff(attempts - 1)
             self.jobs.mark_failed(item.id, str(err), dead=dead, retry_at=retry_at)
-            level = logging.ERROR if dead else logging.WARNING
-            logger.log(level, "delivery of %s %s to %s failed (attempt %d%s): %s", item.kind,
-                       item.sop_instance_uid, dest.name, attempts,
-                       ", dead letter" if dead else f", retry in {retry_at - time.time():.0f} s",
-                       err, extra=extra)
+            if self.on_outcome is not None:
+                self.on_outcome(dest.name, "dead" if dead else "retry", seconds, item)
+            if dead:
+                logger.error("delivery of %s %s to %s failed (attempt %d), dead letter: %s",
+                             item.kind, item.sop_instance_uid, dest.name, attempts, err,
+                             extra=extra)
+            elif not retry_logged:  # one line per attempt of the batch, not one per object
+                retry_logged = True
+                waiting = sum(1 for o in outcomes if not o.ok)
+                logger.warning(
+                    "delivery to %s failed (attempt %d, %d object(s) waiting): %s; next attempt "
+                    "at %s", dest.name, attempts, waiting, err,
+                    time.strftime("%H:%M:%S", time.localtime(retry_at)), extra=extra)
 
 

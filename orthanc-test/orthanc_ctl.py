@@ -271,7 +271,7 @@ def storescu(port: int, files: list[Path], aec: str, aet: str = "STORESCU",
     result: subprocess.CompletedProcess[str] | None = None
     for flag, group in groups.items():
         result = subprocess.run(
-            ["storescu", "-aet", aet, "-aec", aec, flag, "-R", *extra, "127.0.0.1", str(port),
+            ["/usr/bin/storescu", "-aet", aet, "-aec", aec, flag, "-R", *extra, "127.0.0.1", str(port),
              *map(str, group)],
             capture_output=True, text=True, timeout=600, env=dict(os.environ, TCP_NODELAY="1"),
         )

@@ -2,14 +2,18 @@
 # Install everything fracture-node needs on a fresh Debian 12 machine, idempotently:
 # Debian packages (Orthanc, DCMTK, dicom3tools, PixelMed + a JRE for the second SR
 # validator, poppler for PDF rendering, OpenJPEG, openssl for the TLS tests, iproute2's
-# ss for the load benchmark, PostgreSQL for the shared job queue of several nodes) and a
+# ss for the load benchmark, PostgreSQL for the shared job queue of several nodes,
+# chromium for the browser tests) and a
 # virtual environment in .venv with the project and its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=0
-for tool in Orthanc storescu dciodvfy pdftoppm openssl java; do
-  command -v "$tool" >/dev/null 2>&1 || need_apt=1
+# By absolute path: an activated .venv puts pynetdicom's own storescu/storescp/echoscu
+# on the PATH, which must not pass for DCMTK's.
+for tool in /usr/sbin/Orthanc /usr/bin/storescu /usr/bin/storescp /usr/bin/echoscu \
+            /usr/bin/dciodvfy /usr/bin/pdftoppm /usr/bin/openssl /usr/bin/chromium /usr/bin/java; do
+  [ -x "$tool" ] || need_apt=1
 done
 # PixelMed's DicomSRValidator: the second validator of every SR and KOS (tests)
 [ -f /usr/share/java/pixelmed.jar ] || need_apt=1
@@ -22,7 +26,7 @@ if [ "$need_apt" = 1 ]; then
   [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    orthanc dcmtk dicom3tools poppler-utils libopenjp2-7 openssl iproute2 \
+    orthanc dcmtk dicom3tools poppler-utils libopenjp2-7 openssl iproute2 chromium \
     libpixelmed-java default-jre-headless postgresql >/dev/null
   # Debian starts an Orthanc service on install; the project runs its own Orthanc.
   $SUDO service orthanc stop >/dev/null 2>&1 || true

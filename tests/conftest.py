@@ -74,6 +74,7 @@ def write_config(directory: Path, node_port: int, *, destinations: list[dict[str
         delivery=DeliveryConfig(max_attempts=2, backoff_initial_seconds=0.2, backoff_max_seconds=1.0),
         models=ModelConfig(registry=ROOT / "models" / "registry.toml", router="bodypart-router",
                            classifier="fracture-classifier"),
+        keep_results_local=not destinations,
     )
     path = directory / "config.toml"
     path.write_text(render_config(config) + extra)

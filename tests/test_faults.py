@@ -72,7 +72,7 @@ def _study(tmp: Path, name: str) -> tuple[str, list[Path]]:
 
 
 def _send(port: int, files: list[Path]) -> subprocess.CompletedProcess:
-    return subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xe",
+    return subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xe",
                            "127.0.0.1", str(port), *map(str, files)], capture_output=True,
                           timeout=120)
 

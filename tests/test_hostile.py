@@ -179,7 +179,7 @@ def test_association_aborted_mid_instance_keeps_nothing_partial(node: Node, tmp_
     big.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
     path = tmp_path / "big.dcm"
     big.save_as(path)
-    proc = subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xe",
+    proc = subprocess.Popen(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xe",
                              "--max-send-pdu", "16384", "127.0.0.1", str(node.address[1]),
                              str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -194,7 +194,7 @@ def test_association_aborted_mid_instance_keeps_nothing_partial(node: Node, tmp_
     assert not node.jobs.has_instance(str(big.SOPInstanceUID)), "a partial instance was kept"
     assert not list((node.spool.root / "tmp").iterdir())
     good = _fresh(tmp_path, "after.dcm")
-    out = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xx", "-R",
+    out = subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xx", "-R",
                           "127.0.0.1", str(node.address[1]), str(good)], capture_output=True,
                          env=dict(os.environ, TCP_NODELAY="1"), timeout=60)
     assert out.returncode == 0

@@ -140,14 +140,14 @@ def _reject_reason(port: int, calling: str, called: str = "FRACTURE_NODE") -> tu
 
 
 def test_echo_with_dcmtk(node: Node) -> None:
-    out = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "127.0.0.1",
+    out = subprocess.run(["/usr/bin/echoscu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "127.0.0.1",
                           str(node.address[1])], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
 
 
 def test_unknown_calling_ae_is_rejected(node: Node) -> None:
     assert _reject_reason(node.address[1], "INTRUDER") == (1, 1, 3)
-    out = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "FRACTURE_NODE", "127.0.0.1",
+    out = subprocess.run(["/usr/bin/echoscu", "-aet", "INTRUDER", "-aec", "FRACTURE_NODE", "127.0.0.1",
                           str(node.address[1])], capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "Calling AE Title Not Recognized" in out.stdout + out.stderr

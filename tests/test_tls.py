@@ -59,7 +59,7 @@ def tls_node(tmp_path: Path, pki: Path) -> Iterator[Node]:
 
 
 def _echoscu(port: int, *tls: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["echoscu", *tls, "-aet", "STORESCU", "-aec", "FRACTURE_NODE",
+    return subprocess.run(["/usr/bin/echoscu", *tls, "-aet", "STORESCU", "-aec", "FRACTURE_NODE",
                            "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
 
 
@@ -68,7 +68,7 @@ def test_dcmtk_echo_and_store_over_tls(tls_node: Node, pki: Path) -> None:
     tls = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
     out = _echoscu(port, *tls)
     assert out.returncode == 0, out.stdout + out.stderr
-    out = subprocess.run(["storescu", *tls, "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xx",
+    out = subprocess.run(["/usr/bin/storescu", *tls, "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xx",
                           "-R", "127.0.0.1", str(port), str(FILE)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -104,7 +104,7 @@ def test_delivery_to_orthanc_over_tls(tmp_path: Path, pki: Path) -> None:
         node = Node(load_config(cfg), CopyProcessor)
         node.start()
         try:
-            out = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xx",
+            out = subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xx",
                                   "-R", "127.0.0.1", str(node_port), str(FILE)],
                                  capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stderr

@@ -28,7 +28,7 @@ from node.errors import ConfigError, StartError
 from node.service import Node
 
 EXE = ROOT / ".venv" / "bin" / "fracture-node"
-DEMO_STUDY = ROOT / "demo" / "study"
+DEMO_STUDY = ROOT / "demo" / "studies"
 PEERS = [{"ae_title": "ORTHANC"}]
 PACS = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
 
@@ -224,7 +224,7 @@ def test_admin_guide_storescu_recipes_store_the_whole_demo_study(tmp_path: Path)
     guide = (ROOT / "docs" / "admin.md").read_text()
     assert 'enabled = "false"` is a\nnon-empty string' not in guide
     commands = [line for line in guide.splitlines()
-                if line.startswith("/usr/bin/storescu ") and "demo/study" in line]
+                if line.startswith("/usr/bin/storescu ") and "demo/studies" in line]
     assert len(commands) == 3
     version = subprocess.run(["/usr/bin/storescu", "--version"], capture_output=True, text=True)
     assert "$dcmtk: storescu v3.6.7" in version.stdout
@@ -240,8 +240,8 @@ def test_admin_guide_storescu_recipes_store_the_whole_demo_study(tmp_path: Path)
         held = {r["sop_instance_uid"] for r in node.jobs.query(
             "SELECT sop_instance_uid FROM instances WHERE path IS NOT NULL")}
         expected = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
-                    for f in DEMO_STUDY.glob("*.dcm")}
-        assert held == expected and len(expected) == 6
+                    for f in DEMO_STUDY.rglob("*.dcm")}
+        assert held == expected and len(expected) == 9
     finally:
         node.stop(grace_seconds=1)
 

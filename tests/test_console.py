@@ -249,7 +249,7 @@ def test_serve_with_the_real_models_demo_study_in_the_console(tmp_path: Path) ->
         port = ready.read_text().strip().rsplit(":", 1)[1]
         sent = subprocess.run([exe, "--config", str(cfg), "send", "--aet", "FRACTURE_NODE",
                                "--host", "127.0.0.1", "--port", port, "--calling-aet", "STORESCU",
-                               str(ROOT / "demo" / "study")], capture_output=True, text=True,
+                               str(ROOT / "demo" / "studies" / "forearm")], capture_output=True, text=True,
                               timeout=120)
         assert sent.returncode == 0, sent.stdout + sent.stderr
 
@@ -266,7 +266,7 @@ def test_serve_with_the_real_models_demo_study_in_the_console(tmp_path: Path) ->
         assert status_code == 200
         for stage in ("receive", "quiet_wait", "processing", "decode", "inference", "build"):
             count = got.get(("fracture_node_stage_seconds_count", (("stage", stage),)), 0)
-            assert count == (6 if stage == "receive" else 1), (stage, count)
+            assert count == (5 if stage == "receive" else 1), (stage, count)
         assert got[("fracture_node_studies_total", (("decision", study["decision"]),))] == 1
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium",

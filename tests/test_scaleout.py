@@ -429,7 +429,7 @@ def test_real_models_two_served_nodes_one_sr_for_a_split_study(tmp_path: Path) -
     try:
         study = generate_uid()
         files = []
-        for f in sorted((ROOT / "demo" / "study").glob("*.dcm"))[:4]:  # forearm x2, hand x2
+        for f in sorted((ROOT / "demo" / "studies" / "forearm").glob("*.dcm"))[:4]:  # forearm x2, hand x2
             ds = pydicom.dcmread(f)
             ds.StudyInstanceUID = study
             ds.SOPInstanceUID = generate_uid()

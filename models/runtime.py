@@ -16,6 +16,7 @@ unless told not to; ONNX Runtime takes any batch at fp32 with no such switch.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 from pathlib import Path
@@ -29,6 +30,24 @@ logger = logging.getLogger(__name__)
 
 OUTPUTS = ("logits", "features")
 """Output names of every exported graph, in the order :meth:`ServingGraph.run` returns them."""
+HEAD_KERNEL_KEY = "fracture_node.head_kernel"
+HEAD_BIAS_KEY = "fracture_node.head_bias"
+"""ONNX metadata keys holding the dense head (``logits = mean(features) @ kernel + bias``)
+as ``"c,k;<base64 float32 little-endian>"``: the closed-form Grad-CAM needs the kernel,
+and the graph file (hash-checked) carries it, so nothing else is loaded."""
+
+
+def encode_array(a: np.ndarray) -> str:
+    """``"d0,d1,...;base64"`` of a float32 array (the format of :data:`HEAD_KERNEL_KEY`)."""
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return ",".join(str(d) for d in a.shape) + ";" + base64.b64encode(a.tobytes()).decode("ascii")
+
+
+def decode_array(text: str) -> np.ndarray:
+    """Inverse of :func:`encode_array`."""
+    shape_text, _, data = text.partition(";")
+    shape = tuple(int(d) for d in shape_text.split(",") if d)
+    return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(shape).astype(np.float32)
 
 
 class GraphError(Exception):
@@ -47,6 +66,16 @@ class ServingGraph(Protocol):
     @property
     def feature_grid(self) -> int:
         """Side of the ``features`` map."""
+        ...
+
+    @property
+    def head_kernel(self) -> np.ndarray:
+        """``(c, k)`` kernel of the dense head after global average pooling."""
+        ...
+
+    @property
+    def head_bias(self) -> np.ndarray:
+        """``(k,)`` bias of the dense head."""
         ...
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +128,11 @@ class OnnxGraph:
         shape = inputs[0].shape
         self._size = int(shape[1])
         self._grid = int(self._session.get_outputs()[1].shape[1])
+        meta = self._session.get_modelmeta().custom_metadata_map
+        if HEAD_KERNEL_KEY not in meta or HEAD_BIAS_KEY not in meta:
+            raise GraphError(f"{self.path}: no dense head in the graph's metadata (re-export it)")
+        self._head_kernel = decode_array(meta[HEAD_KERNEL_KEY])
+        self._head_bias = decode_array(meta[HEAD_BIAS_KEY])
 
     @property
     def input_size(self) -> int:
@@ -109,6 +143,16 @@ class OnnxGraph:
     def feature_grid(self) -> int:
         """Side of the ``features`` map."""
         return self._grid
+
+    @property
+    def head_kernel(self) -> np.ndarray:
+        """``(c, k)`` kernel of the dense head (from the graph's metadata)."""
+        return self._head_kernel
+
+    @property
+    def head_bias(self) -> np.ndarray:
+        """``(k,)`` bias of the dense head."""
+        return self._head_bias
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(logits, features)`` for ``x`` ``(n, s, s, 1)`` float32 in [0, 1]."""

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from models.registry import sha256_of
+from models.runtime import HEAD_BIAS_KEY, HEAD_KERNEL_KEY, encode_array
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,51 @@ FEATURE_ATOL = 1e-3
 
 class ExportError(Exception):
     """An export failed or does not reproduce the Keras model."""
+
+
+def keras_head(model: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(kernel (c, k), bias (k,))`` float32 of the model's dense ``head`` layer."""
+    layer = model.get_layer("head")
+    return (np.asarray(layer.kernel, dtype=np.float32), np.asarray(layer.bias, dtype=np.float32))
+
+
+class KerasGraph:
+    """The Keras model behind the :class:`models.runtime.ServingGraph` protocol, in a
+    ``tf.function`` (inference mode): the TensorFlow reference path that tests and
+    benchmarks run through the same :class:`pipeline.classify.Analyser` code as the
+    exported graph.  Never used by the node."""
+
+    def __init__(self, model: Any, size: int) -> None:
+        self.model = model
+        self._size = int(size)
+        self._fn = _tf_function(model, size)
+        self._grid = int(model.outputs[1].shape[1])
+        self._head_kernel, self._head_bias = keras_head(model)
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square input."""
+        return self._size
+
+    @property
+    def feature_grid(self) -> int:
+        """Side of the feature map."""
+        return self._grid
+
+    @property
+    def head_kernel(self) -> np.ndarray:
+        """``(c, k)`` kernel of the dense head."""
+        return self._head_kernel
+
+    @property
+    def head_bias(self) -> np.ndarray:
+        """``(k,)`` bias of the dense head."""
+        return self._head_bias
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, features)`` of the Keras model."""
+        out = self._fn(np.asarray(x, np.float32))
+        return np.asarray(out["logits"]), np.asarray(out["features"])
 
 
 def _tf_function(model: Any, size: int) -> Any:
@@ -90,6 +136,10 @@ def export_onnx(model: Any, size: int, dest: Path) -> Path:
     graph.output.extend(outs)
     graph.input[0].name = _rename_input(graph, "input")
     proto.producer_name = "fracture-node models.training.export"
+    kernel, bias = keras_head(model)
+    for key, value in ((HEAD_KERNEL_KEY, kernel), (HEAD_BIAS_KEY, bias)):
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, encode_array(value)
     onnx.checker.check_model(proto)
     dest.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(dest))
@@ -152,7 +202,11 @@ def check_export(model: Any, size: int, path: Path, seed: int = 0) -> dict[str, 
     img = np.clip(0.2 + 0.6 * np.exp(-((xx - 0.5) ** 2) / 0.02) + 0.05 * rng.standard_normal((size, size)), 0, 1)
     x = np.stack([img, img[:, ::-1]]).astype(np.float32)[..., None]
     ref_logits, ref_features = (np.asarray(t) for t in model(x, training=False))
-    logits, features = OnnxGraph(path).run(x)
+    graph = OnnxGraph(path)
+    logits, features = graph.run(x)
+    kernel, bias = keras_head(model)
+    if not (np.array_equal(graph.head_kernel, kernel) and np.array_equal(graph.head_bias, bias)):
+        raise ExportError(f"{path}: the head in the graph's metadata is not the model's")
     d_logits = float(np.max(np.abs(logits - ref_logits)))
     d_features = float(np.max(np.abs(features - ref_features)))
     if not (np.isfinite(logits).all() and np.isfinite(features).all()):
@@ -200,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         entry = registry.get(name)
         model = load_keras_model(entry)  # hash-checked
         dest, sha = export_entry(model, entry.input_size, entry.weights)
-        raw[name] = _with_graph(raw[name], registry_fields(dest, sha, args.registry.parent))
+        raw[name] = with_graph(raw[name], registry_fields(dest, sha, args.registry.parent))
         logger.info("recorded %s graph %s", name, sha[:12])
     args.registry.write_text(dump_registry(raw))
     return 0
 
 
-def _with_graph(entry: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
+def with_graph(entry: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
     """``entry`` with the export keys set right after ``sha256`` (where a reader looks)."""
     out: dict[str, Any] = {}
     for k, v in entry.items():

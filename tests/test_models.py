@@ -192,8 +192,8 @@ def test_test_time_flip_is_one_head_on_the_mean_map(analyser: Analyser, keras_cl
     from models.training.export import KerasGraph
 
     entry = dataclasses.replace(analyser.classifier_entry, test_time_flip=True)
-    reference = KerasGraph(keras_classifier, entry.input_size)
-    flipping = Analyser(analyser.router_entry, entry, analyser._router_graph, reference)
+    keras_graph = KerasGraph(keras_classifier, entry.input_size)
+    flipping = Analyser(analyser.router_entry, entry, analyser._router_graph, keras_graph)
     rows = _rows(dataset="MURA-v1.1", split="val", body_part="FOREARM", label="positive")[:2]
     size = entry.input_size
     squares = np.stack([fit_square(cv2.imread(str(MSK_DATA / r["path"]), cv2.IMREAD_GRAYSCALE)
@@ -216,7 +216,7 @@ def test_test_time_flip_is_one_head_on_the_mean_map(analyser: Analyser, keras_cl
     np.testing.assert_allclose(heat, np.clip(reference, 0, 1), atol=1e-4)
     np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits / entry.temperature)), atol=1e-9)
     unflipped = dataclasses.replace(analyser.classifier_entry, test_time_flip=False)
-    plain = Analyser(analyser.router_entry, unflipped, analyser._router_graph, reference)
+    plain = Analyser(analyser.router_entry, unflipped, analyser._router_graph, keras_graph)
     np.testing.assert_allclose(plain.predict_classifier(squares)[0], l1[:, 0].numpy(), atol=1e-4)
     assert not np.allclose(l1[:, 0].numpy(), logits, atol=1e-3)  # the mirror did change the answer
 

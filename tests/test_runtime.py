@@ -182,3 +182,31 @@ def test_the_processing_path_runs_without_tensorflow() -> None:
     assert result["tensorflow"] == []
     assert result["outputs"] >= 3  # an SC per image, the SR and the PDF
     assert all(state == "analysed" for state, _ in result["outcomes"].values()), result["outcomes"]
+
+
+def test_register_exports_the_model_it_registers(tmp_path: Path) -> None:
+    """Registering a run writes the serving graph beside the weights and records its
+    hash, so re-registering (new weights) re-exports; the node then loads that graph."""
+    from models.training.register import main as register_main
+
+    shipped = load_registry(REGISTRY).get(ROUTER)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(shipped.weights, run / "model.keras")
+    (run / "config.json").write_text(json.dumps({"size": shipped.input_size, "seed": 1, "learning_rate": 5e-4,
+                                                 "freeze_blocks": 2}))
+    (run / "state.json").write_text(json.dumps({"history": [{"loss": 0.1}]}))
+    registry = tmp_path / "models" / "registry.toml"
+    registry.parent.mkdir()
+    assert register_main(["--task", "router", "--run", str(run), "--name", "router-under-test",
+                          "--version", "9.9.9", "--registry", str(registry), "--test-time-flip"]) == 0
+    entry = load_registry(registry).get("router-under-test")
+    assert entry.graph == registry.parent / "weights" / "router-under-test-9.9.9.onnx"
+    assert entry.sha256 == shipped.sha256 and sha256_of(entry.graph) == entry.graph_sha256
+
+    from models.runtime import load_graph
+
+    graph = load_graph(entry)
+    x = np.stack([fit_square(_pixels(r), entry.input_size)[0] for r in _subset()[:2]])[..., None]
+    shipped_logits, _ = load_graph(shipped).run(x)
+    np.testing.assert_allclose(graph.run(x)[0], shipped_logits, atol=1e-5)

@@ -1,16 +1,21 @@
-"""Inference benchmark: the whole decision for one image at batch 1.
+"""Inference benchmark: the whole decision for one image at batch 1, exported graph vs TensorFlow.
 
-Times, after warm-up, on real radiographs from ../shared/data/msk:
+Times, after warm-up, on real radiographs from ../shared/data/msk, interleaved image
+by image so both paths see the same load:
 
-* ``node``: :meth:`pipeline.classify.Analyser.analyse` on one normalised image —
-  router + classifier + closed-form Grad-CAM + decision, exactly as the node runs it;
-* ``keras predict``: plain ``model.predict`` of the same two backbones (router and
-  classifier inputs), the reference a Keras user would write;
-* start-up: process start to the first prediction (import TensorFlow, hash check,
-  load both models, first call), measured in a fresh subprocess.
+* ``node``: :meth:`pipeline.classify.Analyser.analyse` on one normalised image on the
+  exported ONNX graphs (:mod:`models.runtime`) — router + classifier, each with its
+  test-time flip, + closed-form Grad-CAM + decision, exactly as the node runs it;
+* ``tensorflow``: the same Analyser code on the Keras models in a ``tf.function``
+  (:class:`models.training.export.KerasGraph`): the node's path before issue 15;
+* the floor: the multiply-adds of every Conv / MatMul in the two exported graphs at
+  the batch the node runs (image + mirror), divided by the fp32 GEMM GFLOP/s numpy
+  measures in this run on the same threads;
+* start-up: process start to the first prediction and the resident memory (at rest
+  after it, and the peak), each in a fresh subprocess, for both paths.
 
-Prints ms/image (median, p90) and the ratios.  Target: < 100 ms per image.
-Usage::
+Prints ms/image (median, p90), the ratio, the floor and the targets of issue 15
+(<= 40 ms per image, <= 1.5 s to the first prediction).  Usage::
 
     .venv/bin/python bench/inference.py [--images 40]
 """
@@ -19,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 MSK = ROOT.parent / "shared" / "data" / "msk"
@@ -31,18 +39,84 @@ REGISTRY = ROOT / "models" / "registry.toml"
 sys.path.insert(0, str(ROOT))
 
 _FIRST = """
-import time, sys
+import time, sys, json
 t0 = time.perf_counter()
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, {root!r})
 from pipeline.classify import Analyser
 from pipeline.result import ImageMetadata, NormalisedImage
-a = Analyser.load(Path({registry!r}), "bodypart-router", "fracture-classifier")
+registry, tf_path = Path({registry!r}), {tf_path!r}
+if tf_path:
+    from models.registry import load_keras_model, load_registry
+    from models.training.export import KerasGraph
+    reg = load_registry(registry)
+    r, c = reg.get("bodypart-router"), reg.get("fracture-classifier")
+    a = Analyser(r, c, KerasGraph(load_keras_model(r), r.input_size), KerasGraph(load_keras_model(c), c.input_size))
+else:
+    a = Analyser.load(registry, "bodypart-router", "fracture-classifier")
 img = NormalisedImage(ImageMetadata("1", "1", "1", "1"), np.full((320, 256), 0.5, np.float32), (320, 256))
 a.analyse([img])
-print(time.perf_counter() - t0)
+first = time.perf_counter() - t0
+status = {{l.split(":")[0]: l.split()[1] for l in open("/proc/self/status") if l.startswith("Vm")}}
+rss, peak = int(status["VmRSS"]) / 1024, int(status["VmHWM"]) / 1024  # VmHWM starts anew at exec
+print(json.dumps({{"first_s": first, "rss_mb": rss, "peak_mb": peak,
+                  "tensorflow_imported": "tensorflow" in sys.modules}}))
 """
+
+
+def graph_gflop(path: Path, batch: int) -> float:
+    """Multiply-adds x 2 of the Conv, MatMul and Gemm nodes of an ONNX graph at ``batch``.
+
+    Shapes come from ONNX shape inference with the batch fixed; a Conv costs
+    ``2 * N * C_out * H_out * W_out * (C_in / group) * k_h * k_w``."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(path))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = batch
+    model = shape_inference.infer_shapes(model)
+    shapes: dict[str, list[int]] = {}
+    for v in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        shapes[v.name] = [d.dim_value for d in v.type.tensor_type.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    flop = 0.0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            w = shapes[node.input[1]]  # (C_out, C_in/group, kh, kw)
+            out = shapes[node.output[0]]  # (N, C_out, H, W)
+            if not out or 0 in out:
+                raise ValueError(f"no inferred shape for {node.name}")
+            flop += 2.0 * np.prod(out) * w[1] * w[2] * w[3]
+        elif node.op_type in ("MatMul", "Gemm"):
+            a, b = shapes[node.input[0]], shapes[node.input[1]]
+            flop += 2.0 * np.prod(a) * b[-1]
+    return flop / 1e9
+
+
+def gemm_gflops(n: int = 1024, repeat: int = 10) -> float:
+    """fp32 GEMM GFLOP/s of numpy's BLAS on this machine now (best of ``repeat``)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeat))
+    return 2.0 * n**3 / best / 1e9
+
+
+def _timed(fn: object) -> float:
+    t = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return time.perf_counter() - t
+
+
+def _first(tf_path: bool) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", _FIRST.format(root=str(ROOT), registry=str(REGISTRY),
+                                                               tf_path=tf_path)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import cv2
-    import numpy as np
 
+    from models.registry import load_keras_model
+    from models.training.export import KerasGraph
     from pipeline.classify import Analyser
-    from pipeline.resize import fit_square
     from pipeline.result import ImageMetadata, NormalisedImage
 
     rows = [r for r in csv.DictReader((MSK / "manifest.csv").open())
@@ -65,54 +139,57 @@ def main(argv: list[str] | None = None) -> int:
         meta = ImageMetadata("1.2", "1.2.1", f"1.2.1.{i}", "1.2.840.10008.5.1.4.1.1.1")
         images.append(NormalisedImage(meta, pixels, pixels.shape))
 
-    analyser = Analyser.load(REGISTRY, "bodypart-router", "fracture-classifier")
+    served = Analyser.load(REGISTRY, "bodypart-router", "fracture-classifier")
+    r_e, c_e = served.router_entry, served.classifier_entry
+    reference = Analyser(r_e, c_e, KerasGraph(load_keras_model(r_e), r_e.input_size),
+                         KerasGraph(load_keras_model(c_e), c_e.input_size))
+    reference.warm_up()
     for img in images[:3]:
-        analyser.analyse([img])
-    node_ms = []
+        served.analyse([img])
+        reference.analyse([img])
+    node_ms: list[float] = []
+    tf_ms: list[float] = []
     for img in images:
+        for analyser, times in ((served, node_ms), (reference, tf_ms)):
+            t = time.perf_counter()
+            analyser.analyse([img])
+            times.append((time.perf_counter() - t) * 1000)
+    batch4 = {}
+    for name, analyser in (("node", served), ("tensorflow", reference)):
         t = time.perf_counter()
-        analyser.analyse([img])
-        node_ms.append((time.perf_counter() - t) * 1000)
-    batch = time.perf_counter()
-    analyser.analyse(images[:4])
-    batch4_ms = (time.perf_counter() - batch) * 1000 / 4
+        analyser.analyse(images[:4])
+        batch4[name] = (time.perf_counter() - t) * 1000 / 4
 
-    router_size = analyser.router_entry.input_size
-    classifier_size = analyser.classifier_entry.input_size
-    router_model = analyser._router_model
-    classifier_model = analyser._classifier_model
-    keras_ms = []
-    for img in images[:3] + images:
-        r = fit_square(img.pixels, router_size)[0][None, ..., None]
-        c = fit_square(img.pixels, classifier_size)[0][None, ..., None]
-        t = time.perf_counter()
-        router_model.predict(r, verbose=0)
-        classifier_model.predict(c, verbose=0)
-        keras_ms.append((time.perf_counter() - t) * 1000)
-    keras_ms = keras_ms[3:]
+    flips = {"router": 2 if r_e.test_time_flip else 1, "classifier": 2 if c_e.test_time_flip else 1}
+    assert r_e.graph is not None and c_e.graph is not None
+    gflop = graph_gflop(r_e.graph, flips["router"]) + graph_gflop(c_e.graph, flips["classifier"])
+    gemm = gemm_gflops()
+    floor_ms = gflop / gemm * 1000
 
-    first = float(subprocess.run([sys.executable, "-c", _FIRST.format(root=str(ROOT),
-                                                                       registry=str(REGISTRY))],
-                                 capture_output=True, text=True, check=True).stdout.split()[-1])
+    first_node, first_tf = _first(False), _first(True)
 
     def p90(values: list[float]) -> float:
         return sorted(values)[int(0.9 * (len(values) - 1))]
 
-    node_med, keras_med = statistics.median(node_ms), statistics.median(keras_ms)
-    print(f"images: {len(images)} (MURA validation), router {router_size} px, "
-          f"classifier {classifier_size} px (Grad-CAM grid {analyser.classifier_grid}); test-time flip: "
-          f"router {analyser.router_entry.test_time_flip}, classifier {analyser.classifier_entry.test_time_flip} "
-          "(the node then runs each image and its mirror; keras predict runs each image once)")
-    print("| path | median ms/image | p90 ms |")
-    print("|---|---|---|")
-    print(f"| node: router + classifier + Grad-CAM + decision (batch 1) | {node_med:.1f} | "
-          f"{p90(node_ms):.1f} |")
-    print(f"| node, batch of 4 (per image) | {batch4_ms:.1f} | |")
-    print(f"| keras model.predict, both backbones, no Grad-CAM | {keras_med:.1f} | "
-          f"{p90(keras_ms):.1f} |")
-    print(f"\nratio node / keras predict: {node_med / keras_med:.2f}")
-    print(f"process start to first prediction: {first:.1f} s")
-    print(f"target < 100 ms per image: {'met' if node_med < 100 else 'MISSED'}")
+    node_med, tf_med = statistics.median(node_ms), statistics.median(tf_ms)
+    print(f"images: {len(images)} (MURA validation), router {r_e.input_size} px, classifier {c_e.input_size} px "
+          f"(Grad-CAM grid {served.classifier_grid}); test-time flip: router {r_e.test_time_flip}, "
+          f"classifier {c_e.test_time_flip}; both paths interleaved image by image")
+    print("| path | median ms/image | p90 ms | batch of 4, ms/image |")
+    print("|---|---|---|---|")
+    print(f"| node (exported ONNX graphs, ONNX Runtime): router + classifier + Grad-CAM + decision, batch 1 | "
+          f"{node_med:.1f} | {p90(node_ms):.1f} | {batch4['node']:.1f} |")
+    print(f"| same Analyser on TensorFlow (tf.function of the Keras models) | {tf_med:.1f} | {p90(tf_ms):.1f} | "
+          f"{batch4['tensorflow']:.1f} |")
+    print(f"\nratio node / TensorFlow: {node_med / tf_med:.2f}")
+    print(f"floor: {gflop:.2f} GFLOP per image (both graphs, image + mirror) / {gemm:.0f} GFLOP/s fp32 GEMM "
+          f"(numpy, this run) = {floor_ms:.1f} ms; node / floor {node_med / floor_ms:.2f}")
+    print("| process | start to first prediction s | RSS after it MB | peak RSS MB | TensorFlow imported |")
+    print("|---|---|---|---|---|")
+    for name, f in (("node (ONNX Runtime)", first_node), ("TensorFlow path", first_tf)):
+        print(f"| {name} | {f['first_s']:.2f} | {f['rss_mb']:.0f} | {f['peak_mb']:.0f} | {f['tensorflow_imported']} |")
+    print(f"target <= 40 ms per image: {'met' if node_med <= 40 else 'MISSED'}; "
+          f"target <= 1.5 s to the first prediction: {'met' if first_node['first_s'] <= 1.5 else 'MISSED'}")
     return 0
 
 

@@ -23,3 +23,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from models.training import evaluate
 
     return evaluate.main(argv)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``fracture-node export [--registry R] [--name NAME ...]``: (re-)export registered models."""
+    from models.training import export
+
+    return export.main(argv)

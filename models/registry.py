@@ -2,11 +2,13 @@
 
 Each ``[models.<name>]`` table names one model version: role (``router`` or
 ``classifier``), architecture, input size, classes, weights file (relative to the
-registry file) and its SHA-256, training data, Device UID, calibration temperature,
+registry file) and its SHA-256, the exported serving graph and its SHA-256 (what the
+node runs, :mod:`models.runtime`), training data, Device UID, calibration temperature,
 confidence floor, per-body-part operating points (threshold and doubt band) and the
 metrics it shipped with.  :func:`load_keras_model` verifies the SHA-256 of the weights
 *before* handing the file to Keras, and loads with ``safe_mode=True`` (no arbitrary
-code from a model file).  Nothing is downloaded.
+code from a model file); :func:`verify_graph` does the same for the exported graph
+before :func:`models.runtime.load_graph` parses it.  Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ class ModelEntry:
     finding: str = ""
     """What a classifier's probability means (``fracture`` or ``abnormality``), named
     so in every output; a router's is ``body part``."""
+    graph: Path | None = None
+    """The exported serving graph (``models.training.export``), relative to the registry
+    file in the TOML; ``None`` for an entry registered before graphs were exported."""
+    graph_sha256: str = ""
+    graph_format: str = ""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -107,6 +114,8 @@ class ModelEntry:
             raise RegistryError(f"model {self.name}: temperature must be positive")
         if not 0.0 <= self.confidence_floor < 1.0:
             raise RegistryError(f"model {self.name}: confidence_floor must be in [0, 1)")
+        if self.graph is not None and len(self.graph_sha256) != 64:
+            raise RegistryError(f"model {self.name}: graph_sha256 must be 64 hex digits")
 
     @property
     def info(self) -> ModelInfo:
@@ -185,6 +194,9 @@ def _entry(name: str, raw: Mapping[str, Any], base: Path) -> ModelEntry:
             metrics=MappingProxyType(dict(raw.get("metrics", {}))),
             notes=str(raw.get("notes", "")),
             finding=str(raw.get("finding", "abnormality" if raw.get("role") == "classifier" else "")),
+            graph=(base / str(raw["graph"])).resolve() if "graph" in raw else None,
+            graph_sha256=str(raw.get("graph_sha256", "")).lower(),
+            graph_format=str(raw.get("graph_format", "onnx" if "graph" in raw else "")),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise RegistryError(f"model {name!r} in registry is malformed: {exc!r}") from exc
@@ -271,6 +283,24 @@ def verify_weights(entry: ModelEntry) -> None:
         raise WeightsIntegrityError(
             f"weights of {entry.name} {entry.version} at {entry.weights} have SHA-256 {actual}, "
             f"the registry records {entry.sha256}"
+        )
+
+
+def verify_graph(entry: ModelEntry) -> None:
+    """Raise :class:`WeightsIntegrityError` unless the exported graph exists and has the
+    recorded hash (the runtime's counterpart of :func:`verify_weights`)."""
+    if entry.graph is None:
+        raise WeightsIntegrityError(
+            f"{entry.name} {entry.version} has no exported graph in the registry: run "
+            "`fracture-node export` (python -m models.training.export)"
+        )
+    if not entry.graph.is_file():
+        raise WeightsIntegrityError(f"graph of {entry.name} not found: {entry.graph}")
+    actual = sha256_of(entry.graph)
+    if actual != entry.graph_sha256:
+        raise WeightsIntegrityError(
+            f"graph of {entry.name} {entry.version} at {entry.graph} has SHA-256 {actual}, "
+            f"the registry records {entry.graph_sha256}"
         )
 
 

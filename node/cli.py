@@ -1,7 +1,7 @@
 """``fracture-node``: the one console script.
 
 Sub-commands for administrators: ``serve``, ``echo``, ``send``, ``status``,
-``retry``, ``check-config``; for ML engineers: ``train``, ``evaluate``; and ``demo``.
+``retry``, ``check-config``; for ML engineers: ``train``, ``evaluate``, ``export``; and ``demo``.
 """
 
 from __future__ import annotations
@@ -359,6 +359,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate_main(args.rest)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.cli import export_main
+
+    return export_main(args.rest)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import run_demo
 
@@ -406,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_retry)
 
     for name, func, helptext in (("train", cmd_train, "train a model (see --help)"),
-                                 ("evaluate", cmd_evaluate, "evaluate models on a manifest")):
+                                 ("evaluate", cmd_evaluate, "evaluate models on a manifest"),
+                                 ("export", cmd_export, "(re-)export registered models to the serving graph")):
         p = sub.add_parser(name, help=helptext, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER,
                        help=f"options of {name} (fracture-node {name} --help lists them)")
@@ -427,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] | None = None
     for i, word in enumerate(argv):  # train/evaluate: their own parsers take every option
-        if word in ("train", "evaluate") and (i == 0 or argv[i - 1] not in ("--config",
+        if word in ("train", "evaluate", "export") and (i == 0 or argv[i - 1] not in ("--config",
                                                                               "--log-level")):
             argv, rest = argv[: i + 1], argv[i + 1:]
             break

@@ -1,8 +1,8 @@
 """Stage 1 (body-part router) and stage 2 (abnormality classifier) with Grad-CAM.
 
-:class:`Analyser` loads the two models named in ``config.toml`` from the registry
-once (hash verified, Keras ``safe_mode``), compiles one ``tf.function`` per model and
-warms them up.  :meth:`Analyser.analyse` takes the normalised images of a study and
+:class:`Analyser` loads the exported graphs of the two models named in
+``config.toml`` from the registry once (hash verified; :mod:`models.runtime`, no
+TensorFlow) and warms them up.  :meth:`Analyser.analyse` takes the normalised images of a study and
 returns one :class:`~pipeline.result.ImageFinding` or
 :class:`~pipeline.result.Refusal` per image, in order:
 
@@ -29,11 +29,11 @@ import math
 import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from models.registry import ModelEntry, load_keras_model, load_registry
+from models.registry import ModelEntry, load_registry
+from models.runtime import ServingGraph, load_graph
 from pipeline.bodypart import header_body_part, reassignment
 from pipeline.gradcam import gradcam_closed_form, upsample
 from pipeline.resize import fit_square
@@ -92,38 +92,33 @@ def _mean_with_mirrors(out: np.ndarray, n: int, flip: bool, spatial: bool) -> np
 
 
 class ClassifierGraph:
-    """The classifier as the node runs it: one ``tf.function`` giving the last feature
-    map, the mirrored squares in the same batch when ``test_time_flip``, and the GAP +
-    dense head applied in NumPy to the (mean) map.
+    """The classifier as the node runs it: the exported graph's last feature map
+    (:class:`models.runtime.ServingGraph`), the mirrored squares in the same batch
+    when ``test_time_flip``, and the GAP + dense head applied in NumPy to the (mean) map.
 
     The head is linear in the map, so the logit of the mean map is the mean of the
     image's and its mirror's logits, and the closed-form Grad-CAM of that logit is
     drawn on the mean map: still one forward pass.  :class:`Analyser` and the
     calibration (``models.training.register``) share this class, so the temperature is
-    fitted on exactly the logits the node computes.
+    fitted on exactly the logits the node computes.  The head's kernel and bias are
+    the graph's own (:attr:`models.runtime.ServingGraph.head_kernel`).
     """
 
-    def __init__(self, model: Any, input_size: int, test_time_flip: bool) -> None:
-        import tensorflow as tf
-
-        self.model = model
+    def __init__(self, graph: ServingGraph, test_time_flip: bool) -> None:
+        self.graph = graph
         self.test_time_flip = bool(test_time_flip)
-        self.head_kernel = np.asarray(model.get_layer("head").kernel, dtype=np.float64)
-        self.head_bias = float(np.asarray(model.get_layer("head").bias)[0])
-        self._fn = tf.function(
-            lambda x: model(x, training=False)[1],
-            input_signature=[tf.TensorSpec((None, input_size, input_size, 1), tf.float32)],
-        )
+        self.head_kernel = np.asarray(graph.head_kernel, dtype=np.float64)
+        self.head_bias = float(np.asarray(graph.head_bias)[0])
 
     @property
     def grid(self) -> int:
         """Side of the feature map, the grid Grad-CAM is computed on."""
-        return int(self.model.outputs[1].shape[1])
+        return int(self.graph.feature_grid)
 
     def features(self, squares: np.ndarray) -> np.ndarray:
         """The last feature map ``(n, h, w, c)`` of prepared squares ``(n, s, s)``."""
         x = np.asarray(squares, np.float32)[..., None]
-        feats = self._fn(_with_mirrors(x, self.test_time_flip))
+        _, feats = self.graph.run(_with_mirrors(x, self.test_time_flip))
         return _mean_with_mirrors(np.asarray(feats), len(x), self.test_time_flip, spatial=True)
 
     def logits(self, features: np.ndarray) -> np.ndarray:
@@ -165,31 +160,35 @@ def pooled_router_probabilities(probabilities: np.ndarray, groups: Sequence[str]
 class Analyser:
     """The two loaded models and their registry entries; see the module docstring."""
 
-    def __init__(self, router: ModelEntry, classifier: ModelEntry, router_model: Any,
-                 classifier_model: Any) -> None:
-        import tensorflow as tf
-
+    def __init__(self, router: ModelEntry, classifier: ModelEntry, router_graph: ServingGraph,
+                 classifier_graph: ServingGraph) -> None:
         if router.role != "router" or classifier.role != "classifier":
             raise ValueError("Analyser needs a router entry and a classifier entry")
+        for entry, graph in ((router, router_graph), (classifier, classifier_graph)):
+            if graph.input_size != entry.input_size:
+                raise ValueError(f"{entry.name}: graph input {graph.input_size} px, registry "
+                                 f"{entry.input_size} px")
         self._router = router
         self._classifier = classifier
-        self._router_model = router_model
-        self._classifier_model = classifier_model
-        self._classifier_graph = ClassifierGraph(classifier_model, classifier.input_size,
-                                                 classifier.test_time_flip)
-        rs = router.input_size
-        self._router_fn = tf.function(
-            lambda x: router_model(x, training=False)[0],
-            input_signature=[tf.TensorSpec((None, rs, rs, 1), tf.float32)],
-        )
+        self._router_graph = router_graph
+        self._classifier_graph = ClassifierGraph(classifier_graph, classifier.test_time_flip)
 
     @classmethod
-    def load(cls, registry_path: pathlib.Path, router: str, classifier: str) -> Analyser:
-        """Load both models from the registry (hash checked), compile and warm up."""
+    def load(cls, registry_path: pathlib.Path, router: str, classifier: str,
+             threads: int | None = None) -> Analyser:
+        """Load both exported graphs from the registry (hash checked) and warm up.
+
+        Parameters
+        ----------
+        registry_path, router, classifier
+            The registry file and the names of the two models in it.
+        threads
+            Intra-op threads of each graph (default: the cores this process may use).
+        """
         registry = load_registry(pathlib.Path(registry_path))
         r_entry = registry.get(router, role="router")
         c_entry = registry.get(classifier, role="classifier")
-        analyser = cls(r_entry, c_entry, load_keras_model(r_entry), load_keras_model(c_entry))
+        analyser = cls(r_entry, c_entry, load_graph(r_entry, threads), load_graph(c_entry, threads))
         analyser.warm_up()
         return analyser
 
@@ -219,7 +218,8 @@ class Analyser:
         return self._classifier
 
     def warm_up(self) -> None:
-        """Trace both graphs at batch 1 so the first study is not slow."""
+        """Run both graphs once at batch 1 (the runtime plans its buffers on the first call),
+        so the first study is not slow."""
         rs, cs = self._router.input_size, self._classifier.input_size
         self.predict(np.zeros((1, rs, rs), np.float32), np.zeros((1, cs, cs), np.float32))
 
@@ -229,7 +229,8 @@ class Analyser:
         With the registry's ``test_time_flip`` the softmax of the mean of the logits
         of the image and its mirror."""
         x = np.asarray(router_inputs, np.float32)[..., None]
-        r = np.asarray(self._router_fn(_with_mirrors(x, self._router.test_time_flip))).astype(np.float64)
+        logits, _ = self._router_graph.run(_with_mirrors(x, self._router.test_time_flip))
+        r = np.asarray(logits).astype(np.float64)
         return _softmax(_mean_with_mirrors(r, len(x), self._router.test_time_flip, spatial=False))
 
     def classifier_features(self, classifier_inputs: np.ndarray) -> np.ndarray:

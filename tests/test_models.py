@@ -10,6 +10,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -51,14 +52,23 @@ def analyser() -> Iterator[Analyser]:
     yield Analyser.load(REGISTRY, ROUTER, CLASSIFIER)
 
 
+@pytest.fixture(scope="module")
+def keras_classifier() -> Any:
+    """The registered classifier's Keras model (the TensorFlow reference; hash checked)."""
+    from models.registry import load_keras_model
+
+    return load_keras_model(load_registry(REGISTRY).get(CLASSIFIER))
+
+
 def test_registry_hashes_match_the_shipped_weights() -> None:
     registry = load_registry(REGISTRY)
     total = 0
     for name in (ROUTER, CLASSIFIER):
         entry = registry.get(name)
         assert sha256_of(entry.weights) == entry.sha256
-        total += entry.weights.stat().st_size
-    assert total < 40 * 2**20, "shipped weights must stay within ~40 MB"
+        assert entry.graph is not None and sha256_of(entry.graph) == entry.graph_sha256
+        total += entry.weights.stat().st_size + entry.graph.stat().st_size
+    assert total < 40 * 2**20, "shipped weights and graphs must stay within ~40 MB"
 
 
 def test_the_shipped_evaluation_is_of_the_registered_models(analyser: Analyser) -> None:
@@ -86,8 +96,10 @@ def test_a_tampered_weights_file_is_refused(tmp_path: Path) -> None:
     data = bytearray(victim.read_bytes())
     data[-100] ^= 0xFF
     victim.write_bytes(bytes(data))
+    from models.registry import load_keras_model
+
     with pytest.raises(Exception, match="(?i)sha-?256|hash"):
-        Analyser.load(registry, ROUTER, CLASSIFIER)
+        load_keras_model(load_registry(registry).get(CLASSIFIER))  # as export and training load it
 
 
 def test_real_radiographs_get_typed_findings(analyser: Analyser) -> None:
@@ -152,14 +164,14 @@ def test_box_masks_follow_the_node_square_geometry() -> None:
     assert mask.sum() <= inside.sum() + 2 * 64  # no more than a pixel border of rounding
 
 
-def test_gradcam_closed_form_equals_gradient_tape(analyser: Analyser) -> None:
+def test_gradcam_closed_form_equals_gradient_tape(keras_classifier: Any) -> None:
     """With GAP + dense, d(logit)/d(feature map) is the head kernel / (h*w): the
     closed form must equal tf.GradientTape's Grad-CAM on the same model and image."""
     rows = _rows(dataset="MURA-v1.1", split="val", body_part="HUMERUS", label="positive")[:2]
     size = load_registry(REGISTRY).get(CLASSIFIER).input_size
     batch = np.stack([fit_square(cv2.imread(str(MSK_DATA / r["path"]), cv2.IMREAD_GRAYSCALE)
                                  .astype(np.float32) / 255.0, size)[0] for r in rows])[..., None]
-    model = analyser._classifier_model
+    model = keras_classifier
     logits, feats = model(batch, training=False)
     kernel = np.asarray(model.get_layer("head").kernel)
     fast = gradcam_closed_form(np.asarray(feats), kernel, 0)
@@ -169,7 +181,7 @@ def test_gradcam_closed_form_equals_gradient_tape(analyser: Analyser) -> None:
     assert fast.max() > 0.99  # normalised maps, not all zero
 
 
-def test_test_time_flip_is_one_head_on_the_mean_map(analyser: Analyser) -> None:
+def test_test_time_flip_is_one_head_on_the_mean_map(analyser: Analyser, keras_classifier: Any) -> None:
     """With test_time_flip the logit is the mean of the logits of the image and its
     mirror, and the heat map is the tf.GradientTape Grad-CAM of that mean logit, the
     mirror's map mirrored back before the two are added."""
@@ -177,14 +189,17 @@ def test_test_time_flip_is_one_head_on_the_mean_map(analyser: Analyser) -> None:
 
     import tensorflow as tf
 
+    from models.training.export import KerasGraph
+
     entry = dataclasses.replace(analyser.classifier_entry, test_time_flip=True)
-    flipping = Analyser(analyser.router_entry, entry, analyser._router_model, analyser._classifier_model)
+    keras_graph = KerasGraph(keras_classifier, entry.input_size)
+    flipping = Analyser(analyser.router_entry, entry, analyser._router_graph, keras_graph)
     rows = _rows(dataset="MURA-v1.1", split="val", body_part="FOREARM", label="positive")[:2]
     size = entry.input_size
     squares = np.stack([fit_square(cv2.imread(str(MSK_DATA / r["path"]), cv2.IMREAD_GRAYSCALE)
                                    .astype(np.float32) / 255.0, size)[0] for r in rows])
     logits, probs, heat = flipping.predict_classifier(squares)
-    model = analyser._classifier_model
+    model = keras_classifier
     x = tf.constant(squares[..., None])
     with tf.GradientTape() as tape:
         l1, a1 = model(x, training=False)
@@ -201,7 +216,7 @@ def test_test_time_flip_is_one_head_on_the_mean_map(analyser: Analyser) -> None:
     np.testing.assert_allclose(heat, np.clip(reference, 0, 1), atol=1e-4)
     np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits / entry.temperature)), atol=1e-9)
     unflipped = dataclasses.replace(analyser.classifier_entry, test_time_flip=False)
-    plain = Analyser(analyser.router_entry, unflipped, analyser._router_model, analyser._classifier_model)
+    plain = Analyser(analyser.router_entry, unflipped, analyser._router_graph, keras_graph)
     np.testing.assert_allclose(plain.predict_classifier(squares)[0], l1[:, 0].numpy(), atol=1e-4)
     assert not np.allclose(l1[:, 0].numpy(), logits, atol=1e-3)  # the mirror did change the answer
 

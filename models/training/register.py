@@ -4,6 +4,9 @@
 
 * copies ``RUN/model.keras`` to ``models/weights/<name>-<version>.keras`` and records
   its SHA-256 and a Device UID;
+* exports it to the serving graph ``models/weights/<name>-<version>.onnx``
+  (:mod:`models.training.export`, checked against Keras) and records that file and
+  its SHA-256: the node runs the graph, never the Keras file;
 * classifier: fits the temperature on validation image logits (binary NLL), then per
   body part with enough validation studies (``--min-studies`` with both labels)
   chooses the threshold on study means (MURA's rule) that maximises Cohen's kappa,
@@ -33,6 +36,7 @@ import numpy as np
 from models.registry import DEFAULT_PART, device_uid_for, sha256_of
 from models.training import data as mdata
 from models.training import metrics as mm
+from models.training.export import with_graph, export_entry, registry_fields
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +120,22 @@ def dump_registry(models: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def calibrate_classifier(
-    model: Any, data_dir: Path, size: int, min_studies: int, doubt: float, test_time_flip: bool = False
+    graph: Any, data_dir: Path, size: int, min_studies: int, doubt: float, test_time_flip: bool = False
 ) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
     """Temperature, operating points and a calibration summary from the validation split.
 
-    The logits are those the node computes (:class:`pipeline.classify.ClassifierGraph`):
-    with ``test_time_flip``, the head on the mean of the image's and its mirror's maps.
+    The logits are those the node computes (:class:`pipeline.classify.ClassifierGraph`
+    on the exported ``graph``, a :class:`models.runtime.ServingGraph`): with
+    ``test_time_flip``, the head on the mean of the image's and its mirror's maps.
     """
     from pipeline.classify import ClassifierGraph
 
     rows = mdata.in_split(mdata.read_manifest(data_dir), "val")
     samples = [s for s in mdata.classifier_samples(rows) if s.row.body_part in mdata.CLASSIFIER_PARTS]
     x = mdata.load_arrays([s.row.path for s in samples], size)
-    graph = ClassifierGraph(model, size, test_time_flip)
-    logits = np.concatenate([graph.logits(graph.features(x[i : i + 32])) for i in range(0, len(x), 32)])
+    classifier = ClassifierGraph(graph, test_time_flip)
+    logits = np.concatenate([classifier.logits(classifier.features(x[i : i + 32]))
+                             for i in range(0, len(x), 32)])
     y = np.array([s.target for s in samples])
     temperature = mm.fit_temperature(logits, y)
     prob = mm.sigmoid(logits / temperature)
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import keras
 
+        from models.runtime import OnnxGraph
+
         cfg = json.loads((args.run / "config.json").read_text())
         history = json.loads((args.run / "state.json").read_text())["history"]
         dest = args.registry.parent.resolve() / "weights" / f"{args.name}-{args.version}.keras"
@@ -208,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             "feature_layer": "f18_relu",
             "test_time_flip": bool(args.test_time_flip),
         }
+        model = keras.models.load_model(dest, compile=False, safe_mode=True)
+        graph_path, graph_sha = export_entry(model, size, dest)
+        entry = with_graph(entry, registry_fields(graph_path, graph_sha, args.registry.parent))
         train_desc = (
             f"../shared/data/msk manifest split=train; {len(history)} epochs at {size} px, "
             f"seed {cfg['seed']}, lr {cfg['learning_rate']}, frozen blocks {cfg['freeze_blocks']}"
@@ -229,9 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             entry["confidence_floor"] = args.confidence_floor
             entry["notes"] = "Body-part router; OTHER and parts without classifier metrics are refused."
         else:
-            model = keras.models.load_model(dest, compile=False, safe_mode=True)
             temperature, points, summary = calibrate_classifier(
-                model, args.data, size, args.min_studies, args.doubt, args.test_time_flip
+                OnnxGraph(graph_path), args.data, size, args.min_studies, args.doubt, args.test_time_flip
             )
             entry["training_data"] = (
                 "MURA v1.1 (train split of ../shared/data/msk: humerus, forearm, wrist, unknown), "
@@ -241,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                     if cfg.get("localisation_weight") else ""
                 ) + train_desc
             )
+            # what the probability means, named so in every output (dicom_out/wording.py):
+            # this training uses MURA's study-level "abnormal" labels
+            entry["finding"] = "abnormality"
             entry["temperature"] = temperature
             entry["confidence_floor"] = 0.0
             entry["notes"] = (
@@ -258,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         entry["metrics"] = flatten_metrics(metrics, role)
     existing[args.name] = entry
     args.registry.write_text(dump_registry(existing))
-    print(f"registered {args.name} {args.version} sha256 {entry['sha256']}")
+    print(f"registered {args.name} {args.version} sha256 {entry['sha256']}"
+          + (f", graph sha256 {entry['graph_sha256']}" if "graph_sha256" in entry else ""))
     return 0
 
 

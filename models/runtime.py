@@ -1,0 +1,184 @@
+"""The inference runtime: run an exported serving graph without TensorFlow.
+
+:mod:`models.training.export` writes each registered model as an ONNX graph with one
+input ``input`` ``(n, s, s, 1)`` float32 in [0, 1] and two outputs, ``logits``
+``(n, k)`` and ``features`` ``(n, h, w, c)`` (the last convolutional activation, the
+map the closed-form Grad-CAM of :mod:`pipeline.gradcam` uses).  The registry records
+the file and its SHA-256 beside the Keras weights; :func:`load_graph` verifies that
+hash before the file is parsed and returns a :class:`ServingGraph`, the small protocol
+:mod:`pipeline.classify` calls.  Nothing here imports TensorFlow.
+
+ONNX Runtime was chosen by measurement (``bench/runtimes.py``, ``docs/benchmarks.md``):
+LiteRT and OpenVINO were as fast or a little faster at a fixed batch, but LiteRT has
+to re-plan its tensors when the batch size changes and OpenVINO runs bf16 on this CPU
+unless told not to; ONNX Runtime takes any batch at fp32 with no such switch.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from models.registry import ModelEntry, verify_graph
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("logits", "features")
+"""Output names of every exported graph, in the order :meth:`ServingGraph.run` returns them."""
+HEAD_KERNEL_KEY = "fracture_node.head_kernel"
+HEAD_BIAS_KEY = "fracture_node.head_bias"
+"""ONNX metadata keys holding the dense head (``logits = mean(features) @ kernel + bias``)
+as ``"c,k;<base64 float32 little-endian>"``: the closed-form Grad-CAM needs the kernel,
+and the graph file (hash-checked) carries it, so nothing else is loaded."""
+
+
+def encode_array(a: np.ndarray) -> str:
+    """``"d0,d1,...;base64"`` of a float32 array (the format of :data:`HEAD_KERNEL_KEY`)."""
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return ",".join(str(d) for d in a.shape) + ";" + base64.b64encode(a.tobytes()).decode("ascii")
+
+
+def decode_array(text: str) -> np.ndarray:
+    """Inverse of :func:`encode_array`."""
+    shape_text, _, data = text.partition(";")
+    shape = tuple(int(d) for d in shape_text.split(",") if d)
+    return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(shape).astype(np.float32)
+
+
+class GraphError(Exception):
+    """An exported graph cannot be loaded or does not have the node's contract."""
+
+
+@runtime_checkable
+class ServingGraph(Protocol):
+    """One exported model as :mod:`pipeline.classify` uses it."""
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square input."""
+        ...
+
+    @property
+    def feature_grid(self) -> int:
+        """Side of the ``features`` map."""
+        ...
+
+    @property
+    def head_kernel(self) -> np.ndarray:
+        """``(c, k)`` kernel of the dense head after global average pooling."""
+        ...
+
+    @property
+    def head_bias(self) -> np.ndarray:
+        """``(k,)`` bias of the dense head."""
+        ...
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, features)`` float32 for ``x`` ``(n, s, s, 1)`` float32 in [0, 1]."""
+        ...
+
+
+def default_threads() -> int:
+    """Threads per session: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OnnxGraph:
+    """An ONNX graph in an ONNX Runtime CPU session (fp32).
+
+    The session runs with ``intra_op_num_threads`` threads and spinning off
+    (``session.intra_op.allow_spinning = 0``): with two sessions in one process
+    (router and classifier) spinning threads of the idle one steal the cores of the
+    busy one (measured 63 ms instead of 44 ms per image, ``shared/NOTES.md``).
+
+    Parameters
+    ----------
+    path
+        The ``.onnx`` file (callers verify its hash first: :func:`load_graph`).
+    threads
+        Intra-op threads; default :func:`default_threads`.
+    """
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        self.path = Path(path)
+        self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        inputs = self._session.get_inputs()
+        names = [o.name for o in self._session.get_outputs()]
+        if len(inputs) != 1 or names != list(OUTPUTS):
+            raise GraphError(f"{self.path}: expected one input and outputs {OUTPUTS}, found "
+                                f"{[i.name for i in inputs]} -> {names}")
+        self._input = inputs[0].name
+        shape = inputs[0].shape
+        self._size = int(shape[1])
+        self._grid = int(self._session.get_outputs()[1].shape[1])
+        meta = self._session.get_modelmeta().custom_metadata_map
+        if HEAD_KERNEL_KEY not in meta or HEAD_BIAS_KEY not in meta:
+            raise GraphError(f"{self.path}: no dense head in the graph's metadata (re-export it)")
+        self._head_kernel = decode_array(meta[HEAD_KERNEL_KEY])
+        self._head_bias = decode_array(meta[HEAD_BIAS_KEY])
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square input."""
+        return self._size
+
+    @property
+    def feature_grid(self) -> int:
+        """Side of the ``features`` map."""
+        return self._grid
+
+    @property
+    def head_kernel(self) -> np.ndarray:
+        """``(c, k)`` kernel of the dense head (from the graph's metadata)."""
+        return self._head_kernel
+
+    @property
+    def head_bias(self) -> np.ndarray:
+        """``(k,)`` bias of the dense head."""
+        return self._head_bias
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, features)`` for ``x`` ``(n, s, s, 1)`` float32 in [0, 1]."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (self._size, self._size, 1):
+            raise ValueError(f"input must be (n, {self._size}, {self._size}, 1), got {x.shape}")
+        logits, features = self._session.run(list(OUTPUTS), {self._input: x})
+        return logits, features
+
+
+def load_graph(entry: ModelEntry, threads: int | None = None) -> ServingGraph:
+    """Verify the exported graph's SHA-256 (:func:`models.registry.verify_graph`), then load it.
+
+    Raises
+    ------
+    models.registry.WeightsIntegrityError
+        The registry records no graph, the file is missing or its hash differs.
+    GraphError
+        The graph does not have the node's contract (input size, outputs).
+    """
+    verify_graph(entry)
+    if entry.graph_format != "onnx":
+        raise GraphError(f"{entry.name}: graph format {entry.graph_format!r} is not served")
+    graph = OnnxGraph(entry.graph, threads)  # type: ignore[arg-type]
+    if graph.input_size != entry.input_size:
+        raise GraphError(f"{entry.name}: graph input {graph.input_size} px, registry {entry.input_size} px")
+    logger.info("loaded %s %s graph (%s, sha256 %s...)", entry.name, entry.version,
+                entry.graph.name if entry.graph else "?", entry.graph_sha256[:12])
+    return graph

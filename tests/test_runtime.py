@@ -151,7 +151,7 @@ def test_a_model_without_an_exported_graph_names_the_command(tmp_path: Path) -> 
 
 def test_the_processing_path_runs_without_tensorflow() -> None:
     """A fresh process loads the node's modules and models, processes a real DICOM
-    study from demo/study into SC/SR/PDF outputs, and never imports TensorFlow."""
+    study from demo/studies/forearm into SC/SR/PDF outputs, and never imports TensorFlow."""
     script = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
@@ -163,7 +163,7 @@ def test_the_processing_path_runs_without_tensorflow() -> None:
         from node.processing import processor_factory
         config = load_config(Path({str(ROOT / 'config.toml')!r}), environ={{}})
         process = processor_factory(config)()
-        files = sorted(Path({str(ROOT / 'demo' / 'study')!r}).glob("forearm_*.dcm"))
+        files = sorted(Path({str(ROOT / 'demo' / 'studies' / 'forearm')!r}).glob("forearm_*.dcm"))
         records = []
         for f in files:
             ds = pydicom.dcmread(f, stop_before_pixels=True)

@@ -452,7 +452,7 @@ def test_real_models_two_served_nodes_one_sr_for_a_split_study(tmp_path: Path) -
         for ready in readies:
             wait_for(ready.exists, timeout=180)
         for port, part in ((a_port, files[:2]), (b_port, files[2:])):
-            out = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xe",
+            out = subprocess.run(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE", "-xe",
                                   "127.0.0.1", str(port), *map(str, part)], capture_output=True,
                                  timeout=120)
             assert out.returncode == 0, out.stderr

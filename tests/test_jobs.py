@@ -459,8 +459,8 @@ def test_database_section_chooses_the_backend(tmp_path: Path) -> None:
     from node.config import config_from_dict, load_config, render_config
     from node.jobs import node_name, open_job_store
 
-    base = {"peers": [{"ae_title": "ORTHANC"}], "storage": {"spool_dir": str(tmp_path / "s"),
-                                                             "database": str(tmp_path / "j.db")}}
+    base = {"peers": [{"ae_title": "ORTHANC"}], "keep_results_local": True,
+            "storage": {"spool_dir": str(tmp_path / "s"), "database": str(tmp_path / "j.db")}}
     plain = config_from_dict(base, tmp_path)
     sqlite_store = open_job_store(plain)
     assert isinstance(sqlite_store, SQLiteJobStore)

@@ -326,8 +326,9 @@ def test_orthanc_pushes_study_and_results_come_back(orthanc_and_node: tuple[Orth
                          orthanc.study_instances(study_uid))
     manufacturers = sorted(i["tags"].get("Manufacturer", "") for i in instances)
     assert "fracture-node" in manufacturers
-    wait_for(lambda: _rows(node, "SELECT state FROM outbox")[0]["state"] == "delivered")
-    assert not list((node.spool.root / "outbox").rglob("*.dcm")), "delivered file kept"
+    wait_for(lambda: all(r["state"] == "delivered" for r in _rows(node, "SELECT state FROM outbox")))
+    # the file goes once every destination has acknowledged it (just after the state)
+    wait_for(lambda: not list((node.spool.root / "outbox").rglob("*.dcm")), timeout=10)
 
 
 def test_delivery_waits_for_orthanc_to_come_back(orthanc_and_node: tuple[Orthanc, Node]) -> None:

@@ -37,6 +37,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+DICOMWEB_PLUGINS = (
+    Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+    Path("/usr/lib/orthanc/libOrthancDicomWeb.so.1.7"),
+)
+"""Where Debian's ``orthanc-dicomweb`` puts the plugin (a link and its target)."""
+
+
+def dicomweb_plugin() -> Path:
+    """The DICOMweb plugin's shared object (Debian ``orthanc-dicomweb``).
+
+    Raises
+    ------
+    RuntimeError
+        If the package is not installed.
+    """
+    for path in DICOMWEB_PLUGINS:
+        if path.is_file():
+            return path
+    found = sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*"))
+    if found:
+        return found[0]
+    raise RuntimeError("the DICOMweb plugin is missing (apt-get install orthanc-dicomweb)")
+
+
 class Orthanc:
     """One Orthanc process with its own storage in ``workdir``.
 
@@ -50,6 +74,9 @@ class Orthanc:
         Install the auto-routing Lua rule (OnStableStudy -> node).
     stable_age
         Seconds a study must be quiet before it is stable (Orthanc's StableAge).
+    dicomweb
+        Load the DICOMweb plugin (Debian ``orthanc-dicomweb``) on ``/dicom-web/``,
+        what OHIF reads.
     """
 
     def __init__(
@@ -64,6 +91,7 @@ class Orthanc:
         dicom_port: int | None = None,
         extra_modalities: dict[str, Any] | None = None,
         extra_config: dict[str, Any] | None = None,
+        dicomweb: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
@@ -75,6 +103,7 @@ class Orthanc:
         self.stable_age = stable_age
         self.extra_modalities = extra_modalities or {}
         self.extra_config = extra_config or {}
+        self.dicomweb = dicomweb
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -106,6 +135,11 @@ class Orthanc:
             "StorageCompression": False,
             "LuaScripts": [str(HERE / "route.lua")] if self.route else [],
         }
+        if self.dicomweb:
+            cfg["Plugins"] = [str(dicomweb_plugin())]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                               "WadoRoot": "/wado", "StudiesMetadata": "Full",
+                               "SeriesMetadata": "Full"}
         cfg.update(self.extra_config)
         return cfg
 

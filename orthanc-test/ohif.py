@@ -48,6 +48,19 @@ _APP_CONFIG = """window.config = {
   showLoadingIndicator: true,
   investigationalUseDialog: { option: 'never' },
   maxNumberOfWebWorkers: 2,
+  // OHIF 3.13.2 reads measurement.coords[0] of every TID 1500 group it has not drawn
+  // yet (cornerstone-dicom-sr _checkIfCanAddMeasurementsToDisplaySet) and fails with
+  // "Cannot read properties of undefined (reading 'ReferencedSOPSequence')" on an
+  // image-level group without SCOORD (a negative image, the study decision).  Such a
+  // group gets one empty placeholder coordinate, which the viewer then skips.
+  customizationService: {
+    onBeforeSRAddMeasurement: {
+      $set: ({ measurement }) =>
+        measurement.coords && measurement.coords.length
+          ? measurement
+          : Object.assign(measurement, { coords: [{}] }),
+    },
+  },
   defaultDataSourceName: 'orthanc',
   dataSources: [
     {

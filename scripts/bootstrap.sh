@@ -8,20 +8,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=0
-for tool in Orthanc storescu dciodvfy pdftoppm openssl java; do
+for tool in Orthanc storescu dciodvfy pdftoppm openssl java chromium npm; do
   command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 # PixelMed's DicomSRValidator: the second validator of every SR and KOS (tests)
 [ -f /usr/share/java/pixelmed.jar ] || need_apt=1
 # libopenjp2: JPEG 2000 decoding at a reduced resolution level (pipeline/decode.py)
 ldconfig -p 2>/dev/null | grep -q 'libopenjp2.so.7' || need_apt=1
+# Orthanc's DICOMweb plugin: what OHIF reads (orthanc-test/ohif.py, tests/test_ohif.py)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt=1
 if [ "$need_apt" = 1 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     orthanc dcmtk dicom3tools poppler-utils libopenjp2-7 openssl iproute2 \
-    libpixelmed-java default-jre-headless >/dev/null
+    libpixelmed-java default-jre-headless orthanc-dicomweb chromium npm >/dev/null
   # Debian starts an Orthanc service on install; the project runs its own Orthanc.
   $SUDO service orthanc stop >/dev/null 2>&1 || true
 fi
@@ -34,4 +36,23 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
+fi
+
+# OHIF v3's built viewer (npm @ohif/app, its dist/), pinned and checked, cached outside git
+OHIF_VERSION=3.13.2
+OHIF_INTEGRITY="sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
+ohif_dir="${HOME}/.cache/fracture-node/ohif/${OHIF_VERSION}"
+if [ ! -f "${ohif_dir}/package/dist/index.html" ]; then
+  mkdir -p "$ohif_dir"
+  tarball="${ohif_dir}/ohif-app-${OHIF_VERSION}.tgz"
+  if [ ! -f "$tarball" ]; then
+    (cd "$ohif_dir" && npm pack --silent "@ohif/app@${OHIF_VERSION}" >/dev/null)
+  fi
+  actual="sha512-$(openssl dgst -sha512 -binary "$tarball" | base64 -w0)"
+  if [ "$actual" != "$OHIF_INTEGRITY" ]; then
+    echo "OHIF tarball integrity mismatch: $actual" >&2
+    rm -f "$tarball"
+    exit 1
+  fi
+  tar -xzf "$tarball" -C "$ohif_dir" package/dist
 fi

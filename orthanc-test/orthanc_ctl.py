@@ -61,6 +61,15 @@ def dicomweb_plugin() -> Path:
     raise RuntimeError("the DICOMweb plugin is missing (apt-get install orthanc-dicomweb)")
 
 
+def dicomweb_plugin_installed() -> bool:
+    """Whether Debian's ``orthanc-dicomweb`` is installed."""
+    try:
+        dicomweb_plugin()
+    except RuntimeError:
+        return False
+    return True
+
+
 class Orthanc:
     """One Orthanc process with its own storage in ``workdir``.
 

@@ -726,3 +726,103 @@ def encode_image(rgb: np.ndarray, fmt: str = ".jpg", quality: int = 90) -> bytes
     if not ok:
         raise ValueError(f"could not encode image as {fmt}")
     return buf.tobytes()
+
+
+# --------------------------------------------------------------------------- regions
+
+HOT_REGION_SHARE = 0.5
+"""The hot region of a heat map: where it reaches at least this share of its maximum."""
+
+_REGION_GRID = 512
+"""Longer side of the grid on which the hot region's contour is traced."""
+
+_REGION_MAX_POINTS = 64
+"""At most this many vertices in a region's polyline (simplified beyond it)."""
+
+
+@dataclass(frozen=True)
+class HeatRegion:
+    """The hot region of a finding's heat map, in source-image pixel coordinates.
+
+    Coordinates are (column, row) pairs in the stored image matrix (Rows x
+    Columns of the source instance), with the top left corner of the top left
+    pixel at (0, 0), as SCOORD Graphic Data is defined (PS3.3 C.18.6.1.1).
+
+    Attributes
+    ----------
+    contour
+        Closed polyline (first vertex repeated at the end) around the connected
+        region, at ``share`` of the map's maximum, that holds the maximum; empty
+        when the region is too small to outline (less than three vertices).
+    peak
+        (column, row) of the map's maximum.
+    share
+        The share of the maximum that defines the region.
+    """
+
+    contour: np.ndarray
+    peak: tuple[float, float]
+    share: float
+
+
+def heat_region(finding: ImageFinding, share: float = HOT_REGION_SHARE) -> HeatRegion:
+    """Outline the hot region of ``finding``'s heat map on its source image.
+
+    The map is resampled from the model grid onto a reduced copy of the
+    normalised image grid (``GridTransform``, see :func:`heatmap_on_image`), the
+    connected region at or above ``share`` of the maximum that contains the
+    maximum is traced, simplified to at most a few dozen vertices, and scaled to
+    the stored Rows/Columns (``NormalisedImage.source_shape``).
+
+    Parameters
+    ----------
+    finding
+        An analysed image.
+    share
+        Share (0 to 1, exclusive) of the map's maximum that bounds the region.
+
+    Returns
+    -------
+    HeatRegion
+        Contour and peak in source pixel coordinates.
+
+    Raises
+    ------
+    ValueError
+        If ``share`` is not in (0, 1) or the map is empty (all zero).
+    """
+    if not 0.0 < share < 1.0:
+        raise ValueError("share must lie strictly between 0 and 1")
+    rows, cols = finding.transform.image_shape
+    k = min(1.0, _REGION_GRID / float(max(rows, cols)))
+    shape = (max(1, int(round(rows * k))), max(1, int(round(cols * k))))
+    heat = heatmap_on_image(finding, shape)
+    top = float(heat.max())
+    if not np.isfinite(top) or top <= 0.0:
+        raise ValueError("the heat map is empty")
+    src_rows, src_cols = finding.image.source_shape
+    sy = src_rows / float(shape[0])
+    sx = src_cols / float(shape[1])
+    peak_r, peak_c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    peak = (float((peak_c + 0.5) * sx), float((peak_r + 0.5) * sy))
+
+    mask = (heat >= share * top).astype(np.uint8)
+    count, labels = cv2.connectedComponents(mask, connectivity=8)
+    mask = (labels == labels[peak_r, peak_c]).astype(np.uint8)
+    found, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contour = np.zeros((0, 2), dtype=np.float64)
+    if found:
+        outline = max(found, key=cv2.contourArea)
+        epsilon = 0.5
+        simple = cv2.approxPolyDP(outline, epsilon, True)
+        while len(simple) > _REGION_MAX_POINTS:
+            epsilon *= 1.5
+            simple = cv2.approxPolyDP(outline, epsilon, True)
+        points = simple.reshape(-1, 2).astype(np.float64)
+        if len(points) >= 3:
+            # pixel centres of the reduced grid, scaled to the stored matrix
+            points = np.column_stack(((points[:, 0] + 0.5) * sx, (points[:, 1] + 0.5) * sy))
+            points[:, 0] = np.clip(points[:, 0], 0.0, float(src_cols))
+            points[:, 1] = np.clip(points[:, 1], 0.0, float(src_rows))
+            contour = np.vstack([points, points[:1]])
+    return HeatRegion(contour=np.round(contour, 2), peak=(round(peak[0], 2), round(peak[1], 2)), share=share)

@@ -27,6 +27,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from highdicom._standard_utils import does_iod_have_pixel_data
 from highdicom.sr.templates import _get_coded_modality
@@ -53,6 +54,8 @@ from dicom_out.common import (
     output_uid,
     evidence_reference,
     finding_code,
+    heat_region,
+    shows_heatmap,
     reference_dataset,
     series_description,
     study_head,
@@ -116,7 +119,47 @@ def _finding_sites(body_part: str, laterality: str = "") -> list[hd.sr.FindingSi
     return [hd.sr.FindingSite(anatomic_location=code, laterality=side)]
 
 
-def _image_group(finding: ImageFinding) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _hot_region(finding: ImageFinding) -> hd.sr.ImageRegion | None:
+    """SCOORD image region (TID 1410 row 6) around the heat map's hot region.
+
+    A closed POLYLINE along the contour at ``HOT_REGION_SHARE`` of the map's
+    maximum, or a POINT at the maximum when the region is too small to outline;
+    ``None`` for an empty map.  Coordinates are in the source image's stored
+    pixel matrix (PS3.3 C.18.6.1.1).
+    """
+    meta = finding.meta
+    try:
+        region = heat_region(finding)
+    except ValueError as exc:
+        logger.warning("no region for %s: %s", meta.sop_instance_uid, exc)
+        return None
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=meta.sop_class_uid,
+        referenced_sop_instance_uid=meta.sop_instance_uid,
+    )
+    if len(region.contour) >= 4:
+        return hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=region.contour,
+            source_image=source,
+        )
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.array([region.peak], dtype=np.float64),
+        source_image=source,
+    )
+
+
+def _image_group(finding: ImageFinding) -> (
+    hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+):
+    """TID 1501 group of an analysed image, or TID 1410 when it carries a region.
+
+    A positive or doubtful image gets a planar ROI group (TID 1410) whose image
+    region outlines the heat map's hot region on the source image, so viewers
+    that draw TID 1500 regions (OHIF) show where the classifier looked; the other
+    images keep an image-level group (TID 1501) that references the source image.
+    """
     meta = finding.meta
     concept = finding_code(finding.classifier)
     low, high = finding.doubt_band
@@ -145,19 +188,32 @@ def _image_group(finding: ImageFinding) -> hd.sr.MeasurementsAndQualitativeEvalu
             referenced_images=[reference],
         ),
     ]
+    tracking = hd.sr.TrackingIdentifier(
+        uid=output_uid(meta.sop_instance_uid, *model_hashes(finding_models(finding)), "track"),
+        identifier=f"{wording.image_short(meta)}: {wording.body_part_name(finding.body_part)}"[:64],
+    )
+    evaluations = [
+        hd.sr.QualitativeEvaluation(concept, DECISION_EVALUATION[finding.decision]),
+        hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(finding.decision)),
+    ]
+    region = _hot_region(finding) if shows_heatmap(finding.decision) else None
+    if region is not None:
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_region=region,
+            finding_type=concept,
+            algorithm_id=algorithm,
+            finding_sites=sites or None,
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
+        )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=output_uid(meta.sop_instance_uid, *model_hashes(finding_models(finding)), "track"),
-            identifier=f"{wording.image_short(meta)}: {wording.body_part_name(finding.body_part)}"[:64],
-        ),
+        tracking_identifier=tracking,
         finding_type=concept,
         algorithm_id=algorithm,
         finding_sites=sites or None,
         measurements=measurements,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(concept, DECISION_EVALUATION[finding.decision]),
-            hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(finding.decision)),
-        ],
+        qualitative_evaluations=evaluations,
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=meta.sop_class_uid,
@@ -423,7 +479,10 @@ def build_structured_report(
     classifier = result.findings[0].classifier if result.findings else None
     router = result.findings[0].router if result.findings else None
 
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
     concept = finding_code(classifier if classifier is not None else _classifier_of(result))
     for outcome in result.outcomes():
         if isinstance(outcome, ImageFinding):

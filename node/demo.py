@@ -52,6 +52,25 @@ def _orthanc_ctl() -> ModuleType:
     return module
 
 
+def _ohif_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ohif", ROOT / "orthanc-test" / "ohif.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ohif"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _start_ohif(orthanc_url: str) -> Any:
+    """OHIF's viewer in front of the demo's Orthanc, or ``None`` (with a note) when
+    bootstrap.sh has not unpacked it."""
+    try:
+        return _ohif_module().OhifServer(orthanc_url).start()
+    except RuntimeError as exc:
+        print(f"no OHIF links: {exc}", file=sys.stderr)
+        return None
+
+
 class Progress:
     """A one-line progress display on stderr (plain lines when not a terminal)."""
 
@@ -107,9 +126,12 @@ def run_demo(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True)
     ctl = _orthanc_ctl()
     node_port = ctl.free_port()
-    orthanc = ctl.Orthanc(workdir / "orthanc", node_port=node_port, route=True, stable_age=2)
+    dicomweb = ctl.dicomweb_plugin_installed()
+    orthanc = ctl.Orthanc(workdir / "orthanc", node_port=node_port, route=True, stable_age=2,
+                          dicomweb=dicomweb)
     progress.show("starting Orthanc (the PACS) ...")
     orthanc.start()
+    ohif = _start_ohif(orthanc.url) if dicomweb else None
     config = load_config(_write_config(workdir, node_port, orthanc.dicom_port), environ={})
     node = Node(config, processor_factory(config))
     try:
@@ -127,7 +149,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return 1
         progress.done("results are back in Orthanc")
         _show(orthanc, results, out)
-        _summary(orthanc, node, studies)
+        _summary(orthanc, node, studies, ohif)
         if args.keep_running:
             print(f"\nOrthanc ({orthanc.url}) and the node keep running, so the links above "
                   "work: press Ctrl-C to stop them.")
@@ -143,6 +165,8 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0
     finally:
         node.stop(grace_seconds=2)
+        if ohif is not None:
+            ohif.stop()
         orthanc.stop()
 
 
@@ -169,9 +193,11 @@ def _wait_for_results(orthanc: Any, node: Node, studies: list[str], progress: Pr
     return None
 
 
-def _summary(orthanc: Any, node: Node, studies: list[str]) -> None:
-    """One line per study: what it is, the node's decision, and its Orthanc link."""
-    print("\nStudies (decision of the node, then the study in Orthanc):")
+def _summary(orthanc: Any, node: Node, studies: list[str], ohif: Any = None) -> None:
+    """One line per study: what it is, the node's decision, its Orthanc link, and below
+    it the study in OHIF (when OHIF runs) where the SR's regions are drawn on the images."""
+    print("\nStudies (decision of the node, then the study in Orthanc"
+          + (" and in OHIF" if ohif is not None else "") + "):")
     for uid in studies:
         rows = node.jobs.query("SELECT decision FROM studies WHERE study_instance_uid = ?", [uid])
         decision = rows[0]["decision"] if rows else "not received"
@@ -183,6 +209,8 @@ def _summary(orthanc: Any, node: Node, studies: list[str]) -> None:
         what = f"{tags.get('StudyDescription', '') or 'study'} ({date})"
         link = f"{orthanc.url}/app/explorer.html#study?uuid={study_id}" if study_id else "-"
         print(f"  {what:<46} {decision:<13} {link}")
+        if ohif is not None:
+            print(f"  {'':<46} {'':<13} {ohif.study_url(uid)}")
 
 
 def _show(orthanc: Any, results: list[dict[str, Any]], out: Path) -> None:

@@ -41,6 +41,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+DICOMWEB_PLUGINS = (
+    Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+    Path("/usr/lib/orthanc/libOrthancDicomWeb.so.1.7"),
+)
+"""Where Debian's ``orthanc-dicomweb`` puts the plugin (a link and its target)."""
+
+
+def dicomweb_plugin() -> Path:
+    """The DICOMweb plugin's shared object (Debian ``orthanc-dicomweb``).
+
+    Raises
+    ------
+    RuntimeError
+        If the package is not installed.
+    """
+    for path in DICOMWEB_PLUGINS:
+        if path.is_file():
+            return path
+    found = sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*"))
+    if found:
+        return found[0]
+    raise RuntimeError("the DICOMweb plugin is missing (apt-get install orthanc-dicomweb)")
+
+
+def dicomweb_plugin_installed() -> bool:
+    """Whether Debian's ``orthanc-dicomweb`` is installed."""
+    try:
+        dicomweb_plugin()
+    except RuntimeError:
+        return False
+    return True
+
+
 class Orthanc:
     """One Orthanc process with its own storage in ``workdir``.
 
@@ -57,6 +90,9 @@ class Orthanc:
     node_ports
         A group of nodes (ports on loopback, AE ``node_aet``) instead of the one node:
         registered as ``fracture-node-1`` ... and routed by ``route_nodes.lua``.
+    dicomweb
+        Load the DICOMweb plugin (Debian ``orthanc-dicomweb``) on ``/dicom-web/``,
+        what OHIF reads.
     """
 
     def __init__(
@@ -72,6 +108,7 @@ class Orthanc:
         extra_modalities: dict[str, Any] | None = None,
         extra_config: dict[str, Any] | None = None,
         node_ports: list[int] | None = None,
+        dicomweb: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
@@ -84,6 +121,7 @@ class Orthanc:
         self.extra_modalities = extra_modalities or {}
         self.extra_config = extra_config or {}
         self.node_ports = node_ports
+        self.dicomweb = dicomweb
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -120,6 +158,11 @@ class Orthanc:
             "LuaScripts": ([str(HERE / ("route_nodes.lua" if self.node_ports is not None
                                          else "route.lua"))] if self.route else []),
         }
+        if self.dicomweb:
+            cfg["Plugins"] = [str(dicomweb_plugin())]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                               "WadoRoot": "/wado", "StudiesMetadata": "Full",
+                               "SeriesMetadata": "Full"}
         cfg.update(self.extra_config)
         return cfg
 

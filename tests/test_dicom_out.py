@@ -43,6 +43,7 @@ from dicom_out.common import (
 )
 from dicom_out.pdf import build_pdf_report
 from dicom_out.sc import build_secondary_capture
+from dicom_out.common import shows_heatmap
 from dicom_out.sr import build_structured_report
 from pipeline.result import (
     NODE_MANUFACTURER,
@@ -330,9 +331,26 @@ def test_structured_report_roundtrip(study: Study, built: tuple) -> None:
 
     for finding in study.findings:
         uid = finding.meta.sop_instance_uid
-        groups = report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
-        assert len(groups) == 1, uid
-        group = groups[0]
+        image_groups = report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
+        roi_groups = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
+        if shows_heatmap(finding.decision):
+            # positive / doubtful: a TID 1410 group whose region lies on the source image
+            assert image_groups == [] and len(roi_groups) == 1, uid
+            group = roi_groups[0]
+            region = group.roi
+            assert region is not None
+            assert region.graphic_type in (hd.sr.GraphicTypeValues.POLYLINE, hd.sr.GraphicTypeValues.POINT)
+            assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+            points = region.value
+            rows, cols = finding.image.source_shape
+            assert (points[:, 0] >= 0).all() and (points[:, 0] <= cols).all()
+            assert (points[:, 1] >= 0).all() and (points[:, 1] <= rows).all()
+            if region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE:
+                assert len(points) >= 4 and tuple(points[0]) == tuple(points[-1])
+        else:
+            assert roi_groups == [] and len(image_groups) == 1, uid
+            group = image_groups[0]
+            assert group.source_images[0].referenced_sop_instance_uid == uid
         assert group.finding_type == FRACTURE
         assert group.finding_sites[0].value == BODY_PART_CODES[finding.body_part]
         (probability,) = group.get_measurements(name=FRACTURE_PROBABILITY)
@@ -346,7 +364,6 @@ def test_structured_report_roundtrip(study: Study, built: tuple) -> None:
         }[finding.decision]
         assert evaluations[FRACTURE].value == expected
         assert evaluations[AI_DECISION].value == finding.decision.value
-        assert group.source_images[0].referenced_sop_instance_uid == uid
         assert group.tracking_uid
     # TID 4019 algorithm identification with the threshold as a parameter
     text = ds.to_json()

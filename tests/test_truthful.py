@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import pixelmed_sr_errors
 from dicom_out import wording
+from dicom_out.common import shows_heatmap
 from dicom_out.common import DECISION_EVALUATION, OutputSettings, finding_code
 from dicom_out.ko import build_key_object_selection
 from dicom_out.pdf import build_pdf_report
@@ -183,7 +184,11 @@ def test_every_output_agrees_with_the_image_decisions(images: list[tuple], findi
     sr.save_as(buf, enforce_file_format=True)
     parsed = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(buf.getvalue())))
     concept = finding_code(result.models[1])
-    groups = {g.tracking_identifier: g for g in parsed.content.get_image_measurement_groups()}
+    groups = {g.tracking_identifier: g for g in [
+        *parsed.content.get_image_measurement_groups(),
+        *parsed.content.get_planar_roi_measurement_groups(),
+    ]}
+    regions = {g.tracking_identifier for g in parsed.content.get_planar_roi_measurement_groups()}
     for outcome in result.outcomes():
         meta = outcome.meta
         matches = [g for ident, g in groups.items()
@@ -193,6 +198,9 @@ def test_every_output_agrees_with_the_image_decisions(images: list[tuple], findi
         decision = outcome.decision if isinstance(outcome, ImageFinding) else Decision.NOT_ANALYSED
         assert values[concept.value] == DECISION_EVALUATION[decision].value
         assert values["decision"] == decision.value
+        # a region on the image iff the decision shows a heat map (positive, doubtful)
+        (ident,) = [i for i in groups if i.startswith(wording.image_short(meta) + ":")]
+        assert (ident in regions) == shows_heatmap(decision)
     study_values = [
         {q.name.value: q.value.value for q in g.get_qualitative_evaluations()}
         for g in parsed.content.get_image_measurement_groups() if g.tracking_identifier == "Study"

@@ -298,7 +298,11 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
             start_model = keras.models.load_model(cfg.init_from, compile=False, safe_mode=True)
             for layer in full.layers:
                 if layer.weights:
-                    layer.set_weights(start_model.get_layer(layer.name).get_weights())
+                    src = start_model.get_layer(layer.name).get_weights()
+                    if [w.shape for w in src] == [w.shape for w in layer.get_weights()]:
+                        layer.set_weights(src)
+                    else:  # a head with other classes: the backbone carries over, the head starts anew
+                        logger.info("init-from: %s has other shapes; left at its initial weights", layer.name)
             logger.info("initialised from %s", cfg.init_from)
         if localise:
             cam = full.get_layer("head")(full.outputs[1])  # the head at every cell: the CAM

@@ -16,7 +16,11 @@ returns one :class:`~pipeline.result.ImageFinding` or
   with ``Decision.NEEDS_REVIEW``;
 * otherwise the calibrated probability ``sigmoid(logit / T)`` against the body
   part's doubt band: positive / doubtful / negative;
-* a DICOM BodyPartExamined that disagrees with the router -> a note;
+* a header that names a body part (BodyPartExamined; where blank or generic, the
+  Anatomic Region Sequence, Series/Study Description, Protocol Name;
+  :mod:`pipeline.bodypart`) the router's answer disagrees with -> analysed as the
+  header's part if that part is supported and among the router's top answers, else
+  ``Refusal`` "needs human review: body part disagrees with the header";
 * an image that cannot be prepared or analysed -> a ``Refusal`` (never an exception).
 
 Grad-CAM comes from the same forward pass (:mod:`pipeline.gradcam`).
@@ -34,6 +38,8 @@ from typing import Any
 import numpy as np
 
 from models.registry import ModelEntry, load_keras_model, load_registry
+from pipeline.bodypart import body_part_agrees as body_part_agrees  # re-exported
+from pipeline.bodypart import header_body_part, load_keywords
 from pipeline.gradcam import gradcam_closed_form, upsample
 from pipeline.resize import fit_square
 from pipeline.result import (
@@ -51,27 +57,6 @@ logger = logging.getLogger(__name__)
 OTHER = "OTHER"
 MAX_BATCH = 16
 
-_ARM = frozenset({"ELBOW", "FOREARM", "HUMERUS", "SHOULDER", "WRIST", "HAND", "FINGER"})
-BODY_PART_ALIASES: dict[str, frozenset[str]] = {
-    "ARM": frozenset({"HUMERUS", "FOREARM", "ELBOW"}),
-    "UPPERARM": frozenset({"HUMERUS"}),
-    "UPPER ARM": frozenset({"HUMERUS"}),
-    "LOWERARM": frozenset({"FOREARM"}),
-    "LOWER ARM": frozenset({"FOREARM"}),
-    "EXTREMITY": _ARM,
-    "UPPEREXTREMITY": _ARM,
-    "UPPER EXTREMITY": _ARM,
-    "UPPER LIMB": _ARM,
-    "HAND": frozenset({"HAND", "FINGER", "WRIST"}),
-    "FINGER": frozenset({"FINGER", "HAND"}),
-    "WRIST": frozenset({"WRIST", "HAND", "FOREARM"}),
-    "FOREARM": frozenset({"FOREARM", "WRIST", "ELBOW"}),
-    "ELBOW": frozenset({"ELBOW", "FOREARM", "HUMERUS"}),
-    "HUMERUS": frozenset({"HUMERUS", "SHOULDER", "ELBOW"}),
-    "SHOULDER": frozenset({"SHOULDER", "HUMERUS"}),
-}
-"""BodyPartExamined values (upper case) and the router answers that agree with them.
-Adjacent parts agree because one projection often shows both."""
 
 
 @dataclass(frozen=True)
@@ -181,14 +166,6 @@ def pooled_router_probabilities(probabilities: np.ndarray, groups: Sequence[str]
         if members.sum() > 1:
             out[members] = p[members].mean(axis=0)
     return out
-
-
-def body_part_agrees(body_part_examined: str, router_part: str) -> bool:
-    """Whether a DICOM BodyPartExamined is compatible with the router's answer."""
-    bpe = body_part_examined.strip().upper()
-    if not bpe:
-        return True
-    return router_part in BODY_PART_ALIASES.get(bpe, frozenset({bpe}))
 
 
 class Analyser:
@@ -349,6 +326,23 @@ class Analyser:
             f"{classes[own_top]}, p={float(own[own_top]):.2f})"
         ) if own_top != top else ""
         supported = self._classifier.supported_body_parts
+        header = header_body_part(image.meta)
+        header_note = ""
+        if header is not None and part not in header.parts:
+            table = load_keywords()
+            ranked = [int(j) for j in np.argsort(-probs)[: table.top_k]]
+            allowed = [j for j in ranked if classes[j] in header.parts and classes[j] in supported
+                       and float(probs[j]) >= table.min_probability]
+            if not allowed:
+                return Refusal(
+                    image.meta,
+                    RefusalCode.UNSUPPORTED_BODY_PART,
+                    f"needs human review: body part disagrees with the header (header: {header.describe()}; "
+                    f"router: {part}, p={part_p:.2f}); not analysed",
+                )
+            header_note = (f"analysed as the header's body part {classes[allowed[0]]} "
+                           f"(header: {header.describe()}; router's top answer {part}, p={part_p:.2f})")
+            part, part_p = classes[allowed[0]], float(probs[allowed[0]])
         confident = part_p >= self._router.confidence_floor
         if part == OTHER or (confident and part not in supported):
             what = "a body part outside the supported set" if part == OTHER else f"the {part}"
@@ -360,7 +354,7 @@ class Analyser:
             )
         point = self._classifier.operating_point(part)
         p = float(raw.fracture_probabilities[k])
-        notes: list[str] = [pooled_note] if pooled_note else []
+        notes: list[str] = [n for n in (pooled_note, header_note) if n]
         if not confident:
             decision = Decision.NEEDS_REVIEW
             notes.append(
@@ -376,9 +370,6 @@ class Analyser:
             decision = Decision.NEGATIVE
         else:
             decision = Decision.DOUBTFUL
-        bpe = image.meta.body_part_examined
-        if bpe and not body_part_agrees(bpe, part):
-            notes.append(f"DICOM BodyPartExamined {bpe.strip().upper()} disagrees with the router ({part}, p={part_p:.2f})")
         return ImageFinding(
             image=image,
             transform=transform,

@@ -83,6 +83,10 @@ class ImageMetadata:
     number_of_frames: int = 1
     photometric_interpretation: str = ""
     transfer_syntax_uid: str = ""
+    protocol_name: str = ""
+    """Protocol Name (0018,1030), for the header body-part cross-check."""
+    anatomic_region: str = ""
+    """Code Meaning (else Code Value) of the first Anatomic Region Sequence (0008,2218) item."""
 
 
 @dataclass(frozen=True)

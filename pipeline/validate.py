@@ -188,7 +188,21 @@ def read_metadata(ds: Dataset) -> ImageMetadata:
         number_of_frames=_int(ds, "NumberOfFrames") or 1,
         photometric_interpretation=_text(ds, "PhotometricInterpretation").upper(),
         transfer_syntax_uid=tsyntax,
+        protocol_name=_text(ds, "ProtocolName"),
+        anatomic_region=_anatomic_region(ds),
     )
+
+
+def _anatomic_region(ds: Dataset) -> str:
+    """Code Meaning (else Code Value) of the first Anatomic Region Sequence item, or ``""``."""
+    try:
+        seq = ds.get("AnatomicRegionSequence", None)
+        if not seq:
+            return ""
+        item = seq[0]
+        return _text(item, "CodeMeaning") or _text(item, "CodeValue")
+    except Exception:  # a malformed sequence read leniently
+        return ""
 
 
 def own_output_reason(ds: Dataset) -> str | None:

@@ -187,6 +187,30 @@ def classifier_samples(rows: Sequence[Row], datasets: Sequence[str] = ("MURA-v1.
     return out
 
 
+FRACTURE_DATASETS: tuple[str, ...] = (
+    "FracAtlas", "kaggle-multi-region", "kosratdev-eeeh", "kosratdev-roboflow", "arnnv-web-smoke",
+)
+"""Fracture-labelled sets with both fractured and non-fractured images. Sets with
+positives only (bone-break-classification; pkdarabi and roboflow-sr2022, whose box-less
+images are ``unknown``) would teach "this source means fracture"; their boxes still
+supervise the activation map (:func:`box_samples`)."""
+
+
+def fracture_samples(rows: Sequence[Row], datasets: Sequence[str] = FRACTURE_DATASETS) -> list[Sample]:
+    """Fracture samples: rows with ``label_meaning == 'fracture'`` of ``datasets`` (fracture -> 1).
+
+    FracAtlas's fractured images carry boxes, so they teach the label and the map at once.
+    """
+    out = [
+        Sample(r, 1 if r.label == "positive" else 0)
+        for r in rows
+        if r.dataset in datasets and r.label_meaning == "fracture" and r.label in ("positive", "negative")
+    ]
+    logger.info("fracture samples: %d (%d positive, %d with boxes)", len(out), sum(s.target for s in out),
+                sum(1 for s in out if s.row.boxes))
+    return out
+
+
 def box_samples(rows: Sequence[Row], exclude: Iterable[Path] = ()) -> list[Sample]:
     """Localisation-only samples: positive rows with fracture boxes, not in ``exclude``.
 

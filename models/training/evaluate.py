@@ -68,7 +68,8 @@ def evaluate_router(analyser: Any, rows: Sequence[mdata.Row], supported: Sequenc
         probs.append(analyser.predict_router(x.astype(np.float32)))
     p_known = np.concatenate(probs)
     safety = _router_safety(known, p_known, classes, supported, analyser.router_entry.confidence_floor)
-    targets = [mdata.router_target(r) for r in known]
+    # a class the evaluated router does not have (LEG, HIP for router 1.x) was its OTHER
+    targets = [t if t is None or t in classes else mdata.OTHER for t in (mdata.router_target(r) for r in known)]
     keep = np.array([t is not None for t in targets], dtype=bool)
     items = [(r, t) for r, t in zip(known, targets) if t is not None]
     if not items:

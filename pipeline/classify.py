@@ -332,7 +332,7 @@ class Analyser:
             table = load_keywords()
             ranked = [int(j) for j in np.argsort(-probs)[: table.top_k]]
             allowed = [j for j in ranked if classes[j] in header.parts and classes[j] in supported
-                       and float(probs[j]) >= table.min_probability]
+                       and float(probs[j]) >= max(table.min_probability, self._router.confidence_floor)]
             if not allowed:
                 return Refusal(
                     image.meta,

@@ -5,7 +5,6 @@ never be analysed as an upper limb."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pydicom
 import pytest

@@ -260,6 +260,32 @@ def test_training_smoke_run_on_a_tiny_subset(tmp_path: Path) -> None:
     assert state["history"] and np.isfinite(state["history"][-1]["loss"])
 
 
+def test_fracture_samples_are_fracture_labels_with_both_classes() -> None:
+    from models.training import data as mdata
+
+    rows = mdata.in_split(mdata.read_manifest(MSK_DATA), "val")
+    samples = mdata.fracture_samples(rows)
+    assert {s.row.label_meaning for s in samples} == {"fracture"}
+    assert {s.row.dataset for s in samples} <= set(mdata.FRACTURE_DATASETS)
+    assert "bone-break-classification" not in {s.row.dataset for s in samples}  # positives only
+    atlas = [s for s in samples if s.row.dataset == "FracAtlas"]
+    assert {s.target for s in atlas} == {0, 1} and all(s.row.boxes for s in atlas if s.target == 1)
+
+
+def test_router_targets_cover_the_lower_limb_and_hip() -> None:
+    from models.training import data as mdata
+
+    rows = mdata.read_manifest(MSK_DATA)
+    by = {(r.dataset, r.body_part): mdata.router_target(r) for r in rows}
+    assert by[("FracAtlas", "LEG")] == "LEG" and by[("UNIFESP-bodypart", "ANKLE")] == "LEG"
+    assert by[("knee-kl-crops", "KNEE")] == "LEG" and by[("UNIFESP-bodypart", "PELVIS")] == "HIP"
+    assert by[("uci-shoulder-implant", "SHOULDER")] == "SHOULDER"
+    assert by[("FracAtlas", "HAND")] is None  # fingers to elbow: no finer label
+    assert by[("UNIFESP-bodypart", "CHEST")] == "OTHER"
+    hand = next(r for r in rows if r.dataset == "FracAtlas" and r.body_part == "HAND")
+    assert mdata.region_parts(hand) == {"FINGER", "HAND", "WRIST", "FOREARM", "ELBOW"}
+
+
 def test_localisation_training_smoke_run(tmp_path: Path) -> None:
     """The box-supervised activation-map loss trains and reports a pointing game; the
     shipped model is the mean of the last two epochs' weights."""
@@ -268,7 +294,8 @@ def test_localisation_training_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     code = train_main(["--task", "classifier", "--data", str(MSK_DATA), "--out", str(out),
                        "--size", "64", "--epochs", "2", "--limit", "48", "--batch-size", "16",
-                       "--localisation-weight", "0.3", "--average-last", "2", "--quiet"])
+                       "--localisation-weight", "0.3", "--average-last", "2", "--finding", "fracture",
+                       "--quiet"])
     assert code == 0
     assert sorted(p.name for p in out.glob("epoch-*.keras")) == ["epoch-1.keras", "epoch-2.keras"]
     last = json.loads((out / "state.json").read_text())["history"][-1]
@@ -337,8 +364,52 @@ def test_evaluate_cli_writes_the_metrics_contract(tmp_path: Path) -> None:
     for key in ("auroc", "kappa", "sensitivity", "specificity", "n"):
         assert key in metrics["fracture"]["study"]
     assert set(metrics["fracture"]["by_body_part"]) <= {"FOREARM", "HUMERUS"}
+    for block in metrics["fracture"]["by_body_part"].values():
+        for key in ("auroc", "sensitivity", "specificity", "n"):
+            assert key in block["image"]
+    assert 0.0 <= metrics["router"]["unsupported_analysed_rate"] <= 1.0
     assert "pointing_game" in metrics["localisation"]
     assert (out / "report.md").exists() and list(out.glob("*.png"))
+
+
+def _folder(tmp_path: Path, picked: list[dict[str, str]]) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    with (MSK_DATA / "manifest.csv").open() as fh:
+        fields = csv.DictReader(fh).fieldnames
+    assert fields is not None
+    with (data / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in picked:
+            target = data / row["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(MSK_DATA / row["path"], target)
+            writer.writerow(row)
+    return data
+
+
+def test_evaluate_on_lower_limbs_only_reports_the_router(tmp_path: Path) -> None:
+    """A folder without one image of a supported part: no exit; the router's behaviour,
+    the refusal counts and the fracture-labelled image metrics are reported."""
+    from models.cli import evaluate_main
+
+    picked = (_rows(dataset="FracAtlas", split="val", body_part="LEG", label="positive")[:4]
+              + _rows(dataset="FracAtlas", split="val", body_part="LEG", label="negative")[:4]
+              + _rows(dataset="UNIFESP-bodypart", split="val", body_part="KNEE")[:2])
+    data = _folder(tmp_path, picked)
+    out = tmp_path / "eval"
+    assert evaluate_main(["--data", str(data), "--out", str(out), "--n-boot", "50",
+                          "--router", ROUTER, "--classifier", CLASSIFIER]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    router = metrics["router"]
+    assert router["n_known_region"] == len(picked)
+    assert router["analysed"] + router["refused_unsupported"] == len(picked)
+    assert router["unsupported_analysed"] == round(router["unsupported_analysed_rate"] * len(picked))
+    assert metrics["fracture"]["study"]["n"] == 0
+    leg = metrics["fracture"]["fracture_labelled"]["by_region"]["LEG"]
+    assert leg["n"] == 8 and 0.0 <= leg["auroc"] <= 1.0
+    assert "safety" in (out / "report.md").read_text()
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ class TrainConfig:
     """32, or 16 for a feature grid (and Grad-CAM) twice as fine (see :func:`mobilenet.backbone`)."""
     class_weight_power: float = 1.0
     """Class weights ``(n / (k * n_c)) ** power``: 1 balances the classes, 0 weighs every image alike."""
+    finding: str = "abnormality"
+    """Classifier labels: ``abnormality`` (MURA's abnormal study) or ``fracture``
+    (the fracture-labelled sets of :data:`models.training.data.FRACTURE_DATASETS`)."""
     init_from: str | None = None
     """Start from the weights of an earlier run's ``model.keras`` (same task, size and
     output stride) instead of the ImageNet backbone: a second stage of fine-tuning."""
@@ -93,6 +96,8 @@ class TrainConfig:
             raise ValueError("localisation_weight must be >= 0, and only the classifier has one")
         if not 0.0 <= self.class_weight_power <= 1.0:
             raise ValueError(f"class_weight_power must be in [0, 1], not {self.class_weight_power}")
+        if self.finding not in ("abnormality", "fracture"):
+            raise ValueError(f"finding must be 'abnormality' or 'fracture', not {self.finding!r}")
         if self.output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, not {self.output_stride}")
 
@@ -103,7 +108,7 @@ def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.
         cap = cfg.max_per_class if split == "train" else None
         samples = mdata.router_samples(part, cap, cfg.seed)
     else:
-        samples = mdata.classifier_samples(part)
+        samples = mdata.fracture_samples(part) if cfg.finding == "fracture" else mdata.classifier_samples(part)
         if cfg.localisation_weight and split == "train":
             samples += mdata.box_samples(part, exclude=[s.row.path for s in samples])
     if cfg.limit is not None:
@@ -298,7 +303,11 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
             start_model = keras.models.load_model(cfg.init_from, compile=False, safe_mode=True)
             for layer in full.layers:
                 if layer.weights:
-                    layer.set_weights(start_model.get_layer(layer.name).get_weights())
+                    src = start_model.get_layer(layer.name).get_weights()
+                    if [w.shape for w in src] == [w.shape for w in layer.get_weights()]:
+                        layer.set_weights(src)
+                    else:  # a head with other classes: the backbone carries over, the head starts anew
+                        logger.info("init-from: %s has other shapes; left at its initial weights", layer.name)
             logger.info("initialised from %s", cfg.init_from)
         if localise:
             cam = full.get_layer("head")(full.outputs[1])  # the head at every cell: the CAM
@@ -394,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="16: dilate the last stage for a feature grid (Grad-CAM) twice as fine")
     p.add_argument("--class-weight-power", type=float, default=1.0,
                    help="class weights (n / (k n_c)) ** POWER: 1 balanced, 0.5 milder, 0 none")
+    p.add_argument("--finding", choices=("abnormality", "fracture"), default="abnormality",
+                   help="classifier labels: MURA abnormal study, or the fracture-labelled sets")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from an earlier run's model.keras (second-stage fine-tuning)")
     p.add_argument("--resume", action="store_true")
@@ -412,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         limit=args.limit, max_minutes=args.max_minutes, backbone=str(args.backbone),
         label_smoothing=args.label_smoothing, localisation_weight=args.localisation_weight,
         average_last=args.average_last, output_stride=args.output_stride,
-        class_weight_power=args.class_weight_power,
+        class_weight_power=args.class_weight_power, finding=args.finding,
         init_from=str(args.init_from) if args.init_from else None,
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1

@@ -255,10 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                     if cfg.get("localisation_weight") else ""
                 ) + train_desc
             )
-            # what the probability means, named so in every output (dicom_out/wording.py):
-            # this training uses MURA's study-level "abnormal" labels
-            entry["finding"] = "abnormality"
             entry["temperature"] = temperature
+            # what the probability means, named so in every output (dicom_out/wording.py):
+            # the run's own --finding (MURA's study-level "abnormal" unless it says fracture)
             entry["finding"] = cfg.get("finding", "abnormality")
             entry["confidence_floor"] = 0.0
             entry["notes"] = (

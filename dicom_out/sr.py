@@ -86,6 +86,13 @@ finding named by the group's finding type (fracture, or MURA abnormality)."""
 BODY_PART_PROBABILITY = Code("body-part-probability", LOCAL_SCHEME, "Body part probability")
 """Concept name of the router's probability for the body part it chose."""
 
+SR_IMAGE_REGIONS = False
+"""Whether positive and doubtful images get a TID 1410 planar ROI group with the heat
+map's hot region.  Off: in an SR that holds both kinds of group, PixelMed's
+DicomSRValidator (2022) reports the TID 1501 groups as TID 1410 groups missing their
+SCOORD ("Missing conditional content item"), and OHIF 3.13.2 does not draw the region
+either (tests/test_ohif.py).  The builder stays tested with it on."""
+
 UNIT_PROBABILITY = codes.UCUM.NoUnits
 """Probabilities are unitless fractions in [0, 1] (UCUM "1")."""
 
@@ -196,7 +203,7 @@ def _image_group(finding: ImageFinding) -> (
         hd.sr.QualitativeEvaluation(concept, DECISION_EVALUATION[finding.decision]),
         hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(finding.decision)),
     ]
-    region = _hot_region(finding) if shows_heatmap(finding.decision) else None
+    region = _hot_region(finding) if SR_IMAGE_REGIONS and shows_heatmap(finding.decision) else None
     if region is not None:
         return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,

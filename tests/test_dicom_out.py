@@ -310,7 +310,29 @@ def test_dciodvfy_reports_no_errors(written: Mapping[str, Path]) -> None:
 
 
 def test_structured_report_roundtrip(study: Study, built: tuple) -> None:
-    scs, sr, _ = built
+    _check_structured_report(study, built[1], built[0], regions=False)
+
+
+def test_structured_report_with_image_regions(study: Study, monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """With ``SR_IMAGE_REGIONS`` on, positive and doubtful images get a TID 1410 group
+    whose region outlines the heat map's hot region on the source image; dciodvfy still
+    passes (PixelMed does not: see the flag)."""
+    import dicom_out.sr as sr_module
+
+    monkeypatch.setattr(sr_module, "SR_IMAGE_REGIONS", True)
+    scs: list[pydicom.Dataset] = []  # the evidence then holds the sources only
+    sr = build_structured_report(study.result, study.sources, scs, SETTINGS)
+    _check_structured_report(study, sr, scs, regions=True)
+    if shutil.which("dciodvfy"):
+        path = tmp_path / "sr-regions.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        errors, _ = dciodvfy(path)
+        assert not errors, errors
+
+
+def _check_structured_report(study: Study, sr: pydicom.Dataset, scs: list[pydicom.Dataset],
+                             regions: bool) -> None:
     ds = roundtrip(sr)
     doc = hd.sr.srread(io.BytesIO(to_bytes(sr)))
     assert isinstance(doc, hd.sr.Comprehensive3DSR)
@@ -333,7 +355,7 @@ def test_structured_report_roundtrip(study: Study, built: tuple) -> None:
         uid = finding.meta.sop_instance_uid
         image_groups = report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
         roi_groups = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
-        if shows_heatmap(finding.decision):
+        if regions and shows_heatmap(finding.decision):
             # positive / doubtful: a TID 1410 group whose region lies on the source image
             assert image_groups == [] and len(roi_groups) == 1, uid
             group = roi_groups[0]

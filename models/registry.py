@@ -274,16 +274,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _verify_file(entry: ModelEntry, what: str, path: Path, expected: str) -> None:
+    """Raise :class:`WeightsIntegrityError` unless ``path`` exists and has ``expected``."""
+    if not path.is_file():
+        raise WeightsIntegrityError(f"{what} of {entry.name} not found: {path}")
+    actual = sha256_of(path)
+    if actual != expected:
+        verb = "have" if what == "weights" else "has"
+        raise WeightsIntegrityError(
+            f"{what} of {entry.name} {entry.version} at {path} {verb} SHA-256 {actual}, "
+            f"the registry records {expected}"
+        )
+
+
 def verify_weights(entry: ModelEntry) -> None:
     """Raise :class:`WeightsIntegrityError` unless the weights file has the recorded hash."""
-    if not entry.weights.is_file():
-        raise WeightsIntegrityError(f"weights of {entry.name} not found: {entry.weights}")
-    actual = sha256_of(entry.weights)
-    if actual != entry.sha256:
-        raise WeightsIntegrityError(
-            f"weights of {entry.name} {entry.version} at {entry.weights} have SHA-256 {actual}, "
-            f"the registry records {entry.sha256}"
-        )
+    _verify_file(entry, "weights", entry.weights, entry.sha256)
 
 
 def verify_graph(entry: ModelEntry) -> None:
@@ -294,14 +300,7 @@ def verify_graph(entry: ModelEntry) -> None:
             f"{entry.name} {entry.version} has no exported graph in the registry: run "
             "`fracture-node export` (python -m models.training.export)"
         )
-    if not entry.graph.is_file():
-        raise WeightsIntegrityError(f"graph of {entry.name} not found: {entry.graph}")
-    actual = sha256_of(entry.graph)
-    if actual != entry.graph_sha256:
-        raise WeightsIntegrityError(
-            f"graph of {entry.name} {entry.version} at {entry.graph} has SHA-256 {actual}, "
-            f"the registry records {entry.graph_sha256}"
-        )
+    _verify_file(entry, "graph", entry.graph, entry.graph_sha256)
 
 
 def load_keras_model(entry: ModelEntry) -> Any:

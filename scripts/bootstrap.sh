@@ -28,9 +28,14 @@ if [ "$need_apt" = 1 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
+  packages="orthanc dcmtk dicom3tools poppler-utils libopenjp2-7 openssl iproute2 chromium
+    libpixelmed-java default-jre-headless postgresql orthanc-dicomweb"
+  # npm only where there is none: a NodeSource nodejs ships its own npm and conflicts
+  # with Debian's package of it.
+  command -v npm >/dev/null || packages="$packages npm"
+  # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    orthanc dcmtk dicom3tools poppler-utils libopenjp2-7 openssl iproute2 chromium \
-    libpixelmed-java default-jre-headless postgresql orthanc-dicomweb npm >/dev/null
+    $packages >/dev/null
   # Debian starts an Orthanc service on install; the project runs its own Orthanc.
   $SUDO service orthanc stop >/dev/null 2>&1 || true
   # Likewise PostgreSQL: the tests run their own server in a temporary directory.

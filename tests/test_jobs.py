@@ -501,3 +501,44 @@ def test_a_study_that_keeps_losing_its_node_is_failed_not_handed_on(pg: Factory,
     assert row["state"] == FAILED and "stopped while processing it" in row["reason"]
     assert a.retry_dead("1.2.3") == 1
     assert a.claim_ready_study(1.0, now=t + 1) is not None, "retry did not requeue it"
+
+
+def _drop_connection(url: str, node_id: str) -> None:
+    """What a database restart does to a node: its session is terminated."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE application_name = %s", [f"fracture-node {node_id}"])
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_work_whose_outcome_could_not_be_recorded_is_not_renewed(pg: Factory,
+                                                                 spool_root: Path) -> None:
+    """The database went away while a study (and an outbox item) were being worked on:
+    the worker's next call fails and it drops the job without recording an outcome.
+    The heartbeat must not renew those leases for ever once it reconnects (the study
+    would be held with nobody working on it: wedged); they lapse, and another node
+    takes the work over.  Before this rule, a 20 s outage wedged a study (the outage
+    test in test_scaleout.py)."""
+    a, b = pg("node-a#1", lease_seconds=5.0), pg("node-b#2", lease_seconds=5.0)
+    a.record_instance(_rec(spool_root, "1.9.1"), now=time.time() - 10)
+    a.record_instance(_rec(spool_root, "1.9.5", study="1.2.5"), now=time.time() - 10)
+    done = a.claim_ready_study(1.0)
+    assert done is not None
+    a.finish_study(done, [_out(spool_root, "1.8.1", study=done.study_instance_uid)], ["pacs"],
+                   {}, "x")
+    item = a.due_items()[0]
+    job = a.claim_ready_study(1.0)
+    assert job is not None
+    before = {x["kind"]: x["lease_expires_at"] for x in b.leases()}
+    _drop_connection(pg.url, "node-a#1")  # type: ignore[attr-defined]
+    with pytest.raises(JobStoreUnavailableError):  # the worker's next call: job dropped
+        a.study_attempts(job.study_instance_uid)
+    time.sleep(0.05)
+    a.heartbeat()  # reconnects; the node is alive, but works on neither any more
+    after = {x["kind"]: x["lease_expires_at"] for x in b.leases()}
+    assert after == before, "the heartbeat renewed leases of dropped work"
+    assert {n["node_id"]: n["alive"] for n in b.nodes()}["node-a#1"]
+    later = time.time() + 6
+    taken = b.claim_ready_study(1.0, now=later)
+    assert taken is not None and taken.study_instance_uid == job.study_instance_uid
+    assert [i.id for i in b.due_items(now=later)] == [item.id]

@@ -28,10 +28,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from conftest import ROOT, Orthanc, free_port, wait_for, write_config
-from nodeharness import CopyProcessor
 from node.config import load_config
 from node.scp import STATUS_OUT_OF_RESOURCES, set_nodelay
-from node.service import Node
 from pgserver import PostgresServer, shared_server
 
 LEASE = 3.0
@@ -122,13 +120,23 @@ class ServedNode:
         self.ready = self.dir / "ready"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "ServedNode":
+    def launch(self) -> "ServedNode":
+        """Start the process without waiting for it (start several, then wait)."""
         argv = [sys.executable, str(ROOT / "tests" / "nodeharness.py"), str(self.config),
                 str(self.ready), "--report", "--delay", str(self.delay)]
         self.proc = subprocess.Popen(argv, cwd=ROOT / "tests",
                                      stderr=(self.dir / "node.log").open("ab"))
+        return self
+
+    def wait_ready(self) -> "ServedNode":
         wait_for(self.ready.exists, timeout=60)
         return self
+
+    def start(self) -> "ServedNode":
+        return self.launch().wait_ready()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -249,36 +257,92 @@ def test_new_node_takes_a_share_and_sigterm_drains(cluster: Any, tmp_path: Path)
     assert len({sop for _, sop, _ in pacs.received()}) == 12
 
 
-def test_database_down_refuses_with_a700_and_loses_nothing(tmp_path: Path) -> None:
+OUTAGE = 20.0
+"""Seconds PostgreSQL is down in the outage test (issue 16)."""
+
+
+def dcmtk_store(port: int, path: Path) -> subprocess.CompletedProcess[str]:
+    """One C-STORE with DCMTK's storescu (``/usr/bin``: pynetdicom shadows it)."""
+    return subprocess.run(["/usr/bin/storescu", "-v", "-aet", "TESTSCU", "-aec", "FRACTURE_NODE",
+                           "-xe", "127.0.0.1", str(port), str(path)], capture_output=True,
+                          text=True, timeout=60, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_database_down_for_20_s_refuses_with_a700_and_loses_nothing(tmp_path: Path) -> None:
+    """PostgreSQL stopped for 20 s under two running nodes, one of them holding a
+    study: every C-STORE during the outage is answered 0xA700 (seen by pynetdicom and
+    by DCMTK's storescu) and nothing of it is kept; the nodes neither exit nor wedge;
+    when the database returns, the studies acknowledged before it went down (the held
+    one after its lease ran out) are processed and delivered exactly once, and the
+    SCPs store again."""
     server = PostgresServer()  # its own: this test stops it
+    pacs = StoreSCP(tmp_path / "pacs")
+    nodes: list[ServedNode] = []
     try:
         url = server.new_database()
-        config = load_config(write_config(
-            tmp_path, free_port(), quiet_seconds=1.0,
-            extra=f'[database]\nurl = "{url}"\nlease_seconds = {LEASE}\nnode_name = "solo"\n'))
-        node = Node(config, CopyProcessor)
-        port = node.start()[1]
-        try:
-            acknowledged, refused = cr(generate_uid()), cr(generate_uid())
-            assert store(port, [acknowledged]) == [0]
-            server.stop()
-            assert store(port, [refused]) == [STATUS_OUT_OF_RESOURCES]
-            assert not (config.storage.spool_dir / "incoming" /
-                        refused.StudyInstanceUID).exists(), "a refused instance was kept"
-            time.sleep(LEASE + 0.5)  # the worker and the heartbeat run into the outage
-            server.start()
-            wait_for(lambda: node.jobs.query(
-                "SELECT state FROM studies WHERE study_instance_uid = ?",
-                [acknowledged.StudyInstanceUID]) == [{"state": "processed"}], timeout=60)
-            assert store(port, [refused]) == [0]
-            wait_for(lambda: len(node.jobs.query(
-                "SELECT 1 FROM studies WHERE state = 'processed'")) == 2, timeout=60)
-            held = {r["sop_instance_uid"] for r in node.jobs.query(
-                "SELECT sop_instance_uid FROM instances")}
-            assert held == {acknowledged.SOPInstanceUID, refused.SOPInstanceUID}
-        finally:
-            node.stop(grace_seconds=2)
+        nodes += [ServedNode(tmp_path, name, url, tmp_path / "spool", pacs.port, delay=2.0,
+                             quiet=0.5).launch() for name in ("node-a", "node-b")]
+        for n in nodes:
+            n.wait_ready()
+        acknowledged: dict[str, str] = {}  # SOP Instance UID -> Study Instance UID
+        for n in nodes:
+            ds = cr(generate_uid())
+            assert store(n.port, [ds]) == [0]
+            acknowledged[ds.SOPInstanceUID] = ds.StudyInstanceUID
+        wait_for(lambda: sql(url, "SELECT 1 FROM studies WHERE state = 'processing'"),
+                 timeout=30, interval=0.02)
+        server.stop()
+        stopped = time.monotonic()
+        refused: list[Dataset] = []
+        probe = tmp_path / "probe.dcm"
+        while True:
+            for n in nodes:
+                ds = cr(generate_uid())
+                assert store(n.port, [ds]) == [STATUS_OUT_OF_RESOURCES], n.name
+                refused.append(ds)
+                assert n.alive(), f"{n.name} exited during the outage"
+            if time.monotonic() - stopped >= OUTAGE - 4:
+                break
+            time.sleep(2.0)
+        ds = cr(generate_uid())
+        ds.save_as(probe, enforce_file_format=True)
+        out = dcmtk_store(nodes[0].port, probe)
+        # DCMTK names the 0xA7xx class; pynetdicom above saw the exact 0xA700
+        assert out.returncode != 0 and "Received Store Response (Refused: OutOfResources)" \
+            in out.stderr, out.stderr
+        refused.append(ds)
+        time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))
+        server.start()
+        assert all(n.alive() for n in nodes)
+        # after it: each SCP stores again, and everything acknowledged is delivered once
+        after = {}
+        for n in nodes:
+            ds = cr(generate_uid())
+            assert store(n.port, [ds]) == [0], f"{n.name} did not store after the outage"
+            after[ds.SOPInstanceUID] = ds.StudyInstanceUID
+        held = {**acknowledged, **after}
+        expected = Counter({uid: 2 for uid in held.values()})  # a copy and an SR each
+        wait_for(lambda: Counter(s for s, _, _ in pacs.received()) == expected, timeout=90,
+                 interval=0.2)
+        wait_for(lambda: not sql(url, "SELECT 1 FROM outbox WHERE state != 'delivered'"),
+                 timeout=30)
+        received = Counter(sop for _, sop, _ in pacs.received())
+        assert all(k == 1 for k in received.values()), f"delivered twice: {received}"
+        rows = sql(url, "SELECT sop_instance_uid, path FROM instances")
+        assert {r["sop_instance_uid"] for r in rows} == set(held), "lost or kept wrongly"
+        for ds in refused:
+            assert not (tmp_path / "spool" / "incoming" / ds.StudyInstanceUID).exists(), \
+                "a refused instance was kept in the spool"
+        assert {r["state"] for r in sql(url, "SELECT state FROM studies")} == {"processed"}
+        assert sum(1 for n in nodes if "heartbeat restored" in
+                   (n.dir / "node.log").read_text()) == 2
+        for n in nodes:  # neither wedged: each drains and exits on SIGTERM
+            n.signal(signal.SIGTERM)
+            assert n.proc is not None and n.proc.returncode == 0, n.name
     finally:
+        for n in nodes:
+            n.stop()
+        pacs.stop()
         server.destroy()
 
 

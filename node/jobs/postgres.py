@@ -225,6 +225,14 @@ class PostgresJobStore:
         self.connect_timeout = connect_timeout
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[Any] | None = None
+        self._held_studies: set[str] = set()
+        """Studies this process claimed and has not finished, failed or released: the
+        only study leases its heartbeat renews.  Emptied when the database is lost
+        (:meth:`_stop_renewing`), so a job a worker dropped because it could not record
+        the outcome is not renewed for ever with nobody working on it."""
+        self._held_items: set[int] = set()
+        """Outbox items this process claimed and has not marked or released (the same
+        rule for the heartbeat)."""
         with self._lock:
             migrate(self._connection())
         if node_id is not None:
@@ -253,10 +261,26 @@ class PostgresJobStore:
                                        connect_timeout=max(1, int(self.connect_timeout)),
                                        application_name=f"fracture-node {self.node_id or 'tool'}")
             except psycopg.OperationalError as exc:
+                self._stop_renewing()
                 raise JobStoreUnavailableError(
                     f"job database unreachable: {str(exc).strip().splitlines()[0]}") from exc
             self._conn = conn
         return conn
+
+    def _stop_renewing(self) -> None:
+        """The database was lost: this process can no longer tell which of its claims
+        its threads are still working on (a worker that could not record an outcome has
+        dropped its job), so no lease held now is renewed again.  Each lapses one lease
+        after its last renewal: work finished before that is recorded as usual; work
+        that is not (or was dropped) goes to whichever node claims it next, and a late
+        finish is refused (:class:`~node.jobs.LeaseLostError`)."""
+        if self._held_studies or self._held_items:
+            logger.warning("job database lost: the leases of %d study(ies) and %d outbox "
+                           "item(s) in progress are no longer renewed (they lapse within "
+                           "%.0f s)", len(self._held_studies), len(self._held_items),
+                           self.lease_seconds)
+        self._held_studies.clear()
+        self._held_items.clear()
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Cursor[Any]]:
@@ -270,6 +294,7 @@ class PostgresJobStore:
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 if conn.broken or conn.closed:
                     self._conn = None
+                    self._stop_renewing()
                     try:
                         conn.close()
                     except Exception:  # already gone
@@ -492,6 +517,8 @@ class PostgresJobStore:
                 [study_uid],
             )
             report = cur.fetchone()
+        with self._lock:
+            self._held_studies.add(study_uid)
         instances = []
         for r in inst:
             values = list(r)
@@ -503,6 +530,17 @@ class PostgresJobStore:
             instances=tuple(instances),
             previous_report=Path(self._abs(report[0])) if report else None,
         )
+
+    @contextmanager
+    def _letting_go(self, study_instance_uid: str) -> Iterator[None]:
+        """This process stops working on the study whatever happens next: recorded,
+        refused (lease lost) or unrecordable (database gone), its lease is not renewed
+        any more."""
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held_studies.discard(study_instance_uid)
 
     def _check_owner(self, cur: psycopg.Cursor[Any], study_instance_uid: str) -> None:
         node = self._require_node()
@@ -526,7 +564,7 @@ class PostgresJobStore:
         """Record a processed study in one transaction (see the SQLite store), if
         this node still holds its lease; otherwise raise
         :class:`~node.jobs.LeaseLostError` and change nothing."""
-        with self.transaction() as cur:
+        with self._letting_go(job.study_instance_uid), self.transaction() as cur:
             now = self._now(cur, now)
             self._check_owner(cur, job.study_instance_uid)
             for sop_uid, (outcome, reason) in outcomes.items():
@@ -569,7 +607,7 @@ class PostgresJobStore:
     ) -> None:
         """A processing attempt raised: retry ``retry_after`` seconds later, or mark the
         study ``failed``; releases the lease (if still held)."""
-        with self.transaction() as cur:
+        with self._letting_go(job.study_instance_uid), self.transaction() as cur:
             now = self._now(cur, now)
             self._check_owner(cur, job.study_instance_uid)
             if retry_after is None:
@@ -621,6 +659,8 @@ class PostgresJobStore:
                 {"now": now, "limit": limit, "node": node, "until": now + self.lease_seconds},
             )
             rows = cur.fetchall()
+        with self._lock:
+            self._held_items.update(int(r[0]) for r in rows)
         items = [OutboxItem(int(r[0]), r[1], r[2], r[3], r[4], r[5], self._abs(r[6]), int(r[7]))
                  for r in rows]
         return sorted(items, key=lambda i: (i.destination, i.id))
@@ -633,7 +673,7 @@ class PostgresJobStore:
     def mark_delivered(self, item_id: int, now: float | None = None) -> bool:
         """Mark one outbox row delivered (by this node).  Returns True when no other
         destination still needs the same file (it may then be deleted)."""
-        with self.transaction() as cur:
+        with self._letting_go_items([item_id]), self.transaction() as cur:
             now = self._now(cur, now)
             cur.execute(
                 "UPDATE outbox SET state = 'delivered', delivered_at = %s, last_error = NULL, "
@@ -653,7 +693,7 @@ class PostgresJobStore:
     ) -> None:
         """Record a failed attempt and release the item (only if this node holds it:
         a node whose lease was taken over does not overwrite the new owner's state)."""
-        with self.transaction() as cur:
+        with self._letting_go_items([item_id]), self.transaction() as cur:
             cur.execute(
                 "UPDATE outbox SET state = %s, attempts = attempts + 1, last_error = %s, "
                 "next_attempt_at = %s, owner = NULL, lease_expires_at = NULL "
@@ -661,12 +701,21 @@ class PostgresJobStore:
                 [DEAD if dead else PENDING, error, retry_at, item_id, self.node_id],
             )
 
+    @contextmanager
+    def _letting_go_items(self, item_ids: Sequence[int]) -> Iterator[None]:
+        """As :meth:`_letting_go`, for outbox items."""
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held_items.difference_update(int(i) for i in item_ids)
+
     def release_items(self, item_ids: Sequence[int]) -> None:
         """Give back outbox items this node claimed and did not try (e.g. the loop
         stopped): any node may take them at once."""
         if not item_ids:
             return
-        with self.transaction() as cur:
+        with self._letting_go_items(item_ids), self.transaction() as cur:
             cur.execute(
                 "UPDATE outbox SET owner = NULL, lease_expires_at = NULL "
                 "WHERE owner = %s AND id = ANY(%s)",
@@ -718,8 +767,9 @@ class PostgresJobStore:
     # -- leases and status ------------------------------------------------------------------------
 
     def heartbeat(self, busy: frozenset[str] = frozenset()) -> None:
-        """This node is alive: renew its leases on studies and outbox items and
-        publish the studies its open associations are receiving."""
+        """This node is alive: renew the leases of the studies and outbox items it is
+        working on (claimed and not yet finished, failed or released by this process)
+        and publish the studies its open associations are receiving."""
         node = self._require_node()
         with self.transaction() as cur:
             now = self._now(cur)
@@ -727,9 +777,11 @@ class PostgresJobStore:
             cur.execute("UPDATE nodes SET heartbeat_at = %s, stopped_at = NULL "
                         "WHERE node_id = %s", [now, node])
             cur.execute("UPDATE studies SET lease_expires_at = %s WHERE owner = %s "
-                        "AND state = 'processing'", [until, node])
+                        "AND state = 'processing' AND study_instance_uid = ANY(%s)",
+                        [until, node, sorted(self._held_studies)])
             cur.execute("UPDATE outbox SET lease_expires_at = %s WHERE owner = %s "
-                        "AND state = 'pending'", [until, node])
+                        "AND state = 'pending' AND id = ANY(%s)",
+                        [until, node, sorted(self._held_items)])
             self._sync_receiving(cur, busy, now)
 
     def release_all(self) -> None:
@@ -749,6 +801,8 @@ class PostgresJobStore:
             items = cur.rowcount
             cur.execute("DELETE FROM receiving WHERE node_id = %s", [node])
             cur.execute("UPDATE nodes SET stopped_at = %s WHERE node_id = %s", [now, node])
+            self._held_studies.clear()
+            self._held_items.clear()
         if studies or items:
             logger.info("released %d study lease(s) and %d outbox lease(s) at stop",
                         studies, items)

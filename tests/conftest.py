@@ -117,3 +117,23 @@ def pixelmed_sr_errors(path: Path) -> list[str]:
     lines = (proc.stdout + proc.stderr).splitlines()
     assert any("validation complete" in line.lower() for line in lines), lines[-20:]
     return [line for line in lines if line.startswith("Error") or "Exception" in line]
+
+
+# -- the job store of a node under test ---------------------------------------------------
+
+LEASE_SECONDS = 3.0
+"""The lease of a test node on PostgreSQL: short, so a take-over costs seconds."""
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def job_database(request: pytest.FixtureRequest) -> str:
+    """The job store of a node under test, as TOML to append to its config: ``""`` (the
+    SQLite file, the default) or a ``[database]`` section on a fresh database of the
+    tests' PostgreSQL (tests/pgserver.py, one server per test process)."""
+    if request.param == "sqlite":
+        return ""
+    from pgserver import shared_server
+
+    url = shared_server().new_database()
+    return (f'[database]\nurl = "{url}"\nlease_seconds = {LEASE_SECONDS}\n'
+            'heartbeat_seconds = 0.5\n')

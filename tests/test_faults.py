@@ -13,22 +13,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import ROOT, Orthanc, free_port, wait_for, write_config
+from conftest import LEASE_SECONDS, ROOT, Orthanc, free_port, wait_for, write_config
 
 EXE = ROOT / ".venv" / "bin" / "fracture-node"
 DEMO = sorted((ROOT / "demo" / "studies" / "forearm").glob("*.dcm"))
 
 
 class ServedNode:
-    def __init__(self, tmp: Path, orthanc: Orthanc, port: int) -> None:
+    def __init__(self, tmp: Path, orthanc: Orthanc, port: int, database: str = "") -> None:
         self.tmp = tmp
         self.port = port
+        self.url = load_config_url(database)
         self.config = write_config(tmp, port, quiet_seconds=1.0, destinations=[
-            {"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom_port}])
+            {"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom_port}],
+            extra=database)
         self.ready = tmp / "ready"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -50,11 +53,21 @@ class ServedNode:
             self.proc.wait(timeout=60)
 
     def db(self, sql: str) -> list[tuple]:  # type: ignore[type-arg]
+        if self.url:  # PostgreSQL
+            with psycopg.connect(self.url) as conn:
+                return [tuple(r) for r in conn.execute(sql).fetchall()]
         con = sqlite3.connect(self.tmp / "node.sqlite", timeout=10)
         try:
             return con.execute(sql).fetchall()
         finally:
             con.close()
+
+
+def load_config_url(database: str) -> str:
+    """The PostgreSQL URL in a ``job_database`` TOML section ("" for SQLite)."""
+    import tomllib
+
+    return str(tomllib.loads(database).get("database", {}).get("url", "")) if database else ""
 
 
 def _study(tmp: Path, name: str) -> tuple[str, list[Path]]:
@@ -84,17 +97,43 @@ def _kill_when(node: ServedNode, condition: Callable[[], bool], timeout: float =
             if condition():
                 node.kill()
                 return
-        except sqlite3.OperationalError:
+        except (sqlite3.OperationalError, psycopg.OperationalError):
             pass
         time.sleep(0.005)
     raise AssertionError("the phase to interrupt never came")
 
 
-@pytest.mark.parametrize("phase", ["receive", "inference", "delivery"])
-def test_sigkill_then_restart_loses_nothing(tmp_path: Path, phase: str) -> None:
+@pytest.fixture(params=[
+    pytest.param(("receive", "sqlite"), id="receive"),
+    pytest.param(("inference", "sqlite"), id="inference"),
+    pytest.param(("delivery", "sqlite"), id="delivery"),
+    pytest.param(("inference", "postgres"), id="inference-postgres"),
+])
+def phase_and_store(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """Where the kill falls, and the job store.  On PostgreSQL the interesting phase
+    is inference: the killed process holds the study's lease, and the restarted one
+    (a new node id) takes it over only once that lease has expired."""
+    return tuple(request.param)  # type: ignore[return-value]
+
+
+@pytest.fixture
+def job_database(phase_and_store: tuple[str, str]) -> str:
+    """conftest's job store fixture, for the store this case names."""
+    if phase_and_store[1] == "sqlite":
+        return ""
+    from pgserver import shared_server
+
+    url = shared_server().new_database()
+    return (f'[database]\nurl = "{url}"\nlease_seconds = {LEASE_SECONDS}\n'
+            'heartbeat_seconds = 0.5\n')
+
+
+def test_sigkill_then_restart_loses_nothing(tmp_path: Path, phase_and_store: tuple[str, str],
+                                            job_database: str) -> None:
+    phase = phase_and_store[0]
     port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", node_port=port).start()
-    node = ServedNode(tmp_path, orthanc, port)
+    node = ServedNode(tmp_path, orthanc, port, job_database)
     try:
         node.start()
         study_uid, files = _study(tmp_path, phase)
@@ -110,6 +149,7 @@ def test_sigkill_then_restart_loses_nothing(tmp_path: Path, phase: str) -> None:
             else:
                 _kill_when(node, lambda: bool(node.db("SELECT 1 FROM outbox")))
         acknowledged = {r[0] for r in node.db("SELECT sop_instance_uid FROM instances")}
+        killed_owner = node.db("SELECT owner FROM studies")[0][0] if node.url else None
         node.start()
         missing = [f for f in files if str(pydicom.dcmread(f, stop_before_pixels=True)
                                            .SOPInstanceUID) not in acknowledged]
@@ -123,7 +163,13 @@ def test_sigkill_then_restart_loses_nothing(tmp_path: Path, phase: str) -> None:
         assert len(queued) == len(set(queued)), "a result was queued twice"
         in_archive = [i["tags"]["SOPInstanceUID"] for i in orthanc.study_instances(study_uid)]
         assert sorted(in_archive) == sorted(r[0] for r in queued)
-        assert node.db("PRAGMA integrity_check") == [("ok",)]
+        if node.url:  # the restarted process is another node id: it took the study over
+            assert killed_owner is not None
+            (processed_by,), = node.db("SELECT processed_by FROM studies")
+            assert processed_by and processed_by != killed_owner, (processed_by, killed_owner)
+            assert node.db("SELECT 1 FROM studies WHERE owner IS NOT NULL") == []
+        else:
+            assert node.db("PRAGMA integrity_check") == [("ok",)]
     finally:
         node.stop()
         orthanc.stop()

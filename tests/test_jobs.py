@@ -1,9 +1,24 @@
 """The job store, one suite for both backends: SQLite (a file) and PostgreSQL (a real
-server started by tests/pgserver.py).  The tests at the end need several nodes on one
-database and run on PostgreSQL only."""
+server started by tests/pgserver.py).
+
+Every test of the interface runs on both (the ``backend`` fixture): recording,
+quiet period and busy set, claims, finishing and reopening, retries and dead
+letters, delivery bookkeeping, retention, start-up recovery, drain on close,
+schema versions (migration in place, a newer schema refused).
+
+The tests after "several nodes" run on PostgreSQL only, because what they test does
+not exist in a single-node store: two stores on one database (a study split across
+nodes, another node receiving it, rows another node has locked: SQLite has no row
+locks, and one process owns its file), leases and their heartbeat (SQLite holds no
+leases: ``leases()`` and ``nodes()`` are empty and ``heartbeat`` does nothing),
+outbox items leased to one node (a single node has one deliverer), paths relative to
+a spool that several nodes mount elsewhere, the take-over limit, and an unreachable
+server.
+"""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -268,6 +283,88 @@ def test_schema_is_versioned_and_reopening_keeps_data(backend: str, make_store: 
         assert [r["version"] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
 
 
+def test_a_stopped_node_s_claim_is_free_for_the_next_claimer(backend: str, make_store: Factory,
+                                                            spool_root: Path) -> None:
+    """Drain on close.  PostgreSQL: ``close`` gives the leases back and marks the node
+    stopped, so another live node claims the study at once, without waiting for the
+    lease.  SQLite (one node): a stopped process's claim is reset by ``recover`` when
+    the node starts again; nothing else can have taken it meanwhile."""
+    a = make_store("node-a#1")
+    a.record_instance(_rec(spool_root, "1.9.1"), now=time.time() - 10)
+    assert a.claim_ready_study(1.0) is not None
+    a.close()
+    b = make_store("node-b#2")
+    if backend == "sqlite":
+        assert _state(b)["state"] == PROCESSING, "nothing may touch it before recovery"
+        assert b.recover() == 1
+    else:
+        assert b.leases() == []
+        assert {n["node_id"]: n["alive"] for n in b.nodes()} == {"node-a#1": False,
+                                                                "node-b#2": True}
+        assert b.recover() == 0, "drained: nothing left for recovery"
+    assert _state(b)["state"] == PENDING
+    job = b.claim_ready_study(1.0)
+    assert job is not None, "a drained study was not free at once"
+    b.finish_study(job, [_out(spool_root, "1.8.1")], ["pacs"], {}, "x")
+    assert _state(b)["state"] == PROCESSED
+
+
+def test_an_older_schema_is_migrated_in_place(backend: str, make_store: Factory,
+                                             tmp_path: Path) -> None:
+    """The node migrates the schema itself and keeps the data.  SQLite: a file of the
+    node before the schema was versioned (``user_version`` 0) is adopted as version 1.
+    PostgreSQL: a version-1 database (one node's tables) gains the lease columns and
+    the ``nodes`` and ``receiving`` tables (version 2)."""
+    if backend == "sqlite":
+        from node.jobs.sqlite import _SCHEMA, SCHEMA_VERSION as SQLITE_VERSION
+
+        con = sqlite3.connect(tmp_path / "jobs.sqlite")
+        con.executescript(_SCHEMA)
+        con.execute("INSERT INTO studies (study_instance_uid, state, last_received_at, "
+                    "updated_at) VALUES ('1.2.3', 'processed', 1, 1)")
+        con.commit()
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 0
+        con.close()
+        store = make_store()
+        assert _state(store)["state"] == PROCESSED
+        assert store.query("PRAGMA user_version")[0]["user_version"] == SQLITE_VERSION
+        return
+    url = make_store.url  # type: ignore[attr-defined]
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert migrate(conn, target=1) == 0
+        conn.execute("INSERT INTO studies (study_instance_uid, state, last_received_at, "
+                     "updated_at) VALUES ('1.2.3', 'processed', 1, 1)")
+    store = make_store()
+    assert _state(store)["state"] == PROCESSED and _state(store)["owner"] is None
+    rows = store.query("SELECT version FROM schema_version ORDER BY version")
+    assert [r["version"] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+    assert store.nodes()[0]["node_id"] == "node-a#1", "version 2's nodes table is in use"
+
+
+def test_a_newer_schema_is_refused_not_written(backend: str, make_store: Factory,
+                                              tmp_path: Path) -> None:
+    """A database written by a newer node (e.g. after a rolled-back upgrade) is refused
+    with a message that says what to do, and left as it was."""
+    from node.errors import NodeError
+
+    make_store().close()
+    if backend == "sqlite":
+        con = sqlite3.connect(tmp_path / "jobs.sqlite")
+        con.execute("PRAGMA user_version = 99")
+        con.close()
+    else:
+        with psycopg.connect(make_store.url, autocommit=True) as conn:  # type: ignore[attr-defined]
+            conn.execute("INSERT INTO schema_version (version) VALUES (99)")
+    with pytest.raises(NodeError) as info:
+        make_store()
+    assert "schema version 99 is newer than this node's" in str(info.value)
+    assert "upgrade the node" in str(info.value)
+    if backend == "sqlite":
+        con = sqlite3.connect(tmp_path / "jobs.sqlite")
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 99, "written to"
+        con.close()
+
+
 # -- PostgreSQL: several nodes on one database -------------------------------------------------
 
 
@@ -396,31 +493,6 @@ def test_outbox_items_are_leased_to_one_node(pg: Factory, spool_root: Path) -> N
     by = {r["sop_instance_uid"]: r["delivered_by"]
           for r in a.query("SELECT sop_instance_uid, delivered_by FROM outbox")}
     assert by == {"1.8.1": "node-a#1", "1.8.2": "node-b#2"}
-
-
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-def test_close_drains_the_node_s_leases(pg: Factory, spool_root: Path) -> None:
-    a, b = pg("node-a#1"), pg("node-b#2")
-    a.record_instance(_rec(spool_root, "1.9.1"), now=time.time() - 10)
-    assert a.claim_ready_study(1.0) is not None
-    a.close()
-    assert b.leases() == []
-    assert _state(b)["state"] == PENDING
-    assert {n["node_id"]: n["alive"] for n in b.nodes()} == {"node-a#1": False, "node-b#2": True}
-    assert b.claim_ready_study(1.0) is not None, "a drained study was not free at once"
-
-
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-def test_version_1_database_is_migrated_in_place(pg: Factory, spool_root: Path) -> None:
-    url = pg.url  # type: ignore[attr-defined]
-    with psycopg.connect(url, autocommit=True) as conn:
-        assert migrate(conn, target=1) == 0
-        conn.execute("INSERT INTO studies (study_instance_uid, state, last_received_at, "
-                     "updated_at) VALUES ('1.2.3', 'processed', 1, 1)")
-    store = pg()
-    assert _state(store)["state"] == PROCESSED and _state(store)["owner"] is None
-    rows = store.query("SELECT version FROM schema_version ORDER BY version")
-    assert [r["version"] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
 
 
 def test_unreachable_database_is_an_out_of_resources_error(spool_root: Path) -> None:

@@ -48,6 +48,16 @@ def node(tmp_path: Path) -> Iterator[Node]:
     n.stop(grace_seconds=2)
 
 
+@pytest.fixture
+def any_node(tmp_path: Path, job_database: str) -> Iterator[Node]:
+    """The node on each job store: SQLite and PostgreSQL."""
+    config = load_config(write_config(tmp_path, free_port(), extra=job_database))
+    n = Node(config, CopyProcessor)
+    n.start()
+    yield n
+    n.stop(grace_seconds=2)
+
+
 def _rows(n: Node, sql: str) -> list[dict]:
     return n.jobs.query(sql)
 
@@ -214,7 +224,8 @@ def test_storescu_instances_are_spooled_byte_identical(node: Node) -> None:
         assert oct(db.stat().st_mode & 0o777) == "0o600", db.name
 
 
-def test_duplicate_instance_is_acknowledged_once(node: Node) -> None:
+def test_duplicate_instance_is_acknowledged_once(any_node: Node) -> None:
+    node = any_node
     f = RADIOGRAPHS[2]
     assert _storescu(node.address[1], [f]).returncode == 0
     assert _storescu(node.address[1], [f]).returncode == 0
@@ -288,7 +299,8 @@ def test_disk_full_answers_out_of_resources_then_recovers(tmp_path: Path) -> Non
 # -- grouping, delivery, retries --------------------------------------------------------------
 
 
-def test_study_waits_for_quiet_period_and_open_association(node: Node) -> None:
+def test_study_waits_for_quiet_period_and_open_association(any_node: Node) -> None:
+    node = any_node
     ae = AE(ae_title="TESTSCU")
     ds = _cr_dataset(study_uid="1.2.826.0.1.3680043.10.1")
     ae.add_requested_context(ComputedRadiographyImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
@@ -302,12 +314,14 @@ def test_study_waits_for_quiet_period_and_open_association(node: Node) -> None:
 
 
 @pytest.fixture
-def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[Orthanc, Node]]:
+def orthanc_and_node(tmp_path: Path, job_database: str) -> Iterator[tuple[Orthanc, Node]]:
+    """Orthanc and the node, on each job store (SQLite and PostgreSQL)."""
     node_port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", node_port=node_port).start()
     config = load_config(write_config(
         tmp_path, node_port,
         destinations=[{"name": "pacs", "ae_title": "ORTHANC", "port": orthanc.dicom_port}],
+        extra=job_database,
     ))
     n = Node(config, CopyProcessor)
     n.start()
@@ -344,7 +358,7 @@ def test_delivery_waits_for_orthanc_to_come_back(orthanc_and_node: tuple[Orthanc
     assert len(orthanc.study_instances(study_uid)) == 1
 
 
-def test_destination_that_rejects_becomes_dead_letter(tmp_path: Path) -> None:
+def test_destination_that_rejects_becomes_dead_letter(tmp_path: Path, job_database: str) -> None:
     reject_port = free_port()
     refuser = AE(ae_title="REFUSER")
     refuser.add_supported_context(ComputedRadiographyImageStorage)
@@ -353,6 +367,7 @@ def test_destination_that_rejects_becomes_dead_letter(tmp_path: Path) -> None:
     config = load_config(write_config(
         tmp_path, free_port(),
         destinations=[{"name": "refuser", "ae_title": "REFUSER", "port": reject_port}],
+        extra=job_database,
     ))
     n = Node(config, CopyProcessor)
     n.start()

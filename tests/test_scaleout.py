@@ -289,9 +289,10 @@ def test_database_down_for_20_s_refuses_with_a700_and_loses_nothing(tmp_path: Pa
             ds = cr(generate_uid())
             assert store(n.port, [ds]) == [0]
             acknowledged[ds.SOPInstanceUID] = ds.StudyInstanceUID
-        wait_for(lambda: sql(url, "SELECT 1 FROM studies WHERE state = 'processing'"),
-                 timeout=30, interval=0.02)
-        server.stop()
+        held = wait_for(lambda: sql(url, "SELECT study_instance_uid FROM studies "
+                                         "WHERE state = 'processing'"),
+                        timeout=30, interval=0.02)[0]["study_instance_uid"]
+        server.stop()  # while a node processes that study (2 s): it cannot record it
         stopped = time.monotonic()
         refused: list[Dataset] = []
         probe = tmp_path / "probe.dcm"
@@ -334,8 +335,10 @@ def test_database_down_for_20_s_refuses_with_a700_and_loses_nothing(tmp_path: Pa
             assert not (tmp_path / "spool" / "incoming" / ds.StudyInstanceUID).exists(), \
                 "a refused instance was kept in the spool"
         assert {r["state"] for r in sql(url, "SELECT state FROM studies")} == {"processed"}
-        assert sum(1 for n in nodes if "heartbeat restored" in
-                   (n.dir / "node.log").read_text()) == 2
+        logs = {n.name: (n.dir / "node.log").read_text() for n in nodes}
+        assert all("heartbeat restored" in text for text in logs.values())
+        assert any(f"study {held}: lease of" in text for text in logs.values()), \
+            "the study held at the outage was not taken over after its lease"
         for n in nodes:  # neither wedged: each drains and exits on SIGTERM
             n.signal(signal.SIGTERM)
             assert n.proc is not None and n.proc.returncode == 0, n.name

@@ -58,6 +58,13 @@ from node.jobs import (
     spool_absolute,
     spool_relative,
 )
+from node.jobs.common import (
+    CLAIMED_INSTANCES,
+    FORGET_SOURCES,
+    LATEST_REPORT,
+    SET_OUTCOME,
+    SharedQueries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +192,12 @@ def _placeholders(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
-class PostgresJobStore:
+def _pg(sql: str) -> bytes:
+    """A statement of :mod:`node.jobs.common` for psycopg (placeholders converted)."""
+    return _placeholders(sql).encode()
+
+
+class PostgresJobStore(SharedQueries):
     """The job store of a group of nodes sharing one PostgreSQL database.
 
     One connection guarded by a lock (every method is one short transaction),
@@ -347,12 +359,6 @@ class PostgresJobStore:
 
     # -- receiving -----------------------------------------------------------------------
 
-    def has_instance(self, sop_instance_uid: str) -> bool:
-        with self.transaction() as cur:
-            cur.execute("SELECT 1 FROM instances WHERE sop_instance_uid = %s AND path IS NOT NULL",
-                        [sop_instance_uid])
-            return cur.fetchone() is not None
-
     def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
         """Record a received instance, touch its study (reopening it if it was
         processed) and note that this node is receiving it.  Returns False if the
@@ -503,19 +509,9 @@ class PostgresJobStore:
                 "takeovers = %s, updated_at = %s WHERE study_instance_uid = %s",
                 [node, now + self.lease_seconds, takeovers, now, study_uid],
             )
-            cur.execute(
-                "SELECT sop_instance_uid, study_instance_uid, series_instance_uid, "
-                "sop_class_uid, transfer_syntax_uid, path, size, calling_aet, peer "
-                "FROM instances WHERE study_instance_uid = %s AND path IS NOT NULL "
-                "ORDER BY series_instance_uid, received_at",
-                [study_uid],
-            )
+            cur.execute(_pg(CLAIMED_INSTANCES), [study_uid])
             inst = cur.fetchall()
-            cur.execute(
-                "SELECT path FROM reports WHERE study_instance_uid = %s "
-                "ORDER BY generation DESC, created_at DESC LIMIT 1",
-                [study_uid],
-            )
+            cur.execute(_pg(LATEST_REPORT), [study_uid])
             report = cur.fetchone()
         with self._lock:
             self._held_studies.add(study_uid)
@@ -568,10 +564,7 @@ class PostgresJobStore:
             now = self._now(cur, now)
             self._check_owner(cur, job.study_instance_uid)
             for sop_uid, (outcome, reason) in outcomes.items():
-                cur.execute(
-                    "UPDATE instances SET outcome = %s, reason = %s WHERE sop_instance_uid = %s",
-                    [outcome, reason, sop_uid],
-                )
+                cur.execute(_pg(SET_OUTCOME), [outcome, reason, sop_uid])
             for out in outputs:
                 path = self._rel(out.path)
                 for dest in destinations:
@@ -625,21 +618,6 @@ class PostgresJobStore:
                     [reason, now + retry_after, now, job.study_instance_uid],
                 )
 
-    def queued_everywhere(self, sop_instance_uid: str, destinations: Sequence[str]) -> bool:
-        if not destinations:
-            return False
-        rows = self.query(
-            "SELECT COUNT(DISTINCT destination) AS n FROM outbox WHERE sop_instance_uid = ?",
-            [sop_instance_uid],
-        )
-        return int(rows[0]["n"]) >= len(destinations)
-
-    def study_attempts(self, study_instance_uid: str) -> int:
-        rows = self.query(
-            "SELECT attempts FROM studies WHERE study_instance_uid = ?", [study_instance_uid]
-        )
-        return int(rows[0]["attempts"]) if rows else 0
-
     # -- delivery -----------------------------------------------------------------------------
 
     def due_items(self, limit: int = 64, now: float | None = None) -> list[OutboxItem]:
@@ -664,11 +642,6 @@ class PostgresJobStore:
         items = [OutboxItem(int(r[0]), r[1], r[2], r[3], r[4], r[5], self._abs(r[6]), int(r[7]))
                  for r in rows]
         return sorted(items, key=lambda i: (i.destination, i.id))
-
-    def next_due_time(self) -> float | None:
-        rows = self.query("SELECT MIN(next_attempt_at) AS t FROM outbox WHERE state = 'pending'")
-        value = rows[0]["t"] if rows else None
-        return float(value) if value is not None else None
 
     def mark_delivered(self, item_id: int, now: float | None = None) -> bool:
         """Mark one outbox row delivered (by this node).  Returns True when no other
@@ -746,23 +719,9 @@ class PostgresJobStore:
 
     # -- retention -----------------------------------------------------------------------------
 
-    def expired_studies(self, older_than: float) -> list[str]:
-        """Processed studies whose every outbox row is delivered and that have been
-        quiet since ``older_than`` (epoch seconds): their sources may go."""
-        rows = self.query(
-            "SELECT s.study_instance_uid AS uid FROM studies s WHERE s.state = 'processed' "
-            "AND s.updated_at <= ? AND NOT EXISTS (SELECT 1 FROM outbox o WHERE "
-            "o.study_instance_uid = s.study_instance_uid AND o.state != 'delivered') "
-            "AND EXISTS (SELECT 1 FROM instances i WHERE "
-            "i.study_instance_uid = s.study_instance_uid AND i.path IS NOT NULL)",
-            [older_than],
-        )
-        return [r["uid"] for r in rows]
-
     def forget_sources(self, study_instance_uid: str) -> None:
         with self.transaction() as cur:
-            cur.execute("UPDATE instances SET path = NULL WHERE study_instance_uid = %s",
-                        [study_instance_uid])
+            cur.execute(_pg(FORGET_SOURCES), [study_instance_uid])
 
     # -- leases and status ------------------------------------------------------------------------
 
@@ -806,13 +765,6 @@ class PostgresJobStore:
         if studies or items:
             logger.info("released %d study lease(s) and %d outbox lease(s) at stop",
                         studies, items)
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for table in ("studies", "outbox"):
-            rows = self.query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
-            out[table] = {r["state"]: int(r["n"]) for r in rows}
-        return out
 
     def leases(self) -> list[dict[str, Any]]:
         """Every lease held now: what (``study`` or ``outbox``), which study, which node,

@@ -28,6 +28,13 @@ from node.jobs import (
     OutputFile,
     StudyJob,
 )
+from node.jobs.common import (
+    CLAIMED_INSTANCES,
+    FORGET_SOURCES,
+    LATEST_REPORT,
+    SET_OUTCOME,
+    SharedQueries,
+)
 
 #: The schema this code writes (``PRAGMA user_version``); 1 is the original.
 SCHEMA_VERSION = 1
@@ -88,7 +95,7 @@ CREATE TABLE IF NOT EXISTS reports (
 """
 
 
-class SQLiteJobStore:
+class SQLiteJobStore(SharedQueries):
     """Thread-safe access to the job database of one node.
 
     One connection guarded by a lock: every method is one short transaction.
@@ -149,13 +156,6 @@ class SQLiteJobStore:
             return list(self.db.query(sql, params))
 
     # -- receiving -----------------------------------------------------------------
-
-    def has_instance(self, sop_instance_uid: str) -> bool:
-        rows = self.query(
-            "SELECT 1 FROM instances WHERE sop_instance_uid = ? AND path IS NOT NULL",
-            [sop_instance_uid],
-        )
-        return bool(rows)
 
     def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
         """Record a received instance and touch its study (reopening it if it was
@@ -233,18 +233,8 @@ class SQLiteJobStore:
                 "WHERE study_instance_uid = ?",
                 [now, study_uid],
             )
-            inst = conn.execute(
-                "SELECT sop_instance_uid, study_instance_uid, series_instance_uid, "
-                "sop_class_uid, transfer_syntax_uid, path, size, calling_aet, peer "
-                "FROM instances WHERE study_instance_uid = ? AND path IS NOT NULL "
-                "ORDER BY series_instance_uid, received_at",
-                [study_uid],
-            ).fetchall()
-            report = conn.execute(
-                "SELECT path FROM reports WHERE study_instance_uid = ? "
-                "ORDER BY generation DESC, created_at DESC LIMIT 1",
-                [study_uid],
-            ).fetchone()
+            inst = conn.execute(CLAIMED_INSTANCES, [study_uid]).fetchall()
+            report = conn.execute(LATEST_REPORT, [study_uid]).fetchone()
         return StudyJob(
             study_instance_uid=study_uid,
             generation=generation,
@@ -271,10 +261,7 @@ class SQLiteJobStore:
         now = time.time() if now is None else now
         with self.transaction() as conn:
             for sop_uid, (outcome, reason) in outcomes.items():
-                conn.execute(
-                    "UPDATE instances SET outcome = ?, reason = ? WHERE sop_instance_uid = ?",
-                    [outcome, reason, sop_uid],
-                )
+                conn.execute(SET_OUTCOME, [outcome, reason, sop_uid])
             for out in outputs:
                 for dest in destinations:
                     conn.execute(
@@ -318,22 +305,6 @@ class SQLiteJobStore:
                     [reason, now + retry_after, now, job.study_instance_uid],
                 )
 
-    def queued_everywhere(self, sop_instance_uid: str, destinations: Sequence[str]) -> bool:
-        """True when the result object is already in the outbox of every destination."""
-        if not destinations:
-            return False
-        rows = self.query(
-            "SELECT COUNT(DISTINCT destination) AS n FROM outbox WHERE sop_instance_uid = ?",
-            [sop_instance_uid],
-        )
-        return int(rows[0]["n"]) >= len(destinations)
-
-    def study_attempts(self, study_instance_uid: str) -> int:
-        rows = self.query(
-            "SELECT attempts FROM studies WHERE study_instance_uid = ?", [study_instance_uid]
-        )
-        return int(rows[0]["attempts"]) if rows else 0
-
     # -- delivery ---------------------------------------------------------------------
 
     def due_items(self, limit: int = 64, now: float | None = None) -> list[OutboxItem]:
@@ -345,11 +316,6 @@ class SQLiteJobStore:
             [now, limit],
         )
         return [OutboxItem(**r) for r in rows]
-
-    def next_due_time(self) -> float | None:
-        rows = self.query("SELECT MIN(next_attempt_at) AS t FROM outbox WHERE state = 'pending'")
-        value = rows[0]["t"] if rows else None
-        return float(value) if value is not None else None
 
     def mark_delivered(self, item_id: int, now: float | None = None) -> bool:
         """Mark one outbox row delivered.  Returns True when no other destination
@@ -400,34 +366,9 @@ class SQLiteJobStore:
 
     # -- retention ----------------------------------------------------------------------
 
-    def expired_studies(self, older_than: float) -> list[str]:
-        """Processed studies whose every outbox row is delivered and that have been
-        quiet since ``older_than`` (epoch seconds): their sources may go."""
-        rows = self.query(
-            "SELECT s.study_instance_uid AS uid FROM studies s WHERE s.state = 'processed' "
-            "AND s.updated_at <= ? AND NOT EXISTS (SELECT 1 FROM outbox o WHERE "
-            "o.study_instance_uid = s.study_instance_uid AND o.state != 'delivered') "
-            "AND EXISTS (SELECT 1 FROM instances i WHERE "
-            "i.study_instance_uid = s.study_instance_uid AND i.path IS NOT NULL)",
-            [older_than],
-        )
-        return [r["uid"] for r in rows]
-
     def forget_sources(self, study_instance_uid: str) -> None:
         with self.transaction() as conn:
-            conn.execute(
-                "UPDATE instances SET path = NULL WHERE study_instance_uid = ?",
-                [study_instance_uid],
-            )
-
-    # -- status -----------------------------------------------------------------------
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for table in ("studies", "outbox"):
-            rows = self.query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
-            out[table] = {r["state"]: int(r["n"]) for r in rows}
-        return out
+            conn.execute(FORGET_SOURCES, [study_instance_uid])
 
     # -- leases (none: one node) --------------------------------------------------------
 

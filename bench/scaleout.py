@@ -130,10 +130,17 @@ def settled(url: str, studies: int) -> bool:
     return int(rows[0]["n"]) >= studies
 
 
-def throughput(workdir: Path, url: str, count: int,
-               studies: dict[str, list[Path]]) -> tuple[float, float, dict[str, int], str]:
-    """(studies/s, images/s, studies processed per node, load) first C-STORE to last
-    result acknowledged, real models."""
+def processing_ms(log: Path) -> list[float]:
+    """Per-study processing times a node logged (``processed: ... (N ms)``)."""
+    return [float(line.rsplit("(", 1)[1].split(" ms")[0])
+            for line in log.read_text().splitlines() if "processed:" in line and " ms)" in line]
+
+
+def throughput(workdir: Path, url: str, count: int, studies: dict[str, list[Path]]
+               ) -> tuple[float, float, dict[str, int], float, float, str]:
+    """(studies/s, images/s, studies processed per node, median processing ms per
+    study, seconds the workers were busy / wall seconds, load) from the first C-STORE
+    to the last result acknowledged, real models."""
     pacs = StoreSCP(workdir / "pacs")
     group = [ServeNode(workdir, f"node-{i}", url, pacs.port) for i in range(count)]
     try:
@@ -149,7 +156,10 @@ def throughput(workdir: Path, url: str, count: int,
         images = sum(len(p) for p in studies.values())
         by = Counter(r["processed_by"].split("#")[0]
                      for r in sql(url, "SELECT processed_by FROM studies"))
-        return len(studies) / seconds, images / seconds, dict(by), before
+        times = [t for n in group for t in processing_ms(n.log)]
+        busy = sum(times) / 1000 / seconds  # 1.0: one worker busy all along
+        return (len(studies) / seconds, images / seconds, dict(by), statistics.median(times),
+                busy, before)
     finally:
         for n in group:
             n.stop()
@@ -184,10 +194,8 @@ def failover(workdir: Path, server: PostgresServer, lease: float,
                 print(f"  (try {attempt + 1}: the holder finished before the kill; again)",
                       flush=True)
                 continue
-            log = other.log.read_text()
-            took = [float(line.rsplit("(", 1)[1].split(" ms")[0]) / 1000
-                    for line in log.splitlines() if "processed:" in line and " ms)" in line]
-            return float(t) - killed, took[-1] if took else float("nan"), before
+            took = processing_ms(other.log)
+            return float(t) - killed, took[-1] / 1000 if took else float("nan"), before
         finally:
             a.stop()
             b.stop()
@@ -202,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=24)
     parser.add_argument("--leases", default="3,10")
     parser.add_argument("--skip", default="", help="comma list of: receive,throughput,failover")
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it (logs)")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     from e2e import make_studies  # bench/e2e.py: MURA validation studies as CR DICOM
@@ -211,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="scaleout-") as tmp:
             work = Path(tmp)
+            if args.keep:
+                args.keep.mkdir(parents=True)
+                work = args.keep
             if "receive" not in skip:
                 costs: dict[str, list[float]] = {"sqlite": [], "postgres": []}
                 before = load()
@@ -235,14 +247,15 @@ def main(argv: list[str] | None = None) -> int:
                 images = sum(len(v) for v in studies.values())
                 print(f"\nthroughput, real models: {len(studies)} studies, {images} images, "
                       "burst, quiet period 1 s")
-                print("| nodes | studies/s | images/s | studies per node | load before |")
-                print("| --- | --- | --- | --- | --- |")
+                print("| nodes | studies/s | images/s | studies per node | median ms per "
+                      "study (processing) | workers busy / wall | load before |")
+                print("| --- | --- | --- | --- | --- | --- | --- |")
                 for count in (1, 2):
-                    s_rate, i_rate, by, before = throughput(
+                    s_rate, i_rate, by, median, busy, before = throughput(
                         work / f"tp-{count}", server.new_database(), count, studies)
                     print(f"| {count} | {s_rate:.2f} | {i_rate:.2f} | "
                           f"{', '.join(f'{k}: {v}' for k, v in sorted(by.items()))} | "
-                          f"{before} |", flush=True)
+                          f"{median:.0f} | {busy:.2f} | {before} |", flush=True)
 
             if "failover" not in skip:
                 if "throughput" in skip:

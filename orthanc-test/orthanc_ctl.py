@@ -5,8 +5,8 @@ Topology: modality (storescu) -> Orthanc (the PACS) -> fracture-node -> Orthanc.
 The node is registered in ``DicomModalities`` as ``fracture-node``; with
 ``route=True`` the Lua rule in ``route.lua`` auto-routes stable CR/DX studies to it.
 With ``node_ports`` (a group of nodes sharing one job database) the nodes are
-registered as ``fracture-node-1`` ... ``fracture-node-N`` and ``route_nodes.lua``
-sends each stable study to one of them, chosen by a hash of its Study Instance UID,
+registered as ``fracture-node-1`` ... ``fracture-node-N`` and the same rule sends
+each stable study to one of them, chosen by a hash of its Study Instance UID,
 falling over to the next when a C-STORE fails.
 
 Usable as a module (:class:`Orthanc`) or a script::
@@ -89,7 +89,7 @@ class Orthanc:
         Seconds a study must be quiet before it is stable (Orthanc's StableAge).
     node_ports
         A group of nodes (ports on loopback, AE ``node_aet``) instead of the one node:
-        registered as ``fracture-node-1`` ... and routed by ``route_nodes.lua``.
+        registered as ``fracture-node-1`` ... (``route.lua`` picks one per study).
     dicomweb
         Load the DICOMweb plugin (Debian ``orthanc-dicomweb``) on ``/dicom-web/``,
         what OHIF reads.
@@ -155,8 +155,7 @@ class Orthanc:
             "OverwriteInstances": True,
             "DicomScuTimeout": 30,
             "StorageCompression": False,
-            "LuaScripts": ([str(HERE / ("route_nodes.lua" if self.node_ports is not None
-                                         else "route.lua"))] if self.route else []),
+            "LuaScripts": [str(HERE / "route.lua")] if self.route else [],
         }
         if self.dicomweb:
             cfg["Plugins"] = [str(dicomweb_plugin())]

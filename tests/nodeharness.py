@@ -5,9 +5,10 @@ in this process or as a subprocess, for the node-core tests.
 received image it writes one derived object (a copy with new UIDs, Manufacturer set
 to the node's), so spool, queue, outbox, retries and restarts are exercised with real
 DICOM bytes.  ``ReportProcessor`` adds one study-level object per study generation, a
-Basic Text SR whose evidence lists every source instance (the shape of the node's
-real SR, for the scale-out tests: one study, one report, wherever its instances
-arrived).  The end-to-end tests use the real pipeline and models.
+Basic Text SR whose evidence lists every source instance and, for a reopened study,
+whose Predecessor Documents Sequence names the previous version (read from the
+spool, as the node's real SR does; for the scale-out tests: one study, one report
+per generation, wherever its instances arrived and wherever it was processed).  The end-to-end tests use the real pipeline and models.
 
 As a script: ``nodeharness.py CONFIG READY_FILE [--report] [--delay SECONDS]``
 (``--delay``: each study takes that long to process, so a test can kill a node while
@@ -111,6 +112,18 @@ class ReportProcessor(CopyProcessor):
         evidence.StudyInstanceUID = job.study_instance_uid
         evidence.ReferencedSeriesSequence = Sequence(series)
         sr.CurrentRequestedProcedureEvidenceSequence = Sequence([evidence])
+        if job.previous_report is not None:  # a new version: name the one it replaces
+            prev = pydicom.dcmread(job.previous_report, stop_before_pixels=True)
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = prev.SOPClassUID
+            ref.ReferencedSOPInstanceUID = prev.SOPInstanceUID
+            prev_series = Dataset()
+            prev_series.SeriesInstanceUID = prev.SeriesInstanceUID
+            prev_series.ReferencedSOPSequence = Sequence([ref])
+            prev_study = Dataset()
+            prev_study.StudyInstanceUID = prev.StudyInstanceUID
+            prev_study.ReferencedSeriesSequence = Sequence([prev_series])
+            sr.PredecessorDocumentsSequence = Sequence([prev_study])
         return ProcessedStudy(outputs=[*copied.outputs, ("sr", sr)], outcomes=copied.outcomes,
                               decision="reported")
 

@@ -387,6 +387,23 @@ def test_paths_are_stored_relative_to_the_spool(pg: Factory, spool_root: Path) -
         job = reader.claim_ready_study(0.001, now=time.time() + 1)
         assert job is not None
         assert job.instances[0].path == str(other_mount / "incoming" / "1.2.3" / "1.9.1.dcm")
+        # results written under the reader's mount are stored relative too, and every
+        # node resolves them under its own mount (outbox items, the SR's predecessor)
+        reader.finish_study(job, [_out(other_mount, "1.8.1"), _out(other_mount, "1.8.2", "sr")],
+                            ["pacs"], {}, "x")
+        rows = store.query("SELECT path FROM outbox UNION ALL SELECT path FROM reports")
+        assert sorted(r["path"] for r in rows) == [
+            "outbox/1.2.3/1.8.1.dcm", "reports/1.2.3/1.8.2.dcm", "reports/1.2.3/1.8.2.dcm"]
+        items = store.due_items()  # type: ignore[union-attr]
+        assert sorted(i.path for i in items) == [
+            str(spool_root / "outbox" / "1.2.3" / "1.8.1.dcm"),
+            str(spool_root / "reports" / "1.2.3" / "1.8.2.dcm")]
+        store.release_items([i.id for i in items])
+        store.record_instance(_rec(spool_root, "1.9.2"))
+        store.heartbeat(frozenset())
+        again = store.claim_ready_study(0.001, now=time.time() + 1)
+        assert again is not None
+        assert again.previous_report == spool_root / "reports" / "1.2.3" / "1.8.2.dcm"
     finally:
         reader.close()
 

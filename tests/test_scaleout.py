@@ -194,6 +194,47 @@ def test_study_split_across_two_nodes_gives_one_sr_of_all_instances(cluster: Any
     assert len(list((spool / "incoming" / study).iterdir())) == 4
 
 
+def test_a_study_reopened_on_another_node_gets_one_new_sr_version(cluster: Any,
+                                                                   tmp_path: Path) -> None:
+    """Node A processes a study (SR version 1) and is drained; a late instance of it
+    reaches node B, which mounts the shared spool at another path (a symlink): B reads
+    A's SR from the spool and writes one new SR version whose predecessor is A's, over
+    both instances; the unchanged copy of the first instance is not sent again."""
+    url, spool, pacs, nodes = cluster
+    a = ServedNode(tmp_path, "node-a", url, spool, pacs.port).start()
+    nodes.append(a)
+    study = generate_uid()
+    first, late = cr(study), cr(study)
+    assert store(a.port, [first]) == [0]
+    wait_for(lambda: len(pacs.received()) == 2 and not
+             sql(url, "SELECT 1 FROM outbox WHERE state != 'delivered'"), timeout=60)
+    a.signal(signal.SIGTERM)
+    mount = tmp_path / "elsewhere"
+    mount.symlink_to(spool)
+    b = ServedNode(tmp_path, "node-b", url, mount, pacs.port).start()
+    nodes.append(b)
+    assert store(b.port, [late]) == [0]
+    wait_for(lambda: len(pacs.received()) == 4 and not
+             sql(url, "SELECT 1 FROM outbox WHERE state != 'delivered'"), timeout=60)
+    received = [pydicom.dcmread(f) for f in sorted(pacs.directory.iterdir())]
+    assert len({ds.SOPInstanceUID for ds in received}) == 4, "an object was delivered twice"
+    srs = [ds for ds in received if ds.Modality == "SR"]
+    assert len(srs) == 2, f"{len(srs)} SR versions for two generations"
+    old, new = sorted(srs, key=lambda ds: "PredecessorDocumentsSequence" in ds)
+    assert "PredecessorDocumentsSequence" not in old
+    named = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert named.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.SOPInstanceUID
+    evidence = {r.ReferencedSOPInstanceUID
+                for s in new.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+                for r in s.ReferencedSOPSequence}
+    assert evidence == {first.SOPInstanceUID, late.SOPInstanceUID}
+    reports = sql(url, "SELECT generation, path FROM reports ORDER BY generation")
+    assert [r["generation"] for r in reports] == [1, 2]
+    assert all(not r["path"].startswith("/") for r in reports), "an absolute path is shared"
+    row = sql(url, "SELECT processed_by FROM studies")[0]
+    assert row["processed_by"].startswith("node-b#")
+
+
 def test_sigkilled_node_s_studies_are_finished_by_the_other_exactly_once(
         cluster: Any, tmp_path: Path) -> None:
     url, spool, pacs, nodes = cluster
@@ -380,7 +421,7 @@ def test_status_shows_live_nodes_and_who_holds_which_study(tmp_path: Path) -> No
 
 
 def _route_hash(uid: str) -> int:
-    """route_nodes.lua's hash of a Study Instance UID."""
+    """orthanc-test/route.lua's hash of a Study Instance UID."""
     h = 0
     for c in uid:
         h = (h * 31 + ord(c)) % 2147483647

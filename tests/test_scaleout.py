@@ -73,15 +73,17 @@ def store(port: int, datasets: list[Dataset]) -> list[int]:
 
 class StoreSCP:
     """DCMTK's storescp (``/usr/bin``: pynetdicom shadows it in the venv), keeping
-    every received object as its own file."""
+    every received object as its own file, one process per association (``--fork``:
+    several nodes deliver at once, as to a real archive; a single storescp serves one
+    association at a time and the others' C-STOREs time out)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True)
         self.port = free_port()
         self.proc = subprocess.Popen(
-            ["/usr/bin/storescp", "-aet", "PACS", "-od", str(directory), "-uf", "+xa",
-             str(self.port)],
+            ["/usr/bin/storescp", "--fork", "-aet", "PACS", "-od", str(directory), "-uf",
+             "+xa", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=(directory.parent / "storescp.log").open("ab"),
             env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
 

@@ -323,7 +323,7 @@ def test_database_down_for_20_s_refuses_with_a700_and_loses_nothing(tmp_path: Pa
     nodes: list[ServedNode] = []
     try:
         url = server.new_database()
-        nodes += [ServedNode(tmp_path, name, url, tmp_path / "spool", pacs.port, delay=2.0,
+        nodes += [ServedNode(tmp_path, name, url, tmp_path / "spool", pacs.port, delay=3.0,
                              quiet=0.5).launch() for name in ("node-a", "node-b")]
         for n in nodes:
             n.wait_ready()
@@ -332,11 +332,13 @@ def test_database_down_for_20_s_refuses_with_a700_and_loses_nothing(tmp_path: Pa
             ds = cr(generate_uid())
             assert store(n.port, [ds]) == [0]
             acknowledged[ds.SOPInstanceUID] = ds.StudyInstanceUID
-        held = wait_for(lambda: sql(url, "SELECT study_instance_uid FROM studies "
-                                         "WHERE state = 'processing'"),
-                        timeout=30, interval=0.02)[0]["study_instance_uid"]
-        server.stop()  # while a node processes that study (2 s): it cannot record it
+        in_hand = wait_for(lambda: sql(url, "SELECT study_instance_uid FROM studies "
+                                            "WHERE state = 'processing'"),
+                           timeout=30, interval=0.02)[0]["study_instance_uid"]
+        server.stop()  # while a node processes that study (3 s): it cannot record it
         stopped = time.monotonic()
+        assert not any(f"study {in_hand} processed" in (n.dir / "node.log").read_text()
+                       for n in nodes), "the study was recorded before the database stopped"
         refused: list[Dataset] = []
         probe = tmp_path / "probe.dcm"
         while True:
@@ -380,7 +382,7 @@ def test_database_down_for_20_s_refuses_with_a700_and_loses_nothing(tmp_path: Pa
         assert {r["state"] for r in sql(url, "SELECT state FROM studies")} == {"processed"}
         logs = {n.name: (n.dir / "node.log").read_text() for n in nodes}
         assert all("heartbeat restored" in text for text in logs.values())
-        assert any(f"study {held}: lease of" in text for text in logs.values()), \
+        assert any(f"study {in_hand}: lease of" in text for text in logs.values()), \
             "the study held at the outage was not taken over after its lease"
         for n in nodes:  # neither wedged: each drains and exits on SIGTERM
             n.signal(signal.SIGTERM)

@@ -7,7 +7,10 @@ directory.  The rules that make that safe:
   ``SELECT ... FOR UPDATE SKIP LOCKED``: two nodes never claim the same row, and
   neither waits for the other.  The claim writes ``owner`` (the node id) and
   ``lease_expires_at``; the owner's :meth:`PostgresJobStore.heartbeat` pushes the
-  expiry forward.  A row whose lease has expired may be claimed by any node; the old
+  expiry forward for the work this process still has in hand (claimed, not yet
+  finished, failed or released).  When the database is lost the process stops renewing
+  everything it held: a worker that could not record an outcome has dropped its job,
+  and a lease renewed for it would hold the study for ever with nobody working on it.  A row whose lease has expired may be claimed by any node; the old
   owner, if it was only slow, finds out when it tries to finish
   (:class:`~node.jobs.LeaseLostError`) and its attempt is discarded.
 * **Recovery touches only expired leases**, never a live node's work.

@@ -52,20 +52,11 @@ def _orthanc_ctl() -> ModuleType:
     return module
 
 
-def _ohif_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ohif", ROOT / "orthanc-test" / "ohif.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ohif"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _start_ohif(orthanc_url: str) -> Any:
+def _start_ohif(ctl: ModuleType, orthanc_url: str) -> Any:
     """OHIF's viewer in front of the demo's Orthanc, or ``None`` (with a note) when
     bootstrap.sh has not unpacked it."""
     try:
-        return _ohif_module().OhifServer(orthanc_url).start()
+        return ctl.start_ohif(orthanc_url)
     except RuntimeError as exc:
         print(f"no OHIF links: {exc}", file=sys.stderr)
         return None
@@ -131,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
                           dicomweb=dicomweb)
     progress.show("starting Orthanc (the PACS) ...")
     orthanc.start()
-    ohif = _start_ohif(orthanc.url) if dicomweb else None
+    ohif = _start_ohif(ctl, orthanc.url) if dicomweb else None
     config = load_config(_write_config(workdir, node_port, orthanc.dicom_port), environ={})
     node = Node(config, processor_factory(config))
     try:

@@ -11,7 +11,11 @@ highdicom:
   decision code keeping "doubtful" apart from "needs review"), the fracture
   probability as a numeric measurement (TID 300, UCUM "no units"), the body-part
   probability, the algorithm identification (TID 4019: name, version, threshold and
-  doubt band as parameters) and the source image reference;
+  doubt band as parameters), the source image reference and a Comment with the
+  decision in words; for a positive or doubtful image the probability is INFERRED
+  FROM an SCOORD (TID 320) outlining the heat map's hot region on the source image,
+  and these groups come first (what OHIF v3 needs to draw and list them: see
+  :func:`_image_group` and docs/conformance.md 8.1.2);
 * per refused instance a group whose evaluation is "Not done", with the reason as
   a code and as text;
 * per body part and for the whole study a group with the study-level decision;

@@ -150,6 +150,16 @@ def test_ohif_displays_the_secondary_capture(browser: Any, viewer: Viewer) -> No
         page.close()
 
 
+def _open_sr(page: Any) -> None:
+    """Double-click the SR series once OHIF has drawn the study's first image (a
+    double-click before the viewport grid is ready can be lost)."""
+    page.locator("[data-cy='viewport-pane'] canvas").first.wait_for(state="attached")
+    wait_for(lambda: page.evaluate(
+        "() => window.services.displaySetService.getActiveDisplaySets().length > 0"),
+        timeout=60, interval=0.25)
+    page.get_by_text("AI fracture findings (SR)", exact=False).first.dblclick()
+
+
 def _node_sr(viewer: Viewer, study: str) -> hd.sr.Comprehensive3DSR:
     """The node's SR of a study, read back from Orthanc and parsed with highdicom."""
     (item,) = [i for i in viewer.orthanc.study_instances(viewer.studies[study])
@@ -218,7 +228,7 @@ def test_ohif_draws_the_sr_region_on_the_radiograph(browser: Any, viewer: Viewer
     vertices = len(scoord.GraphicData) // 2
     page = _open(browser, viewer, "forearm")
     try:
-        page.get_by_text("AI fracture findings (SR)", exact=False).first.dblclick()
+        _open_sr(page)
         line = page.locator("svg.svg-layer polyline").first
         try:
             line.wait_for(state="attached", timeout=90_000)
@@ -268,7 +278,7 @@ def test_ohif_draws_nothing_for_a_negative_study(browser: Any, viewer: Viewer) -
     assert comments and all("abnormality negative, p = " in c for c in comments)
     page = _open(browser, viewer, "normal-forearm")
     try:
-        page.get_by_text("AI fracture findings (SR)", exact=False).first.dblclick()
+        _open_sr(page)
         wait_for(lambda: any(d["loaded"] for d in _sr_state(page)["sr"]), timeout=60,
                  interval=0.5)
         state = _sr_state(page)

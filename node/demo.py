@@ -140,7 +140,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return 1
         progress.done("results are back in Orthanc")
         _show(orthanc, results, out)
-        _summary(orthanc, node, studies, ohif)
+        _summary(orthanc, node, studies, ohif, results)
         if args.keep_running:
             print(f"\nOrthanc ({orthanc.url}) and the node keep running, so the links above "
                   "work: press Ctrl-C to stop them.")
@@ -184,9 +184,16 @@ def _wait_for_results(orthanc: Any, node: Node, studies: list[str], progress: Pr
     return None
 
 
-def _summary(orthanc: Any, node: Node, studies: list[str], ohif: Any = None) -> None:
+def _summary(orthanc: Any, node: Node, studies: list[str], ohif: Any = None,
+             results: list[dict[str, Any]] | None = None) -> None:
     """One line per study: what it is, the node's decision, its Orthanc link, and below
-    it the study in OHIF (when OHIF runs) where the SR's regions are drawn on the images."""
+    it the study in OHIF (when OHIF runs).  For a positive or doubtful study the OHIF
+    link opens the node's SR, which OHIF shows as the flagged radiograph with the heat
+    map's hot region drawn on it."""
+    sr_series = {
+        item["tags"].get("StudyInstanceUID"): item["tags"].get("SeriesInstanceUID")
+        for item in results or [] if item["tags"].get("Modality") == "SR"
+    }
     print("\nStudies (decision of the node, then the study in Orthanc"
           + (" and in OHIF" if ohif is not None else "") + "):")
     for uid in studies:
@@ -201,7 +208,9 @@ def _summary(orthanc: Any, node: Node, studies: list[str], ohif: Any = None) -> 
         link = f"{orthanc.url}/app/explorer.html#study?uuid={study_id}" if study_id else "-"
         print(f"  {what:<46} {decision:<13} {link}")
         if ohif is not None:
-            print(f"  {'':<46} {'':<13} {ohif.study_url(uid)}")
+            drawn = decision in ("positive", "doubtful")
+            print(f"  {'':<46} {'':<13} "
+                  f"{ohif.study_url(uid, sr_series.get(uid) if drawn else None)}")
 
 
 def _show(orthanc: Any, results: list[dict[str, Any]], out: Path) -> None:

@@ -94,14 +94,14 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-def _open(browser: Any, viewer: Viewer, study: str) -> Any:
+def _open(browser: Any, viewer: Viewer, study: str, initial_series: str | None = None) -> Any:
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.set_default_timeout(LOAD_TIMEOUT_MS)
     console: list[str] = []
     page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text[:300]}"))
     page.on("pageerror", lambda exc: console.append(f"pageerror: {exc}"))
     page.console_lines = console  # for failure reports
-    page.goto(viewer.ohif.study_url(viewer.studies[study]))
+    page.goto(viewer.ohif.study_url(viewer.studies[study], initial_series))
     # OHIF's first-visit tour covers the study browser
     page.get_by_text("Skip all").click()
     return page
@@ -290,5 +290,26 @@ def test_ohif_draws_nothing_for_a_negative_study(browser: Any, viewer: Viewer) -
         assert state["drawn"] == [] and state["measurements"] == []
         assert page.locator("svg.svg-layer polyline, svg.svg-layer circle").count() == 0
         _shot(page, "normal-forearm-sr")
+    finally:
+        page.close()
+
+
+@pytest.mark.orthanc
+def test_the_demo_link_opens_the_sr_on_the_radiograph(browser: Any, viewer: Viewer) -> None:
+    """The link the demo prints for a flagged study (``initialSeriesInstanceUID`` = the
+    node's SR series) opens OHIF with the region already drawn: no click needed."""
+    sr = _node_sr(viewer, "forearm")
+    ((_, source_uid, scoord, _),) = _regions(sr)
+    page = _open(browser, viewer, "forearm", initial_series=str(sr.SeriesInstanceUID))
+    try:
+        line = page.locator("svg.svg-layer polyline").first
+        line.wait_for(state="attached", timeout=90_000)
+        drawn = _sr_state(page)["drawn"]
+        # opened this way OHIF 3.13.2 adds the SR's annotation twice (on load and when
+        # the source display set is added), at the same place
+        assert drawn and all(source_uid in d["image"] for d in drawn)
+        assert {d["points"] for d in drawn} == {len(scoord.GraphicData) // 2}
+        assert (line.get_attribute("points") or "").count(",") == len(scoord.GraphicData) // 2
+        _shot(page, "forearm-demo-link")
     finally:
         page.close()

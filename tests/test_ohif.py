@@ -8,6 +8,7 @@ headless (no browser download).  Screenshots are kept in var/test-artefacts/ohif
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -44,9 +45,10 @@ class Viewer:
         self.studies = studies
 
 
-@pytest.fixture(scope="module")
-def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
-    workdir = tmp_path_factory.mktemp("ohif")
+@contextlib.contextmanager
+def _running_viewer(workdir: Path, studies: tuple[str, ...]) -> Iterator[Viewer]:
+    """Orthanc (DICOMweb, routing rule) -> node -> Orthanc, OHIF in front, with the
+    demo ``studies`` pushed and their results delivered."""
     node_port = free_port()
     orthanc = Orthanc(workdir / "orthanc", node_port=node_port, route=True, stable_age=1,
                       dicomweb=True).start()
@@ -59,7 +61,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
     ohif = orthanc_ctl.start_ohif(orthanc.url)
     try:
         uids: dict[str, str] = {}
-        for name in STUDIES:
+        for name in studies:
             files = sorted((ROOT / "demo" / "studies" / name).glob("*.dcm"))
             uids[name] = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
             sent = storescu(orthanc.dicom_port, files, "ORTHANC", "MODALITY")
@@ -80,6 +82,31 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
         ohif.stop()
         node.stop(grace_seconds=2)
         orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
+    with _running_viewer(tmp_path_factory.mktemp("ohif"), STUDIES) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def point_viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
+    """The forearm study once more, its SR built as if the hot region were too small to
+    outline: the region is then a POINT at the heat map's maximum."""
+    import dataclasses
+
+    import numpy as np
+
+    import dicom_out.sr as sr_module
+
+    outline = sr_module.heat_region
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sr_module, "heat_region", lambda finding: dataclasses.replace(
+            outline(finding), contour=np.zeros((0, 2))))
+        with _running_viewer(tmp_path_factory.mktemp("ohif-point"), ("forearm",)) as running:
+            patch.undo()
+            yield running
 
 
 @pytest.fixture(scope="module")
@@ -311,5 +338,34 @@ def test_the_demo_link_opens_the_sr_on_the_radiograph(browser: Any, viewer: View
         assert {d["points"] for d in drawn} == {len(scoord.GraphicData) // 2}
         assert (line.get_attribute("points") or "").count(",") == len(scoord.GraphicData) // 2
         _shot(page, "forearm-demo-link")
+    finally:
+        page.close()
+
+
+@pytest.mark.orthanc
+def test_ohif_draws_and_lists_a_point_region(browser: Any, point_viewer: Viewer) -> None:
+    """A region too small to outline is a POINT at the heat map's maximum: OHIF draws
+    it on the source image and, after the tracking prompt, lists it as a probe with
+    the decision as its label."""
+    sr = _node_sr(point_viewer, "forearm")
+    ((ident, source_uid, scoord, comment),) = _regions(sr)
+    assert scoord.GraphicType == "POINT" and ident.startswith("Cornerstone3DTools@^0.1.0:Probe ")
+    assert comment.endswith("point: the maximum of the Grad-CAM heat map")
+    page = _open(browser, point_viewer, "forearm")
+    try:
+        _open_sr(page)
+        wait_for(lambda: _sr_state(page)["drawn"], timeout=90, interval=0.5)
+        (drawn,) = _sr_state(page)["drawn"]
+        assert source_uid in drawn["image"] and drawn["types"] == ["POINT"]
+        page.locator("svg.svg-layer [data-annotation-uid]").first.wait_for(state="attached")
+        _shot(page, "forearm-sr-point")
+        page.get_by_role("button", name="Yes").click()
+        wait_for(lambda: any(m["label"] == comment for m in _sr_state(page)["measurements"]),
+                 timeout=60, interval=0.5)
+        (measurement,) = _sr_state(page)["measurements"]
+        assert measurement["tool"] == "Probe" and source_uid in measurement["image"]
+        page.locator('[data-cy="trackedMeasurements-btn"]').click()
+        page.get_by_text(comment, exact=True).first.wait_for()
+        _shot(page, "forearm-sr-point-measurements")
     finally:
         page.close()

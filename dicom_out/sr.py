@@ -171,14 +171,6 @@ def _hot_region(finding: ImageFinding) -> hd.sr.CoordinatesForMeasurement | None
     )
 
 
-def region_sentence(graphic_type: hd.sr.GraphicTypeValues | str) -> str:
-    """What the SR's region of an image is, in the words its Comment uses."""
-    if hd.sr.GraphicTypeValues(graphic_type) is hd.sr.GraphicTypeValues.POLYLINE:
-        return (f"outline: where the Grad-CAM heat map reaches at least "
-                f"{HOT_REGION_SHARE:.0%} of its maximum")
-    return "point: the maximum of the Grad-CAM heat map"
-
-
 def _image_group(finding: ImageFinding) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of an analysed image.
 
@@ -249,7 +241,7 @@ def _image_group(finding: ImageFinding) -> hd.sr.MeasurementsAndQualitativeEvalu
     )
     comment = wording.image_decision_text(finding)
     if region is not None:
-        comment += "; " + region_sentence(region.GraphicType)
+        comment += "; " + wording.region_sentence(str(region.GraphicType), HOT_REGION_SHARE)
     group[0].ContentSequence.append(
         hd.sr.TextContentItem(
             name=codes.DCM.Comment,

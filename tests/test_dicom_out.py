@@ -45,8 +45,8 @@ from dicom_out.pdf import build_pdf_report
 from dicom_out.sc import build_secondary_capture
 from dicom_out.common import shows_heatmap
 from dicom_out import wording
-from dicom_out.common import ascii_text
-from dicom_out.sr import OHIF_TOOL_PREFIX, build_structured_report, region_sentence
+from dicom_out.common import HOT_REGION_SHARE, ascii_text
+from dicom_out.sr import OHIF_TOOL_PREFIX, build_structured_report
 from pipeline.result import (
     NODE_MANUFACTURER,
     Decision,
@@ -394,7 +394,8 @@ def _check_structured_report(study: Study, sr: pydicom.Dataset, scs: list[pydico
             if region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE:
                 assert len(points) >= 4 and tuple(points[0]) == tuple(points[-1])
             assert group.tracking_identifier.startswith(OHIF_TOOL_PREFIX[region.graphic_type] + " ")
-            assert comments[0].endswith(region_sentence(region.graphic_type))
+            assert comments[0].endswith(
+                wording.region_sentence(region.graphic_type.value, HOT_REGION_SHARE))
             # the SR viewport of OHIF opens on the first group: a group with a region
             first = report.get_image_measurement_groups()[0]
             assert first.get_measurements(name=FRACTURE_PROBABILITY)[0].referenced_coordinates

@@ -11,7 +11,11 @@ highdicom:
   decision code keeping "doubtful" apart from "needs review"), the fracture
   probability as a numeric measurement (TID 300, UCUM "no units"), the body-part
   probability, the algorithm identification (TID 4019: name, version, threshold and
-  doubt band as parameters) and the source image reference;
+  doubt band as parameters), the source image reference and a Comment with the
+  decision in words; for a positive or doubtful image the probability is INFERRED
+  FROM an SCOORD (TID 320) outlining the heat map's hot region on the source image,
+  and these groups come first (what OHIF v3 needs to draw and list them: see
+  :func:`_image_group` and docs/conformance.md 8.1.2);
 * per refused instance a group whose evaluation is "Not done", with the reason as
   a code and as text;
 * per body part and for the whole study a group with the study-level decision;
@@ -54,6 +58,7 @@ from dicom_out.common import (
     output_uid,
     evidence_reference,
     finding_code,
+    HOT_REGION_SHARE,
     heat_region,
     shows_heatmap,
     reference_dataset,
@@ -86,12 +91,9 @@ finding named by the group's finding type (fracture, or MURA abnormality)."""
 BODY_PART_PROBABILITY = Code("body-part-probability", LOCAL_SCHEME, "Body part probability")
 """Concept name of the router's probability for the body part it chose."""
 
-SR_IMAGE_REGIONS = False
-"""Whether positive and doubtful images get a TID 1410 planar ROI group with the heat
-map's hot region.  Off: in an SR that holds both kinds of group, PixelMed's
-DicomSRValidator (2022) reports the TID 1501 groups as TID 1410 groups missing their
-SCOORD ("Missing conditional content item"), and OHIF 3.13.2 does not draw the region
-either (tests/test_ohif.py).  The builder stays tested with it on."""
+SR_IMAGE_REGIONS = True
+"""Whether positive and doubtful images' fracture probability is INFERRED FROM an
+SCOORD around the heat map's hot region (see :func:`_image_group`)."""
 
 UNIT_PROBABILITY = codes.UCUM.NoUnits
 """Probabilities are unitless fractions in [0, 1] (UCUM "1")."""
@@ -126,13 +128,25 @@ def _finding_sites(body_part: str, laterality: str = "") -> list[hd.sr.FindingSi
     return [hd.sr.FindingSite(anatomic_location=code, laterality=side)]
 
 
-def _hot_region(finding: ImageFinding) -> hd.sr.ImageRegion | None:
-    """SCOORD image region (TID 1410 row 6) around the heat map's hot region.
+OHIF_TOOL_PREFIX = {
+    hd.sr.GraphicTypeValues.POLYLINE: "Cornerstone3DTools@^0.1.0:PlanarFreehandROI",
+    hd.sr.GraphicTypeValues.POINT: "Cornerstone3DTools@^0.1.0:Probe",
+}
+"""Tracking Identifier prefix, by the region's graphic type, that OHIF v3 (its
+Cornerstone3D SR adapters) needs to restore a region it did not make as a measurement
+(``isRehydratable``, ``MeasurementReport.getAdapterForTrackingIdentifier``): a closed
+POLYLINE as a freehand ROI, a POINT as a probe.  Without it OHIF only previews the
+region in its SR viewport and lists nothing in its measurements panel."""
+
+
+def _hot_region(finding: ImageFinding) -> hd.sr.CoordinatesForMeasurement | None:
+    """SCOORD (TID 320, INFERRED FROM) around the heat map's hot region.
 
     A closed POLYLINE along the contour at ``HOT_REGION_SHARE`` of the map's
     maximum, or a POINT at the maximum when the region is too small to outline;
     ``None`` for an empty map.  Coordinates are in the source image's stored
-    pixel matrix (PS3.3 C.18.6.1.1).
+    pixel matrix (PS3.3 C.18.6.1.1); the SCOORD's IMAGE child (SELECTED FROM)
+    references the source image.
     """
     meta = finding.meta
     try:
@@ -145,27 +159,28 @@ def _hot_region(finding: ImageFinding) -> hd.sr.ImageRegion | None:
         referenced_sop_instance_uid=meta.sop_instance_uid,
     )
     if len(region.contour) >= 4:
-        return hd.sr.ImageRegion(
+        return hd.sr.CoordinatesForMeasurement(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=region.contour,
             source_image=source,
         )
-    return hd.sr.ImageRegion(
+    return hd.sr.CoordinatesForMeasurement(
         graphic_type=hd.sr.GraphicTypeValues.POINT,
         graphic_data=np.array([region.peak], dtype=np.float64),
         source_image=source,
     )
 
 
-def _image_group(finding: ImageFinding) -> (
-    hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-):
-    """TID 1501 group of an analysed image, or TID 1410 when it carries a region.
+def _image_group(finding: ImageFinding) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of an analysed image.
 
-    A positive or doubtful image gets a planar ROI group (TID 1410) whose image
-    region outlines the heat map's hot region on the source image, so viewers
-    that draw TID 1500 regions (OHIF) show where the classifier looked; the other
-    images keep an image-level group (TID 1501) that references the source image.
+    Every analysed image gets the same template.  A positive or doubtful image's
+    fracture probability (TID 300) is INFERRED FROM an SCOORD (TID 320) outlining
+    the heat map's hot region on the source image, and its Tracking Identifier
+    starts with the OHIF tool name of that region (:data:`OHIF_TOOL_PREFIX`), so
+    OHIF draws the region on the radiograph and lists it as a measurement.  A
+    Comment (DCM 121106) holds the image's decision in words, which OHIF shows as
+    the measurement's label.
     """
     meta = finding.meta
     concept = finding_code(finding.classifier)
@@ -179,14 +194,18 @@ def _image_group(finding: ImageFinding) -> (
         referenced_sop_class_uid=meta.sop_class_uid,
         referenced_sop_instance_uid=meta.sop_instance_uid,
     )
+    region = _hot_region(finding) if SR_IMAGE_REGIONS and shows_heatmap(finding.decision) else None
     sites = _finding_sites(finding.body_part, meta.laterality)
     measurements = [
-        # algorithm and finding site are stated once, on the group (TID 1501 rows 7-8)
+        # algorithm and finding site are stated once, on the group (TID 1501 rows 7-8);
+        # the probability comes first: OHIF reads the region from the first NUM
         hd.sr.Measurement(
             name=FRACTURE_PROBABILITY,
             value=round(float(finding.fracture_probability), 6),
             unit=UNIT_PROBABILITY,
-            referenced_images=[reference],
+            # TID 320: an IMAGE or an SCOORD (which references the image), not both
+            referenced_images=[reference] if region is None else None,
+            referenced_coordinates=[region] if region is not None else None,
         ),
         hd.sr.Measurement(
             name=BODY_PART_PROBABILITY,
@@ -195,26 +214,18 @@ def _image_group(finding: ImageFinding) -> (
             referenced_images=[reference],
         ),
     ]
+    identifier = f"{wording.image_short(meta)}: {wording.body_part_name(finding.body_part)}"
+    if region is not None:
+        identifier = f"{OHIF_TOOL_PREFIX[hd.sr.GraphicTypeValues(region.GraphicType)]} {identifier}"
     tracking = hd.sr.TrackingIdentifier(
         uid=output_uid(meta.sop_instance_uid, *model_hashes(finding_models(finding)), "track"),
-        identifier=f"{wording.image_short(meta)}: {wording.body_part_name(finding.body_part)}"[:64],
+        identifier=identifier[:64],
     )
     evaluations = [
         hd.sr.QualitativeEvaluation(concept, DECISION_EVALUATION[finding.decision]),
         hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(finding.decision)),
     ]
-    region = _hot_region(finding) if SR_IMAGE_REGIONS and shows_heatmap(finding.decision) else None
-    if region is not None:
-        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_region=region,
-            finding_type=concept,
-            algorithm_id=algorithm,
-            finding_sites=sites or None,
-            measurements=measurements,
-            qualitative_evaluations=evaluations,
-        )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=concept,
         algorithm_id=algorithm,
@@ -227,6 +238,26 @@ def _image_group(finding: ImageFinding) -> (
                 referenced_sop_instance_uid=meta.sop_instance_uid,
             )
         ],
+    )
+    comment = wording.image_decision_text(finding)
+    if region is not None:
+        comment += "; " + wording.region_sentence(str(region.GraphicType), HOT_REGION_SHARE)
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=ascii_text(comment)[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
+
+
+def _has_region(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> bool:
+    """Whether a group's measurements are inferred from an SCOORD region."""
+    return any(
+        inner.ValueType == "SCOORD"
+        for item in group[0].ContentSequence if item.ValueType == "NUM"
+        for inner in getattr(item, "ContentSequence", [])
     )
 
 
@@ -486,16 +517,18 @@ def build_structured_report(
     classifier = result.findings[0].classifier if result.findings else None
     router = result.findings[0].router if result.findings else None
 
-    groups: list[
-        hd.sr.MeasurementsAndQualitativeEvaluations
-        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-    ] = []
+    drawn: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     concept = finding_code(classifier if classifier is not None else _classifier_of(result))
     for outcome in result.outcomes():
         if isinstance(outcome, ImageFinding):
-            groups.append(_image_group(outcome))
+            group = _image_group(outcome)
+            (drawn if _has_region(group) else groups).append(group)
         else:
             groups.append(_refusal_group(outcome, concept))
+    # groups with a region first: OHIF's SR viewport opens on the first group and stays
+    # black when that one has nothing to draw
+    groups = drawn + groups
     if classifier is not None:
         for part in sorted(result.by_body_part):
             groups.append(

@@ -166,6 +166,17 @@ def image_sentence(finding: ImageFinding) -> str:
     return text
 
 
+def region_sentence(graphic_type: str, share: float) -> str:
+    """What an image's region in the SR is (SCOORD graphic type ``POLYLINE`` or ``POINT``).
+
+    >>> region_sentence("POLYLINE", 0.5)
+    'outline: where the Grad-CAM heat map reaches at least 50% of its maximum'
+    """
+    if graphic_type == "POLYLINE":
+        return f"outline: where the Grad-CAM heat map reaches at least {share:.0%} of its maximum"
+    return "point: the maximum of the Grad-CAM heat map"
+
+
 def refusal_reason(refusal: Refusal) -> str:
     """Why an instance was not analysed, in plain words."""
     meta = refusal.meta

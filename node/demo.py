@@ -52,20 +52,11 @@ def _orthanc_ctl() -> ModuleType:
     return module
 
 
-def _ohif_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ohif", ROOT / "orthanc-test" / "ohif.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ohif"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _start_ohif(orthanc_url: str) -> Any:
+def _start_ohif(ctl: ModuleType, orthanc_url: str) -> Any:
     """OHIF's viewer in front of the demo's Orthanc, or ``None`` (with a note) when
     bootstrap.sh has not unpacked it."""
     try:
-        return _ohif_module().OhifServer(orthanc_url).start()
+        return ctl.start_ohif(orthanc_url)
     except RuntimeError as exc:
         print(f"no OHIF links: {exc}", file=sys.stderr)
         return None
@@ -131,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
                           dicomweb=dicomweb)
     progress.show("starting Orthanc (the PACS) ...")
     orthanc.start()
-    ohif = _start_ohif(orthanc.url) if dicomweb else None
+    ohif = _start_ohif(ctl, orthanc.url) if dicomweb else None
     config = load_config(_write_config(workdir, node_port, orthanc.dicom_port), environ={})
     node = Node(config, processor_factory(config))
     try:
@@ -149,7 +140,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return 1
         progress.done("results are back in Orthanc")
         _show(orthanc, results, out)
-        _summary(orthanc, node, studies, ohif)
+        _summary(orthanc, node, studies, ohif, results)
         if args.keep_running:
             print(f"\nOrthanc ({orthanc.url}) and the node keep running, so the links above "
                   "work: press Ctrl-C to stop them.")
@@ -193,9 +184,16 @@ def _wait_for_results(orthanc: Any, node: Node, studies: list[str], progress: Pr
     return None
 
 
-def _summary(orthanc: Any, node: Node, studies: list[str], ohif: Any = None) -> None:
+def _summary(orthanc: Any, node: Node, studies: list[str], ohif: Any = None,
+             results: list[dict[str, Any]] | None = None) -> None:
     """One line per study: what it is, the node's decision, its Orthanc link, and below
-    it the study in OHIF (when OHIF runs) where the SR's regions are drawn on the images."""
+    it the study in OHIF (when OHIF runs).  For a positive or doubtful study the OHIF
+    link opens the node's SR, which OHIF shows as the flagged radiograph with the heat
+    map's hot region drawn on it."""
+    sr_series = {
+        item["tags"].get("StudyInstanceUID"): item["tags"].get("SeriesInstanceUID")
+        for item in results or [] if item["tags"].get("Modality") == "SR"
+    }
     print("\nStudies (decision of the node, then the study in Orthanc"
           + (" and in OHIF" if ohif is not None else "") + "):")
     for uid in studies:
@@ -210,7 +208,9 @@ def _summary(orthanc: Any, node: Node, studies: list[str], ohif: Any = None) -> 
         link = f"{orthanc.url}/app/explorer.html#study?uuid={study_id}" if study_id else "-"
         print(f"  {what:<46} {decision:<13} {link}")
         if ohif is not None:
-            print(f"  {'':<46} {'':<13} {ohif.study_url(uid)}")
+            drawn = decision in ("positive", "doubtful")
+            print(f"  {'':<46} {'':<13} "
+                  f"{ohif.study_url(uid, sr_series.get(uid) if drawn else None)}")
 
 
 def _show(orthanc: Any, results: list[dict[str, Any]], out: Path) -> None:

@@ -184,9 +184,13 @@ class OhifServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def study_url(self, study_instance_uid: str) -> str:
-        """The OHIF link that opens one study in the basic viewer."""
-        return f"{self.url}/viewer?StudyInstanceUIDs={study_instance_uid}"
+    def study_url(self, study_instance_uid: str, initial_series: str | None = None) -> str:
+        """The OHIF link that opens one study in the basic viewer, with
+        ``initial_series`` (a Series Instance UID, e.g. the node's SR) in the viewport."""
+        url = f"{self.url}/viewer?StudyInstanceUIDs={study_instance_uid}"
+        if initial_series:
+            url += f"&initialSeriesInstanceUID={initial_series}"
+        return url
 
     def start(self) -> "OhifServer":
         self._thread = threading.Thread(target=self._server.serve_forever, name="ohif", daemon=True)

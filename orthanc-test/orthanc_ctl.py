@@ -74,6 +74,29 @@ def dicomweb_plugin_installed() -> bool:
     return True
 
 
+def start_ohif(orthanc_url: str, port: int = 0) -> Any:
+    """OHIF's viewer (``ohif.py`` beside this file) in front of ``orthanc_url``, started.
+
+    The one viewer set-up of the demo and the browser tests.  The returned
+    ``OhifServer`` has ``url``, ``study_url(uid)`` and ``stop()``.
+
+    Raises
+    ------
+    RuntimeError
+        If bootstrap.sh has not unpacked OHIF's ``dist/``.
+    """
+    import importlib.util
+
+    module = sys.modules.get("ohif")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("ohif", Path(__file__).with_name("ohif.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ohif"] = module
+        spec.loader.exec_module(module)
+    return module.OhifServer(orthanc_url, port).start()
+
+
 class Orthanc:
     """One Orthanc process with its own storage in ``workdir``.
 

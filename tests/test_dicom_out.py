@@ -44,7 +44,9 @@ from dicom_out.common import (
 from dicom_out.pdf import build_pdf_report
 from dicom_out.sc import build_secondary_capture
 from dicom_out.common import shows_heatmap
-from dicom_out.sr import build_structured_report
+from dicom_out import wording
+from dicom_out.common import HOT_REGION_SHARE, ascii_text
+from dicom_out.sr import OHIF_TOOL_PREFIX, build_structured_report
 from pipeline.result import (
     NODE_MANUFACTURER,
     Decision,
@@ -310,25 +312,40 @@ def test_dciodvfy_reports_no_errors(written: Mapping[str, Path]) -> None:
 
 
 def test_structured_report_roundtrip(study: Study, built: tuple) -> None:
-    _check_structured_report(study, built[1], built[0], regions=False)
+    from dicom_out.sr import SR_IMAGE_REGIONS
+
+    assert SR_IMAGE_REGIONS  # shipped on
+    _check_structured_report(study, built[1], built[0], regions=True)
 
 
-def test_structured_report_with_image_regions(study: Study, monkeypatch: pytest.MonkeyPatch,
-                                              tmp_path: Path) -> None:
-    """With ``SR_IMAGE_REGIONS`` on, positive and doubtful images get a TID 1410 group
-    whose region outlines the heat map's hot region on the source image; dciodvfy still
-    passes (PixelMed does not: see the flag)."""
+def test_structured_report_without_image_regions(study: Study,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``SR_IMAGE_REGIONS`` off, no group carries an SCOORD and no tracking
+    identifier an OHIF tool name."""
     import dicom_out.sr as sr_module
 
-    monkeypatch.setattr(sr_module, "SR_IMAGE_REGIONS", True)
-    scs: list[pydicom.Dataset] = []  # the evidence then holds the sources only
-    sr = build_structured_report(study.result, study.sources, scs, SETTINGS)
-    _check_structured_report(study, sr, scs, regions=True)
-    if shutil.which("dciodvfy"):
-        path = tmp_path / "sr-regions.dcm"
-        sr.save_as(path, enforce_file_format=True)
-        errors, _ = dciodvfy(path)
-        assert not errors, errors
+    monkeypatch.setattr(sr_module, "SR_IMAGE_REGIONS", False)
+    sr = build_structured_report(study.result, study.sources, [], SETTINGS)
+    _check_structured_report(study, sr, [], regions=False)
+
+
+def test_structured_report_with_regions_validates(study: Study, built: tuple,
+                                                  tmp_path: Path) -> None:
+    """The SR with its regions passes dciodvfy and PixelMed's DicomSRValidator (every
+    analysed image in TID 1501, each region a TID 320 SCOORD of its probability) and
+    renders in dsr2html with the region's Comment."""
+    from conftest import pixelmed_sr_errors
+
+    sr = built[1]
+    assert any(f.decision in (Decision.POSITIVE, Decision.DOUBTFUL) for f in study.findings)
+    path = tmp_path / "sr-regions.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    errors, _ = dciodvfy(path)
+    assert not errors, errors
+    assert pixelmed_sr_errors(path) == []
+    html = subprocess.run(["dsr2html", str(path)], capture_output=True, text=True, check=True)
+    assert "Grad-CAM heat map reaches at least 50% of its maximum" in html.stdout
+    assert "Polyline" in html.stdout or "Point" in html.stdout  # the SCOORD, in its annex
 
 
 def _check_structured_report(study: Study, sr: pydicom.Dataset, scs: list[pydicom.Dataset],
@@ -355,24 +372,36 @@ def _check_structured_report(study: Study, sr: pydicom.Dataset, scs: list[pydico
         uid = finding.meta.sop_instance_uid
         image_groups = report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
         roi_groups = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
+        roi_groups = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
+        assert roi_groups == [] and len(image_groups) == 1, uid  # TID 1501 for every image
+        group = image_groups[0]
+        assert group.source_images[0].referenced_sop_instance_uid == uid
+        (probability,) = group.get_measurements(name=FRACTURE_PROBABILITY)
+        comments = [i.TextValue for i in group[0].ContentSequence
+                    if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+        assert comments[0].startswith(ascii_text(wording.image_decision_text(finding)))
+        coordinates = probability.referenced_coordinates or []
         if regions and shows_heatmap(finding.decision):
-            # positive / doubtful: a TID 1410 group whose region lies on the source image
-            assert image_groups == [] and len(roi_groups) == 1, uid
-            group = roi_groups[0]
-            region = group.roi
-            assert region is not None
+            # positive / doubtful: the probability is INFERRED FROM the hot region (TID 320)
+            (region,) = coordinates
             assert region.graphic_type in (hd.sr.GraphicTypeValues.POLYLINE, hd.sr.GraphicTypeValues.POINT)
             assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uid
+            assert probability.referenced_images in (None, [])  # TID 320: IMAGE xor SCOORD
             points = region.value
             rows, cols = finding.image.source_shape
             assert (points[:, 0] >= 0).all() and (points[:, 0] <= cols).all()
             assert (points[:, 1] >= 0).all() and (points[:, 1] <= rows).all()
             if region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE:
                 assert len(points) >= 4 and tuple(points[0]) == tuple(points[-1])
+            assert group.tracking_identifier.startswith(OHIF_TOOL_PREFIX[region.graphic_type] + " ")
+            assert comments[0].endswith(
+                wording.region_sentence(region.graphic_type.value, HOT_REGION_SHARE))
+            # the SR viewport of OHIF opens on the first group: a group with a region
+            first = report.get_image_measurement_groups()[0]
+            assert first.get_measurements(name=FRACTURE_PROBABILITY)[0].referenced_coordinates
         else:
-            assert roi_groups == [] and len(image_groups) == 1, uid
-            group = image_groups[0]
-            assert group.source_images[0].referenced_sop_instance_uid == uid
+            assert coordinates == []
+            assert not group.tracking_identifier.startswith("Cornerstone3DTools")
         assert group.finding_type == FRACTURE
         assert group.finding_sites[0].value == BODY_PART_CODES[finding.body_part]
         (probability,) = group.get_measurements(name=FRACTURE_PROBABILITY)

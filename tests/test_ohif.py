@@ -8,16 +8,19 @@ headless (no browser download).  Screenshots are kept in var/test-artefacts/ohif
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import pydicom
 import pytest
 
-from conftest import ROOT, Orthanc, free_port, storescu, wait_for, write_config
+from conftest import ROOT, Orthanc, free_port, orthanc_ctl, storescu, wait_for, write_config
 from node.config import load_config
 from node.processing import processor_factory
 from node.service import Node
@@ -33,29 +36,19 @@ LOAD_TIMEOUT_MS = 120_000
 """Generous: two shared cores, software WebGL."""
 
 
-def _ohif_module() -> Any:
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("ohif", ROOT / "orthanc-test" / "ohif.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ohif"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 class Viewer:
     """Orthanc with DICOMweb, the node, OHIF, and the demo studies' UIDs."""
 
-    def __init__(self, ohif: Any, studies: dict[str, str]) -> None:
+    def __init__(self, orthanc: Any, ohif: Any, studies: dict[str, str]) -> None:
+        self.orthanc = orthanc
         self.ohif = ohif
         self.studies = studies
 
 
-@pytest.fixture(scope="module")
-def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
-    workdir = tmp_path_factory.mktemp("ohif")
+@contextlib.contextmanager
+def _running_viewer(workdir: Path, studies: tuple[str, ...]) -> Iterator[Viewer]:
+    """Orthanc (DICOMweb, routing rule) -> node -> Orthanc, OHIF in front, with the
+    demo ``studies`` pushed and their results delivered."""
     node_port = free_port()
     orthanc = Orthanc(workdir / "orthanc", node_port=node_port, route=True, stable_age=1,
                       dicomweb=True).start()
@@ -65,10 +58,10 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
     ), environ={})
     node = Node(config, processor_factory(config))
     node.start()
-    ohif = _ohif_module().OhifServer(orthanc.url).start()
+    ohif = orthanc_ctl.start_ohif(orthanc.url)
     try:
         uids: dict[str, str] = {}
-        for name in STUDIES:
+        for name in studies:
             files = sorted((ROOT / "demo" / "studies" / name).glob("*.dcm"))
             uids[name] = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
             sent = storescu(orthanc.dicom_port, files, "ORTHANC", "MODALITY")
@@ -84,11 +77,36 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
 
         for uid in uids.values():
             wait_for(lambda: settled(uid), timeout=300, interval=0.5)
-        yield Viewer(ohif, uids)
+        yield Viewer(orthanc, ohif, uids)
     finally:
         ohif.stop()
         node.stop(grace_seconds=2)
         orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
+    with _running_viewer(tmp_path_factory.mktemp("ohif"), STUDIES) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def point_viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Viewer]:
+    """The forearm study once more, its SR built as if the hot region were too small to
+    outline: the region is then a POINT at the heat map's maximum."""
+    import dataclasses
+
+    import numpy as np
+
+    import dicom_out.sr as sr_module
+
+    outline = sr_module.heat_region
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sr_module, "heat_region", lambda finding: dataclasses.replace(
+            outline(finding), contour=np.zeros((0, 2))))
+        with _running_viewer(tmp_path_factory.mktemp("ohif-point"), ("forearm",)) as running:
+            patch.undo()
+            yield running
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +121,14 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-def _open(browser: Any, viewer: Viewer, study: str) -> Any:
+def _open(browser: Any, viewer: Viewer, study: str, initial_series: str | None = None) -> Any:
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.set_default_timeout(LOAD_TIMEOUT_MS)
-    page.goto(viewer.ohif.study_url(viewer.studies[study]))
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text[:300]}"))
+    page.on("pageerror", lambda exc: console.append(f"pageerror: {exc}"))
+    page.console_lines = console  # for failure reports
+    page.goto(viewer.ohif.study_url(viewer.studies[study], initial_series))
     # OHIF's first-visit tour covers the study browser
     page.get_by_text("Skip all").click()
     return page
@@ -155,20 +177,195 @@ def test_ohif_displays_the_secondary_capture(browser: Any, viewer: Viewer) -> No
         page.close()
 
 
+def _open_sr(page: Any) -> None:
+    """Double-click the SR series once OHIF has drawn the study's first image (a
+    double-click before the viewport grid is ready can be lost)."""
+    page.locator("[data-cy='viewport-pane'] canvas").first.wait_for(state="attached")
+    wait_for(lambda: page.evaluate(
+        "() => window.services.displaySetService.getActiveDisplaySets().length > 0"),
+        timeout=60, interval=0.25)
+    page.get_by_text("AI fracture findings (SR)", exact=False).first.dblclick()
+
+
+def _node_sr(viewer: Viewer, study: str) -> hd.sr.Comprehensive3DSR:
+    """The node's SR of a study, read back from Orthanc and parsed with highdicom."""
+    (item,) = [i for i in viewer.orthanc.study_instances(viewer.studies[study])
+               if i["tags"].get("Modality") == "SR"]
+    raw = viewer.orthanc.get(f"/instances/{item['ID']}/file", raw=True)
+    return hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(raw)))
+
+
+def _regions(sr: hd.sr.Comprehensive3DSR) -> list[tuple[str, str, Any, str]]:
+    """(tracking identifier, source SOP Instance UID, SCOORD, Comment) of every image
+    group whose probability is inferred from a region."""
+    found = []
+    for group in sr.content.get_image_measurement_groups():
+        for m in group.get_measurements():
+            for scoord in m.referenced_coordinates or []:
+                comment = [item.TextValue for item in group[0].ContentSequence
+                           if item.ValueType == "TEXT"
+                           and item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+                sop = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                found.append((group.tracking_identifier, sop, scoord, comment[0]))
+    return found
+
+
+def _comments(sr: hd.sr.Comprehensive3DSR) -> list[str]:
+    return [item.TextValue for group in sr.content.get_image_measurement_groups()
+            for item in group[0].ContentSequence if item.ValueType == "TEXT"
+            and item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+
+
+_OHIF_STATE = """() => {
+  const annotations = window.cornerstoneTools.annotation.state.getAllAnnotations();
+  const sr = window.services.displaySetService.getActiveDisplaySets()
+    .filter(d => d.Modality === 'SR');
+  return {
+    drawn: annotations.filter(a => a.metadata.toolName === 'DICOMSRDisplay').map(a => ({
+      image: a.metadata.referencedImageId, types: Object.keys(a.data.renderableData || {}),
+      points: (a.data.renderableData.POLYLINE || a.data.renderableData.POINT || [[]])[0].length})),
+    measurements: window.services.measurementService.getMeasurements().map(m => ({
+      label: m.label, tool: m.toolName, image: m.referencedImageId})),
+    sr: sr.map(d => ({loaded: d.isLoaded, rehydratable: d.isRehydratable,
+      groups: (d.measurements || []).map(m => ({id: m.TrackingIdentifier, drawn: m.loaded,
+        labels: m.labels.map(l => l.label + (l.value ? ': ' + l.value : ''))}))})),
+  };
+}"""
+"""What OHIF made of the SR: the SR display set's groups and labels as OHIF parsed them
+(cornerstone-dicom-sr ``_getMeasurements``), the SR annotations it drew
+(``DICOMSRDisplay``), and the measurements its measurement service holds."""
+
+
+def _sr_state(page: Any) -> dict[str, Any]:
+    state: dict[str, Any] = page.evaluate(_OHIF_STATE)
+    return state
+
+
 @pytest.mark.orthanc
-@pytest.mark.xfail(strict=True, reason=(
-    "OHIF 3.13.2 here: after double-clicking the SR series the viewport stays black and "
-    "the Measurements panel says 'Measurements (0) / No tracked measurements'; the console "
-    "logs 'Measurement is preview, skipping' for the image's region group (parsed with one "
-    "coordinate set) and nothing is drawn"))
 def test_ohif_draws_the_sr_region_on_the_radiograph(browser: Any, viewer: Viewer) -> None:
-    """The doubtful view's SR region is drawn (an SVG path in the annotation layer) and
-    the finding is listed in the measurements panel."""
+    """Double-clicking the SR opens OHIF's SR viewport on the doubtful view with the
+    heat map's hot region drawn (a polyline in the SVG annotation layer, the SR's
+    vertices, on the source image) and the finding's words and probability beside it;
+    accepting OHIF's tracking prompt lists it in the measurements panel."""
+    sr = _node_sr(viewer, "forearm")
+    regions = _regions(sr)
+    assert len(regions) == 1, regions  # one doubtful view in the demo's forearm study
+    ident, source_uid, scoord, comment = regions[0]
+    assert scoord.GraphicType == "POLYLINE" and "doubtful, p = " in comment
+    vertices = len(scoord.GraphicData) // 2
     page = _open(browser, viewer, "forearm")
     try:
-        page.get_by_text("AI fracture findings (SR)", exact=False).first.dblclick()
-        page.locator("svg.svg-layer path, svg.svg-layer polyline").first.wait_for(timeout=60_000)
+        _open_sr(page)
+        line = page.locator("svg.svg-layer polyline").first
+        try:
+            line.wait_for(state="attached", timeout=90_000)
+        except playwright_api.TimeoutError:
+            logger.error("OHIF state %s\nconsole:\n%s", _sr_state(page),
+                         "\n".join(c for c in page.console_lines if not c.startswith("debug")))
+            raise
+        state = _sr_state(page)
+        (srset,) = state["sr"]
+        assert srset["loaded"] and srset["rehydratable"]
+        first = srset["groups"][0]  # the SR viewport opens on the first group
+        assert first["id"] == ident and first["drawn"]
+        assert comment in first["labels"]
+        assert any(label.startswith("Probability: ") for label in first["labels"])
+        (drawn,) = state["drawn"]
+        assert source_uid in drawn["image"] and drawn["types"] == ["POLYLINE"]
+        assert drawn["points"] == vertices
+        svg_points = line.get_attribute("points") or ""
+        assert svg_points.count(",") == vertices  # "x, y x, y ...": one pair per vertex
+        text = page.inner_text("body")
+        assert comment[:40] in text and "Probability: " in text  # the SR text box
         _shot(page, "forearm-sr-region")
+
+        # OHIF asks "Do you want to continue tracking measurements for this study?"
+        page.get_by_role("button", name="Yes").click()
+        wait_for(lambda: any(m["label"] == comment for m in _sr_state(page)["measurements"]),
+                 timeout=60, interval=0.5)
+        (measurement,) = _sr_state(page)["measurements"]
+        assert measurement["tool"] == "PlanarFreehandROI" and source_uid in measurement["image"]
+        page.locator('[data-cy="trackedMeasurements-btn"]').click()  # open the panel
+        page.get_by_text("Measurements (1)").wait_for()
+        panel = page.get_by_text(comment, exact=True)
+        panel.first.wait_for()
+        _shot(page, "forearm-sr-measurements")
     finally:
-        _shot(page, "forearm-sr")
+        page.close()
+
+
+@pytest.mark.orthanc
+def test_ohif_draws_nothing_for_a_negative_study(browser: Any, viewer: Viewer) -> None:
+    """For the negative study OHIF loads the SR and draws no region; the SR as OHIF
+    parsed it still holds every analysed image's finding as negative (its Comment),
+    and it offers nothing to track."""
+    sr = _node_sr(viewer, "normal-forearm")
+    assert _regions(sr) == []
+    comments = _comments(sr)
+    assert comments and all("abnormality negative, p = " in c for c in comments)
+    page = _open(browser, viewer, "normal-forearm")
+    try:
+        _open_sr(page)
+        wait_for(lambda: any(d["loaded"] for d in _sr_state(page)["sr"]), timeout=60,
+                 interval=0.5)
+        state = _sr_state(page)
+        (srset,) = state["sr"]
+        assert not srset["rehydratable"]
+        labels = [label for g in srset["groups"] for label in g["labels"]]
+        assert all(c in labels for c in comments)
+        assert not any(g["drawn"] for g in srset["groups"])
+        assert state["drawn"] == [] and state["measurements"] == []
+        assert page.locator("svg.svg-layer polyline, svg.svg-layer circle").count() == 0
+        _shot(page, "normal-forearm-sr")
+    finally:
+        page.close()
+
+
+@pytest.mark.orthanc
+def test_the_demo_link_opens_the_sr_on_the_radiograph(browser: Any, viewer: Viewer) -> None:
+    """The link the demo prints for a flagged study (``initialSeriesInstanceUID`` = the
+    node's SR series) opens OHIF with the region already drawn: no click needed."""
+    sr = _node_sr(viewer, "forearm")
+    ((_, source_uid, scoord, _),) = _regions(sr)
+    page = _open(browser, viewer, "forearm", initial_series=str(sr.SeriesInstanceUID))
+    try:
+        line = page.locator("svg.svg-layer polyline").first
+        line.wait_for(state="attached", timeout=90_000)
+        drawn = _sr_state(page)["drawn"]
+        # opened this way OHIF 3.13.2 adds the SR's annotation twice (on load and when
+        # the source display set is added), at the same place
+        assert drawn and all(source_uid in d["image"] for d in drawn)
+        assert {d["points"] for d in drawn} == {len(scoord.GraphicData) // 2}
+        assert (line.get_attribute("points") or "").count(",") == len(scoord.GraphicData) // 2
+        _shot(page, "forearm-demo-link")
+    finally:
+        page.close()
+
+
+@pytest.mark.orthanc
+def test_ohif_draws_and_lists_a_point_region(browser: Any, point_viewer: Viewer) -> None:
+    """A region too small to outline is a POINT at the heat map's maximum: OHIF draws
+    it on the source image and, after the tracking prompt, lists it as a probe with
+    the decision as its label."""
+    sr = _node_sr(point_viewer, "forearm")
+    ((ident, source_uid, scoord, comment),) = _regions(sr)
+    assert scoord.GraphicType == "POINT" and ident.startswith("Cornerstone3DTools@^0.1.0:Probe ")
+    assert comment.endswith("point: the maximum of the Grad-CAM heat map")
+    page = _open(browser, point_viewer, "forearm")
+    try:
+        _open_sr(page)
+        wait_for(lambda: _sr_state(page)["drawn"], timeout=90, interval=0.5)
+        (drawn,) = _sr_state(page)["drawn"]
+        assert source_uid in drawn["image"] and drawn["types"] == ["POINT"]
+        page.locator("svg.svg-layer [data-annotation-uid]").first.wait_for(state="attached")
+        _shot(page, "forearm-sr-point")
+        page.get_by_role("button", name="Yes").click()
+        wait_for(lambda: any(m["label"] == comment for m in _sr_state(page)["measurements"]),
+                 timeout=60, interval=0.5)
+        (measurement,) = _sr_state(page)["measurements"]
+        assert measurement["tool"] == "Probe" and source_uid in measurement["image"]
+        page.locator('[data-cy="trackedMeasurements-btn"]').click()
+        page.get_by_text(comment, exact=True).first.wait_for()
+        _shot(page, "forearm-sr-point-measurements")
+    finally:
         page.close()

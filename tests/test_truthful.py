@@ -37,7 +37,7 @@ from dicom_out.sc import (
     font_path,
     wrap_text,
 )
-from dicom_out.sr import SR_IMAGE_REGIONS, build_structured_report
+from dicom_out.sr import OHIF_TOOL_PREFIX, SR_IMAGE_REGIONS, build_structured_report
 from pipeline.aggregate import SEVERITY, aggregate_study, decide
 from pipeline.resize import fit_square
 from pipeline.result import (
@@ -184,22 +184,29 @@ def test_every_output_agrees_with_the_image_decisions(images: list[tuple], findi
     sr.save_as(buf, enforce_file_format=True)
     parsed = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(buf.getvalue())))
     concept = finding_code(result.models[1])
-    groups = {g.tracking_identifier: g for g in [
-        *parsed.content.get_image_measurement_groups(),
-        *parsed.content.get_planar_roi_measurement_groups(),
-    ]}
-    regions = {g.tracking_identifier for g in parsed.content.get_planar_roi_measurement_groups()}
+    assert parsed.content.get_planar_roi_measurement_groups() == []  # TID 1501 throughout
+    groups = {g.tracking_identifier: g for g in parsed.content.get_image_measurement_groups()}
+    # a region (TID 320 SCOORD of the probability) names OHIF's tool before the image
+    regions = {ident for ident, g in groups.items()
+               if any(m.referenced_coordinates for m in g.get_measurements())}
+    assert all(i.startswith(tuple(OHIF_TOOL_PREFIX.values())) for i in regions)
+
+    def image_of(ident: str) -> str:
+        for prefix in OHIF_TOOL_PREFIX.values():
+            ident = ident.removeprefix(prefix + " ")
+        return ident
+
     for outcome in result.outcomes():
         meta = outcome.meta
         matches = [g for ident, g in groups.items()
-                   if ident.startswith(wording.image_short(meta) + ":")]
+                   if image_of(ident).startswith(wording.image_short(meta) + ":")]
         assert len(matches) == 1, (wording.image_short(meta), list(groups))
         values = {q.name.value: q.value.value for q in matches[0].get_qualitative_evaluations()}
         decision = outcome.decision if isinstance(outcome, ImageFinding) else Decision.NOT_ANALYSED
         assert values[concept.value] == DECISION_EVALUATION[decision].value
         assert values["decision"] == decision.value
         # a region on the image iff the decision shows a heat map (positive, doubtful)
-        (ident,) = [i for i in groups if i.startswith(wording.image_short(meta) + ":")]
+        (ident,) = [i for i in groups if image_of(i).startswith(wording.image_short(meta) + ":")]
         assert (ident in regions) == (SR_IMAGE_REGIONS and shows_heatmap(decision))
     study_values = [
         {q.name.value: q.value.value for q in g.get_qualitative_evaluations()}

@@ -98,9 +98,12 @@ def test_the_demo_tibia_is_never_analysed_as_an_upper_limb(analyser, tags: dict[
 
 
 def test_agreeing_and_contradicting_headers_with_router_2(analyser) -> None:  # type: ignore[no-untyped-def]
-    """Router 2.0.0 sees a leg in the demo tibia.  A header that agrees (LEG) leaves the
-    router's answer, refused as an unsupported part; one naming the upper limb (ARM)
-    contradicts it: needs human review, analysed as neither."""
+    """Router 2.x sees a leg in the demo tibia (2.1.0: LEG p = 0.96 with no header help).
+    A header that agrees (LEG) leaves the router's answer, refused as an unsupported part;
+    one naming the upper limb (ARM) contradicts it: needs human review, analysed as neither."""
+    [bare] = analyser.analyse([_tibia(BodyPartExamined="", StudyDescription="", SeriesDescription="")])
+    assert isinstance(bare, Refusal) and bare.code is RefusalCode.UNSUPPORTED_BODY_PART
+    assert bare.body_part == "LEG"
     [agree] = analyser.analyse([_tibia(BodyPartExamined="LEG")])
     assert isinstance(agree, Refusal) and agree.code is RefusalCode.UNSUPPORTED_BODY_PART
     assert agree.body_part == "LEG"

@@ -231,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.task == "router":
             entry["training_data"] = (
-                "MURA humerus/forearm/wrist" + (f" (at most {cfg['max_per_class']} per class)"
+                "MURA humerus/forearm/wrist" + (f" (at most {cfg['max_per_class']} per label set)"
                                                 if cfg.get("max_per_class") else "")
-                + ", pkdarabi positives with body part, UNIFESP "
-                "single-part images, arnnv, uci-shoulder-implant (SHOULDER)"
+                + ", pkdarabi positives with body part, UNIFESP images, arnnv, uci-shoulder-implant (SHOULDER)"
                 + ("; LEG = knee to foot (FracAtlas LEG, UNIFESP knee/lower leg/ankle/foot, knee crops), "
-                   "HIP = hip/pelvis/thigh (FracAtlas HIP, UNIFESP); OTHER = UNIFESP parts outside the limbs. "
+                   "HIP = hip/pelvis/thigh (FracAtlas HIP, UNIFESP); OTHER = UNIFESP parts outside the limbs; "
+                   "set-valued labels, loss -log sum_{c in S} p_c: FracAtlas HAND (fingers to elbow) = "
+                   "{ELBOW, FINGER, FOREARM, HAND, WRIST}, +-joined regions = the union of their parts. "
                    if "LEG" in mdata.ROUTER_CLASSES else
                    "; OTHER = UNIFESP out-of-scope parts + knee crops. ") + train_desc
             )

@@ -16,7 +16,11 @@ returns one :class:`~pipeline.result.ImageFinding` or
   with ``Decision.NEEDS_REVIEW``;
 * otherwise the calibrated probability ``sigmoid(logit / T)`` against the body
   part's doubt band: positive / doubtful / negative;
-* a DICOM BodyPartExamined that disagrees with the router -> a note;
+* a header that names a body part (BodyPartExamined; where blank or generic, the
+  Anatomic Region Sequence, Series/Study Description, Protocol Name;
+  :mod:`pipeline.bodypart`) the router's answer disagrees with -> analysed as the
+  header's part if that part is supported and among the router's top answers, else
+  ``Refusal`` "needs human review: body part disagrees with the header";
 * an image that cannot be prepared or analysed -> a ``Refusal`` (never an exception).
 
 Grad-CAM comes from the same forward pass (:mod:`pipeline.gradcam`).
@@ -326,6 +330,8 @@ class Analyser:
         if header is not None and part != OTHER and not header.agrees_with(part):
             ranked = [classes[i] for i in np.argsort(-probs)]
             moved = reassignment(header, ranked, supported)
+            if moved is not None and float(probs[classes.index(moved)]) < self._router.confidence_floor:
+                moved = None  # the router must give the header's part at least its floor
             if moved is None:
                 return Refusal(
                     image.meta, RefusalCode.BODY_PART_CONFLICT,

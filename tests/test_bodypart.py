@@ -97,10 +97,16 @@ def test_the_demo_tibia_is_never_analysed_as_an_upper_limb(analyser, tags: dict[
         assert "needs human review" in outcome.text
 
 
-def test_a_header_that_does_not_contradict_leaves_the_router_s_answer(analyser) -> None:  # type: ignore[no-untyped-def]
-    """ARM names the whole upper limb: no contradiction, so the router's answer stands
-    (for this image, a known router failure the header cannot catch)."""
-    [outcome] = analyser.analyse([_tibia(BodyPartExamined="ARM", StudyDescription="XR ARM")])
-    assert isinstance(outcome, (ImageFinding, Refusal))
-    if isinstance(outcome, Refusal):
-        assert outcome.code is not RefusalCode.BODY_PART_CONFLICT
+def test_agreeing_and_contradicting_headers_with_router_2(analyser) -> None:  # type: ignore[no-untyped-def]
+    """Router 2.x sees a leg in the demo tibia (2.1.0: LEG p = 0.96 with no header help).
+    A header that agrees (LEG) leaves the router's answer, refused as an unsupported part;
+    one naming the upper limb (ARM) contradicts it: needs human review, analysed as neither."""
+    [bare] = analyser.analyse([_tibia(BodyPartExamined="", StudyDescription="", SeriesDescription="")])
+    assert isinstance(bare, Refusal) and bare.code is RefusalCode.UNSUPPORTED_BODY_PART
+    assert bare.body_part == "LEG"
+    [agree] = analyser.analyse([_tibia(BodyPartExamined="LEG")])
+    assert isinstance(agree, Refusal) and agree.code is RefusalCode.UNSUPPORTED_BODY_PART
+    assert agree.body_part == "LEG"
+    [contra] = analyser.analyse([_tibia(BodyPartExamined="ARM", StudyDescription="XR ARM")])
+    assert isinstance(contra, Refusal) and contra.code is RefusalCode.BODY_PART_CONFLICT
+    assert contra.body_part == "LEG" and contra.header.startswith("arm")

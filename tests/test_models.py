@@ -260,6 +260,103 @@ def test_training_smoke_run_on_a_tiny_subset(tmp_path: Path) -> None:
     assert state["history"] and np.isfinite(state["history"][-1]["loss"])
 
 
+def test_fracture_samples_are_fracture_labels_with_both_classes() -> None:
+    from models.training import data as mdata
+
+    rows = mdata.in_split(mdata.read_manifest(MSK_DATA), "val")
+    samples = mdata.fracture_samples(rows)
+    assert {s.row.label_meaning for s in samples} == {"fracture"}
+    assert {s.row.dataset for s in samples} <= set(mdata.FRACTURE_DATASETS)
+    assert "bone-break-classification" not in {s.row.dataset for s in samples}  # positives only
+    atlas = [s for s in samples if s.row.dataset == "FracAtlas"]
+    assert {s.target for s in atlas} == {0, 1} and all(s.row.boxes for s in atlas if s.target == 1)
+
+
+def test_router_targets_cover_the_lower_limb_and_hip() -> None:
+    from models.training import data as mdata
+
+    rows = mdata.read_manifest(MSK_DATA)
+    by = {(r.dataset, r.body_part): mdata.router_target(r) for r in rows}
+    assert by[("FracAtlas", "LEG")] == "LEG" and by[("UNIFESP-bodypart", "ANKLE")] == "LEG"
+    assert by[("knee-kl-crops", "KNEE")] == "LEG" and by[("UNIFESP-bodypart", "PELVIS")] == "HIP"
+    assert by[("uci-shoulder-implant", "SHOULDER")] == "SHOULDER"
+    assert by[("FracAtlas", "HAND")] is None  # fingers to elbow: no finer label
+    assert by[("UNIFESP-bodypart", "CHEST")] == "OTHER"
+    hand = next(r for r in rows if r.dataset == "FracAtlas" and r.body_part == "HAND")
+    assert mdata.region_parts(hand) == {"FINGER", "HAND", "WRIST", "FOREARM", "ELBOW"}
+
+
+def test_set_valued_router_loss_is_minus_log_of_the_allowed_mass() -> None:
+    """-log sum_{c in S} softmax(z)_c: its value, the ordinary cross-entropy for one class,
+    and a gradient that moves mass into the set without choosing inside it."""
+    import tensorflow as tf
+
+    from models.training.train import set_cross_entropy
+
+    z = np.array([[2.0, 0.5, -1.0, 0.0], [0.3, 0.3, 0.3, 0.3]], dtype=np.float32)
+    s = np.array([[0, 1, 1, 0], [1, 0, 0, 0]], dtype=np.float32)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    zt = tf.Variable(z)
+    with tf.GradientTape() as tape:
+        loss = set_cross_entropy(tf.constant(s), zt)
+        total = tf.reduce_sum(loss)
+    got = loss.numpy()
+    assert got == pytest.approx([-np.log(p[0, 1] + p[0, 2]), -np.log(0.25)], rel=1e-5)
+    # one allowed class: the sparse cross-entropy keras would compute
+    sparse = tf.keras.losses.sparse_categorical_crossentropy(np.array([0]), z[1:], from_logits=True).numpy()
+    assert got[1] == pytest.approx(float(sparse[0]), rel=1e-5)
+    g = tape.gradient(total, zt).numpy()
+    # d/dz_c = p_c - [c in S] p_c / sum_S p: negative inside the set, positive outside
+    q = p[0] * s[0] / (p[0] * s[0]).sum()
+    assert g[0] == pytest.approx(p[0] - q, abs=1e-6)
+    assert g[0, 1] < 0 and g[0, 2] < 0 and g[0, 0] > 0 and g[0, 3] > 0
+    # inside the set the gradient keeps the classes' ratio: it does not pick a part
+    assert g[0, 1] / g[0, 2] == pytest.approx(p[0, 1] / p[0, 2], rel=1e-4)
+
+
+def test_every_fracatlas_region_teaches_the_router_a_set() -> None:
+    """FracAtlas HAND (fingers to elbow) and +-joined regions become set-valued router
+    samples (union of their parts) instead of being skipped; single parts stay single."""
+    from models.training import data as mdata
+
+    rows = mdata.in_split(mdata.read_manifest(MSK_DATA), "val")
+    samples = mdata.router_samples(rows, None, 0)
+    names = {s.row.path: {mdata.ROUTER_CLASSES[i] for i in s.allowed} for s in samples}
+    atlas = [r for r in rows if r.dataset == "FracAtlas"]
+    assert atlas and all(r.path in names for r in atlas)  # no FracAtlas region is skipped
+    upper = {"FINGER", "HAND", "WRIST", "FOREARM", "ELBOW"}
+    for r in atlas:
+        if r.body_part == "HAND":
+            assert names[r.path] == upper
+        elif r.body_part == "HAND+SHOULDER":
+            assert names[r.path] == upper | {"SHOULDER"}
+        elif r.body_part == "LEG+HIP":
+            assert names[r.path] == {"LEG", "HIP"}
+        elif r.body_part == "LEG":
+            assert names[r.path] == {"LEG"}
+    by_target = {s.row.path: s.target for s in samples}
+    assert all(by_target[r.path] == -1 for r in atlas if r.body_part == "HAND")
+    implant = next(s for s in samples if s.row.dataset == "uci-shoulder-implant")
+    assert implant.target == mdata.ROUTER_CLASSES.index("SHOULDER") and len(implant.allowed) == 1
+    matrix = mdata.allowed_matrix(samples, len(mdata.ROUTER_CLASSES))
+    assert matrix.shape == (len(samples), len(mdata.ROUTER_CLASSES))
+    assert (matrix.sum(axis=1) == [len(s.allowed) for s in samples]).all()
+
+
+def test_router_training_smoke_run_with_set_labels(tmp_path: Path) -> None:
+    """The router trains on set-valued labels (FracAtlas regions included) and resumes."""
+    from models.cli import train_main
+
+    out = tmp_path / "router"
+    args = ["--task", "router", "--data", str(MSK_DATA), "--out", str(out), "--size", "64",
+            "--limit", "48", "--batch-size", "16", "--quiet"]
+    assert train_main(args + ["--epochs", "1"]) == 0
+    assert train_main(args + ["--epochs", "2", "--resume"]) == 0
+    history = json.loads((out / "state.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and 0.0 <= h["in_allowed_set"] <= 1.0 for h in history)
+
+
 def test_localisation_training_smoke_run(tmp_path: Path) -> None:
     """The box-supervised activation-map loss trains and reports a pointing game; the
     shipped model is the mean of the last two epochs' weights."""
@@ -268,7 +365,8 @@ def test_localisation_training_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     code = train_main(["--task", "classifier", "--data", str(MSK_DATA), "--out", str(out),
                        "--size", "64", "--epochs", "2", "--limit", "48", "--batch-size", "16",
-                       "--localisation-weight", "0.3", "--average-last", "2", "--quiet"])
+                       "--localisation-weight", "0.3", "--average-last", "2", "--finding", "fracture",
+                       "--quiet"])
     assert code == 0
     assert sorted(p.name for p in out.glob("epoch-*.keras")) == ["epoch-1.keras", "epoch-2.keras"]
     last = json.loads((out / "state.json").read_text())["history"][-1]
@@ -337,8 +435,52 @@ def test_evaluate_cli_writes_the_metrics_contract(tmp_path: Path) -> None:
     for key in ("auroc", "kappa", "sensitivity", "specificity", "n"):
         assert key in metrics["fracture"]["study"]
     assert set(metrics["fracture"]["by_body_part"]) <= {"FOREARM", "HUMERUS"}
+    for block in metrics["fracture"]["by_body_part"].values():
+        for key in ("auroc", "sensitivity", "specificity", "n"):
+            assert key in block["image"]
+    assert 0.0 <= metrics["router"]["unsupported_analysed_rate"] <= 1.0
     assert "pointing_game" in metrics["localisation"]
     assert (out / "report.md").exists() and list(out.glob("*.png"))
+
+
+def _folder(tmp_path: Path, picked: list[dict[str, str]]) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    with (MSK_DATA / "manifest.csv").open() as fh:
+        fields = csv.DictReader(fh).fieldnames
+    assert fields is not None
+    with (data / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in picked:
+            target = data / row["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(MSK_DATA / row["path"], target)
+            writer.writerow(row)
+    return data
+
+
+def test_evaluate_on_lower_limbs_only_reports_the_router(tmp_path: Path) -> None:
+    """A folder without one image of a supported part: no exit; the router's behaviour,
+    the refusal counts and the fracture-labelled image metrics are reported."""
+    from models.cli import evaluate_main
+
+    picked = (_rows(dataset="FracAtlas", split="val", body_part="LEG", label="positive")[:4]
+              + _rows(dataset="FracAtlas", split="val", body_part="LEG", label="negative")[:4]
+              + _rows(dataset="UNIFESP-bodypart", split="val", body_part="KNEE")[:2])
+    data = _folder(tmp_path, picked)
+    out = tmp_path / "eval"
+    assert evaluate_main(["--data", str(data), "--out", str(out), "--n-boot", "50",
+                          "--router", ROUTER, "--classifier", CLASSIFIER]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    router = metrics["router"]
+    assert router["n_known_region"] == len(picked)
+    assert router["analysed"] + router["refused_unsupported"] == len(picked)
+    assert router["unsupported_analysed"] == round(router["unsupported_analysed_rate"] * len(picked))
+    assert metrics["fracture"]["study"]["n"] == 0
+    leg = metrics["fracture"]["fracture_labelled"]["by_region"]["LEG"]
+    assert leg["n"] == 8 and 0.0 <= leg["auroc"] <= 1.0
+    assert "safety" in (out / "report.md").read_text()
 
 
 if __name__ == "__main__":

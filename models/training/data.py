@@ -27,8 +27,15 @@ from pipeline.resize import fit_square
 logger = logging.getLogger(__name__)
 
 ROUTER_PARTS: tuple[str, ...] = (
-    "ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST",
+    "ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST", "LEG", "HIP",
 )
+"""Router classes other than OTHER. ``LEG`` is the lower limb from knee to foot (knee,
+lower leg, ankle, foot: FracAtlas's ``LEG`` region; the validation split holds too few
+UNIFESP ankles and feet to validate them one by one); ``HIP`` is the hip, pelvis and thigh."""
+LEG_PARTS: frozenset[str] = frozenset({"LEG", "KNEE", "LOWER_LEG", "ANKLE", "FOOT"})
+HIP_PARTS: frozenset[str] = frozenset({"HIP", "PELVIS", "THIGH"})
+UPPER_LIMB_PARTS: frozenset[str] = frozenset({"ELBOW", "FINGER", "FOREARM", "HAND", "WRIST"})
+"""What FracAtlas's coarse ``HAND`` region (fingers to elbow) may be routed to."""
 OTHER = "OTHER"
 ROUTER_CLASSES: tuple[str, ...] = ROUTER_PARTS + (OTHER,)
 CLASSIFIER_PARTS: tuple[str, ...] = ("FOREARM", "HUMERUS", "WRIST")
@@ -62,8 +69,12 @@ class Sample:
 
     row: Row
     target: int
+    """The class index; for a router sample with several allowed classes, ``-1``."""
     classify: bool = True
     """False for localisation-only samples: their label does not train the classifier."""
+    allowed: tuple[int, ...] = ()
+    """Router only: the class indices the image may rightly be given (a set-valued,
+    partial label; one index for a single-part image). Empty for the classifier."""
 
 
 def read_manifest(data_dir: Path) -> list[Row]:
@@ -100,40 +111,96 @@ def in_split(rows: Iterable[Row], split: str) -> list[Row]:
 
 
 def router_target(row: Row) -> str | None:
-    """The router class a row teaches, or ``None`` when it teaches none.
+    """The one router class a row shows, or ``None`` when it shows no single class.
 
-    Single supported parts map to themselves; images whose every region is outside
-    the supported set (UNIFESP chest, spine, knee, ..., the knee crops) are ``OTHER``;
-    multi-region images that include a supported part, and ``UNKNOWN``, are skipped.
+    Used for the router's accuracy and confusion (a single right answer); training
+    uses the set-valued :func:`region_parts` instead, which every region contributes to.
+
+    Single upper-limb parts map to themselves; images whose every region is in the
+    knee-to-foot set (UNIFESP knee, lower leg, ankle, foot, FracAtlas ``LEG``, the knee
+    crops) are ``LEG``; hip, pelvis and thigh are ``HIP``; images whose every region is
+    outside all of these (chest, spine, skull, ...) are ``OTHER``. FracAtlas's ``HAND``
+    (fingers to elbow, no finer label), multi-region images that mix classes, and
+    ``UNKNOWN`` are skipped.
     """
     if not row.body_part or row.body_part == "UNKNOWN":
         return None
     parts = row.body_part.split("+")
+    if row.dataset == "FracAtlas" and "HAND" in parts:
+        return None
     if len(parts) == 1 and parts[0] in ROUTER_PARTS:
         return parts[0]
-    if all(p not in ROUTER_PARTS for p in parts):
+    if all(p in LEG_PARTS for p in parts):
+        return "LEG"
+    if all(p in HIP_PARTS for p in parts):
+        return "HIP"
+    known = set(ROUTER_PARTS) | LEG_PARTS | HIP_PARTS
+    if all(p not in known for p in parts):
         return OTHER
     return None
+
+
+def region_parts(row: Row) -> frozenset[str] | None:
+    """The router classes an image may rightly be analysed as, or ``None`` if unknown.
+
+    The safety figure (``router.unsupported_analysed_rate``) counts an image analysed as
+    a part outside this set. FracAtlas ``HAND`` allows any part from fingers to elbow.
+    """
+    if not row.body_part or row.body_part == "UNKNOWN":
+        return None
+    allowed: set[str] = set()
+    for p in row.body_part.split("+"):
+        if row.dataset == "FracAtlas" and p == "HAND":
+            allowed |= UPPER_LIMB_PARTS
+        elif p in LEG_PARTS:
+            allowed.add("LEG")
+        elif p in HIP_PARTS:
+            allowed.add("HIP")
+        elif p in ROUTER_PARTS:
+            allowed.add(p)
+        else:
+            allowed.add(OTHER)
+    return frozenset(allowed)
 
 
 def router_samples(
     rows: Sequence[Row], max_per_class: int | None, seed: int
 ) -> list[Sample]:
-    """Router samples, optionally capped per class (random, seeded) for balance."""
-    by_class: dict[str, list[Row]] = {c: [] for c in ROUTER_CLASSES}
+    """Router samples with set-valued labels, optionally capped per label set (random, seeded).
+
+    Every row with a known region teaches the router classes :func:`region_parts`
+    allows: one class for a single-part image, several for a coarse or ``+``-joined
+    region (FracAtlas ``HAND`` = fingers to elbow, UNIFESP ``HAND+WRIST``, ...). The
+    training loss for a set ``S`` is ``-log sum_{c in S} p_c``
+    (:func:`models.training.train.set_cross_entropy`), so a FracAtlas upper limb pulls
+    the router towards the upper limb without naming the part, and no dataset is
+    learned as a class of its own. The cap applies to each distinct label set.
+    """
+    by_set: dict[frozenset[str], list[Row]] = {}
     for r in rows:
-        t = router_target(r)
-        if t is not None:
-            by_class[t].append(r)
+        allowed = region_parts(r)
+        if allowed is not None:
+            by_set.setdefault(allowed, []).append(r)
     rng = np.random.default_rng(seed)
     out: list[Sample] = []
-    for c, members in by_class.items():
+    for allowed, members in sorted(by_set.items(), key=lambda kv: sorted(kv[0])):
         if max_per_class is not None and len(members) > max_per_class:
             idx = rng.choice(len(members), size=max_per_class, replace=False)
             members = [members[i] for i in sorted(idx)]
-        out.extend(Sample(r, ROUTER_CLASSES.index(c)) for r in members)
-    logger.info("router samples: %s", dict(Counter(ROUTER_CLASSES[s.target] for s in out)))
+        idx_set = tuple(sorted(ROUTER_CLASSES.index(c) for c in allowed))
+        target = idx_set[0] if len(idx_set) == 1 else -1
+        out.extend(Sample(r, target, allowed=idx_set) for r in members)
+    logger.info("router samples: %s", dict(Counter(
+        "+".join(ROUTER_CLASSES[i] for i in s.allowed) for s in out)))
     return out
+
+
+def allowed_matrix(samples: Sequence[Sample], n_classes: int) -> np.ndarray:
+    """``(n, n_classes)`` float32 0/1 matrix: row ``i`` marks the classes sample ``i`` allows."""
+    m = np.zeros((len(samples), n_classes), dtype=np.float32)
+    for i, s in enumerate(samples):
+        m[i, list(s.allowed)] = 1.0
+    return m
 
 
 def classifier_samples(rows: Sequence[Row], datasets: Sequence[str] = ("MURA-v1.1",)) -> list[Sample]:
@@ -144,6 +211,30 @@ def classifier_samples(rows: Sequence[Row], datasets: Sequence[str] = ("MURA-v1.
         if r.dataset in datasets and r.label in ("positive", "negative")
     ]
     logger.info("classifier samples: %d (%d positive)", len(out), sum(s.target for s in out))
+    return out
+
+
+FRACTURE_DATASETS: tuple[str, ...] = (
+    "FracAtlas", "kaggle-multi-region", "kosratdev-eeeh", "kosratdev-roboflow", "arnnv-web-smoke",
+)
+"""Fracture-labelled sets with both fractured and non-fractured images. Sets with
+positives only (bone-break-classification; pkdarabi and roboflow-sr2022, whose box-less
+images are ``unknown``) would teach "this source means fracture"; their boxes still
+supervise the activation map (:func:`box_samples`)."""
+
+
+def fracture_samples(rows: Sequence[Row], datasets: Sequence[str] = FRACTURE_DATASETS) -> list[Sample]:
+    """Fracture samples: rows with ``label_meaning == 'fracture'`` of ``datasets`` (fracture -> 1).
+
+    FracAtlas's fractured images carry boxes, so they teach the label and the map at once.
+    """
+    out = [
+        Sample(r, 1 if r.label == "positive" else 0)
+        for r in rows
+        if r.dataset in datasets and r.label_meaning == "fracture" and r.label in ("positive", "negative")
+    ]
+    logger.info("fracture samples: %d (%d positive, %d with boxes)", len(out), sum(s.target for s in out),
+                sum(1 for s in out if s.row.boxes))
     return out
 
 

@@ -55,17 +55,27 @@ def _ci(stat: Any, n: int, groups: np.ndarray | None, n_boot: int, seed: int) ->
 
 def evaluate_router(analyser: Any, rows: Sequence[mdata.Row], supported: Sequence[str]) -> dict[str, Any]:
     """Router accuracy, per-class recall/precision and confusion on rows with a router target."""
-    items = [(r, mdata.router_target(r)) for r in rows]
-    items = [(r, t) for r, t in items if t is not None]
     classes = list(analyser.router_entry.classes)
-    if not items:
-        return {"n": 0, "accuracy": float("nan"), "accuracy_supported": float("nan"), "per_class": {}}
+    known = [r for r in rows if mdata.region_parts(r) is not None]
+    if not known:
+        return {"n": 0, "classes": classes, "accuracy": float("nan"), "accuracy_supported": float("nan"),
+                "per_class": {}, "unsupported_analysed_rate": float("nan"), "n_known_region": 0,
+                "supported_parts": list(supported)}
     size = analyser.router_entry.input_size
     probs = []
-    for sl in _batched(len(items), 32):
-        x = mdata.load_arrays([r.path for r, _ in items[sl]], size)
+    for sl in _batched(len(known), 32):
+        x = mdata.load_arrays([r.path for r in known[sl]], size)
         probs.append(analyser.predict_router(x.astype(np.float32)))
-    p = np.concatenate(probs)
+    p_known = np.concatenate(probs)
+    safety = _router_safety(known, p_known, classes, supported, analyser.router_entry.confidence_floor)
+    # a class the evaluated router does not have (LEG, HIP for router 1.x) was its OTHER
+    targets = [t if t is None or t in classes else mdata.OTHER for t in (mdata.router_target(r) for r in known)]
+    keep = np.array([t is not None for t in targets], dtype=bool)
+    items = [(r, t) for r, t in zip(known, targets) if t is not None]
+    if not items:
+        return {"n": 0, "classes": classes, "accuracy": float("nan"), "accuracy_supported": float("nan"),
+                "per_class": {}, "supported_parts": list(supported), **safety}
+    p = p_known[keep]
     y = np.array([classes.index(t) for _, t in items])
     pred = p.argmax(1)
     conf = np.zeros((len(classes), len(classes)), dtype=int)
@@ -108,6 +118,55 @@ def evaluate_router(analyser: Any, rows: Sequence[mdata.Row], supported: Sequenc
         "per_class": per_class,
         "by_dataset": by_dataset,
         "confusion": conf.tolist(),
+        **safety,
+    }
+
+
+def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, classes: Sequence[str],
+                   supported: Sequence[str], floor: float) -> dict[str, Any]:
+    """The safety figure: share of images (with a known region) analysed as a part they do not show.
+
+    "Analysed" is the node's router step without a header: the answer pooled over the
+    study's images (:func:`pipeline.classify.pooled_router_probabilities`) is a body part
+    the classifier supports; below the confidence floor the node still returns a finding
+    (needs review), so those count too. The header cross-check is not applied (the
+    manifest has no DICOM header), so this is the router's figure alone.
+    """
+    pooled = pooled_router_probabilities(p, [r.study_key for r in rows], classes.index(mdata.OTHER), floor)
+    answer = [classes[i] for i in pooled.argmax(1)]
+    allowed = [mdata.region_parts(r) or frozenset() for r in rows]
+    analysed = np.array([a in supported for a in answer], dtype=bool)
+    wrong = np.array([an and a not in al for an, a, al in zip(analysed, answer, allowed)], dtype=bool)
+    decided = wrong & (pooled.max(1) >= floor)
+    groups = np.array([r.study_key for r in rows])
+    by_dataset: dict[str, dict[str, Any]] = {}
+    for ds in sorted({r.dataset for r in rows}):
+        m = np.array([r.dataset == ds for r in rows])
+        by_dataset[ds] = {"n": int(m.sum()), "analysed": int(analysed[m].sum()),
+                          "wrong_part_analysed": int(wrong[m].sum())}
+    by_region: dict[str, dict[str, Any]] = {}
+    for region in sorted({"+".join(sorted(a)) for a in allowed}):
+        m = np.array(["+".join(sorted(a)) == region for a in allowed])
+        by_region[region] = {"n": int(m.sum()), "analysed": int(analysed[m].sum()),
+                             "wrong_part_analysed": int(wrong[m].sum()),
+                             "answers": {c: int(sum(1 for a, mm_ in zip(answer, m) if mm_ and a == c))
+                                         for c in classes if any(a == c for a, mm_ in zip(answer, m) if mm_)}}
+    examples = [{"dataset": r.dataset, "body_part": r.body_part, "answer": a, "p": round(float(q.max()), 3)}
+                for r, a, q, w in zip(rows, answer, pooled, wrong) if w][:20]
+    rate = float(wrong.mean())
+    return {
+        "unsupported_analysed_rate": round(rate, 5),
+        "unsupported_analysed_rate_ci95": _ci(lambda i: float(wrong[i].mean()), len(wrong), groups, 2000, 0),
+        "unsupported_analysed": int(wrong.sum()),
+        "unsupported_analysed_with_decision": int(decided.sum()),
+        "n_known_region": len(rows),
+        "analysed": int(analysed.sum()),
+        "refused_unsupported": int((~analysed).sum()),
+        "safety_by_dataset": by_dataset,
+        "safety_by_region": by_region,
+        "wrong_part_examples": examples,
+        "safety_rule": "pooled router answer is a supported part the image's region does not include "
+                       "(FracAtlas HAND = fingers to elbow); header cross-check not applied",
     }
 
 
@@ -120,7 +179,18 @@ def evaluate_classifier(
     items = [r for r in rows if r.label in ("positive", "negative") and r.label_meaning in meanings
              and r.body_part in supported]
     if not items:
-        raise SystemExit("no labelled rows of a supported body part to evaluate the classifier on")
+        logger.warning("no labelled rows of a supported body part: classifier metrics are empty")
+        empty = {"n": 0, "auroc": float("nan"), "auroc_ci95": []}
+        return ({"label_meanings": list(meanings), "temperature": entry.temperature,
+                 "image": {**empty, "positive": 0, "ece": float("nan")},
+                 "study": {**empty, "positive": 0, "negative": 0, "kappa": float("nan"), "kappa_ci95": [],
+                           "kappa_crossfit": float("nan"), "sensitivity": float("nan"),
+                           "specificity": float("nan")},
+                 "by_body_part": {},
+                 "unsupported_body_parts": sorted({r.body_part for r in rows if r.label in ("positive", "negative")
+                                                   and r.label_meaning in meanings} - set(supported))},
+                {"roc": {}, "calibration": (np.zeros(0), np.zeros(0)), "study_confusion": {}, "items": [],
+                 "probs": np.zeros(0)})
     size = entry.input_size
     probs, logits, heat = [], [], []
     for sl in _batched(len(items), 32):
@@ -182,7 +252,8 @@ def evaluate_classifier(
         block, sp, sy, thr = study_block(mask)
         fracture["by_body_part"][part] = {
             "study": block,
-            "image": {"n": int(mask.sum()), "auroc": round(mm.auroc(y[mask], p[mask]), 4)},
+            "image": _image_block(y[mask], p[mask], np.array([entry.operating_point(part).threshold] * int(mask.sum())),
+                                  patient_of[mask], n_boot, seed),
             "mura_densenet_kappa": MURA_DENSENET_KAPPA.get(part),
         }
         plots["roc"][part] = (sy, sp)
@@ -190,6 +261,60 @@ def evaluate_classifier(
     plots["items"] = items
     plots["probs"] = p
     return fracture, plots
+
+
+def _image_block(y: np.ndarray, p: np.ndarray, thr: np.ndarray, groups: np.ndarray, n_boot: int,
+                 seed: int) -> dict[str, Any]:
+    """Image-level AUROC (grouped bootstrap interval), sensitivity and specificity at ``thr``."""
+    if len(set(y.tolist())) < 2:
+        return {"n": int(len(y)), "positive": int(y.sum()), "auroc": float("nan"), "auroc_ci95": [],
+                "sensitivity": float("nan"), "specificity": float("nan")}
+    pred = p >= thr
+    pos, neg = y == 1, y == 0
+    sens, spec = float(pred[pos].mean()), float((~pred[neg]).mean())
+    return {
+        "n": int(len(y)), "positive": int(y.sum()),
+        "auroc": round(mm.auroc(y, p), 4),
+        "auroc_ci95": _ci(lambda i: mm.auroc(y[i], p[i]), len(y), groups, n_boot, seed),
+        "sensitivity": round(sens, 4),
+        "sensitivity_ci95": _ci(lambda i: float((p[i] >= thr[i])[y[i] == 1].mean()) if (y[i] == 1).any()
+                                else float("nan"), len(y), groups, n_boot, seed),
+        "specificity": round(spec, 4),
+        "specificity_ci95": _ci(lambda i: float((p[i] < thr[i])[y[i] == 0].mean()) if (y[i] == 0).any()
+                                else float("nan"), len(y), groups, n_boot, seed),
+        "threshold": sorted({round(float(t), 4) for t in thr.tolist()}),
+    }
+
+
+def evaluate_fracture_labelled(analyser: Any, rows: Sequence[mdata.Row], n_boot: int,
+                               seed: int) -> dict[str, Any]:
+    """The classifier's output on fracture-labelled images (``label_meaning == 'fracture'``), image level.
+
+    Per dataset and per FracAtlas region (``HAND``, ``LEG``, ...; ``+``-joined regions as
+    they are), whether or not the region is supported: this is what the number means on
+    fracture labels. Thresholds: the registered ``DEFAULT`` operating point.
+    """
+    entry = analyser.classifier_entry
+    items = [r for r in rows if r.label in ("positive", "negative") and r.label_meaning == "fracture"]
+    if not items:
+        return {"n": 0, "by_dataset": {}, "by_region": {}}
+    probs = []
+    for sl in _batched(len(items), 32):
+        x = mdata.load_arrays([r.path for r in items[sl]], entry.input_size)
+        probs.append(analyser.predict_classifier(x.astype(np.float32))[1])
+    p = np.concatenate(probs)
+    y = np.array([1 if r.label == "positive" else 0 for r in items])
+    thr = np.full(len(items), entry.operating_point("DEFAULT").threshold)
+    groups = np.array([r.study_key for r in items])
+    out: dict[str, Any] = {"n": len(items), "positive": int(y.sum()),
+                           "image": _image_block(y, p, thr, groups, n_boot, seed), "by_dataset": {}, "by_region": {}}
+    for ds in sorted({r.dataset for r in items}):
+        m = np.array([r.dataset == ds for r in items])
+        out["by_dataset"][ds] = _image_block(y[m], p[m], thr[m], groups[m], n_boot, seed)
+    for region in sorted({r.body_part for r in items if r.dataset == "FracAtlas"}):
+        m = np.array([r.dataset == "FracAtlas" and r.body_part == region for r in items])
+        out["by_region"][region] = _image_block(y[m], p[m], thr[m], groups[m], n_boot, seed)
+    return out
 
 
 def _crossfit_kappa(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, seed: int, reps: int = 20) -> float:
@@ -438,8 +563,52 @@ def write_report(out: Path, metrics: dict[str, Any], files: Sequence[str]) -> No
         f"Labelled body parts without a validated classifier (answered 'not analysed: unsupported body part'): "
         f"{', '.join(f['unsupported_body_parts']) or 'none'}.",
         "",
+        "## Fracture-labelled images (image level; label_meaning `fracture`)",
+        "",
+        "The classifier's probability on images labelled fracture / no fracture, at the registered DEFAULT "
+        "threshold, per dataset and per FracAtlas region (supported or not):",
+        "",
+        "| set | images (pos) | AUROC [95% CI] | sensitivity [95% CI] | specificity [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    fl = f.get("fracture_labelled", {})
+    for label, blocks in (("dataset", fl.get("by_dataset", {})), ("FracAtlas region", fl.get("by_region", {}))):
+        for k, b in blocks.items():
+            lines.append(f"| {label} {k} | {b['n']} ({b['positive']}) | {_fmt_ci(b['auroc'], b.get('auroc_ci95', []))} | "
+                         f"{_fmt_ci(b['sensitivity'], b.get('sensitivity_ci95', []))} | "
+                         f"{_fmt_ci(b['specificity'], b.get('specificity_ci95', []))} |")
+    lines += [
+        "",
+        "## Body-part router: safety",
+        "",
+        f"Images analysed as a body part they do not show (`router.unsupported_analysed_rate`): "
+        f"{r.get('unsupported_analysed', 0)} of {r.get('n_known_region', 0)} validation images with a known region = "
+        f"{_fmt_ci(100 * r.get('unsupported_analysed_rate', float('nan')), [100 * c for c in r.get('unsupported_analysed_rate_ci95', [])])} % "
+        f"(bar <= 1 %); {r.get('unsupported_analysed_with_decision', 0)} of them above the confidence floor. "
+        f"Analysed (pooled answer a supported part): {r.get('analysed', 0)}; refused as unsupported: "
+        f"{r.get('refused_unsupported', 0)}. Rule: {r.get('safety_rule', '')}.",
+        "",
+        "| region (allowed answers) | n | analysed | wrong part analysed | router answers |",
+        "|---|---|---|---|---|",
+    ] + [f"| {k} | {v['n']} | {v['analysed']} | {v['wrong_part_analysed']} | "
+         f"{', '.join(f'{c} {n}' for c, n in v['answers'].items())} |" for k, v in r.get("safety_by_region", {}).items()]
+    lines += [
+        "",
+        "| dataset | n | analysed | wrong part analysed |",
+        "|---|---|---|---|",
+    ] + [f"| {k} | {v['n']} | {v['analysed']} | {v['wrong_part_analysed']} |"
+         for k, v in r.get("safety_by_dataset", {}).items()]
+    lines += [
+        "",
         "## Body-part router",
         "",
+    ]
+    if not r.get("pooled"):
+        lines += ["No image with a router label in this folder.", ""]
+        r = {**r, "pooled": {"groups": 0, "accuracy": float("nan"), "accuracy_supported": float("nan"),
+                             "other_recall": float("nan")}, "n_supported": 0, "below_confidence_floor": float("nan"),
+             "by_dataset": {}}
+    lines += [
         f"Accuracy {r['accuracy']:.3f} on {r['n']} validation images; on the classifier-supported parts "
         f"({', '.join(r['supported_parts'])}) {r['accuracy_supported']:.3f} (n={r['n_supported']}; bar 0.97); "
         f"OTHER recall {r['per_class'].get('OTHER', {}).get('recall', float('nan')):.3f} (bar 0.95). "
@@ -493,7 +662,8 @@ def run(data: Path, out: Path, registry: Path, router: str, classifier: str, spl
     router_m = evaluate_router(analyser, rows, supported)
     logger.info("router accuracy %.4f", router_m["accuracy"])
     fracture_m, plots = evaluate_classifier(analyser, rows, meanings, n_boot, seed)
-    logger.info("study AUROC %.4f", fracture_m["study"]["auroc"])
+    logger.info("study AUROC %.4f (n=%d)", fracture_m["study"]["auroc"], fracture_m["study"]["n"])
+    fracture_m["fracture_labelled"] = evaluate_fracture_labelled(analyser, rows, n_boot, seed)
     loc_m, examples = pointing_game(analyser, rows)
     r_e, c_e = analyser.router_entry, analyser.classifier_entry
     metrics = {
@@ -540,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     m = run(args.data, args.out, args.registry, args.router, args.classifier, args.split,
             args.label_meaning, args.n_boot, args.seed)
     s = m["fracture"]["study"]
-    print(f"router accuracy {m['router']['accuracy']:.3f}; study AUROC {s['auroc']:.3f} {s['auroc_ci95']}, "
+    print(f"router accuracy {m['router']['accuracy']:.3f}; wrong part analysed "
+          f"{m['router'].get('unsupported_analysed', 0)} of {m['router'].get('n_known_region', 0)}; "
+          f"study AUROC {s['auroc']:.3f} {s['auroc_ci95']} (n={s['n']}), "
           f"kappa {s['kappa']:.3f}; pointing game {m['localisation']['pointing_game']:.3f}")
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.md'}")
     return 0

@@ -231,10 +231,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.task == "router":
             entry["training_data"] = (
-                "MURA humerus/forearm/wrist" + (f" (at most {cfg['max_per_class']} per class)"
+                "MURA humerus/forearm/wrist" + (f" (at most {cfg['max_per_class']} per label set)"
                                                 if cfg.get("max_per_class") else "")
-                + ", pkdarabi positives with body part, UNIFESP "
-                "single-part images, arnnv; OTHER = UNIFESP out-of-scope parts + knee crops. " + train_desc
+                + ", pkdarabi positives with body part, UNIFESP images, arnnv, uci-shoulder-implant (SHOULDER)"
+                + ("; LEG = knee to foot (FracAtlas LEG, UNIFESP knee/lower leg/ankle/foot, knee crops), "
+                   "HIP = hip/pelvis/thigh (FracAtlas HIP, UNIFESP); OTHER = UNIFESP parts outside the limbs; "
+                   "set-valued labels, loss -log sum_{c in S} p_c: FracAtlas HAND (fingers to elbow) = "
+                   "{ELBOW, FINGER, FOREARM, HAND, WRIST}, +-joined regions = the union of their parts. "
+                   if "LEG" in mdata.ROUTER_CLASSES else
+                   "; OTHER = UNIFESP out-of-scope parts + knee crops. ") + train_desc
             )
             entry["temperature"] = 1.0
             entry["confidence_floor"] = args.confidence_floor
@@ -251,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                     if cfg.get("localisation_weight") else ""
                 ) + train_desc
             )
-            # what the probability means, named so in every output (dicom_out/wording.py):
-            # this training uses MURA's study-level "abnormal" labels
-            entry["finding"] = "abnormality"
             entry["temperature"] = temperature
+            # what the probability means, named so in every output (dicom_out/wording.py):
+            # the run's own --finding (MURA's study-level "abnormal" unless it says fracture)
+            entry["finding"] = cfg.get("finding", "abnormality")
             entry["confidence_floor"] = 0.0
             entry["notes"] = (
                 "Abnormality (MURA sense, not only fracture). Temperature and thresholds chosen on "
@@ -286,6 +291,10 @@ def flatten_metrics(metrics: Mapping[str, Any], role: str) -> dict[str, Any]:
         if "pooled" in r:
             out.update({"pooled_accuracy_supported": r["pooled"]["accuracy_supported"],
                         "pooled_other_recall": r["pooled"]["other_recall"]})
+        if "unsupported_analysed_rate" in r:
+            out.update({"unsupported_analysed_rate": r["unsupported_analysed_rate"],
+                        "unsupported_analysed_rate_ci95": r["unsupported_analysed_rate_ci95"],
+                        "n_known_region": r["n_known_region"]})
         return out
     f = metrics["fracture"]
     out.update({"image_auroc": f["image"]["auroc"], "study_auroc": f["study"]["auroc"],

@@ -76,6 +76,9 @@ class TrainConfig:
     """32, or 16 for a feature grid (and Grad-CAM) twice as fine (see :func:`mobilenet.backbone`)."""
     class_weight_power: float = 1.0
     """Class weights ``(n / (k * n_c)) ** power``: 1 balances the classes, 0 weighs every image alike."""
+    finding: str = "abnormality"
+    """Classifier labels: ``abnormality`` (MURA's abnormal study) or ``fracture``
+    (the fracture-labelled sets of :data:`models.training.data.FRACTURE_DATASETS`)."""
     init_from: str | None = None
     """Start from the weights of an earlier run's ``model.keras`` (same task, size and
     output stride) instead of the ImageNet backbone: a second stage of fine-tuning."""
@@ -93,6 +96,8 @@ class TrainConfig:
             raise ValueError("localisation_weight must be >= 0, and only the classifier has one")
         if not 0.0 <= self.class_weight_power <= 1.0:
             raise ValueError(f"class_weight_power must be in [0, 1], not {self.class_weight_power}")
+        if self.finding not in ("abnormality", "fracture"):
+            raise ValueError(f"finding must be 'abnormality' or 'fracture', not {self.finding!r}")
         if self.output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, not {self.output_stride}")
 
@@ -103,7 +108,7 @@ def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.
         cap = cfg.max_per_class if split == "train" else None
         samples = mdata.router_samples(part, cap, cfg.seed)
     else:
-        samples = mdata.classifier_samples(part)
+        samples = mdata.fracture_samples(part) if cfg.finding == "fracture" else mdata.classifier_samples(part)
         if cfg.localisation_weight and split == "train":
             samples += mdata.box_samples(part, exclude=[s.row.path for s in samples])
     if cfg.limit is not None:
@@ -153,6 +158,22 @@ def _augment_fn(size: int, seed: int, with_masks: bool = False, stride: int = 32
     return augment_with_masks if with_masks else augment
 
 
+def set_cross_entropy(y_true: "object", y_pred: "object") -> "object":
+    """Per image: ``-log sum_{c in S} softmax(y_pred)_c`` for the allowed set ``S``.
+
+    ``y_true`` is ``(batch, k)`` with 1 for the classes the image may rightly be given
+    (a partial label: FracAtlas ``HAND`` = fingers to elbow allows five classes) and 0
+    elsewhere; ``y_pred`` the logits ``(batch, k)``.  With one allowed class this is the
+    ordinary cross-entropy.  Computed as ``logsumexp(z) - logsumexp(z[S])``.
+    """
+    from keras import ops
+
+    z = ops.cast(y_pred, "float32")
+    mask = ops.cast(y_true, "float32") > 0.5
+    inside = ops.where(mask, z, ops.full_like(z, -1e9))
+    return ops.logsumexp(z, axis=-1) - ops.logsumexp(inside, axis=-1)
+
+
 def spatial_cross_entropy(y_true: "object", y_pred: "object") -> "object":
     """Per image: cross-entropy of softmax(cells of ``y_pred``) against the box share ``y_true``.
 
@@ -168,6 +189,22 @@ def spatial_cross_entropy(y_true: "object", y_pred: "object") -> "object":
     total = ops.sum(q, axis=-1)
     ce = -ops.sum(q * logp, axis=-1) / ops.maximum(total, keras.config.epsilon())
     return ops.where(total > 0, ce, ops.zeros_like(ce))
+
+
+def _set_loss(label_smoothing: float) -> "object":
+    """The router's loss: :func:`set_cross_entropy`, mixed with ``label_smoothing`` times the
+    cross-entropy against the uniform distribution."""
+    if not label_smoothing:
+        return set_cross_entropy
+
+    def set_loss(y_true: "object", y_pred: "object") -> "object":
+        from keras import ops
+
+        z = ops.cast(y_pred, "float32")
+        uniform = ops.logsumexp(z, axis=-1) - ops.mean(z, axis=-1)
+        return (1.0 - label_smoothing) * set_cross_entropy(y_true, y_pred) + label_smoothing * uniform
+
+    return set_loss
 
 
 def _predict_logits(model: "object", arrays: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -186,8 +223,12 @@ def _validation_summary(cfg: TrainConfig, logits: np.ndarray, val: list[mdata.Sa
     if cfg.task == "router":
         pred = logits.argmax(axis=1)
         other = mdata.ROUTER_CLASSES.index(mdata.OTHER)
+        in_set = np.array([int(p) in s.allowed for p, s in zip(pred, val)])
+        single = y >= 0
         return {
-            "accuracy": float(np.mean(pred == y)),
+            "accuracy": float(np.mean(pred[single] == y[single])) if single.any() else float("nan"),
+            "in_allowed_set": float(np.mean(in_set)),
+            "in_allowed_set_multi": float(np.mean(in_set[~single])) if (~single).any() else float("nan"),
             "other_recall": float(np.mean(pred[y == other] == other)) if np.any(y == other) else float("nan"),
         }
     p = mm.sigmoid(logits[:, 0])
@@ -252,15 +293,25 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
     x_val = mdata.load_arrays([s.row.path for s in val_s], cfg.size)
     y_train = np.array([s.target for s in train_s])
     classify = np.array([s.classify for s in train_s])
-    counts = Counter(y_train[classify].tolist())
     n_classes = len(mdata.ROUTER_CLASSES) if cfg.task == "router" else 2
-    class_w = {c: (int(classify.sum()) / (n_classes * counts[c])) ** cfg.class_weight_power for c in counts}
-    w_train = np.array([class_w[t] if c else 0.0 for t, c in zip(y_train, classify)], dtype=np.float32)
+    if cfg.task == "router":
+        # set-valued labels: a sample counts 1/|S| towards each class of its set S, and
+        # weighs the mean of its classes' weights
+        allowed = mdata.allowed_matrix(train_s, n_classes)
+        frac = (allowed / allowed.sum(axis=1, keepdims=True)).sum(axis=0)
+        counts = Counter({c: float(frac[c]) for c in range(n_classes) if frac[c] > 0})
+        class_w = {c: (len(train_s) / (n_classes * counts[c])) ** cfg.class_weight_power for c in counts}
+        cw = np.array([class_w.get(c, 0.0) for c in range(n_classes)], dtype=np.float32)
+        w_train = ((allowed * cw).sum(axis=1) / allowed.sum(axis=1)).astype(np.float32)
+    else:
+        counts = Counter(y_train[classify].tolist())
+        class_w = {c: (int(classify.sum()) / (n_classes * counts[c])) ** cfg.class_weight_power for c in counts}
+        w_train = np.array([class_w[t] if c else 0.0 for t, c in zip(y_train, classify)], dtype=np.float32)
     localise = cfg.localisation_weight > 0
     logger.info("loaded in %.0f s; class weights %s", time.monotonic() - start,
                 {k: round(v, 3) for k, v in sorted(class_w.items())})
 
-    y_fit = y_train.astype(np.float32)[:, None] if cfg.task == "classifier" else y_train
+    y_fit = y_train.astype(np.float32)[:, None] if cfg.task == "classifier" else allowed
     if localise:
         masks = mdata.load_masks(train_s, cfg.size)
         w_loc = np.array([1.0 if s.row.boxes else 0.0 for s in train_s], dtype=np.float32)
@@ -285,7 +336,9 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
     if resume and ckpt.exists() and state_path.exists():
         state = json.loads(state_path.read_text())
         train_model = keras.models.load_model(
-            ckpt, safe_mode=True, custom_objects={"spatial_cross_entropy": spatial_cross_entropy})
+            ckpt, safe_mode=True, custom_objects={"spatial_cross_entropy": spatial_cross_entropy,
+                                         "set_cross_entropy": set_cross_entropy,
+                                         "set_loss": _set_loss(cfg.label_smoothing)})
         first_epoch = int(state["epochs_done"])
         history = list(state.get("history", []))
         logger.info("resuming %s after epoch %d", out, first_epoch)
@@ -298,7 +351,11 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
             start_model = keras.models.load_model(cfg.init_from, compile=False, safe_mode=True)
             for layer in full.layers:
                 if layer.weights:
-                    layer.set_weights(start_model.get_layer(layer.name).get_weights())
+                    src = start_model.get_layer(layer.name).get_weights()
+                    if [w.shape for w in src] == [w.shape for w in layer.get_weights()]:
+                        layer.set_weights(src)
+                    else:  # a head with other classes: the backbone carries over, the head starts anew
+                        logger.info("init-from: %s has other shapes; left at its initial weights", layer.name)
             logger.info("initialised from %s", cfg.init_from)
         if localise:
             cam = full.get_layer("head")(full.outputs[1])  # the head at every cell: the CAM
@@ -315,8 +372,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         )
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
         if cfg.task == "router":
-            loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing) \
-                if cfg.label_smoothing else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            loss = _set_loss(cfg.label_smoothing)
         else:
             loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
         if localise:
@@ -324,8 +380,6 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
                                 loss_weights={"logit": 1.0, "cam": cfg.localisation_weight})
         else:
             train_model.compile(optimizer=optimizer, loss=loss)
-    if cfg.task == "router" and cfg.label_smoothing:
-        ds = ds.map(lambda x, y, w: (x, tf.one_hot(y, n_classes), w))
 
     if localise:  # validation images with boxes, for the pointing game of every epoch
         boxed_val = mdata.box_samples(mdata.in_split(rows, "val"))[: cfg.limit]
@@ -394,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="16: dilate the last stage for a feature grid (Grad-CAM) twice as fine")
     p.add_argument("--class-weight-power", type=float, default=1.0,
                    help="class weights (n / (k n_c)) ** POWER: 1 balanced, 0.5 milder, 0 none")
+    p.add_argument("--finding", choices=("abnormality", "fracture"), default="abnormality",
+                   help="classifier labels: MURA abnormal study, or the fracture-labelled sets")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from an earlier run's model.keras (second-stage fine-tuning)")
     p.add_argument("--resume", action="store_true")
@@ -412,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         limit=args.limit, max_minutes=args.max_minutes, backbone=str(args.backbone),
         label_smoothing=args.label_smoothing, localisation_weight=args.localisation_weight,
         average_last=args.average_last, output_stride=args.output_stride,
-        class_weight_power=args.class_weight_power,
+        class_weight_power=args.class_weight_power, finding=args.finding,
         init_from=str(args.init_from) if args.init_from else None,
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1

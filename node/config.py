@@ -299,9 +299,9 @@ class WorkerConfig:
 
     threads: int | None = None
     """Worker threads; ``None`` (the key left out): the cores this process may use."""
-    max_images_in_flight: int = 64
-    """Images claimed but not yet finished, over all stages (a study larger than this
-    is still taken, alone)."""
+    max_images_in_flight: int = 16
+    """Images taken up and not yet finished, over all stages: what bounds the queues
+    between them and the memory they hold (a study larger than this is taken alone)."""
 
     def __post_init__(self) -> None:
         if self.threads is not None:
@@ -314,7 +314,7 @@ class WorkerConfig:
         value = self.max_images_in_flight
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"worker.max_images_in_flight must be an integer of at least 1 "
-                              f"(got {value!r}); the default is 64")
+                              f"(got {value!r}); the default is 16")
 
     @property
     def resolved_threads(self) -> int:

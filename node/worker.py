@@ -285,10 +285,10 @@ _BUILD, _PREPARE, _STOP = 0, 1, 2
 class PipelinedWorker(Worker):
     """Several studies in flight, their stages side by side (``[worker] threads`` > 1).
 
-    One claiming loop (this thread) claims ready studies while fewer than
-    ``max_images_in_flight`` images are in hand; ``study_threads`` threads decode and
-    normalise claimed studies and build the result objects of analysed ones (builds
-    first); one model thread takes every prepared study waiting for it, up to
+    One claiming loop (this thread) claims a ready study when its images fit beside
+    those in hand (at most ``max_images_in_flight``, or the study alone);
+    ``study_threads`` threads decode and normalise claimed studies and build the
+    result objects of analysed ones (builds first); one model thread takes every prepared study waiting for it, up to
     ``batch_images`` images, and runs them through the graphs as one batch.  The
     queues between the stages hold only claimed studies, so the in-flight bound
     bounds them all and no stage ever blocks on a full queue.
@@ -307,7 +307,7 @@ class PipelinedWorker(Worker):
         jobs: JobStoreBackend,
         processor: StagedProcessor,
         study_threads: int,
-        max_images_in_flight: int = 64,
+        max_images_in_flight: int = 16,
         batch_images: int = 16,
         busy_studies: Callable[[], frozenset[str]] = frozenset,
         max_attempts: int = 3,
@@ -368,8 +368,14 @@ class PipelinedWorker(Worker):
         job = self.jobs.claim_ready_study(self.config.study.quiet_seconds, self.busy_studies())
         if job is None:
             return False
+        size = max(1, len(job.instances))
         with self._cond:
-            self._in_flight[job.study_instance_uid] = max(1, len(job.instances))
+            # claimed (and leased): it waits here, unstarted, until it fits beside the
+            # studies in hand; a study larger than the bound goes alone
+            while (self._in_flight and self._images_in_flight() + size > self.max_images_in_flight
+                   and not self._stop.is_set()):
+                self._cond.wait(0.5)
+            self._in_flight[job.study_instance_uid] = size
         logger.info("processing study %s (%d instance(s); %d study(ies) in hand)",
                     job.study_instance_uid, len(job.instances), self.in_flight,
                     extra={"study_uid": job.study_instance_uid})

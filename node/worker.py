@@ -104,7 +104,8 @@ class Heartbeat:
 
 
 class Worker:
-    """Processes studies that are ready, one at a time, in this thread."""
+    """Processes studies that are ready, one at a time, in this thread (``[worker]
+    threads = 1``; :class:`PipelinedWorker` runs several)."""
 
     def __init__(
         self,
@@ -288,8 +289,9 @@ class PipelinedWorker(Worker):
     One claiming loop (this thread) claims a ready study when its images fit beside
     those in hand (at most ``max_images_in_flight``, or the study alone);
     ``study_threads`` threads decode and normalise claimed studies and build the
-    result objects of analysed ones (builds first); one model thread takes every prepared study waiting for it, up to
-    ``batch_images`` images, and runs them through the graphs as one batch.  The
+    result objects of analysed ones (builds first); one model thread takes every
+    prepared study waiting for it, up to ``batch_images`` images, and runs them
+    through the graphs as one batch.  The
     queues between the stages hold only claimed studies, so the in-flight bound
     bounds them all and no stage ever blocks on a full queue.
 

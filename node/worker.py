@@ -417,31 +417,40 @@ class PipelinedWorker(Worker):
             priority, _, payload = self._tasks.get()
             if priority == _STOP:
                 return
-            if priority == _PREPARE:
-                job, started = payload  # type: ignore[misc]
-                try:
-                    prepared = self.stages.prepare(job)
-                except Exception as exc:
-                    self._fail(job, exc)
-                    self._done(job)
-                    continue
-                self._to_models.put((job, prepared, started))
-                continue
-            job, analysed, started = payload  # type: ignore[misc]
             try:
-                result = self.stages.build(analysed)
-                files = self._write_outputs(job, result)
-            except Exception as exc:
+                if priority == _PREPARE:
+                    self._prepare_task(*payload)  # type: ignore[misc]
+                else:
+                    self._build_task(*payload)  # type: ignore[misc]
+            except Exception:  # keep the thread alive; the state is in the database
+                logger.exception("worker stage error (the study stays processing until the "
+                                 "next start or the end of its lease)")
+
+    def _prepare_task(self, job: StudyJob, started: float) -> None:
+        try:
+            prepared = self.stages.prepare(job)
+        except Exception as exc:
+            try:
                 self._fail(job, exc)
-            else:
-                try:
-                    self._finish(job, result, files, started)
-                except Exception as exc:  # e.g. the database went away: the lease decides
-                    logger.error("study %s: result not recorded (%s); it is processed again",
-                                 job.study_instance_uid, exc,
-                                 extra={"study_uid": job.study_instance_uid})
             finally:
                 self._done(job)
+            return
+        self._to_models.put((job, prepared, started))
+
+    def _build_task(self, job: StudyJob, analysed: Any, started: float) -> None:
+        try:
+            result = self.stages.build(analysed)
+            files = self._write_outputs(job, result)
+        except Exception as exc:
+            try:
+                self._fail(job, exc)
+            finally:
+                self._done(job)
+            return
+        try:
+            self._finish(job, result, files, started)
+        finally:
+            self._done(job)
 
     def _model_loop(self) -> None:
         while True:
@@ -461,7 +470,11 @@ class PipelinedWorker(Worker):
                     break
                 batch.append(nxt)
                 images += max(1, len(nxt[0].instances))
-            self._analyse(batch)
+            try:
+                self._analyse(batch)
+            except Exception:  # keep the thread alive; the state is in the database
+                logger.exception("worker model stage error (the studies stay processing until "
+                                 "the next start or the end of their lease)")
             if stop_after:
                 return
 
@@ -473,13 +486,18 @@ class PipelinedWorker(Worker):
             done = list(zip(batch, analysed))
         except Exception as exc:
             if len(batch) == 1:
-                self._fail(batch[0][0], exc)
-                self._done(batch[0][0])
+                try:
+                    self._fail(batch[0][0], exc)
+                finally:
+                    self._done(batch[0][0])
                 return
             logger.exception("a batch of %d studies failed in the models; one by one",
                              len(batch))
             for item in batch:
-                self._analyse([item])
+                try:
+                    self._analyse([item])
+                except Exception:
+                    logger.exception("worker model stage error")
             return
         for (job, _, started), result in done:
             self._tasks.put((_BUILD, next(self._seq), (job, result, started)))

@@ -351,3 +351,70 @@ def test_sigterm_drains_the_studies_in_hand(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+class _FailingBuild:
+    """The node-core CopyProcessor in stages, whose build raises for one study."""
+
+    def __init__(self, bad_study: str) -> None:
+        from nodeharness import CopyProcessor
+
+        self.copy = CopyProcessor()
+        self.bad_study = bad_study
+
+    def prepare(self, job):  # type: ignore[no-untyped-def]
+        return job
+
+    def analyse_many(self, studies):  # type: ignore[no-untyped-def]
+        return list(studies)
+
+    def build(self, job):  # type: ignore[no-untyped-def]
+        if job.study_instance_uid == self.bad_study:
+            raise RuntimeError("result objects could not be built")
+        return self.copy(job)
+
+
+def test_a_study_that_fails_in_a_stage_is_retried_and_the_others_finish(tmp_path: Path) -> None:
+    """Three worker threads; one study's build raises: it goes back to pending with the
+    reason (retried later), the studies beside it are processed, no thread dies."""
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3, extra="\n[worker]\nthreads = 3\n",
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
+    config = load_config(cfg, environ={})
+    studies = [f"1.2.826.0.1.3680043.10.16.{n}" for n in range(4)]
+    node = Node(config, lambda: _FailingBuild(studies[1]))
+    node.start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.70"])
+        assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+        assert assoc.is_established
+        try:
+            assert [int(assoc.send_c_store(_cr(s)).Status) for s in studies] == [0] * 4
+        finally:
+            assoc.release()
+
+        def settled() -> dict[str, tuple[str, str | None, int]]:
+            rows = node.jobs.query("SELECT study_instance_uid, state, reason, attempts FROM studies")
+            states = {r["study_instance_uid"]: (r["state"], r["reason"], r["attempts"]) for r in rows}
+            done = [s for s in studies if states.get(s, ("",))[0] == "processed"]
+            return states if len(done) == 3 and states.get(studies[1], ("", None, 0))[2] >= 1 else {}
+
+        states = wait_for(settled, timeout=60, interval=0.1)
+        assert states[studies[1]][0] == "pending"
+        assert "result objects could not be built" in (states[studies[1]][1] or "")
+        assert isinstance(node.worker, PipelinedWorker)
+        assert all(t.is_alive() for t in node.worker._threads)
+        # a later study is still processed by the same threads
+        assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+        try:
+            assert int(assoc.send_c_store(_cr("1.2.826.0.1.3680043.10.16.9")).Status) == 0
+        finally:
+            assoc.release()
+        wait_for(lambda: node.jobs.query(
+            "SELECT state FROM studies WHERE study_instance_uid = '1.2.826.0.1.3680043.10.16.9'")
+            == [{"state": "processed"}], timeout=30)
+    finally:
+        node.stop(grace_seconds=2)

@@ -29,6 +29,7 @@ import argparse
 import csv
 import importlib.util
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -86,7 +87,8 @@ def make_studies(directory: Path, count: int) -> dict[str, list[Path]]:
 
 
 def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interval: float,
-        quiet_seconds: float, stable_age: int) -> dict[str, object]:
+        quiet_seconds: float, stable_age: int, model_threads: int | None = None
+        ) -> dict[str, object]:
     """One run: a fresh Orthanc and node (``[worker] threads``), the studies pushed into
     Orthanc ``interval`` seconds apart (0: a burst), until every result is stored."""
     from node.config import (
@@ -120,13 +122,14 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         models=shipped.models,
     )))
     config = load_config(cfg, environ={})
-    node = Node(config, processor_factory(config))
+    node = Node(config, processor_factory(config, model_threads))
     node.start()
     try:
         deadline = time.monotonic() + 120
         while not node.processing.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
         load_before = os.getloadavg()
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.time()
         for n, paths in enumerate(studies.values()):
             if n and interval:
@@ -146,6 +149,7 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
                 break
             time.sleep(0.2)
         finished = time.time()
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         load_after = os.getloadavg()
         rows = node.jobs.query(
             "SELECT s.study_instance_uid AS uid, s.updated_at AS processed, "
@@ -169,7 +173,8 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         delivery.append(r["delivered"] - r["processed"])
         total.append(r["delivered"] - ready)
     return {
-        "threads": config.worker.resolved_threads, "model_threads": config.worker.model_threads,
+        "threads": config.worker.resolved_threads,
+        "model_threads": model_threads or config.worker.model_threads,
         "interval": interval, "studies": len(studies), "completed": len(total),
         "lost": len(studies) - len(total),
         "median": statistics.median(total) if total else float("nan"),
@@ -177,6 +182,10 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         "processing": statistics.median(processing) if processing else float("nan"),
         "delivery": statistics.median(delivery) if delivery else float("nan"),
         "images_s": n_images / (finished - started), "push_s": pushed - started,
+        # CPU seconds of this process (the node runs in it) over the run: how many cores
+        # it kept busy, and what it cost per study whatever the other jobs took
+        "cpu_s": (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime),
+        "wall_s": finished - started,
         "load": (load_before[0], load_after[0]),
     }
 
@@ -190,10 +199,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between two studies, one run each (0: all at once, a burst)")
     parser.add_argument("--threads", default="1,default",
                         help="[worker] threads, one run each; 1 (one study at a time, the worker "
-                             "before issue 15) is the reference; 'default': the cores")
+                             "before issue 15) is the reference; 'default': the cores; TxM: T "
+                             "threads with M intra-op threads per graph instead of the derived number")
+    parser.add_argument("--log", help="append the node's log (INFO) to this file")
     args = parser.parse_args(argv)
     intervals = [float(x) for x in args.intervals.split(",")]
-    threads = [None if t == "default" else int(t) for t in args.threads.split(",")]
+    threads: list[tuple[int | None, int | None]] = []
+    for t in args.threads.split(","):
+        count, _, model = t.partition("x")
+        threads.append((None if count == "default" else int(count), int(model) if model else None))
+    if args.log:
+        import logging
+
+        handler = logging.FileHandler(args.log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(name)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
 
     work = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
     try:
@@ -204,18 +225,19 @@ def main(argv: list[str] | None = None) -> int:
               "result stored in Orthanc", flush=True)
         results = []
         for interval in intervals:
-            for t in threads:  # the reference and the new worker back to back, same load
-                r = run(studies, work / f"run-{interval}-{t}", t, interval, args.quiet_seconds,
-                        args.stable_age)
+            for t, m in threads:  # the reference and the new worker back to back, same load
+                r = run(studies, work / f"run-{interval}-{t}-{m}", t, interval, args.quiet_seconds,
+                        args.stable_age, m)
                 print(r, flush=True)
                 results.append(r)
         print("\n| arrival | worker threads (model intra-op) | median s | max s | processing s | delivery s "
-              "| lost | images/s | load average (start, end) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| lost | images/s | node CPU s per study | cores busy (CPU / wall) | load average (start, end) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             arrival = "all at once (burst)" if not r["interval"] else f"one study every {r['interval']} s"
             print(f"| {arrival} | {r['threads']} ({r['model_threads']}) | {r['median']:.2f} | {r['max']:.2f} | "
                   f"{r['processing']:.2f} | {r['delivery']:.2f} | {r['lost']} | {r['images_s']:.2f} | "
+                  f"{r['cpu_s'] / r['studies']:.2f} | {r['cpu_s'] / r['wall_s']:.2f} | "
                   f"{r['load'][0]:.1f}, {r['load'][1]:.1f} |")
         lost = sum(int(r["lost"]) for r in results)  # type: ignore[call-overload]
         for r in results:

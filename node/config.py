@@ -292,9 +292,9 @@ class WorkerConfig:
     With ``threads = 1`` one study at a time goes through decode, the models and the
     result objects in turn.  With more, the stages run side by side: ``threads - 1``
     study threads decode and normalise the next studies and build the SC, SR, PDF and
-    KO of finished ones, while one model thread runs the images of every study that
-    waits for it through the graphs as one batch.  Queues between the stages are
-    bounded by ``max_images_in_flight``.
+    KO of finished ones, while one model thread analyses the images of every study
+    that waits for it together (the graphs run them ``batch_images`` at a time).
+    Queues between the stages are bounded by ``max_images_in_flight``.
     """
 
     threads: int | None = None
@@ -302,6 +302,10 @@ class WorkerConfig:
     max_images_in_flight: int = 16
     """Images taken up and not yet finished, over all stages: what bounds the queues
     between them and the memory they hold (a study larger than this is taken alone)."""
+
+    batch_images: int = 2
+    """Images per model run (the graphs also see their mirrors).  ONNX Runtime keeps
+    the buffers of its largest run: memory grows with it, speed on a CPU hardly."""
 
     def __post_init__(self) -> None:
         if self.threads is not None:
@@ -315,6 +319,10 @@ class WorkerConfig:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"worker.max_images_in_flight must be an integer of at least 1 "
                               f"(got {value!r}); the default is 16")
+        value = self.batch_images
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
+            raise ConfigError(f"worker.batch_images must be an integer from 1 to 64 (got "
+                              f"{value!r}); the default is 2")
 
     @property
     def resolved_threads(self) -> int:

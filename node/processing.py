@@ -94,7 +94,8 @@ class AnalysedStudy:
     model_seconds: float
     """This study's share (by image count) of the batch it was analysed in."""
     batch_images: int
-    """Images in the batch that went through the graphs with this study's."""
+    """Images analysed together with this study's (its own included): those of the
+    studies that waited for the models together."""
 
 
 class StudyProcessor:
@@ -197,7 +198,8 @@ class StudyProcessor:
         build_seconds = time.perf_counter() - t2
         logger.info(
             "study %s: %s; %d analysed, %d refused; prepare %.0f ms, models %.0f ms "
-            "(batch of %d image(s)), outputs %.0f ms", job.study_instance_uid,
+            "(with %d image(s) of the studies waiting together), outputs %.0f ms",
+            job.study_instance_uid,
             result.decision.value, len(result.findings), len(result.refusals),
             study.prepared.prepare_seconds * 1000, study.model_seconds * 1000,
             study.batch_images, build_seconds * 1000,
@@ -285,7 +287,8 @@ def processor_factory(config: Config, model_threads: int | None = None
 
         started = time.perf_counter()
         analyser = Analyser.load(config.models.registry, config.models.router,
-                                 config.models.classifier, threads=threads)
+                                 config.models.classifier, threads=threads,
+                                 max_batch=config.worker.batch_images)
         logger.info("models %s and %s loaded in %.1f s (%d intra-op thread(s) per graph)",
                     config.models.router, config.models.classifier,
                     time.perf_counter() - started, threads)

@@ -290,8 +290,8 @@ class PipelinedWorker(Worker):
     those in hand (at most ``max_images_in_flight``, or the study alone);
     ``study_threads`` threads decode and normalise claimed studies and build the
     result objects of analysed ones (builds first); one model thread takes every
-    prepared study waiting for it, up to ``batch_images`` images, and runs them
-    through the graphs as one batch.  The
+    prepared study waiting for it, up to ``gather_images`` images, and analyses them
+    together (the graphs then run them in batches of ``[worker] batch_images``).  The
     queues between the stages hold only claimed studies, so the in-flight bound
     bounds them all and no stage ever blocks on a full queue.
 
@@ -310,7 +310,7 @@ class PipelinedWorker(Worker):
         processor: StagedProcessor,
         study_threads: int,
         max_images_in_flight: int = 16,
-        batch_images: int = 16,
+        gather_images: int = 16,
         busy_studies: Callable[[], frozenset[str]] = frozenset,
         max_attempts: int = 3,
         heartbeat: bool = True,
@@ -322,7 +322,7 @@ class PipelinedWorker(Worker):
         self.stages = processor
         self.study_threads = study_threads
         self.max_images_in_flight = max(1, max_images_in_flight)
-        self.batch_images = max(1, batch_images)
+        self.gather_images = max(1, gather_images)
         self._tasks: queue.PriorityQueue[tuple[int, int, object]] = queue.PriorityQueue()
         self._to_models: queue.Queue[tuple[StudyJob, Any, float] | None] = queue.Queue()
         self._seq = itertools.count()
@@ -460,7 +460,7 @@ class PipelinedWorker(Worker):
             batch = [first]
             images = max(1, len(first[0].instances))
             stop_after = False
-            while images < self.batch_images:
+            while images < self.gather_images:
                 try:
                     nxt = self._to_models.get_nowait()
                 except queue.Empty:

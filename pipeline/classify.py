@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 OTHER = "OTHER"
 MAX_BATCH = 16
+"""Default images per model run (the graphs also see their mirrors): what the
+evaluation uses.  The node sets its own (``[worker] batch_images``): ONNX Runtime keeps
+the buffers of its largest run, so memory grows with the batch (``bench/batching.py``)."""
 
 
 @dataclass(frozen=True)
@@ -175,13 +178,17 @@ class Analyser:
     """The two loaded models and their registry entries; see the module docstring."""
 
     def __init__(self, router: ModelEntry, classifier: ModelEntry, router_graph: ServingGraph,
-                 classifier_graph: ServingGraph) -> None:
+                 classifier_graph: ServingGraph, max_batch: int = MAX_BATCH) -> None:
         if router.role != "router" or classifier.role != "classifier":
             raise ValueError("Analyser needs a router entry and a classifier entry")
         for entry, graph in ((router, router_graph), (classifier, classifier_graph)):
             if graph.input_size != entry.input_size:
                 raise ValueError(f"{entry.name}: graph input {graph.input_size} px, registry "
                                  f"{entry.input_size} px")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.max_batch = max_batch
+        """Images per model run."""
         self._router = router
         self._classifier = classifier
         self._router_graph = router_graph
@@ -189,7 +196,7 @@ class Analyser:
 
     @classmethod
     def load(cls, registry_path: pathlib.Path, router: str, classifier: str,
-             threads: int | None = None) -> Analyser:
+             threads: int | None = None, max_batch: int = MAX_BATCH) -> Analyser:
         """Load both exported graphs from the registry (hash checked) and warm up.
 
         Parameters
@@ -198,11 +205,14 @@ class Analyser:
             The registry file and the names of the two models in it.
         threads
             Intra-op threads of each graph (default: the cores this process may use).
+        max_batch
+            Images per model run.
         """
         registry = load_registry(pathlib.Path(registry_path))
         r_entry = registry.get(router, role="router")
         c_entry = registry.get(classifier, role="classifier")
-        analyser = cls(r_entry, c_entry, load_graph(r_entry, threads), load_graph(c_entry, threads))
+        analyser = cls(r_entry, c_entry, load_graph(r_entry, threads), load_graph(c_entry, threads),
+                       max_batch)
         analyser.warm_up()
         return analyser
 
@@ -287,7 +297,7 @@ class Analyser:
         The router runs on every image first; the classifier (and its Grad-CAM) only on
         the images the router's answer lets through, since a refusal for the body part
         (unsupported, or in conflict with the header) never reads the classifier's
-        output.  Each model runs in batches of at most :data:`MAX_BATCH` images; a batch
+        output.  Each model runs in batches of at most :attr:`max_batch` images; a batch
         that fails is retried image by image."""
         outcomes: list[ImageFinding | Refusal | None] = [None] * len(images)
         prepared: list[tuple[int, np.ndarray, np.ndarray, GridTransform]] = []
@@ -305,7 +315,7 @@ class Analyser:
                                   f"model inference failed on this image: {exc}")
 
         routed = self._batched(lambda x: (self.predict_router(x),),
-                               [(c[0], c[1]) for c in prepared], failed)
+                               [(c[0], c[1]) for c in prepared], failed, self.max_batch)
         if not routed:
             return [o for o in outcomes if o is not None]
         by_index = {c[0]: c for c in prepared}
@@ -322,7 +332,8 @@ class Analyser:
                 to_classify.append((i, route))
         routes = dict(to_classify)
         classified = self._batched(self.predict_classifier,
-                                   [(i, by_index[i][2]) for i, _ in to_classify], failed)
+                                   [(i, by_index[i][2]) for i, _ in to_classify], failed,
+                                   self.max_batch)
         for i, (_, probability, heatmap) in classified:
             outcomes[i] = self._classified(images[i], by_index[i][3], routes[i],
                                            float(probability), heatmap)
@@ -331,13 +342,14 @@ class Analyser:
     @staticmethod
     def _batched(run: Callable[[np.ndarray], tuple[np.ndarray, ...]],
                  items: Sequence[tuple[int, np.ndarray]],
-                 failed: Callable[[int, Exception], None]) -> list[tuple[int, tuple[Any, ...]]]:
-        """``run`` on the stacked arrays of ``items`` in chunks of :data:`MAX_BATCH`; each
+                 failed: Callable[[int, Exception], None],
+                 max_batch: int) -> list[tuple[int, tuple[Any, ...]]]:
+        """``run`` on the stacked arrays of ``items`` in chunks of ``max_batch``; each
         item's row of every output, in order.  A chunk that raises is retried item by
         item, and an item that still raises is passed to ``failed`` and left out."""
         out: list[tuple[int, tuple[Any, ...]]] = []
-        for start in range(0, len(items), MAX_BATCH):
-            chunk = items[start : start + MAX_BATCH]
+        for start in range(0, len(items), max_batch):
+            chunk = items[start : start + max_batch]
             try:
                 outputs = run(np.stack([a for _, a in chunk]))
                 out.extend((i, tuple(o[k] for o in outputs)) for k, (i, _) in enumerate(chunk))

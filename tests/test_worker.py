@@ -51,10 +51,12 @@ def test_bad_worker_threads_is_one_line_naming_the_key_and_the_fix(value: object
     assert "leave the key out to use the cores" in message
 
 
-def test_bad_max_images_in_flight_and_unknown_worker_key_are_refused() -> None:
+def test_bad_max_images_in_flight_batch_images_and_unknown_worker_key_are_refused() -> None:
     base = {"peers": [{"ae_title": "ORTHANC"}], "keep_results_local": True}
     with pytest.raises(ConfigError, match=r"^worker.max_images_in_flight must be an integer"):
         config_from_dict({**base, "worker": {"max_images_in_flight": 0}}, Path("/tmp"))
+    with pytest.raises(ConfigError, match=r"^worker.batch_images must be an integer from 1 to 64"):
+        config_from_dict({**base, "worker": {"batch_images": "4"}}, Path("/tmp"))
     with pytest.raises(ConfigError, match=r"worker: unknown key\(s\) thread "):
         config_from_dict({**base, "worker": {"thread": 2}}, Path("/tmp"))
 
@@ -185,7 +187,8 @@ def test_results_are_identical_with_one_and_with_three_worker_threads(
     # each study's log line names the batch it went through: some batch held the
     # images of more than one study (no study here sends more than 4 images to the models)
     shared = [r.getMessage() for r in caplog.records
-              if (m := re.search(r"batch of (\d+) image", r.getMessage())) and int(m.group(1)) > 4]
+              if (m := re.search(r"with (\d+) image\(s\) of the studies waiting", r.getMessage()))
+              and int(m.group(1)) > 4]
     assert shared, "no batch held more than one study's images"
 
 

@@ -31,6 +31,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -93,7 +94,8 @@ def _vmhwm_mb(pid: int, field: str = "VmHWM") -> float:
     return float("nan")
 
 
-def run_load(associations: int, per: int, threads: int | None = None) -> dict[str, object]:
+def run_load(associations: int, per: int, threads: int | None = None,
+             batch_images: int | None = None) -> dict[str, object]:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
@@ -125,7 +127,8 @@ def run_load(associations: int, per: int, threads: int | None = None) -> dict[st
             storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
             study=StudyConfig(quiet_seconds=2),
             limits=LimitsConfig(max_associations=associations),
-            worker=WorkerConfig(threads=threads),
+            worker=WorkerConfig(threads=threads, **(
+                {"batch_images": batch_images} if batch_images else {})),
             models=shipped.models,
         )))
         ready = work / "ready"
@@ -208,6 +211,7 @@ def run_load(associations: int, per: int, threads: int | None = None) -> dict[st
             "analysed_images_s": round(sent / finished, 2),
             "peak_rss_mb": round(peak), "rest_rss_mb": round(rest_rss),
             "worker_threads": threads or "default",
+            "batch_images": batch_images or WorkerConfig().batch_images,
             "load_average": [round(load_before[0], 1), round(load_after[0], 1)],
             "extra_association_refused": extra_refused, "refusal": reason,
             "open_when_probed": open_now,
@@ -281,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,default",
                         help="[worker] threads of the load runs, one run each; 1 (one study at a "
                              "time, the worker before issue 15) is the reference; the last is reported")
+    parser.add_argument("--batch-images", type=int, help="[worker] batch_images of the load runs "
+                        "(default: the node's default)")
     parser.add_argument("--load-only", action="store_true",
                         help="only the load runs and the issue 15 targets (no faults, bad inputs, fuzzing)")
     args = parser.parse_args(argv)
@@ -289,14 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.threads.split(","):
         print(f"load, worker threads {t} ...", flush=True)
         runs.append(run_load(args.associations, args.per_association,
-                             None if t == "default" else int(t)))
+                             None if t == "default" else int(t), args.batch_images))
         print(json.dumps(runs[-1], indent=1), flush=True)
-    print("\n| worker threads | RSS at rest MB | peak RSS MB | all results s | receive s | "
+    print(f"\nMALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '(unset)')}")
+    print("\n| worker threads (batch_images) | RSS at rest MB | peak RSS MB | all results s | receive s | "
           "analysed / refused / unaccounted | results delivered | load average (start, end) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
         o = r["outcomes"]
-        print(f"| {r['worker_threads']} | {r['rest_rss_mb']} | {r['peak_rss_mb']} | {r['all_results_seconds']} | "
+        print(f"| {r['worker_threads']} ({r['batch_images']}) | {r['rest_rss_mb']} | {r['peak_rss_mb']} | {r['all_results_seconds']} | "
               f"{r['receive_seconds']} | {o.get('analysed', 0)} / {o.get('refused', 0)} / "  # type: ignore[union-attr]
               f"{r['unaccounted']} | {r['results_delivered']} | {r['load_average'][0]}, "  # type: ignore[index]
               f"{r['load_average'][1]} |")  # type: ignore[index]

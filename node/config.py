@@ -303,7 +303,7 @@ class WorkerConfig:
     """Images taken up and not yet finished, over all stages: what bounds the queues
     between them and the memory they hold (a study larger than this is taken alone)."""
 
-    batch_images: int = 2
+    batch_images: int = 1
     """Images per model run (the graphs also see their mirrors).  ONNX Runtime keeps
     the buffers of its largest run: memory grows with it, speed on a CPU hardly."""
 
@@ -322,7 +322,7 @@ class WorkerConfig:
         value = self.batch_images
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
             raise ConfigError(f"worker.batch_images must be an integer from 1 to 64 (got "
-                              f"{value!r}); the default is 2")
+                              f"{value!r}); the default is 1")
 
     @property
     def resolved_threads(self) -> int:

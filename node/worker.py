@@ -54,6 +54,29 @@ class Processor(Protocol):
     def __call__(self, job: StudyJob) -> ProcessedStudy: ...
 
 
+def _libc_malloc_trim() -> Callable[[], None]:
+    """``malloc_trim(0)`` of glibc, or a no-op elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return lambda: None
+
+    def release() -> None:
+        trim(0)
+
+    return release
+
+
+release_memory = _libc_malloc_trim()
+"""Hand the heap's free pages back to the system after a study: a study's decoded
+images and result objects are freed, but glibc keeps the pages in each thread's arena,
+so without this the resident size ratchets up with the threads and the largest study
+(``bench/reliability.py``)."""
+
+
 def encode(ds: pydicom.Dataset) -> bytes:
     """A dataset as a DICOM Part 10 file (strict: ``enforce_file_format``)."""
     buffer = io.BytesIO()
@@ -207,6 +230,7 @@ class Worker:
             # Our files in the spool have the same deterministic UIDs as its own.
             logger.warning("%s; this result is discarded", lost, extra=extra)
             return
+        release_memory()
         logger.info("study %s processed: %s, %d result object(s) %s (%.0f ms)",
                     job.study_instance_uid, result.decision, len(files),
                     f"queued for {', '.join(names)}" if names

@@ -161,8 +161,15 @@ class StudyProcessor:
                                      model_seconds=seconds * share, batch_images=len(images)))
         return out
 
-    def build(self, study: AnalysedStudy) -> ProcessedStudy:
-        """Aggregate the study and build its result objects."""
+    def build(self, study: AnalysedStudy,
+              sink: Callable[[str, Dataset], None] | None = None) -> ProcessedStudy:
+        """Aggregate the study and build its result objects.
+
+        With a ``sink``, each Secondary Capture is handed to it as soon as it is built
+        (the worker writes it to the spool) and its Pixel Data is then dropped: the SR
+        and the KO reference an SC by its attributes only (:func:`dicom_out.common.
+        reference_dataset`), so a large study never holds all its heat maps at once.
+        The SCs handed to the sink are not in the returned ``outputs``."""
         job = study.prepared.job
         sources = study.prepared.sources
         final = list(study.outcomes)
@@ -180,10 +187,16 @@ class StudyProcessor:
         t2 = time.perf_counter()
         outputs: list[tuple[str, Dataset]] = []
         analysed = [o for o in result.outcomes() if isinstance(o, ImageFinding)]
-        scs = [build_secondary_capture(f, sources[f.meta.sop_instance_uid], self.settings,
-                                       instance_number=number, series_findings=analysed)
-               for number, f in enumerate(analysed, start=1)]
-        outputs.extend(("sc", sc) for sc in scs)
+        scs: list[Dataset] = []
+        for number, f in enumerate(analysed, start=1):
+            sc = build_secondary_capture(f, sources[f.meta.sop_instance_uid], self.settings,
+                                         instance_number=number, series_findings=analysed)
+            if sink is None:
+                outputs.append(("sc", sc))
+            else:
+                sink("sc", sc)
+                del sc.PixelData
+            scs.append(sc)
         image_sources = {uid: ds for uid, ds in sources.items() if "PixelData" in ds}
         report_sources = image_sources or dict(sources)
         predecessor = _read_previous(job)

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from node.audit import AuditTrail
 from node.config import Config
 from node.jobs import JobStoreBackend, OutboxItem, StudyJob, node_name, open_job_store
@@ -71,10 +73,11 @@ class ObservedStages:
             raise
         return [(job, started, a) for (job, started, _), a in zip(studies, analysed)]
 
-    def build(self, study: tuple[StudyJob, float, Any]) -> ProcessedStudy:
+    def build(self, study: tuple[StudyJob, float, Any],
+              sink: Callable[[str, Dataset], None] | None = None) -> ProcessedStudy:
         _, started, analysed = study
         try:
-            result = self.stages.build(analysed)
+            result = self.stages.build(analysed, sink)
         except Exception:
             self.metrics.studies.labels(decision="error").inc()
             raise

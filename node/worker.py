@@ -277,7 +277,11 @@ class StagedProcessor(Protocol):
 
     def analyse_many(self, studies: Sequence[Any]) -> Sequence[Any]: ...
 
-    def build(self, study: Any) -> ProcessedStudy: ...
+    def build(self, study: Any,
+              sink: Callable[[str, pydicom.Dataset], None] | None = None) -> ProcessedStudy:
+        """The result objects; those handed to ``sink`` (written at once by the worker)
+        are left out of the returned ``outputs``."""
+        ...
 
 
 def is_staged(processor: object) -> bool:
@@ -299,7 +303,8 @@ class WholeStudy:
     def analyse_many(self, studies: Sequence[Any]) -> Sequence[Any]:
         return list(studies)
 
-    def build(self, study: Any) -> ProcessedStudy:
+    def build(self, study: Any,
+              sink: Callable[[str, pydicom.Dataset], None] | None = None) -> ProcessedStudy:
         return self.processor(study)
 
 
@@ -462,9 +467,16 @@ class PipelinedWorker(Worker):
         self._to_models.put((job, prepared, started))
 
     def _build_task(self, job: StudyJob, analysed: Any, started: float) -> None:
+        files: list[OutputFile] = []
+
+        def sink(kind: str, ds: pydicom.Dataset) -> None:
+            # written now, recorded with the rest by finish_study (if the build fails
+            # later, the file waits in the spool under its deterministic UID for the retry)
+            files.extend(self._write_outputs(job, ProcessedStudy([(kind, ds)], {}, "")))
+
         try:
-            result = self.stages.build(analysed)
-            files = self._write_outputs(job, result)
+            result = self.stages.build(analysed, sink)
+            files.extend(self._write_outputs(job, result))
         except Exception as exc:
             try:
                 self._fail(job, exc)

@@ -371,7 +371,7 @@ class _FailingBuild:
     def analyse_many(self, studies):  # type: ignore[no-untyped-def]
         return list(studies)
 
-    def build(self, job):  # type: ignore[no-untyped-def]
+    def build(self, job, sink=None):  # type: ignore[no-untyped-def]
         if job.study_instance_uid == self.bad_study:
             raise RuntimeError("result objects could not be built")
         return self.copy(job)

@@ -12,10 +12,15 @@ node, which sends its results back.  For every study the node's job database giv
 
 Printed per study and as medians: processing (ready -> processed, the node's share),
 delivery (processed -> delivered, mostly Orthanc storing), and the total after the
-quiet period (ready -> delivered), plus throughput and lost studies.  Target: median
-under 2 s after the quiet period, no study lost.  Usage::
+quiet period (ready -> delivered), plus throughput and lost studies.
 
-    .venv/bin/python bench/e2e.py [--studies 20]
+Each arrival pattern (a burst of all studies; one study every 1.5 s) runs twice back
+to back, with ``[worker] threads = 1`` (one study at a time: the worker before issue
+15, the reference) and with the default (the cores: stages side by side, studies
+batched).  Targets (issue 15): burst median <= 1.5 s, one every 1.5 s median <= 0.5 s,
+no study lost.  The load average is printed with each run.  Usage::
+
+    .venv/bin/python bench/e2e.py [--studies 20] [--intervals 0,1.5] [--threads 1,default]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import csv
 import importlib.util
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -80,15 +86,11 @@ def make_studies(directory: Path, count: int) -> dict[str, list[Path]]:
     return studies
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--studies", type=int, default=20)
-    parser.add_argument("--quiet-seconds", type=float, default=1.0)
-    parser.add_argument("--stable-age", type=int, default=1)
-    parser.add_argument("--interval", type=float, default=0.0,
-                        help="seconds between two studies (0: all at once, a burst)")
-    args = parser.parse_args(argv)
-
+def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interval: float,
+        quiet_seconds: float, stable_age: int, model_threads: int | None = None
+        ) -> dict[str, object]:
+    """One run: a fresh Orthanc and node (``[worker] threads``), the studies pushed into
+    Orthanc ``interval`` seconds apart (0: a burst), until every result is stored."""
     from node.config import (
         Config,
         DestinationConfig,
@@ -96,90 +98,154 @@ def main(argv: list[str] | None = None) -> int:
         PeerConfig,
         StorageConfig,
         StudyConfig,
+        WorkerConfig,
         load_config,
         render_config,
     )
     from node.processing import processor_factory
     from node.service import Node
 
+    work.mkdir(parents=True)
+    n_images = sum(len(v) for v in studies.values())
+    node_port = orthanc_ctl.free_port()
+    orthanc = orthanc_ctl.Orthanc(work / "orthanc", node_port=node_port, route=True,
+                                  stable_age=stable_age).start()
+    shipped = load_config(ROOT / "config.toml", environ={})
+    cfg = work / "node.toml"
+    cfg.write_text(render_config(Config(
+        node=NodeConfig(port=node_port),
+        peers=(PeerConfig("ORTHANC", "127.0.0.1"),),
+        destinations=(DestinationConfig("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port),),
+        storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
+        study=StudyConfig(quiet_seconds=quiet_seconds),
+        worker=WorkerConfig(threads=threads),
+        models=shipped.models,
+    )))
+    config = load_config(cfg, environ={})
+    node = Node(config, processor_factory(config, model_threads))
+    node.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not node.processing.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        load_before = os.getloadavg()
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.time()
+        for n, paths in enumerate(studies.values()):
+            if n and interval:
+                time.sleep(interval)
+            subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "-xe",
+                            "127.0.0.1", str(orthanc.dicom_port), *map(str, paths)],
+                           check=True, capture_output=True,
+                           env=dict(os.environ, TCP_NODELAY="1"))
+        pushed = time.time()
+        deadline = time.monotonic() + 120 + 10 * len(studies)
+        while time.monotonic() < deadline:
+            done = node.jobs.query(
+                "SELECT COUNT(*) AS n FROM studies s WHERE state = 'processed' AND NOT "
+                "EXISTS (SELECT 1 FROM outbox o WHERE o.study_instance_uid = "
+                "s.study_instance_uid AND o.state != 'delivered')")[0]["n"]
+            if done >= len(studies):
+                break
+            time.sleep(0.2)
+        finished = time.time()
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        load_after = os.getloadavg()
+        rows = node.jobs.query(
+            "SELECT s.study_instance_uid AS uid, s.updated_at AS processed, "
+            "(SELECT MIN(received_at) FROM instances i WHERE i.study_instance_uid = "
+            " s.study_instance_uid) AS first, "
+            "(SELECT MAX(received_at) FROM instances i WHERE i.study_instance_uid = "
+            " s.study_instance_uid) AS last, "
+            "(SELECT MAX(delivered_at) FROM outbox o WHERE o.study_instance_uid = "
+            " s.study_instance_uid) AS delivered, "
+            "(SELECT COUNT(*) FROM outbox o WHERE o.study_instance_uid = s.study_instance_uid)"
+            " AS results FROM studies s")
+    finally:
+        node.stop(grace_seconds=2)
+        orthanc.stop()
+    processing, delivery, total = [], [], []
+    for r in rows:
+        if r["delivered"] is None:
+            continue
+        ready = r["last"] + quiet_seconds
+        processing.append(r["processed"] - ready)
+        delivery.append(r["delivered"] - r["processed"])
+        total.append(r["delivered"] - ready)
+    return {
+        "threads": config.worker.resolved_threads,
+        "model_threads": model_threads or config.worker.model_threads,
+        "interval": interval, "studies": len(studies), "completed": len(total),
+        "lost": len(studies) - len(total),
+        "median": statistics.median(total) if total else float("nan"),
+        "max": max(total) if total else float("nan"),
+        "processing": statistics.median(processing) if processing else float("nan"),
+        "delivery": statistics.median(delivery) if delivery else float("nan"),
+        "images_s": n_images / (finished - started), "push_s": pushed - started,
+        # CPU seconds of this process (the node runs in it) over the run: how many cores
+        # it kept busy, and what it cost per study whatever the other jobs took
+        "cpu_s": (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime),
+        "wall_s": finished - started,
+        "load": (load_before[0], load_after[0]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--quiet-seconds", type=float, default=1.0)
+    parser.add_argument("--stable-age", type=int, default=1)
+    parser.add_argument("--intervals", default="0,1.5",
+                        help="seconds between two studies, one run each (0: all at once, a burst)")
+    parser.add_argument("--threads", default="1,default",
+                        help="[worker] threads, one run each; 1 (one study at a time, the worker "
+                             "before issue 15) is the reference; 'default': the cores; TxM: T "
+                             "threads with M intra-op threads per graph instead of the derived number")
+    parser.add_argument("--log", help="append the node's log (INFO) to this file")
+    args = parser.parse_args(argv)
+    intervals = [float(x) for x in args.intervals.split(",")]
+    threads: list[tuple[int | None, int | None]] = []
+    for t in args.threads.split(","):
+        count, _, model = t.partition("x")
+        threads.append((None if count == "default" else int(count), int(model) if model else None))
+    if args.log:
+        import logging
+
+        handler = logging.FileHandler(args.log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(name)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+
     work = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
     try:
         studies = make_studies(work / "studies", args.studies)
         n_images = sum(len(v) for v in studies.values())
-        print(f"{len(studies)} studies, {n_images} images", flush=True)
-        node_port = orthanc_ctl.free_port()
-        orthanc = orthanc_ctl.Orthanc(work / "orthanc", node_port=node_port, route=True,
-                                      stable_age=args.stable_age).start()
-        shipped = load_config(ROOT / "config.toml", environ={})
-        cfg = work / "node.toml"
-        cfg.write_text(render_config(Config(
-            node=NodeConfig(port=node_port),
-            peers=(PeerConfig("ORTHANC", "127.0.0.1"),),
-            destinations=(DestinationConfig("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port),),
-            storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
-            study=StudyConfig(quiet_seconds=args.quiet_seconds),
-            models=shipped.models,
-        )))
-        config = load_config(cfg, environ={})
-        node = Node(config, processor_factory(config))
-        node.start()
-        try:
-            started = time.time()
-            for n, paths in enumerate(studies.values()):
-                if n and args.interval:
-                    time.sleep(args.interval)
-                subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "-xe",
-                                "127.0.0.1", str(orthanc.dicom_port), *map(str, paths)],
-                               check=True, capture_output=True,
-                               env=dict(os.environ, TCP_NODELAY="1"))
-            pushed = time.time()
-            deadline = time.monotonic() + 120 + 10 * len(studies)
-            while time.monotonic() < deadline:
-                done = node.jobs.query(
-                    "SELECT COUNT(*) AS n FROM studies s WHERE state = 'processed' AND NOT "
-                    "EXISTS (SELECT 1 FROM outbox o WHERE o.study_instance_uid = "
-                    "s.study_instance_uid AND o.state != 'delivered')")[0]["n"]
-                if done >= len(studies):
-                    break
-                time.sleep(0.2)
-            finished = time.time()
-            rows = node.jobs.query(
-                "SELECT s.study_instance_uid AS uid, s.updated_at AS processed, "
-                "(SELECT MIN(received_at) FROM instances i WHERE i.study_instance_uid = "
-                " s.study_instance_uid) AS first, "
-                "(SELECT MAX(received_at) FROM instances i WHERE i.study_instance_uid = "
-                " s.study_instance_uid) AS last, "
-                "(SELECT MAX(delivered_at) FROM outbox o WHERE o.study_instance_uid = "
-                " s.study_instance_uid) AS delivered, "
-                "(SELECT COUNT(*) FROM outbox o WHERE o.study_instance_uid = s.study_instance_uid)"
-                " AS results FROM studies s")
-        finally:
-            node.stop(grace_seconds=2)
-            orthanc.stop()
-
-        processing, delivery, total = [], [], []
-        print("\n| study | images | results | processing s | delivery s | after quiet s |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            if r["delivered"] is None:
-                continue
-            ready = r["last"] + args.quiet_seconds
-            processing.append(r["processed"] - ready)
-            delivery.append(r["delivered"] - r["processed"])
-            total.append(r["delivered"] - ready)
-            print(f"| ...{r['uid'][-8:]} | {len(studies.get(r['uid'], []))} | {r['results']} | "
-                  f"{processing[-1]:.2f} | {delivery[-1]:.2f} | {total[-1]:.2f} |")
-        lost = len(studies) - len(total)
-        print(f"\nstudies: {len(studies)}, completed: {len(total)}, lost: {lost}")
-        if total:
-            print(f"median after the quiet period: {statistics.median(total):.2f} s "
-                  f"(processing {statistics.median(processing):.2f} s, delivery "
-                  f"{statistics.median(delivery):.2f} s); max {max(total):.2f} s")
-            print(f"throughput: {n_images / (finished - started):.2f} images/s, "
-                  f"{len(total) / (finished - started) * 60:.1f} studies/min "
-                  f"(push took {pushed - started:.1f} s, Orthanc StableAge {args.stable_age} s, "
-                  f"node quiet period {args.quiet_seconds} s, one study every "
-                  f"{args.interval} s)")
+        print(f"{len(studies)} studies, {n_images} images; Orthanc StableAge {args.stable_age} s, node "
+              f"quiet period {args.quiet_seconds} s; times from the end of the quiet period to the last "
+              "result stored in Orthanc", flush=True)
+        results = []
+        for interval in intervals:
+            for t, m in threads:  # the reference and the new worker back to back, same load
+                r = run(studies, work / f"run-{interval}-{t}-{m}", t, interval, args.quiet_seconds,
+                        args.stable_age, m)
+                print(r, flush=True)
+                results.append(r)
+        print("\n| arrival | worker threads (model intra-op) | median s | max s | processing s | delivery s "
+              "| lost | images/s | node CPU s per study | cores busy (CPU / wall) | load average (start, end) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in results:
+            arrival = "all at once (burst)" if not r["interval"] else f"one study every {r['interval']} s"
+            print(f"| {arrival} | {r['threads']} ({r['model_threads']}) | {r['median']:.2f} | {r['max']:.2f} | "
+                  f"{r['processing']:.2f} | {r['delivery']:.2f} | {r['lost']} | {r['images_s']:.2f} | "
+                  f"{r['cpu_s'] / r['studies']:.2f} | {r['cpu_s'] / r['wall_s']:.2f} | "
+                  f"{r['load'][0]:.1f}, {r['load'][1]:.1f} |")
+        lost = sum(int(r["lost"]) for r in results)  # type: ignore[call-overload]
+        for r in results:
+            target = 1.5 if not r["interval"] else 0.5
+            label = "burst of 20" if not r["interval"] else f"one every {r['interval']} s"
+            print(f"target {label}, median <= {target} s ({r['threads']} thread(s)): "
+                  f"{'met' if r['median'] <= target else 'MISSED'} ({r['median']:.2f} s)")
+        print(f"target no study lost: {'met' if lost == 0 else 'MISSED'} ({lost} lost)")
         return 0 if lost == 0 else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -14,8 +14,14 @@ by image so both paths see the same load:
 * start-up: process start to the first prediction and the resident memory (at rest
   after it, and the peak), each in a fresh subprocess, for both paths.
 
-Prints ms/image (median, p90), the ratio, the floor and the targets of issue 15
-(<= 40 ms per image, <= 1.5 s to the first prediction).  Usage::
+The whole decision runs both models only on the images the router lets through
+(the others are refused on the router's answer and the classifier is skipped), so
+the target's figure is the median over the images that went through both models;
+the refused images and all images are printed beside it.  A third path is the node
+as the worker runs it (``[worker] threads`` at its default: one intra-op thread per
+graph beside one study thread).  Prints ms/image (median, p90), the ratio, the
+floor, the load average, and the targets of issue 15 (<= 40 ms per image, <= 1.5 s
+to the first prediction).  Usage::
 
     .venv/bin/python bench/inference.py [--images 40]
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -147,18 +154,30 @@ def main(argv: list[str] | None = None) -> int:
     for img in images[:3]:
         served.analyse([img])
         reference.analyse([img])
+    from models.runtime import load_graph
+    from node.config import WorkerConfig
+    from pipeline.result import ImageFinding
+
+    serving_threads = WorkerConfig().model_threads
+    as_served = Analyser(r_e, c_e, load_graph(r_e, serving_threads), load_graph(c_e, serving_threads))
+    as_served.warm_up()
+    load_before = os.getloadavg()
     node_ms: list[float] = []
     tf_ms: list[float] = []
+    worker_ms: list[float] = []
+    both_models: list[bool] = []
     for img in images:
-        for analyser, times in ((served, node_ms), (reference, tf_ms)):
+        for analyser, times in ((served, node_ms), (reference, tf_ms), (as_served, worker_ms)):
             t = time.perf_counter()
-            analyser.analyse([img])
+            out = analyser.analyse([img])
             times.append((time.perf_counter() - t) * 1000)
+        both_models.append(isinstance(out[0], ImageFinding))
     batch4 = {}
     for name, analyser in (("node", served), ("tensorflow", reference)):
         t = time.perf_counter()
         analyser.analyse(images[:4])
         batch4[name] = (time.perf_counter() - t) * 1000 / 4
+    load_after = os.getloadavg()
 
     flips = {"router": 2 if r_e.test_time_flip else 1, "classifier": 2 if c_e.test_time_flip else 1}
     assert r_e.graph is not None and c_e.graph is not None
@@ -171,25 +190,42 @@ def main(argv: list[str] | None = None) -> int:
     def p90(values: list[float]) -> float:
         return sorted(values)[int(0.9 * (len(values) - 1))]
 
-    node_med, tf_med = statistics.median(node_ms), statistics.median(tf_ms)
+    def med(values: list[float], which: bool | None = None) -> float:
+        chosen = [v for v, b in zip(values, both_models) if which is None or b == which]
+        return statistics.median(chosen) if chosen else float("nan")
+
+    n_both = sum(both_models)
+    node_med, tf_med = med(node_ms, True), med(tf_ms, True)
+    print(f"load average at start {' '.join(f'{x:.1f}' for x in load_before)}, at end "
+          f"{' '.join(f'{x:.1f}' for x in load_after)} (2 cores; other engineers' jobs and a training "
+          "run share them: absolute figures are noisy, the ratios less so)")
     print(f"images: {len(images)} (MURA validation), router {r_e.input_size} px, classifier {c_e.input_size} px "
           f"(Grad-CAM grid {served.classifier_grid}); test-time flip: router {r_e.test_time_flip}, "
-          f"classifier {c_e.test_time_flip}; both paths interleaved image by image")
-    print("| path | median ms/image | p90 ms | batch of 4, ms/image |")
-    print("|---|---|---|---|")
-    print(f"| node (exported ONNX graphs, ONNX Runtime): router + classifier + Grad-CAM + decision, batch 1 | "
-          f"{node_med:.1f} | {p90(node_ms):.1f} | {batch4['node']:.1f} |")
-    print(f"| same Analyser on TensorFlow (tf.function of the Keras models) | {tf_med:.1f} | {p90(tf_ms):.1f} | "
-          f"{batch4['tensorflow']:.1f} |")
-    print(f"\nratio node / TensorFlow: {node_med / tf_med:.2f}")
-    print(f"floor: {gflop:.2f} GFLOP per image (both graphs, image + mirror) / {gemm:.0f} GFLOP/s fp32 GEMM "
-          f"(numpy, this run) = {floor_ms:.1f} ms; node / floor {node_med / floor_ms:.2f}")
+          f"classifier {c_e.test_time_flip}; all paths interleaved image by image; {n_both} images went through "
+          f"both models (analysed), {len(images) - n_both} were refused on the router's answer")
+    print("| path | whole decision, analysed images: median ms | p90 ms | refused images (router only): median ms "
+          "| all images: median ms | batch of 4, ms/image |")
+    print("|---|---|---|---|---|---|")
+    rows_out = (("node: exported ONNX graphs (ONNX Runtime), 2 intra-op threads", node_ms, batch4["node"]),
+                (f"node as the worker runs it ({serving_threads} intra-op thread(s) beside a study thread)",
+                 worker_ms, float("nan")),
+                ("same Analyser on TensorFlow (tf.function of the Keras models)", tf_ms, batch4["tensorflow"]))
+    for name, values, b4 in rows_out:
+        analysed = [v for v, b in zip(values, both_models) if b]
+        print(f"| {name} | {med(values, True):.1f} | {p90(analysed) if analysed else float('nan'):.1f} | "
+              f"{med(values, False):.1f} | {med(values):.1f} | {b4:.1f} |")
+    print(f"\nratio node / TensorFlow (analysed images): {node_med / tf_med:.2f}; all images: "
+          f"{med(node_ms) / med(tf_ms):.2f}")
+    print(f"floor: {gflop:.2f} GFLOP per analysed image (both graphs, image + mirror, from the ONNX graphs) / "
+          f"{gemm:.0f} GFLOP/s fp32 GEMM (numpy, this run) = {floor_ms:.1f} ms; node / floor {node_med / floor_ms:.2f}")
     print("| process | start to first prediction s | RSS after it MB | peak RSS MB | TensorFlow imported |")
     print("|---|---|---|---|---|")
     for name, f in (("node (ONNX Runtime)", first_node), ("TensorFlow path", first_tf)):
         print(f"| {name} | {f['first_s']:.2f} | {f['rss_mb']:.0f} | {f['peak_mb']:.0f} | {f['tensorflow_imported']} |")
-    print(f"target <= 40 ms per image: {'met' if node_med <= 40 else 'MISSED'}; "
-          f"target <= 1.5 s to the first prediction: {'met' if first_node['first_s'] <= 1.5 else 'MISSED'}")
+    print(f"target <= 40 ms per image (whole decision, analysed images, batch 1): "
+          f"{'met' if node_med <= 40 else 'MISSED'} ({node_med:.1f} ms); "
+          f"target <= 1.5 s to the first prediction: {'met' if first_node['first_s'] <= 1.5 else 'MISSED'} "
+          f"({first_node['first_s']:.2f} s)")
     return 0
 
 

@@ -4,6 +4,12 @@ Re-run it to regenerate ``docs/reliability.md``::
 
     .venv/bin/python bench/reliability.py [--associations 16] [--per-association 50]
                                           [--fuzz-seconds 120] [--write docs/reliability.md]
+                                          [--threads 1,default] [--load-only]
+
+The load runs once per ``--threads`` value (``[worker] threads``; 1 is the worker
+before issue 15, the reference) and prints, beside the load average, the targets of
+issue 15: node RSS at rest (models loaded, nothing received) <= 400 MB, peak <= 600 MB,
+all results of the 16 x 50 instances delivered <= 30 s after the first was sent.
 
 1. **Load**: a real Orthanc and ``fracture-node serve`` (real models) as separate
    processes; N concurrent DCMTK ``storescu`` associations each send M real
@@ -25,6 +31,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -80,14 +87,15 @@ def make_load(directory: Path, associations: int, per: int) -> list[list[Path]]:
     return sets
 
 
-def _vmhwm_mb(pid: int) -> float:
+def _vmhwm_mb(pid: int, field: str = "VmHWM") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def run_load(associations: int, per: int) -> dict[str, object]:
+def run_load(associations: int, per: int, threads: int | None = None,
+             batch_images: int | None = None) -> dict[str, object]:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
@@ -99,6 +107,7 @@ def run_load(associations: int, per: int) -> dict[str, object]:
         PeerConfig,
         StorageConfig,
         StudyConfig,
+        WorkerConfig,
         load_config,
         render_config,
     )
@@ -118,14 +127,20 @@ def run_load(associations: int, per: int) -> dict[str, object]:
             storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
             study=StudyConfig(quiet_seconds=2),
             limits=LimitsConfig(max_associations=associations),
+            worker=WorkerConfig(threads=threads, **(
+                {"batch_images": batch_images} if batch_images else {})),
             models=shipped.models,
         )))
         ready = work / "ready"
         node = subprocess.Popen([str(EXE), "--config", str(cfg), "serve", "--ready-file",
                                  str(ready)], stderr=(work / "node.log").open("wb"))
         deadline = time.monotonic() + 120
-        while not ready.exists() and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+                ready.exists() and "processing started" in (work / "node.log").read_text(errors="replace")):
             time.sleep(0.1)
+        time.sleep(2.0)  # at rest: models loaded and warmed up, nothing received yet
+        rest_rss = _vmhwm_mb(node.pid, "VmRSS")
+        load_before = __import__("os").getloadavg()
         try:
             started = time.monotonic()
             procs = [subprocess.Popen(["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "FRACTURE_NODE",
@@ -174,6 +189,7 @@ def run_load(associations: int, per: int) -> dict[str, object]:
                 time.sleep(1)
             finished = time.monotonic() - started
             peak = _vmhwm_mb(node.pid)
+            load_after = __import__("os").getloadavg()
             acknowledged = q("SELECT COUNT(*) FROM instances")[0][0]
             outcomes = dict(q("SELECT outcome, COUNT(*) FROM instances GROUP BY outcome"))
             results = q("SELECT COUNT(*) FROM outbox WHERE state = 'delivered'")[0][0]
@@ -193,7 +209,10 @@ def run_load(associations: int, per: int) -> dict[str, object]:
             "receive_images_s": round(sent / received, 1),
             "all_results_seconds": round(finished, 1),
             "analysed_images_s": round(sent / finished, 2),
-            "peak_rss_mb": round(peak),
+            "peak_rss_mb": round(peak), "rest_rss_mb": round(rest_rss),
+            "worker_threads": threads or "default",
+            "batch_images": batch_images or WorkerConfig().batch_images,
+            "load_average": [round(load_before[0], 1), round(load_after[0], 1)],
             "extra_association_refused": extra_refused, "refusal": reason,
             "open_when_probed": open_now,
         }
@@ -263,11 +282,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-association", type=int, default=50)
     parser.add_argument("--fuzz-seconds", type=int, default=120)
     parser.add_argument("--write", help="write the markdown report here")
+    parser.add_argument("--threads", default="1,default",
+                        help="[worker] threads of the load runs, one run each; 1 (one study at a "
+                             "time, the worker before issue 15) is the reference; the last is reported")
+    parser.add_argument("--batch-images", type=int, help="[worker] batch_images of the load runs "
+                        "(default: the node's default)")
+    parser.add_argument("--load-only", action="store_true",
+                        help="only the load runs and the issue 15 targets (no faults, bad inputs, fuzzing)")
     args = parser.parse_args(argv)
 
+    runs = []
+    for t in args.threads.split(","):
+        print(f"load, worker threads {t} ...", flush=True)
+        runs.append(run_load(args.associations, args.per_association,
+                             None if t == "default" else int(t), args.batch_images))
+        print(json.dumps(runs[-1], indent=1), flush=True)
+    print(f"\nMALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '(unset)')}")
+    print("\n| worker threads (batch_images) | RSS at rest MB | peak RSS MB | all results s | receive s | "
+          "analysed / refused / unaccounted | results delivered | load average (start, end) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        o = r["outcomes"]
+        print(f"| {r['worker_threads']} ({r['batch_images']}) | {r['rest_rss_mb']} | {r['peak_rss_mb']} | {r['all_results_seconds']} | "
+              f"{r['receive_seconds']} | {o.get('analysed', 0)} / {o.get('refused', 0)} / "  # type: ignore[union-attr]
+              f"{r['unaccounted']} | {r['results_delivered']} | {r['load_average'][0]}, "  # type: ignore[index]
+              f"{r['load_average'][1]} |")  # type: ignore[index]
+    for r in runs:
+        n = int(r["sent"])  # type: ignore[call-overload]
+        print(f"targets ({r['worker_threads']} worker threads): RSS at rest <= 400 MB: "
+              f"{'met' if r['rest_rss_mb'] <= 400 else 'MISSED'} ({r['rest_rss_mb']} MB); "  # type: ignore[operator]
+              f"peak <= 600 MB: {'met' if r['peak_rss_mb'] <= 600 else 'MISSED'} ({r['peak_rss_mb']} MB); "  # type: ignore[operator]
+              f"all {n} results <= 30 s: {'met' if r['all_results_seconds'] <= 30 else 'MISSED'} "  # type: ignore[operator]
+              f"({r['all_results_seconds']} s); unaccounted {r['unaccounted']}")
+    load = runs[-1]
+    if args.load_only:
+        return 0
     print("load ...", flush=True)
-    load = run_load(args.associations, args.per_association)
-    print(json.dumps(load, indent=1), flush=True)
     print("faults ...", flush=True)
     faults = run_tests(FAULT_TESTS)
     print(json.dumps(faults, indent=1), flush=True)

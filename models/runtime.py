@@ -105,12 +105,17 @@ class OnnxGraph:
         The ``.onnx`` file (callers verify its hash first: :func:`load_graph`).
     threads
         Intra-op threads; default :func:`default_threads`.
+    cpu_memory_arena
+        ONNX Runtime's CPU memory arena: buffers of a run are kept for the next, so the
+        process keeps the peak of its largest batch (``bench/batching.py``).
     """
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None,
+                 cpu_memory_arena: bool = True) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        opts.enable_cpu_mem_arena = cpu_memory_arena
         opts.intra_op_num_threads = threads or default_threads()
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -163,7 +168,8 @@ class OnnxGraph:
         return logits, features
 
 
-def load_graph(entry: ModelEntry, threads: int | None = None) -> ServingGraph:
+def load_graph(entry: ModelEntry, threads: int | None = None,
+               cpu_memory_arena: bool = True) -> ServingGraph:
     """Verify the exported graph's SHA-256 (:func:`models.registry.verify_graph`), then load it.
 
     Raises
@@ -176,7 +182,7 @@ def load_graph(entry: ModelEntry, threads: int | None = None) -> ServingGraph:
     verify_graph(entry)
     if entry.graph_format != "onnx":
         raise GraphError(f"{entry.name}: graph format {entry.graph_format!r} is not served")
-    graph = OnnxGraph(entry.graph, threads)  # type: ignore[arg-type]
+    graph = OnnxGraph(entry.graph, threads, cpu_memory_arena)  # type: ignore[arg-type]
     if graph.input_size != entry.input_size:
         raise GraphError(f"{entry.name}: graph input {graph.input_size} px, registry {entry.input_size} px")
     logger.info("loaded %s %s graph (%s, sha256 %s...)", entry.name, entry.version,

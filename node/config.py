@@ -274,6 +274,72 @@ class StudyConfig:
         _check_positive("study.quiet_seconds", self.quiet_seconds)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, else the CPU count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+MAX_WORKER_THREADS = 64
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """``[worker]``: how the worker spreads studies over the cores.
+
+    With ``threads = 1`` one study at a time goes through decode, the models and the
+    result objects in turn.  With more, the stages run side by side: ``threads - 1``
+    study threads decode and normalise the next studies and build the SC, SR, PDF and
+    KO of finished ones, while one model thread analyses the images of every study
+    that waits for it together (the graphs run them ``batch_images`` at a time).
+    Queues between the stages are bounded by ``max_images_in_flight``.
+    """
+
+    threads: int | None = None
+    """Worker threads; ``None`` (the key left out): the cores this process may use."""
+    max_images_in_flight: int = 16
+    """Images taken up and not yet finished, over all stages: what bounds the queues
+    between them and the memory they hold (a study larger than this is taken alone)."""
+
+    batch_images: int = 1
+    """Images per model run (the graphs also see their mirrors).  ONNX Runtime keeps
+    the buffers of its largest run: memory grows with it, speed on a CPU hardly."""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None:
+            if (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                    or not 1 <= self.threads <= MAX_WORKER_THREADS):
+                raise ConfigError(
+                    f"worker.threads must be an integer from 1 to {MAX_WORKER_THREADS} (got "
+                    f"{self.threads!r}); leave the key out to use the cores this machine allows "
+                    f"({available_cores()})")
+        value = self.max_images_in_flight
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"worker.max_images_in_flight must be an integer of at least 1 "
+                              f"(got {value!r}); the default is 16")
+        value = self.batch_images
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
+            raise ConfigError(f"worker.batch_images must be an integer from 1 to 64 (got "
+                              f"{value!r}); the default is 1")
+
+    @property
+    def resolved_threads(self) -> int:
+        """``threads``, or the available cores when it is left out."""
+        return self.threads if self.threads is not None else available_cores()
+
+    @property
+    def model_threads(self) -> int:
+        """ONNX Runtime intra-op threads of each graph: the cores left beside the study
+        threads (stage threads x intra-op threads <= cores), at least 1; all the cores
+        when one thread does every stage in turn."""
+        threads, cores = self.resolved_threads, available_cores()
+        if threads == 1:
+            return cores
+        return max(1, cores - (threads - 1))
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     """``[limits]``: associations and timeouts (seconds)."""
@@ -429,6 +495,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     models: ModelConfig = field(default_factory=ModelConfig)
     outputs: OutputConfig = field(default_factory=OutputConfig)
@@ -496,6 +563,7 @@ _SECTIONS: Mapping[str, type] = {
     "storage": StorageConfig,
     "study": StudyConfig,
     "limits": LimitsConfig,
+    "worker": WorkerConfig,
     "delivery": DeliveryConfig,
     "models": ModelConfig,
     "outputs": OutputConfig,
@@ -620,6 +688,7 @@ def config_from_dict(
         storage=resolved_storage,
         study=config.study,
         limits=config.limits,
+        worker=config.worker,
         delivery=config.delivery,
         models=resolved_models,
         outputs=config.outputs,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -66,15 +67,60 @@ def _output_settings(config: Config) -> OutputSettings:
     )
 
 
+@dataclass(frozen=True)
+class PreparedStudy:
+    """Stage 1 of a study (:meth:`StudyProcessor.prepare`): its spooled instances read
+    and normalised, waiting for the models."""
+
+    job: StudyJob
+    sources: Mapping[str, Dataset]
+    """SOP Instance UID -> source dataset (instances that could be read)."""
+    outcomes: tuple[ImageFinding | Refusal | None, ...]
+    """One entry per instance: a refusal already, or ``None`` for an image to analyse."""
+    to_analyse: tuple[tuple[int, NormalisedImage], ...]
+    """(index into ``outcomes``, image) of the images the models must see."""
+    prepare_seconds: float
+    started: float
+    """``time.perf_counter()`` when preparation began."""
+
+
+@dataclass(frozen=True)
+class AnalysedStudy:
+    """Stage 2 of a study (:meth:`StudyProcessor.analyse_many`): every instance has
+    its finding or refusal; the result objects are still to be built."""
+
+    prepared: PreparedStudy
+    outcomes: tuple[ImageFinding | Refusal, ...]
+    model_seconds: float
+    """This study's share (by image count) of the batch it was analysed in."""
+    batch_images: int
+    """Images analysed together with this study's (its own included): those of the
+    studies that waited for the models together."""
+
+
 class StudyProcessor:
-    """Callable turning a :class:`StudyJob` into a :class:`ProcessedStudy`."""
+    """Turns a :class:`StudyJob` into a :class:`ProcessedStudy` in three stages,
+    which the worker may run in different threads (``[worker] threads``):
+
+    1. :meth:`prepare`: read and normalise the spooled instances (CPU, one study);
+    2. :meth:`analyse_many`: the models on the images of one or more prepared studies
+       in one batch (ONNX Runtime, which leaves the GIL while it runs);
+    3. :meth:`build`: aggregate and build the SC, SR, PDF and KO (CPU, one study).
+
+    Calling the object runs the three in turn on one study.  The result of a study
+    does not depend on which studies shared its batch: the router's pooling groups
+    images by study (:meth:`pipeline.classify.Analyser.pooling_key`).
+    """
 
     def __init__(self, analyser: object, settings: OutputSettings) -> None:
         self.analyser = analyser
         self.settings = settings
 
     def __call__(self, job: StudyJob) -> ProcessedStudy:
-        timings: dict[str, float] = {}
+        return self.build(self.analyse_many([self.prepare(job)])[0])
+
+    def prepare(self, job: StudyJob) -> PreparedStudy:
+        """Read and normalise every instance of ``job`` (never raises per instance)."""
         t0 = time.perf_counter()
         sources: dict[str, Dataset] = {}
         outcomes: list[ImageFinding | Refusal | None] = []
@@ -88,15 +134,45 @@ class StudyProcessor:
             else:
                 to_analyse.append((len(outcomes), prepared))
                 outcomes.append(None)
-        timings["prepare"] = time.perf_counter() - t0
+        return PreparedStudy(job=job, sources=sources, outcomes=tuple(outcomes),
+                             to_analyse=tuple(to_analyse),
+                             prepare_seconds=time.perf_counter() - t0, started=t0)
 
-        t1 = time.perf_counter()
-        if to_analyse:
-            analysed = self.analyser.analyse([img for _, img in to_analyse])  # type: ignore[attr-defined]
-            for (index, _), outcome in zip(to_analyse, analysed):
-                outcomes[index] = outcome
-        timings["models"] = time.perf_counter() - t1
-        final = [o for o in outcomes if o is not None]
+    def analyse_many(self, studies: Sequence[PreparedStudy]) -> list[AnalysedStudy]:
+        """The models on the images of ``studies`` as one batch; one
+        :class:`AnalysedStudy` per study, in order."""
+        t0 = time.perf_counter()
+        images = [img for study in studies for _, img in study.to_analyse]
+        analysed = self.analyser.analyse(images) if images else []  # type: ignore[attr-defined]
+        if len(analysed) != len(images):
+            raise RuntimeError(f"the models returned {len(analysed)} outcomes for "
+                               f"{len(images)} images")
+        seconds = time.perf_counter() - t0
+        out: list[AnalysedStudy] = []
+        k = 0
+        for study in studies:
+            outcomes = list(study.outcomes)
+            for index, _ in study.to_analyse:
+                outcomes[index] = analysed[k]
+                k += 1
+            share = len(study.to_analyse) / len(images) if images else 0.0
+            out.append(AnalysedStudy(prepared=study,
+                                     outcomes=tuple(o for o in outcomes if o is not None),
+                                     model_seconds=seconds * share, batch_images=len(images)))
+        return out
+
+    def build(self, study: AnalysedStudy,
+              sink: Callable[[str, Dataset], None] | None = None) -> ProcessedStudy:
+        """Aggregate the study and build its result objects.
+
+        With a ``sink``, each Secondary Capture is handed to it as soon as it is built
+        (the worker writes it to the spool) and its Pixel Data is then dropped: the SR
+        and the KO reference an SC by its attributes only (:func:`dicom_out.common.
+        reference_dataset`), so a large study never holds all its heat maps at once.
+        The SCs handed to the sink are not in the returned ``outputs``."""
+        job = study.prepared.job
+        sources = study.prepared.sources
+        final = list(study.outcomes)
         models = (self.analyser.router_info, self.analyser.classifier_info)  # type: ignore[attr-defined]
         result = aggregate_study(job.study_instance_uid, final, models)
 
@@ -104,17 +180,25 @@ class StudyProcessor:
         if all(isinstance(o, Refusal) and o.code in _NOT_IMAGES for o in final):
             logger.info("study %s holds no radiograph; no results written",
                         job.study_instance_uid, extra={"study_uid": job.study_instance_uid})
-            return ProcessedStudy(outputs=[], outcomes=recorded, decision="no-images")
+            return ProcessedStudy(outputs=[], outcomes=recorded, decision="no-images",
+                                  timings={"decode": study.prepared.prepare_seconds,
+                                           "inference": study.model_seconds})
 
         t2 = time.perf_counter()
         outputs: list[tuple[str, Dataset]] = []
         analysed = [o for o in result.outcomes() if isinstance(o, ImageFinding)]
-        scs = [build_secondary_capture(f, sources[f.meta.sop_instance_uid], self.settings,
-                                       instance_number=number, series_findings=analysed)
-               for number, f in enumerate(analysed, start=1)]
-        outputs.extend(("sc", sc) for sc in scs)
+        scs: list[Dataset] = []
+        for number, f in enumerate(analysed, start=1):
+            sc = build_secondary_capture(f, sources[f.meta.sop_instance_uid], self.settings,
+                                         instance_number=number, series_findings=analysed)
+            if sink is None:
+                outputs.append(("sc", sc))
+            else:
+                sink("sc", sc)
+                del sc.PixelData
+            scs.append(sc)
         image_sources = {uid: ds for uid, ds in sources.items() if "PixelData" in ds}
-        report_sources = image_sources or sources
+        report_sources = image_sources or dict(sources)
         predecessor = _read_previous(job)
         sr = build_structured_report(result, report_sources, scs, self.settings, predecessor)
         if predecessor is not None and sr.SOPInstanceUID == predecessor.SOPInstanceUID:
@@ -124,18 +208,20 @@ class StudyProcessor:
         ko = build_key_object_selection(result, report_sources, scs, self.settings)
         if ko is not None:
             outputs.append(("ko", ko))
-        timings["outputs"] = time.perf_counter() - t2
+        build_seconds = time.perf_counter() - t2
         logger.info(
-            "study %s: %s; %d analysed, %d refused; prepare %.0f ms, models %.0f ms, "
-            "outputs %.0f ms", job.study_instance_uid, result.decision.value,
-            len(result.findings), len(result.refusals), timings["prepare"] * 1000,
-            timings["models"] * 1000, timings["outputs"] * 1000,
+            "study %s: %s; %d analysed, %d refused; prepare %.0f ms, models %.0f ms "
+            "(with %d image(s) of the studies waiting together), outputs %.0f ms",
+            job.study_instance_uid,
+            result.decision.value, len(result.findings), len(result.refusals),
+            study.prepared.prepare_seconds * 1000, study.model_seconds * 1000,
+            study.batch_images, build_seconds * 1000,
             extra={"study_uid": job.study_instance_uid},
         )
         return ProcessedStudy(outputs=outputs, outcomes=recorded, decision=result.decision.value,
-                              timings={"decode": timings["prepare"],
-                                       "inference": timings["models"],
-                                       "build": timings["outputs"]})
+                              timings={"decode": study.prepared.prepare_seconds,
+                                       "inference": study.model_seconds,
+                                       "build": build_seconds})
 
 
 def _prepare(record: InstanceRecord) -> tuple[Dataset | None, NormalisedImage | Refusal]:
@@ -194,18 +280,31 @@ def _read_previous(job: StudyJob) -> Dataset | None:
         return None
 
 
-def processor_factory(config: Config) -> Callable[[], Processor]:
-    """A factory that loads the active models once (hash checked) and returns the
-    processing function."""
+def processor_factory(config: Config, model_threads: int | None = None
+                      ) -> Callable[[], StudyProcessor]:
+    """A factory that loads the active models once per process (hash checked) and
+    returns the processing function.
 
-    def make() -> Processor:
+    Parameters
+    ----------
+    config
+        The node's configuration.
+    model_threads
+        ONNX Runtime intra-op threads per graph; default ``config.worker.model_threads``
+        (the cores left beside the worker's study threads).
+    """
+    threads = model_threads or config.worker.model_threads
+
+    def make() -> StudyProcessor:
         from pipeline.classify import Analyser
 
         started = time.perf_counter()
         analyser = Analyser.load(config.models.registry, config.models.router,
-                                 config.models.classifier)
-        logger.info("models %s and %s loaded in %.1f s", config.models.router,
-                    config.models.classifier, time.perf_counter() - started)
+                                 config.models.classifier, threads=threads,
+                                 max_batch=config.worker.batch_images)
+        logger.info("models %s and %s loaded in %.1f s (%d intra-op thread(s) per graph)",
+                    config.models.router, config.models.classifier,
+                    time.perf_counter() - started, threads)
         return StudyProcessor(analyser, output_settings(config))
 
     return make

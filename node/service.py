@@ -12,17 +12,80 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydicom.dataset import Dataset
 
 from node.audit import AuditTrail
 from node.config import Config
-from node.jobs import OutboxItem, StudyJob, node_name, open_job_store
+from node.jobs import JobStoreBackend, OutboxItem, StudyJob, node_name, open_job_store
 from node.metrics import NodeMetrics
 from node.scp import StorageSCP
 from node.spool import Spool
-from node.worker import Deliverer, Heartbeat, ProcessedStudy, Processor, Worker
+from node.worker import (
+    Deliverer,
+    Heartbeat,
+    PipelinedWorker,
+    ProcessedStudy,
+    Processor,
+    StagedProcessor,
+    WholeStudy,
+    Worker,
+    is_staged,
+)
 
 logger = logging.getLogger(__name__)
+
+
+class ObservedStages:
+    """A :class:`~node.worker.StagedProcessor` with its study latencies and decisions
+    counted in /metrics: the quiet wait when a study is taken up, ``processing`` from
+    then to its result objects (queue waits between the stages included), the
+    stages' own timings, and the decision (``error`` for a study that failed)."""
+
+    def __init__(self, stages: StagedProcessor, metrics: NodeMetrics,
+                 jobs: JobStoreBackend) -> None:
+        self.stages = stages
+        self.metrics = metrics
+        self.jobs = jobs
+
+    def prepare(self, job: StudyJob) -> tuple[StudyJob, float, Any]:
+        rows = self.jobs.query("SELECT last_received_at FROM studies "
+                               "WHERE study_instance_uid = ?", [job.study_instance_uid])
+        if rows:
+            waited = time.time() - float(rows[0]["last_received_at"])
+            self.metrics.stage("quiet_wait", max(0.0, waited))
+        started = time.perf_counter()
+        try:
+            return job, started, self.stages.prepare(job)
+        except Exception:
+            self.metrics.studies.labels(decision="error").inc()
+            raise
+
+    def analyse_many(self, studies: Sequence[tuple[StudyJob, float, Any]]
+                     ) -> list[tuple[StudyJob, float, Any]]:
+        try:
+            analysed = self.stages.analyse_many([s for _, _, s in studies])
+        except Exception:
+            if len(studies) == 1:
+                self.metrics.studies.labels(decision="error").inc()
+            raise
+        return [(job, started, a) for (job, started, _), a in zip(studies, analysed)]
+
+    def build(self, study: tuple[StudyJob, float, Any],
+              sink: Callable[[str, Dataset], None] | None = None) -> ProcessedStudy:
+        _, started, analysed = study
+        try:
+            result = self.stages.build(analysed, sink)
+        except Exception:
+            self.metrics.studies.labels(decision="error").inc()
+            raise
+        self.metrics.stage("processing", time.perf_counter() - started)
+        for stage, seconds in getattr(result, "timings", {}).items():
+            self.metrics.stage(stage, seconds)
+        self.metrics.studies.labels(decision=result.decision).inc()
+        return result
 
 
 class Node:
@@ -115,35 +178,30 @@ class Node:
             return
         if self._stopping.is_set():
             return
-        self.worker = Worker(self.config, self.spool, self.jobs, self._observed(processor),
-                             busy_studies=self.scp.tracker.busy_studies, heartbeat=False)
-        logger.info("processing started (%.1f s after listening)",
-                    time.perf_counter() - started)
+        threads = self.config.worker.resolved_threads
+        if threads == 1:
+            self.worker = Worker(self.config, self.spool, self.jobs, self._observed(processor),
+                                 busy_studies=self.scp.tracker.busy_studies, heartbeat=False)
+        else:
+            stages = processor if is_staged(processor) else WholeStudy(processor)
+            self.worker = PipelinedWorker(
+                self.config, self.spool, self.jobs, ObservedStages(stages, self.metrics,
+                                                                   self.jobs),
+                study_threads=threads - 1,
+                max_images_in_flight=self.config.worker.max_images_in_flight,
+                busy_studies=self.scp.tracker.busy_studies, heartbeat=False)
+        logger.info("processing started (%.1f s after listening; %d worker thread(s)%s)",
+                    time.perf_counter() - started, threads,
+                    "" if threads == 1 else f": 1 for the models, {threads - 1} for the studies")
         self.processing.set()
         self.worker.run()
 
     def _observed(self, processor: Processor) -> Processor:
         """The processor with its study latencies and decisions counted in /metrics."""
-        metrics = self.metrics
-        jobs = self.jobs
+        observed = ObservedStages(WholeStudy(processor), self.metrics, self.jobs)
 
         def process(job: StudyJob) -> ProcessedStudy:
-            rows = jobs.query("SELECT last_received_at FROM studies "
-                              "WHERE study_instance_uid = ?", [job.study_instance_uid])
-            if rows:
-                waited = time.time() - float(rows[0]["last_received_at"])
-                metrics.stage("quiet_wait", max(0.0, waited))
-            started = time.perf_counter()
-            try:
-                result = processor(job)
-            except Exception:
-                metrics.studies.labels(decision="error").inc()
-                raise
-            metrics.stage("processing", time.perf_counter() - started)
-            for stage, seconds in getattr(result, "timings", {}).items():
-                metrics.stage(stage, seconds)
-            metrics.studies.labels(decision=result.decision).inc()
-            return result
+            return observed.build(observed.analyse_many([observed.prepare(job)])[0])
 
         return process
 

@@ -10,14 +10,16 @@ renews the leases of the studies and outbox items this node holds.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pydicom
 
@@ -50,6 +52,29 @@ class Processor(Protocol):
     not be processed at all (it is retried, then marked failed)."""
 
     def __call__(self, job: StudyJob) -> ProcessedStudy: ...
+
+
+def _libc_malloc_trim() -> Callable[[], None]:
+    """``malloc_trim(0)`` of glibc, or a no-op elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return lambda: None
+
+    def release() -> None:
+        trim(0)
+
+    return release
+
+
+release_memory = _libc_malloc_trim()
+"""Hand the heap's free pages back to the system after a study: a study's decoded
+images and result objects are freed, but glibc keeps the pages in each thread's arena,
+so without this the resident size ratchets up with the threads and the largest study
+(``bench/reliability.py``)."""
 
 
 def encode(ds: pydicom.Dataset) -> bytes:
@@ -102,7 +127,8 @@ class Heartbeat:
 
 
 class Worker:
-    """Processes studies that are ready, one at a time, in this thread."""
+    """Processes studies that are ready, one at a time, in this thread (``[worker]
+    threads = 1``; :class:`PipelinedWorker` runs several)."""
 
     def __init__(
         self,
@@ -166,23 +192,36 @@ class Worker:
         job = self.jobs.claim_ready_study(self.config.study.quiet_seconds, self.busy_studies())
         if job is None:
             return False
-        extra = {"study_uid": job.study_instance_uid}
         started = time.perf_counter()
         logger.info("processing study %s (%d instance(s))",
-                    job.study_instance_uid, len(job.instances), extra=extra)
+                    job.study_instance_uid, len(job.instances),
+                    extra={"study_uid": job.study_instance_uid})
         try:
             result = self.processor(job)
             files = self._write_outputs(job, result)
         except Exception as exc:
-            attempts = self.jobs.study_attempts(job.study_instance_uid) + 1
-            retry = None if attempts >= self.max_attempts else 5.0 * attempts
-            logger.exception("study %s could not be processed (attempt %d of %d)",
-                             job.study_instance_uid, attempts, self.max_attempts, extra=extra)
-            try:
-                self.jobs.fail_study(job, f"{type(exc).__name__}: {exc}", retry)
-            except LeaseLostError as lost:
-                logger.warning("%s; this attempt is discarded", lost, extra=extra)
+            self._fail(job, exc)
             return True
+        self._finish(job, result, files, started)
+        return True
+
+    def _fail(self, job: StudyJob, exc: BaseException) -> None:
+        """A study that could not be processed at all: retried later, then failed."""
+        extra = {"study_uid": job.study_instance_uid}
+        attempts = self.jobs.study_attempts(job.study_instance_uid) + 1
+        retry = None if attempts >= self.max_attempts else 5.0 * attempts
+        logger.error("study %s could not be processed (attempt %d of %d)",
+                     job.study_instance_uid, attempts, self.max_attempts, extra=extra,
+                     exc_info=(type(exc), exc, exc.__traceback__))
+        try:
+            self.jobs.fail_study(job, f"{type(exc).__name__}: {exc}", retry)
+        except LeaseLostError as lost:
+            logger.warning("%s; this attempt is discarded", lost, extra=extra)
+
+    def _finish(self, job: StudyJob, result: ProcessedStudy, files: list[OutputFile],
+                started: float) -> None:
+        """Record a processed study (outcomes, outbox rows, state) in the job store."""
+        extra = {"study_uid": job.study_instance_uid}
         names = [d.name for d in self.config.destinations]
         try:
             self.jobs.finish_study(job, files, names, dict(result.outcomes), result.decision)
@@ -190,13 +229,13 @@ class Worker:
             # Another node took the study over after our lease expired; its run counts.
             # Our files in the spool have the same deterministic UIDs as its own.
             logger.warning("%s; this result is discarded", lost, extra=extra)
-            return True
+            return
+        release_memory()
         logger.info("study %s processed: %s, %d result object(s) %s (%.0f ms)",
                     job.study_instance_uid, result.decision, len(files),
                     f"queued for {', '.join(names)}" if names
                     else "kept in the spool (keep_results_local)",
                     (time.perf_counter() - started) * 1000, extra=extra)
-        return True
 
     def _write_outputs(self, job: StudyJob, result: ProcessedStudy) -> list[OutputFile]:
         """Write the result objects to the spool.  One already queued for every
@@ -225,6 +264,279 @@ class Worker:
             self.spool.remove_study("incoming", study_uid)
             logger.info("retention: sources of study %s deleted", study_uid,
                         extra={"study_uid": study_uid})
+
+
+class StagedProcessor(Protocol):
+    """A processing function split into stages that may run in different threads:
+    :meth:`prepare` (decode and normalise one study), :meth:`analyse_many` (the models
+    on several prepared studies at once) and :meth:`build` (the result objects of one
+    study).  ``build(analyse_many([prepare(job)])[0])`` must equal the whole function;
+    :class:`node.processing.StudyProcessor` is the node's."""
+
+    def prepare(self, job: StudyJob) -> Any: ...
+
+    def analyse_many(self, studies: Sequence[Any]) -> Sequence[Any]: ...
+
+    def build(self, study: Any,
+              sink: Callable[[str, pydicom.Dataset], None] | None = None) -> ProcessedStudy:
+        """The result objects; those handed to ``sink`` (written at once by the worker)
+        are left out of the returned ``outputs``."""
+        ...
+
+
+def is_staged(processor: object) -> bool:
+    """Whether ``processor`` offers the stages of :class:`StagedProcessor`."""
+    return all(callable(getattr(processor, name, None))
+               for name in ("prepare", "analyse_many", "build"))
+
+
+class WholeStudy:
+    """A plain :class:`Processor` as a :class:`StagedProcessor` whose whole work is the
+    build stage (the node-core tests' processing functions)."""
+
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+
+    def prepare(self, job: StudyJob) -> StudyJob:
+        return job
+
+    def analyse_many(self, studies: Sequence[Any]) -> Sequence[Any]:
+        return list(studies)
+
+    def build(self, study: Any,
+              sink: Callable[[str, pydicom.Dataset], None] | None = None) -> ProcessedStudy:
+        return self.processor(study)
+
+
+_BUILD, _PREPARE, _STOP = 0, 1, 2
+"""Priorities of the study threads' tasks: finish studies before starting new ones."""
+
+
+class PipelinedWorker(Worker):
+    """Several studies in flight, their stages side by side (``[worker] threads`` > 1).
+
+    One claiming loop (this thread) claims a ready study when its images fit beside
+    those in hand (at most ``max_images_in_flight``, or the study alone);
+    ``study_threads`` threads decode and normalise claimed studies and build the
+    result objects of analysed ones (builds first); one model thread takes every
+    prepared study waiting for it, up to ``gather_images`` images, and analyses them
+    together (the graphs then run them in batches of ``[worker] batch_images``).  The
+    queues between the stages hold only claimed studies, so the in-flight bound
+    bounds them all and no stage ever blocks on a full queue.
+
+    The claim, lease, finish and fail calls are the job store's, exactly as for
+    :class:`Worker`; a study in hand is ``processing`` in the database, so a process
+    killed at any point leaves nothing that :meth:`JobStoreBackend.recover` (or another
+    node, after the lease) does not take up again.  :meth:`stop` stops claiming and
+    lets every study in hand finish (drain) before :meth:`run` returns.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        jobs: JobStoreBackend,
+        processor: StagedProcessor,
+        study_threads: int,
+        max_images_in_flight: int = 16,
+        gather_images: int = 16,
+        busy_studies: Callable[[], frozenset[str]] = frozenset,
+        max_attempts: int = 3,
+        heartbeat: bool = True,
+    ) -> None:
+        super().__init__(config, spool, jobs, processor.build, busy_studies, max_attempts,
+                         heartbeat)
+        if study_threads < 1:
+            raise ValueError("study_threads must be at least 1")
+        self.stages = processor
+        self.study_threads = study_threads
+        self.max_images_in_flight = max(1, max_images_in_flight)
+        self.gather_images = max(1, gather_images)
+        self._tasks: queue.PriorityQueue[tuple[int, int, object]] = queue.PriorityQueue()
+        self._to_models: queue.Queue[tuple[StudyJob, Any, float] | None] = queue.Queue()
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._in_flight: dict[str, int] = {}
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def in_flight(self) -> int:
+        """Studies claimed and not yet finished or failed."""
+        with self._cond:
+            return len(self._in_flight)
+
+    def _images_in_flight(self) -> int:
+        return sum(self._in_flight.values())
+
+    def run(self, poll_seconds: float = 0.2) -> None:
+        heartbeat = Heartbeat(self.jobs, self.busy_studies)
+        if self.heartbeat:
+            heartbeat.start()
+        try:
+            self._recover()
+            self._start_stages()
+            while not self._stop.is_set():
+                try:
+                    claimed = self._claim_one()
+                    self.cleanup()
+                except Exception:  # keep the loop alive; the state is in the database
+                    logger.exception("worker loop error; retrying in 5 s")
+                    claimed = False
+                    self._stop.wait(5.0)
+                if not claimed:
+                    self._stop.wait(poll_seconds)
+            self._drain()
+        finally:
+            self._stop_stages()
+            heartbeat.stop()
+
+    def _claim_one(self) -> bool:
+        """Claim one ready study if there is room.  Returns whether one was claimed."""
+        with self._cond:
+            if self._in_flight and self._images_in_flight() >= self.max_images_in_flight:
+                self._cond.wait(0.5)
+                return True  # busy: loop again without the poll wait
+        job = self.jobs.claim_ready_study(self.config.study.quiet_seconds, self.busy_studies())
+        if job is None:
+            return False
+        size = max(1, len(job.instances))
+        with self._cond:
+            # claimed (and leased): it waits here, unstarted, until it fits beside the
+            # studies in hand; a study larger than the bound goes alone
+            while (self._in_flight and self._images_in_flight() + size > self.max_images_in_flight
+                   and not self._stop.is_set()):
+                self._cond.wait(0.5)
+            self._in_flight[job.study_instance_uid] = size
+        logger.info("processing study %s (%d instance(s); %d study(ies) in hand)",
+                    job.study_instance_uid, len(job.instances), self.in_flight,
+                    extra={"study_uid": job.study_instance_uid})
+        self._tasks.put((_PREPARE, next(self._seq), (job, time.perf_counter())))
+        return True
+
+    def _done(self, job: StudyJob) -> None:
+        with self._cond:
+            self._in_flight.pop(job.study_instance_uid, None)
+            self._cond.notify_all()
+
+    def _drain(self) -> None:
+        """Wait until every study in hand is finished (or failed)."""
+        with self._cond:
+            if self._in_flight:
+                logger.info("stopping: finishing %d study(ies) in hand", len(self._in_flight))
+            while self._in_flight and all(t.is_alive() for t in self._threads):
+                self._cond.wait(0.5)
+
+    def _start_stages(self) -> None:
+        self._threads = [threading.Thread(target=self._model_loop, name="worker-models",
+                                          daemon=True)]
+        self._threads += [threading.Thread(target=self._study_loop, name=f"worker-study-{i}",
+                                           daemon=True) for i in range(self.study_threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _stop_stages(self) -> None:
+        self._to_models.put(None)
+        for _ in range(self.study_threads):
+            self._tasks.put((_STOP, next(self._seq), None))
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def _study_loop(self) -> None:
+        while True:
+            priority, _, payload = self._tasks.get()
+            if priority == _STOP:
+                return
+            try:
+                if priority == _PREPARE:
+                    self._prepare_task(*payload)  # type: ignore[misc]
+                else:
+                    self._build_task(*payload)  # type: ignore[misc]
+            except Exception:  # keep the thread alive; the state is in the database
+                logger.exception("worker stage error (the study stays processing until the "
+                                 "next start or the end of its lease)")
+
+    def _prepare_task(self, job: StudyJob, started: float) -> None:
+        try:
+            prepared = self.stages.prepare(job)
+        except Exception as exc:
+            try:
+                self._fail(job, exc)
+            finally:
+                self._done(job)
+            return
+        self._to_models.put((job, prepared, started))
+
+    def _build_task(self, job: StudyJob, analysed: Any, started: float) -> None:
+        files: list[OutputFile] = []
+
+        def sink(kind: str, ds: pydicom.Dataset) -> None:
+            # written now, recorded with the rest by finish_study (if the build fails
+            # later, the file waits in the spool under its deterministic UID for the retry)
+            files.extend(self._write_outputs(job, ProcessedStudy([(kind, ds)], {}, "")))
+
+        try:
+            result = self.stages.build(analysed, sink)
+            files.extend(self._write_outputs(job, result))
+        except Exception as exc:
+            try:
+                self._fail(job, exc)
+            finally:
+                self._done(job)
+            return
+        try:
+            self._finish(job, result, files, started)
+        finally:
+            self._done(job)
+
+    def _model_loop(self) -> None:
+        while True:
+            first = self._to_models.get()
+            if first is None:
+                return
+            batch = [first]
+            images = max(1, len(first[0].instances))
+            stop_after = False
+            while images < self.gather_images:
+                try:
+                    nxt = self._to_models.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop_after = True
+                    break
+                batch.append(nxt)
+                images += max(1, len(nxt[0].instances))
+            try:
+                self._analyse(batch)
+            except Exception:  # keep the thread alive; the state is in the database
+                logger.exception("worker model stage error (the studies stay processing until "
+                                 "the next start or the end of their lease)")
+            if stop_after:
+                return
+
+    def _analyse(self, batch: list[tuple[StudyJob, Any, float]]) -> None:
+        try:
+            analysed = list(self.stages.analyse_many([prepared for _, prepared, _ in batch]))
+            if len(analysed) != len(batch):
+                raise RuntimeError(f"{len(analysed)} results for {len(batch)} studies")
+            done = list(zip(batch, analysed))
+        except Exception as exc:
+            if len(batch) == 1:
+                try:
+                    self._fail(batch[0][0], exc)
+                finally:
+                    self._done(batch[0][0])
+                return
+            logger.exception("a batch of %d studies failed in the models; one by one",
+                             len(batch))
+            for item in batch:
+                try:
+                    self._analyse([item])
+                except Exception:
+                    logger.exception("worker model stage error")
+            return
+        for (job, _, started), result in done:
+            self._tasks.put((_BUILD, next(self._seq), (job, result, started)))
 
 
 class Deliverer:

@@ -31,8 +31,9 @@ from __future__ import annotations
 import logging
 import math
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 OTHER = "OTHER"
 MAX_BATCH = 16
+"""Default images per model run (the graphs also see their mirrors): what the
+evaluation uses.  The node sets its own (``[worker] batch_images``): ONNX Runtime keeps
+the buffers of its largest run, so memory grows with the batch (``bench/batching.py``)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,19 @@ class RawPredictions:
     """``(n,)`` calibrated probabilities ``sigmoid(logit / T)``."""
     heatmaps: np.ndarray
     """``(n, size, size)`` Grad-CAM of the classifier logit on the classifier grid."""
+
+
+@dataclass(frozen=True)
+class _Route:
+    """The router's answer for one image that goes on to the classifier."""
+
+    part: str
+    probability: float
+    probabilities: np.ndarray
+    """Pooled router probabilities, in the router's class order."""
+    confident: bool
+    """``probability`` reaches the router's confidence floor."""
+    notes: tuple[str, ...]
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -165,13 +182,17 @@ class Analyser:
     """The two loaded models and their registry entries; see the module docstring."""
 
     def __init__(self, router: ModelEntry, classifier: ModelEntry, router_graph: ServingGraph,
-                 classifier_graph: ServingGraph) -> None:
+                 classifier_graph: ServingGraph, max_batch: int = MAX_BATCH) -> None:
         if router.role != "router" or classifier.role != "classifier":
             raise ValueError("Analyser needs a router entry and a classifier entry")
         for entry, graph in ((router, router_graph), (classifier, classifier_graph)):
             if graph.input_size != entry.input_size:
                 raise ValueError(f"{entry.name}: graph input {graph.input_size} px, registry "
                                  f"{entry.input_size} px")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.max_batch = max_batch
+        """Images per model run."""
         self._router = router
         self._classifier = classifier
         self._router_graph = router_graph
@@ -179,7 +200,7 @@ class Analyser:
 
     @classmethod
     def load(cls, registry_path: pathlib.Path, router: str, classifier: str,
-             threads: int | None = None) -> Analyser:
+             threads: int | None = None, max_batch: int = MAX_BATCH) -> Analyser:
         """Load both exported graphs from the registry (hash checked) and warm up.
 
         Parameters
@@ -188,11 +209,14 @@ class Analyser:
             The registry file and the names of the two models in it.
         threads
             Intra-op threads of each graph (default: the cores this process may use).
+        max_batch
+            Images per model run.
         """
         registry = load_registry(pathlib.Path(registry_path))
         r_entry = registry.get(router, role="router")
         c_entry = registry.get(classifier, role="classifier")
-        analyser = cls(r_entry, c_entry, load_graph(r_entry, threads), load_graph(c_entry, threads))
+        analyser = cls(r_entry, c_entry, load_graph(r_entry, threads), load_graph(c_entry, threads),
+                       max_batch)
         analyser.warm_up()
         return analyser
 
@@ -272,7 +296,13 @@ class Analyser:
         return r_arr, c_arr, transform
 
     def analyse(self, images: Sequence[NormalisedImage]) -> list[ImageFinding | Refusal]:
-        """One finding or refusal per image, in order (batched; never raises per image)."""
+        """One finding or refusal per image, in order (batched; never raises per image).
+
+        The router runs on every image first; the classifier (and its Grad-CAM) only on
+        the images the router's answer lets through, since a refusal for the body part
+        (unsupported, or in conflict with the header) never reads the classifier's
+        output.  Each model runs in batches of at most :attr:`max_batch` images; a batch
+        that fails is retried image by image."""
         outcomes: list[ImageFinding | Refusal | None] = [None] * len(images)
         prepared: list[tuple[int, np.ndarray, np.ndarray, GridTransform]] = []
         for i, image in enumerate(images):
@@ -283,39 +313,70 @@ class Analyser:
                 logger.warning("image %s not prepared: %s", image.meta.sop_instance_uid, exc)
                 outcomes[i] = Refusal(image.meta, RefusalCode.BAD_PIXEL_ATTRIBUTES,
                                       f"image could not be prepared for the models: {exc}")
-        decided: list[tuple[tuple[int, np.ndarray, np.ndarray, GridTransform], RawPredictions, int]] = []
-        for start in range(0, len(prepared), MAX_BATCH):
-            chunk = prepared[start : start + MAX_BATCH]
+
+        def failed(i: int, exc: Exception) -> None:
+            outcomes[i] = Refusal(images[i].meta, RefusalCode.BAD_PIXEL_ATTRIBUTES,
+                                  f"model inference failed on this image: {exc}")
+
+        routed = self._batched(lambda x: (self.predict_router(x),),
+                               [(c[0], c[1]) for c in prepared], failed, self.max_batch)
+        if not routed:
+            return [o for o in outcomes if o is not None]
+        by_index = {c[0]: c for c in prepared}
+        own = np.stack([out[0] for _, out in routed])
+        groups = [self.pooling_key(images[i]) for i, _ in routed]
+        pooled = pooled_router_probabilities(own, groups, self._router.classes.index(OTHER),
+                                             self._router.confidence_floor)
+        to_classify: list[tuple[int, _Route]] = []
+        for j, (i, _) in enumerate(routed):
+            route = self._route(images[i], own[j], pooled[j], groups.count(groups[j]))
+            if isinstance(route, Refusal):
+                outcomes[i] = route
+            else:
+                to_classify.append((i, route))
+        routes = dict(to_classify)
+        classified = self._batched(self.predict_classifier,
+                                   [(i, by_index[i][2]) for i, _ in to_classify], failed,
+                                   self.max_batch)
+        for i, (_, probability, heatmap) in classified:
+            outcomes[i] = self._classified(images[i], by_index[i][3], routes[i],
+                                           float(probability), heatmap)
+        return [o for o in outcomes if o is not None]
+
+    @staticmethod
+    def _batched(run: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+                 items: Sequence[tuple[int, np.ndarray]],
+                 failed: Callable[[int, Exception], None],
+                 max_batch: int) -> list[tuple[int, tuple[Any, ...]]]:
+        """``run`` on the stacked arrays of ``items`` in chunks of ``max_batch``; each
+        item's row of every output, in order.  A chunk that raises is retried item by
+        item, and an item that still raises is passed to ``failed`` and left out."""
+        out: list[tuple[int, tuple[Any, ...]]] = []
+        for start in range(0, len(items), max_batch):
+            chunk = items[start : start + max_batch]
             try:
-                raw = self.predict(np.stack([c[1] for c in chunk]), np.stack([c[2] for c in chunk]))
-                results = [(c, raw, k) for k, c in enumerate(chunk)]
+                outputs = run(np.stack([a for _, a in chunk]))
+                out.extend((i, tuple(o[k] for o in outputs)) for k, (i, _) in enumerate(chunk))
+                continue
             except Exception:
                 logger.exception("batch inference failed; retrying image by image")
-                results = []
-                for c in chunk:
-                    try:
-                        results.append((c, self.predict(c[1][None], c[2][None]), 0))
-                    except Exception as exc:
-                        outcomes[c[0]] = Refusal(images[c[0]].meta, RefusalCode.BAD_PIXEL_ATTRIBUTES,
-                                                 f"model inference failed on this image: {exc}")
-            decided.extend(results)
-        if decided:
-            own = np.stack([raw.router_probabilities[k] for _, raw, k in decided])
-            groups = [self.pooling_key(images[c[0]]) for c, _, _ in decided]
-            pooled = pooled_router_probabilities(own, groups, self._router.classes.index(OTHER),
-                                                 self._router.confidence_floor)
-            for j, ((i, _, _, transform), raw, k) in enumerate(decided):
-                outcomes[i] = self._decide(images[i], transform, raw, k, own[j], pooled[j],
-                                           groups.count(groups[j]))
-        return [o for o in outcomes if o is not None]
+            for i, a in chunk:
+                try:
+                    outputs = run(a[None])
+                    out.append((i, tuple(o[0] for o in outputs)))
+                except Exception as exc:
+                    failed(i, exc)
+        return out
 
     @staticmethod
     def pooling_key(image: NormalisedImage) -> str:
         """Images of one examination: same study, same BodyPartExamined (see the module docstring)."""
         return f"{image.meta.study_instance_uid}|{image.meta.body_part_examined.strip().upper()}"
 
-    def _decide(self, image: NormalisedImage, transform: GridTransform, raw: RawPredictions,
-                k: int, own: np.ndarray, probs: np.ndarray, group_size: int) -> ImageFinding | Refusal:
+    def _route(self, image: NormalisedImage, own: np.ndarray, probs: np.ndarray,
+               group_size: int) -> _Route | Refusal:
+        """The router's part of the decision: the body part (pooled, cross-checked with
+        the header) or a refusal that needs no classifier output."""
         classes = self._router.classes
         top = int(np.argmax(probs))
         part, part_p = classes[top], float(probs[top])
@@ -355,9 +416,17 @@ class Analyser:
                 f"supported: {', '.join(supported)})" + (f"; {pooled_note}" if pooled_note else ""),
                 body_part=part,
             )
+        return _Route(part=part, probability=part_p, probabilities=probs, confident=confident,
+                      notes=tuple(n for n in (pooled_note, header_note) if n))
+
+    def _classified(self, image: NormalisedImage, transform: GridTransform, route: _Route,
+                    p: float, heatmap: np.ndarray) -> ImageFinding:
+        """The decision for a routed image from its calibrated fracture probability."""
+        classes = self._router.classes
+        part, part_p, confident = route.part, route.probability, route.confident
+        probs = route.probabilities
         point = self._classifier.operating_point(part)
-        p = float(raw.fracture_probabilities[k])
-        notes: list[str] = [n for n in (pooled_note, header_note) if n]
+        notes: list[str] = list(route.notes)
         if not confident:
             decision = Decision.NEEDS_REVIEW
             notes.append(
@@ -383,7 +452,7 @@ class Analyser:
             threshold=point.threshold,
             doubt_band=point.doubt_band,
             decision=decision,
-            heatmap=raw.heatmaps[k],
+            heatmap=heatmap,
             router=self._router.info,
             classifier=self._classifier.info,
             notes=tuple(notes),

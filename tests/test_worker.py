@@ -1,0 +1,423 @@
+"""The worker with several threads (``[worker] threads``): the same results as one
+thread, a broken image costs only itself while other studies go on, the key is
+checked like the others, and SIGTERM drains what the worker holds.
+
+Real SCP on loopback, real DCMTK storescu / pynetdicom SCUs, real shipped models
+(ONNX graphs) and the real SQLite job store; no mocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from conftest import ROOT, free_port, storescu, wait_for, write_config
+from node.config import WorkerConfig, available_cores, config_from_dict, load_config
+from node.errors import ConfigError
+from node.processing import StudyProcessor, processor_factory
+from node.service import Node
+from node.worker import PipelinedWorker, Worker
+
+DEMO = {d.name: sorted(d.glob("*.dcm")) for d in sorted((ROOT / "demo" / "studies").iterdir())}
+EXE = ROOT / ".venv" / "bin" / "fracture-node"
+
+
+# -- the config key -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["two", 0, -1, 65, 2.5, True])
+def test_bad_worker_threads_is_one_line_naming_the_key_and_the_fix(value: object) -> None:
+    raw = {"peers": [{"ae_title": "ORTHANC"}], "keep_results_local": True,
+           "worker": {"threads": value}}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, Path("/tmp"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("worker.threads must be an integer from 1 to 64")
+    assert "leave the key out to use the cores" in message
+
+
+def test_bad_max_images_in_flight_batch_images_and_unknown_worker_key_are_refused() -> None:
+    base = {"peers": [{"ae_title": "ORTHANC"}], "keep_results_local": True}
+    with pytest.raises(ConfigError, match=r"^worker.max_images_in_flight must be an integer"):
+        config_from_dict({**base, "worker": {"max_images_in_flight": 0}}, Path("/tmp"))
+    with pytest.raises(ConfigError, match=r"^worker.batch_images must be an integer from 1 to 64"):
+        config_from_dict({**base, "worker": {"batch_images": "4"}}, Path("/tmp"))
+    with pytest.raises(ConfigError, match=r"worker: unknown key\(s\) thread "):
+        config_from_dict({**base, "worker": {"thread": 2}}, Path("/tmp"))
+
+
+def test_check_config_cli_names_worker_threads(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, free_port(), extra="\n[worker]\nthreads = 0\n")
+    out = subprocess.run([str(EXE), "--config", str(cfg), "check-config"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "worker.threads" in lines[0], out.stderr
+
+
+def test_default_threads_are_the_cores_and_models_get_what_is_left() -> None:
+    cores = available_cores()
+    default = WorkerConfig()
+    assert default.resolved_threads == cores
+    assert WorkerConfig(threads=1).model_threads == cores  # one thread: the models get all
+    for threads in (2, 3, 8):
+        config = WorkerConfig(threads=threads)
+        # study threads x 1 + the model thread's intra-op threads <= cores (at least 1)
+        assert config.model_threads == max(1, cores - (threads - 1))
+    shipped = load_config(ROOT / "config.toml", environ={})
+    assert shipped.worker.threads is None, "the shipped config leaves the default to the machine"
+
+
+# -- real studies through the real models --------------------------------------------
+
+
+def _restudy(files: list[Path], directory: Path, tag: str) -> list[Path]:
+    """Copies of ``files`` in a new study (UIDs derived from ``tag``: the same in every run)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    study_uid = generate_uid(entropy_srcs=["test-worker", tag])
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, str(ds.SeriesInstanceUID)])
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[study_uid, str(ds.SOPInstanceUID)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = directory / f"{tag}_{f.name}"
+        ds.save_as(path)
+        out.append(path)
+    return out
+
+
+def _undecodable(source: Path, path: Path, tag: str) -> tuple[str, str]:
+    """A JPEG CR whose compressed frame is noise: every attribute is right
+    and the SCP accepts it, but its pixels cannot be decoded.  Returns (study, SOP UID)."""
+    ds = pydicom.dcmread(source)
+    assert ds.file_meta.TransferSyntaxUID.is_compressed
+    rng = np.random.default_rng(15)
+    noise = b"\xff\xd8" + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes() + b"\xff\xd9"
+    ds.PixelData = encapsulate([noise])
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["test-worker", tag])
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["test-worker", tag, "sop"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path)
+    return str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+
+
+def _studies(directory: Path) -> list[Path]:
+    """Nine studies, 1-5 instances each, of the demo's real radiographs (CR/DX,
+    JPEG, JPEG 2000, a photograph the validator refuses)."""
+    files = [f for group in DEMO.values() for f in group]
+    for n in range(5):
+        files += _restudy(DEMO["forearm"] if n % 2 else DEMO["normal-forearm"], directory, f"s{n}")
+    return files
+
+
+def _run_node(tmp: Path, files: list[Path], threads: int) -> dict[str, object]:
+    """Start a node with ``threads`` worker threads, send ``files`` at once, wait until
+    every study is processed, and return what it recorded."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    # results are queued for an archive that is not listening (they wait in the outbox)
+    cfg = write_config(tmp, port, quiet_seconds=0.5, extra=f"\n[worker]\nthreads = {threads}\n",
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
+    config = load_config(cfg, environ={})
+    node = Node(config, processor_factory(config))
+    node.start()
+    try:
+        wait_for(node.processing.is_set, timeout=120)
+        expected = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+                    for f in files}
+        out = storescu(port, files, "FRACTURE_NODE")
+        assert out.returncode == 0, out.stderr
+
+        def all_processed() -> bool:
+            rows = node.jobs.query("SELECT study_instance_uid, state FROM studies")
+            return {r["study_instance_uid"] for r in rows if r["state"] == "processed"} == expected
+
+        wait_for(all_processed, timeout=300, interval=0.2)
+        if threads > 1:
+            assert type(node.worker) is PipelinedWorker
+        else:
+            assert type(node.worker) is Worker
+        return {
+            "decisions": {r["study_instance_uid"]: r["decision"] for r in node.jobs.query(
+                "SELECT study_instance_uid, decision FROM studies")},
+            "outcomes": {r["sop_instance_uid"]: (r["outcome"], r["reason"]) for r in node.jobs.query(
+                "SELECT sop_instance_uid, outcome, reason FROM instances")},
+            "outputs": sorted((r["study_instance_uid"], r["kind"], r["sop_instance_uid"])
+                              for r in node.jobs.query(
+                                  "SELECT study_instance_uid, kind, sop_instance_uid FROM outbox")),
+        }
+    finally:
+        node.stop(grace_seconds=2)
+
+
+def test_results_are_identical_with_one_and_with_three_worker_threads(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Same studies, same bytes, one worker thread and three: the same result objects
+    (SOP Instance UIDs), the same study decisions, the same per-image outcomes and
+    reasons (which quote the probabilities); and with three threads the models did take
+    the images of several studies in one batch."""
+    files = _studies(tmp_path / "studies")
+    one = _run_node(tmp_path / "one", files, threads=1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="node.processing"):
+        three = _run_node(tmp_path / "three", files, threads=3)
+    assert len(one["decisions"]) == 9  # type: ignore[arg-type]
+    assert one["outputs"] == three["outputs"]
+    assert len(one["outputs"]) >= 9 * 2  # type: ignore[arg-type]
+    assert one["decisions"] == three["decisions"]
+    assert one["outcomes"] == three["outcomes"]
+    assert {o for o, _ in one["outcomes"].values()} == {"analysed", "refused"}  # type: ignore[union-attr]
+    # each study's log line names the batch it went through: some batch held the
+    # images of more than one study (no study here sends more than 4 images to the models)
+    shared = [r.getMessage() for r in caplog.records
+              if (m := re.search(r"with (\d+) image\(s\) of the studies waiting", r.getMessage()))
+              and int(m.group(1)) > 4]
+    assert shared, "no batch held more than one study's images"
+
+
+def test_batching_studies_together_changes_no_result(tmp_path: Path) -> None:
+    """:meth:`StudyProcessor.analyse_many` on three prepared studies at once gives each
+    study exactly the outcomes it gets alone (the router pools by study)."""
+    from node.jobs import InstanceRecord, StudyJob
+
+    process = processor_factory(load_config(write_config(tmp_path, free_port()), environ={}))()
+    assert isinstance(process, StudyProcessor)
+    jobs = []
+    for tag, files in (("a", DEMO["forearm"]), ("b", DEMO["normal-forearm"]),
+                       ("c", DEMO["forearm"][:2])):
+        copies = _restudy(files, tmp_path / tag, tag)
+        records = []
+        for f in copies:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            records.append(InstanceRecord(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
+                                          str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
+                                          str(ds.file_meta.TransferSyntaxUID), str(f),
+                                          f.stat().st_size, "TESTSCU", "127.0.0.1"))
+        jobs.append(StudyJob(records[0].study_instance_uid, 1, tuple(records), None))
+    prepared = [process.prepare(job) for job in jobs]
+    together = process.analyse_many(prepared)
+    assert [a.batch_images for a in together] == [sum(len(p.to_analyse) for p in prepared)] * 3
+    for p, batched in zip(prepared, together):
+        alone = process.analyse_many([p])[0]
+        assert len(alone.outcomes) == len(batched.outcomes) == len(p.job.instances)
+        for x, y in zip(alone.outcomes, batched.outcomes):
+            assert type(x) is type(y) and x.meta == y.meta
+            assert getattr(x, "decision", None) == getattr(y, "decision", None)
+            assert getattr(x, "code", None) == getattr(y, "code", None)
+            if hasattr(x, "fracture_probability"):
+                assert abs(x.fracture_probability - y.fracture_probability) < 1e-5
+                assert x.body_part == y.body_part
+                assert np.abs(x.heatmap - y.heatmap).max() < 1e-3
+
+
+def test_an_undecodable_image_costs_only_itself_while_other_studies_go_on(tmp_path: Path) -> None:
+    """Three worker threads; a study whose JPEG image cannot be decoded (beside a good
+    image in the same study) arrives among good studies: every study is processed, the
+    bad image is refused as decode-failed, its neighbour and the other studies are
+    analysed."""
+    studies = tmp_path / "studies"
+    good = _restudy(DEMO["normal-forearm"], studies, "g1") + _restudy(DEMO["forearm"], studies, "g2")
+    bad_study, bad_sop = _undecodable(DEMO["hip"][0], studies / "bad.dcm", "bad")
+    # a readable image in the same study as the broken one
+    neighbour = pydicom.dcmread(DEMO["normal-forearm"][0])
+    neighbour.StudyInstanceUID = bad_study
+    neighbour.SOPInstanceUID = generate_uid(entropy_srcs=[bad_study, "neighbour"])
+    neighbour.file_meta.MediaStorageSOPInstanceUID = neighbour.SOPInstanceUID
+    neighbour.save_as(studies / "neighbour.dcm")
+    files = [studies / "bad.dcm", studies / "neighbour.dcm", *good]
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.5, extra="\n[worker]\nthreads = 3\n",
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
+    config = load_config(cfg, environ={})
+    node = Node(config, processor_factory(config))
+    node.start()
+    try:
+        out = storescu(port, files, "FRACTURE_NODE")
+        assert out.returncode == 0, out.stderr
+        expected = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
+        assert len(expected) == 3
+        wait_for(lambda: {r["study_instance_uid"] for r in node.jobs.query(
+            "SELECT study_instance_uid FROM studies WHERE state = 'processed'")} == expected,
+            timeout=300, interval=0.2)
+        rows = {r["sop_instance_uid"]: (r["study_instance_uid"], r["outcome"], r["reason"])
+                for r in node.jobs.query("SELECT * FROM instances")}
+        assert rows[bad_sop][1] == "refused" and rows[bad_sop][2].startswith("decode-failed"), \
+            rows[bad_sop]
+        assert rows[str(neighbour.SOPInstanceUID)][1] == "analysed"
+        others = [v for k, v in rows.items() if v[0] != bad_study]
+        assert len(others) == len(good)
+        assert not [r for _, _, r in others if r.startswith("decode-failed")]
+        for study in expected - {bad_study}:  # every good study has analysed images
+            assert any(s == study and o == "analysed" for s, o, _ in others)
+        kinds = {(r["study_instance_uid"], r["kind"]) for r in node.jobs.query(
+            "SELECT study_instance_uid, kind FROM outbox")}
+        for study in expected:
+            assert {(study, "sc"), (study, "sr"), (study, "pdf")} <= kinds
+    finally:
+        node.stop(grace_seconds=2)
+
+
+# -- shutdown -----------------------------------------------------------------------
+
+
+def _cr(study_uid: str) -> Dataset:
+    ds = pydicom.dcmread(ROOT.parent / "shared" / "data" / "dicom" / "pylibjpeg-data" / "RG2_JPLL.dcm")
+    ds.StudyInstanceUID = study_uid
+    ds.SOPInstanceUID = generate_uid()
+    return ds
+
+
+def test_sigterm_drains_the_studies_in_hand(tmp_path: Path) -> None:
+    """A node with four worker threads (three study threads) holds six studies, each
+    taking 1.5 s; SIGTERM while they are in hand: the process finishes all six before
+    it exits (none left ``processing``, every result in the outbox and the spool), and a
+    restart finds nothing to redo."""
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3, extra="\n[worker]\nthreads = 4\n",
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
+    ready = tmp_path / "ready"
+    log = tmp_path / "node.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        ready.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "nodeharness.py"), str(cfg),
+                                 str(ready), "--report", "--delay", "1.5"], cwd=ROOT / "tests",
+                                stderr=log.open("ab"))
+        wait_for(ready.exists, timeout=180)  # the machine is shared: allow a slow start
+        return proc
+
+    def q(sql: str) -> list[tuple]:  # type: ignore[type-arg]
+        con = sqlite3.connect(tmp_path / "node.sqlite", timeout=30)
+        try:
+            return con.execute(sql).fetchall()
+        finally:
+            con.close()
+
+    studies = [f"1.2.826.0.1.3680043.10.15.{n}" for n in range(6)]
+    proc = start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.70"])
+        assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+        assert assoc.is_established
+        try:
+            assert [int(assoc.send_c_store(_cr(s)).Status) for s in studies] == [0] * 6
+        finally:
+            assoc.release()
+        wait_for(lambda: q("SELECT COUNT(*) FROM studies WHERE state = 'processing'")[0][0] >= 3,
+                 timeout=60, interval=0.02)
+        in_hand = q("SELECT COUNT(*) FROM studies WHERE state = 'processing'")[0][0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert in_hand >= 3
+    text = log.read_text(errors="replace")
+    assert re.search(r"finishing \d+ study\(ies\) in hand", text), text[-2000:]
+    states = dict(q("SELECT study_instance_uid, state FROM studies"))
+    assert set(states) == set(studies)
+    assert "processing" not in states.values()
+    processed = [s for s, state in states.items() if state == "processed"]
+    assert len(processed) >= in_hand
+    outbox = q("SELECT study_instance_uid, kind, path FROM outbox")
+    for study in processed:
+        kinds = sorted(k for s, k, _ in outbox if s == study)
+        assert kinds == ["sc", "sr"], (study, kinds)
+    assert all(Path(p).exists() or not Path(p).is_absolute() for _, _, p in outbox)
+    # a restart takes up whatever was not claimed, and redoes nothing
+    proc = start()
+    try:
+        wait_for(lambda: q("SELECT COUNT(*) FROM studies WHERE state = 'processed'")[0][0] == 6,
+                 timeout=120, interval=0.1)
+        time.sleep(0.5)
+        assert len(q("SELECT * FROM outbox")) == 12
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=180)
+
+
+class _FailingBuild:
+    """The node-core CopyProcessor in stages, whose build raises for one study."""
+
+    def __init__(self, bad_study: str) -> None:
+        from nodeharness import CopyProcessor
+
+        self.copy = CopyProcessor()
+        self.bad_study = bad_study
+
+    def prepare(self, job):  # type: ignore[no-untyped-def]
+        return job
+
+    def analyse_many(self, studies):  # type: ignore[no-untyped-def]
+        return list(studies)
+
+    def build(self, job, sink=None):  # type: ignore[no-untyped-def]
+        if job.study_instance_uid == self.bad_study:
+            raise RuntimeError("result objects could not be built")
+        return self.copy(job)
+
+
+def test_a_study_that_fails_in_a_stage_is_retried_and_the_others_finish(tmp_path: Path) -> None:
+    """Three worker threads; one study's build raises: it goes back to pending with the
+    reason (retried later), the studies beside it are processed, no thread dies."""
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3, extra="\n[worker]\nthreads = 3\n",
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
+    config = load_config(cfg, environ={})
+    studies = [f"1.2.826.0.1.3680043.10.16.{n}" for n in range(4)]
+    node = Node(config, lambda: _FailingBuild(studies[1]))
+    node.start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.70"])
+        assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+        assert assoc.is_established
+        try:
+            assert [int(assoc.send_c_store(_cr(s)).Status) for s in studies] == [0] * 4
+        finally:
+            assoc.release()
+
+        def settled() -> dict[str, tuple[str, str | None, int]]:
+            rows = node.jobs.query("SELECT study_instance_uid, state, reason, attempts FROM studies")
+            states = {r["study_instance_uid"]: (r["state"], r["reason"], r["attempts"]) for r in rows}
+            done = [s for s in studies if states.get(s, ("",))[0] == "processed"]
+            return states if len(done) == 3 and states.get(studies[1], ("", None, 0))[2] >= 1 else {}
+
+        states = wait_for(settled, timeout=60, interval=0.1)
+        assert states[studies[1]][0] == "pending"
+        assert "result objects could not be built" in (states[studies[1]][1] or "")
+        assert isinstance(node.worker, PipelinedWorker)
+        assert all(t.is_alive() for t in node.worker._threads)
+        # a later study is still processed by the same threads
+        assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+        try:
+            assert int(assoc.send_c_store(_cr("1.2.826.0.1.3680043.10.16.9")).Status) == 0
+        finally:
+            assoc.release()
+        wait_for(lambda: node.jobs.query(
+            "SELECT state FROM studies WHERE study_instance_uid = '1.2.826.0.1.3680043.10.16.9'")
+            == [{"state": "processed"}], timeout=30)
+    finally:
+        node.stop(grace_seconds=2)

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 import pydicom
 
 from node.config import Config, DestinationConfig
-from node.jobs import JobStoreBackend, LeaseLostError, OutboxItem, OutputFile, StudyJob
+from node.jobs import (JobStoreBackend, JobStoreUnavailableError, LeaseLostError, OutboxItem,
+                       OutputFile, StudyJob)
 from node.scu import Peer, Timeouts, store_files
 from node.spool import Spool
 from node.tls import client_context
@@ -75,6 +76,17 @@ release_memory = _libc_malloc_trim()
 images and result objects are freed, but glibc keeps the pages in each thread's arena,
 so without this the resident size ratchets up with the threads and the largest study
 (``bench/reliability.py``)."""
+
+
+def log_survived(where: str, exc: BaseException, then: str = "retrying in 5 s") -> None:
+    """Log an error that a loop or stage thread survives: one line while the job
+    database is unreachable (an outage, said again at each retry until it is back),
+    the traceback for anything else."""
+    if isinstance(exc, JobStoreUnavailableError):
+        logger.warning("%s: job database unavailable (%s); %s", where, exc, then)
+    else:
+        logger.error("%s error; %s", where, then,
+                     exc_info=(type(exc), exc, exc.__traceback__))
 
 
 def encode(ds: pydicom.Dataset) -> bytes:
@@ -161,25 +173,41 @@ class Worker:
             heartbeat.start()
         try:
             self._recover()
+            self._start_stages()
             while not self._stop.is_set():
                 try:
-                    busy = self.run_once()
+                    busy = self._step()
                     self.cleanup()
-                except Exception:  # keep the loop alive; the state is in the database
-                    logger.exception("worker loop error; retrying in 5 s")
+                except Exception as exc:  # keep the loop alive; the state is in the database
+                    log_survived("worker loop", exc)
                     busy = False
                     self._stop.wait(5.0)
                 if not busy:
                     self._stop.wait(poll_seconds)
+            self._drain()
         finally:
+            self._stop_stages()
             heartbeat.stop()
+
+    def _step(self) -> bool:
+        """One turn of :meth:`run`'s loop; whether there was work (no poll wait)."""
+        return self.run_once()
+
+    def _start_stages(self) -> None:
+        """Start the threads beside :meth:`run`'s loop (none here)."""
+
+    def _drain(self) -> None:
+        """Wait for the work in hand after :meth:`stop` (none is left here)."""
+
+    def _stop_stages(self) -> None:
+        """Stop what :meth:`_start_stages` started."""
 
     def _recover(self) -> None:
         while not self._stop.is_set():
             try:
                 recovered = self.jobs.recover()
-            except Exception:  # e.g. the job database is not reachable yet
-                logger.exception("start-up recovery failed; retrying in 5 s")
+            except Exception as exc:  # e.g. the job database is not reachable yet
+                log_survived("start-up recovery", exc)
                 self._stop.wait(5.0)
                 continue
             if recovered:
@@ -368,27 +396,8 @@ class PipelinedWorker(Worker):
     def _images_in_flight(self) -> int:
         return sum(self._in_flight.values())
 
-    def run(self, poll_seconds: float = 0.2) -> None:
-        heartbeat = Heartbeat(self.jobs, self.busy_studies)
-        if self.heartbeat:
-            heartbeat.start()
-        try:
-            self._recover()
-            self._start_stages()
-            while not self._stop.is_set():
-                try:
-                    claimed = self._claim_one()
-                    self.cleanup()
-                except Exception:  # keep the loop alive; the state is in the database
-                    logger.exception("worker loop error; retrying in 5 s")
-                    claimed = False
-                    self._stop.wait(5.0)
-                if not claimed:
-                    self._stop.wait(poll_seconds)
-            self._drain()
-        finally:
-            self._stop_stages()
-            heartbeat.stop()
+    def _step(self) -> bool:
+        return self._claim_one()
 
     def _claim_one(self) -> bool:
         """Claim one ready study if there is room.  Returns whether one was claimed."""
@@ -451,9 +460,9 @@ class PipelinedWorker(Worker):
                     self._prepare_task(*payload)  # type: ignore[misc]
                 else:
                     self._build_task(*payload)  # type: ignore[misc]
-            except Exception:  # keep the thread alive; the state is in the database
-                logger.exception("worker stage error (the study stays processing until the "
-                                 "next start or the end of its lease)")
+            except Exception as exc:  # keep the thread alive; the state is in the database
+                log_survived("worker stage", exc, "the study stays processing until the next "
+                             "start or the end of its lease")
 
     def _prepare_task(self, job: StudyJob, started: float) -> None:
         try:
@@ -508,9 +517,9 @@ class PipelinedWorker(Worker):
                 images += max(1, len(nxt[0].instances))
             try:
                 self._analyse(batch)
-            except Exception:  # keep the thread alive; the state is in the database
-                logger.exception("worker model stage error (the studies stay processing until "
-                                 "the next start or the end of their lease)")
+            except Exception as exc:  # keep the thread alive; the state is in the database
+                log_survived("worker model stage", exc, "the studies stay processing until "
+                             "the next start or the end of their lease")
             if stop_after:
                 return
 
@@ -570,8 +579,8 @@ class Deliverer:
         while not self._stop.is_set():
             try:
                 busy = self.run_once()
-            except Exception:  # keep the loop alive; the state is in the database
-                logger.exception("delivery loop error; retrying in 5 s")
+            except Exception as exc:  # keep the loop alive; the state is in the database
+                log_survived("delivery loop", exc)
                 busy = False
                 self._stop.wait(5.0)
             if not busy:

@@ -384,6 +384,9 @@ def test_database_down_for_20_s_refuses_with_a700_and_loses_nothing(tmp_path: Pa
         assert all("heartbeat restored" in text for text in logs.values())
         assert any(f"study {in_hand}: lease of" in text for text in logs.values()), \
             "the study held at the outage was not taken over after its lease"
+        for name, text in logs.items():  # the outage is one line a loop, not a traceback
+            assert "job database unavailable" in text, name
+            assert "Traceback" not in text, f"{name} logged a traceback during the outage"
         for n in nodes:  # neither wedged: each drains and exits on SIGTERM
             n.signal(signal.SIGTERM)
             assert n.proc is not None and n.proc.returncode == 0, n.name

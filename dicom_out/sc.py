@@ -105,9 +105,19 @@ def _caption_colour(finding: ImageFinding) -> tuple[int, int, int]:
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
+@functools.lru_cache(maxsize=1)
+def _measure() -> ImageDraw.ImageDraw:
+    """A drawing context kept only to measure text (``textlength`` draws nothing)."""
+    return ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+
+@functools.lru_cache(maxsize=4096)
 def text_width(text: str, font: Font) -> float:
-    """Width in pixels of ``text`` set in ``font`` (the font's own advance metrics)."""
-    return float(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font))
+    """Width in pixels of ``text`` set in ``font`` (the font's own advance metrics).
+
+    Cached: the caption wrapper measures the same words and lines many times per
+    image, and the fixed sentences again for every study."""
+    return float(_measure().textlength(text, font=font))
 
 
 def wrap_text(text: str, font: Font, width: float) -> list[str] | None:

@@ -27,8 +27,10 @@ highdicom:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -269,8 +271,15 @@ def _classifier_of(result: StudyResult) -> ModelInfo | None:
     return None
 
 
+_coded_modality = functools.lru_cache(maxsize=64)(_get_coded_modality)
+"""highdicom's CID 29 modality of a SOP class, cached (it rebuilds its table per call)."""
+
+
+@functools.lru_cache(maxsize=256)
 def _is_image(sop_class_uid: str) -> bool:
-    """Whether the SOP class is an image IOD (unknown classes are not)."""
+    """Whether the SOP class is an image IOD (unknown classes are not).
+
+    Cached: highdicom answers by walking the IOD's modules (some milliseconds)."""
     try:
         return bool(does_iod_have_pixel_data(sop_class_uid))
     except KeyError:
@@ -392,7 +401,7 @@ def _image_library(images: Sequence[pydicom.Dataset]) -> hd.sr.ContainerContentI
     groups: dict[tuple[str, str], list[hd.sr.ImageContentItem]] = {}
     modalities: dict[tuple[str, str], Code] = {}
     for ds in images:
-        modality = _get_coded_modality(ds.SOPClassUID)
+        modality = _coded_modality(ds.SOPClassUID)
         item = hd.sr.ImageContentItem(
             name=hd.sr.CodedConcept(value="260753009", meaning="Source", scheme_designator="SCT"),
             referenced_sop_class_uid=ds.SOPClassUID,
@@ -569,9 +578,53 @@ def build_structured_report(
             if reference is not None:
                 evidence.append(reference)
     evidence.extend(reference_dataset(sc) for sc in secondary_captures)
-    ds = hd.sr.Comprehensive3DSR(
+    content = report[0]
+    with _adopted(content):
+        ds = _comprehensive_3d_sr(evidence, content, result, models, sop_uids, settings,
+                                  predecessor)
+    copy_patient_study(head, ds)
+    logger.debug(
+        "built SR %s: %d finding(s), %d refusal(s), study decision %s",
+        ds.SOPInstanceUID,
+        len(result.findings),
+        len(result.refusals),
+        DECISION_LABEL[result.decision],
+    )
+    return ds
+
+
+@contextlib.contextmanager
+def _adopted(content: pydicom.Dataset) -> Iterator[None]:
+    """Let highdicom's SR constructor adopt ``content`` instead of copying it.
+
+    ``Comprehensive3DSR.__init__`` deep-copies its ``content`` (about a fifth of the
+    SR's CPU time) so that the caller's tree stays untouched.  The tree passed here is
+    built by :func:`build_structured_report` for this one document and never used
+    again, so within this block ``deepcopy(content)`` returns ``content`` itself, which
+    the constructor then turns into its content items in place, as its own
+    ``from_dataset(copy=False)`` does.  The document written is the same
+    (``tests/test_dicom_out.py::test_structured_report_same_without_copy``,
+    ``bench/build_cost.py --compare``).
+    """
+    object.__setattr__(content, "__deepcopy__", lambda memo: content)
+    try:
+        yield
+    finally:
+        object.__delattr__(content, "__deepcopy__")
+
+
+def _comprehensive_3d_sr(
+    evidence: list[pydicom.Dataset],
+    content: pydicom.Dataset,
+    result: StudyResult,
+    models: Sequence[ModelInfo],
+    sop_uids: list[str],
+    settings: OutputSettings,
+    predecessor: pydicom.Dataset | None,
+) -> hd.sr.Comprehensive3DSR:
+    return hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=report[0],
+        content=content,
         series_instance_uid=study_series_uid(result.study_instance_uid, models, "sr"),
         series_number=settings.sr_series_number,
         sop_instance_uid=study_output_uid(result.study_instance_uid, sop_uids, models, "sr"),
@@ -588,12 +641,3 @@ def build_structured_report(
         software_versions=settings.software_version,
         coding_schemes=[local_coding_scheme()],
     )
-    copy_patient_study(head, ds)
-    logger.debug(
-        "built SR %s: %d finding(s), %d refusal(s), study decision %s",
-        ds.SOPInstanceUID,
-        len(result.findings),
-        len(result.refusals),
-        DECISION_LABEL[result.decision],
-    )
-    return ds

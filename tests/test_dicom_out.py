@@ -462,6 +462,45 @@ def test_structured_report_predecessor(study: Study, built: tuple) -> None:
     assert refs[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
+def _without_times(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` read back from its bytes without the attributes set from the clock."""
+    out = roundtrip(ds)
+
+    def strip(d: pydicom.Dataset) -> None:
+        for elem in list(d):
+            if elem.keyword in {"ContentDate", "ContentTime", "InstanceCreationDate",
+                                "InstanceCreationTime", "ContributionDateTime"}:
+                del d[elem.tag]
+            elif elem.VR == "SQ":
+                for item in elem.value:
+                    strip(item)
+
+    strip(out)
+    return out
+
+
+def test_structured_report_same_without_copy(study: Study, built: tuple,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SR's content tree is adopted by highdicom, not copied (a CPU saving): the
+    document is the one highdicom writes when it copies the tree itself, and a copy of
+    the document is independent of it."""
+    import contextlib
+    import copy
+
+    import dicom_out.sr
+
+    scs, _, _ = built
+    adopted = build_structured_report(study.result, study.sources, scs, SETTINGS)
+    monkeypatch.setattr(dicom_out.sr, "_adopted", lambda content: contextlib.nullcontext())
+    copied = build_structured_report(study.result, study.sources, scs, SETTINGS)
+    assert _without_times(adopted) == _without_times(copied)
+    duplicate = copy.deepcopy(adopted)
+    assert duplicate.ContentSequence[-1] is not adopted.ContentSequence[-1]
+    duplicate.ContentSequence[-1].ContentSequence = []
+    assert len(adopted.ContentSequence[-1].ContentSequence) > 0
+    assert to_bytes(adopted) == to_bytes(roundtrip(adopted))
+
+
 @pytest.mark.skipif(shutil.which("dsr2html") is None, reason="DCMTK missing")
 def test_structured_report_renders_with_dsr2html(written: Mapping[str, Path]) -> None:
     proc = subprocess.run(

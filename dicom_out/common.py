@@ -31,7 +31,6 @@ from pathlib import Path
 
 import cv2
 import highdicom as hd
-from highdicom._standard_utils import is_attribute_in_iod as _is_attribute_in_iod
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 import numpy as np
 import pydicom
@@ -52,30 +51,6 @@ from pipeline.result import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=256)
-def _attribute_in_iod(attribute: str, sop_class_uid: str) -> bool:
-    return bool(_is_attribute_in_iod(attribute, sop_class_uid))
-
-
-def _cached_is_attribute_in_iod(
-    attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None
-) -> bool:
-    """highdicom's ``is_attribute_in_iod``, remembered per (keyword, SOP class).
-
-    Every highdicom SOP instance (SC, SR, KO) asks it twice in its constructor whether
-    its IOD has Content Date and Content Time; the answer comes from the standard's
-    tables, which do not change, yet each question walks every attribute of every
-    module of the IOD (about 2.5 ms for the SC and KO IODs, half an SC's CPU time).
-    Same answers, so the same objects; a question with ``exclude_path_elements`` is
-    passed through unchanged."""
-    if exclude_path_elements is not None:
-        return bool(_is_attribute_in_iod(attribute, sop_class_uid, exclude_path_elements))
-    return _attribute_in_iod(attribute, sop_class_uid)
-
-
-hd.base.is_attribute_in_iod = _cached_is_attribute_in_iod  # type: ignore[attr-defined]
 
 SOFTWARE_VERSION = "0.1.0"
 """Version of fracture-node written into Software Versions (0018,1020)."""

@@ -422,6 +422,15 @@ class PipelinedWorker(Worker):
         self._tasks.put((_PREPARE, next(self._seq), (job, time.perf_counter())))
         return True
 
+    def _give_up(self, job: StudyJob, exc: BaseException) -> None:
+        """This attempt at ``job`` failed in a stage: record the failure (a retry or
+        the end of its attempts) and make room for the next study, even if recording
+        it fails."""
+        try:
+            self._fail(job, exc)
+        finally:
+            self._done(job)
+
     def _done(self, job: StudyJob) -> None:
         with self._cond:
             self._in_flight.pop(job.study_instance_uid, None)
@@ -468,10 +477,7 @@ class PipelinedWorker(Worker):
         try:
             prepared = self.stages.prepare(job)
         except Exception as exc:
-            try:
-                self._fail(job, exc)
-            finally:
-                self._done(job)
+            self._give_up(job, exc)
             return
         self._to_models.put((job, prepared, started))
 
@@ -487,10 +493,7 @@ class PipelinedWorker(Worker):
             result = self.stages.build(analysed, sink)
             files.extend(self._write_outputs(job, result))
         except Exception as exc:
-            try:
-                self._fail(job, exc)
-            finally:
-                self._done(job)
+            self._give_up(job, exc)
             return
         try:
             self._finish(job, result, files, started)
@@ -531,10 +534,7 @@ class PipelinedWorker(Worker):
             done = list(zip(batch, analysed))
         except Exception as exc:
             if len(batch) == 1:
-                try:
-                    self._fail(batch[0][0], exc)
-                finally:
-                    self._done(batch[0][0])
+                self._give_up(batch[0][0], exc)
                 return
             logger.exception("a batch of %d studies failed in the models; one by one",
                              len(batch))

@@ -35,6 +35,8 @@ import importlib.util  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
+from pydicom.uid import generate_uid  # noqa: E402
+
 from node.config import (  # noqa: E402
     Config,
     DeliveryConfig,
@@ -80,6 +82,24 @@ def write_config(directory: Path, node_port: int, *, destinations: list[dict[str
     path.write_text(render_config(config) + extra)
     return path
 
+
+
+def restudy(files: list[Path], directory: Path, study_uid: str, prefix: str = "") -> list[Path]:
+    """Copies of ``files`` filed into the study ``study_uid`` (same patient; series and
+    instance UIDs derived from the study's, so the same in every run), written to
+    ``directory`` as ``prefix`` + the source's file name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, str(ds.SeriesInstanceUID)])
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[study_uid, str(ds.SOPInstanceUID)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = directory / f"{prefix}{f.name}"
+        ds.save_as(path)
+        out.append(path)
+    return out
 
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy (or fail at the deadline)."""

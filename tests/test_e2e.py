@@ -19,7 +19,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from conftest import ROOT, Orthanc, free_port, pixelmed_sr_errors, storescu, wait_for, write_config
+from conftest import (ROOT, Orthanc, free_port, pixelmed_sr_errors, restudy, storescu, wait_for,
+                      write_config)
 from node.config import load_config
 from node.processing import processor_factory
 from node.service import Node
@@ -84,21 +85,6 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
     node.stop(grace_seconds=2)
     orthanc.stop()
 
-
-def restudy(files: list[Path], directory: Path, study_uid: str) -> list[Path]:
-    """Copies of ``files`` filed into a new study (new UIDs, same patient)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    out = []
-    for f in files:
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, str(ds.SeriesInstanceUID)])
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[study_uid, str(ds.SOPInstanceUID)])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = directory / f.name
-        ds.save_as(path)
-        out.append(path)
-    return out
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

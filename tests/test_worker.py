@@ -25,7 +25,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from conftest import ROOT, free_port, storescu, wait_for, write_config
+from conftest import ROOT, free_port, restudy, storescu, wait_for, write_config
 from node.config import WorkerConfig, available_cores, config_from_dict, load_config
 from node.errors import ConfigError
 from node.processing import StudyProcessor, processor_factory
@@ -88,19 +88,8 @@ def test_default_threads_are_the_cores_and_models_get_what_is_left() -> None:
 
 def _restudy(files: list[Path], directory: Path, tag: str) -> list[Path]:
     """Copies of ``files`` in a new study (UIDs derived from ``tag``: the same in every run)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    study_uid = generate_uid(entropy_srcs=["test-worker", tag])
-    out = []
-    for f in files:
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[study_uid, str(ds.SeriesInstanceUID)])
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[study_uid, str(ds.SOPInstanceUID)])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = directory / f"{tag}_{f.name}"
-        ds.save_as(path)
-        out.append(path)
-    return out
+    return restudy(files, directory, generate_uid(entropy_srcs=["test-worker", tag]),
+                   prefix=f"{tag}_")
 
 
 def _undecodable(source: Path, path: Path, tag: str) -> tuple[str, str]:

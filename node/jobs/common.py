@@ -27,6 +27,21 @@ LATEST_REPORT = ("SELECT path FROM reports WHERE study_instance_uid = ? "
 #: Record one instance's outcome (``finish_study``).
 SET_OUTCOME = "UPDATE instances SET outcome = ?, reason = ? WHERE sop_instance_uid = ?"
 
+#: Queue one result object for one destination (``finish_study``); an object already
+#: queued for that destination stays as it is (a retry re-records the same UIDs).
+QUEUE_OUTPUT = ("INSERT INTO outbox (destination, study_instance_uid, sop_instance_uid, "
+                "sop_class_uid, kind, path, state, next_attempt_at, created_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (destination, sop_instance_uid) DO NOTHING")
+
+#: Record an SR version of a study (``finish_study``; the predecessor of the next).
+RECORD_REPORT = ("INSERT INTO reports (sop_instance_uid, study_instance_uid, generation, "
+                 "path, created_at) VALUES (?,?,?,?,?) "
+                 "ON CONFLICT (sop_instance_uid) DO UPDATE SET "
+                 "study_instance_uid = excluded.study_instance_uid, "
+                 "generation = excluded.generation, path = excluded.path, "
+                 "created_at = excluded.created_at")
+
 #: Retention has deleted a study's sources.
 FORGET_SOURCES = "UPDATE instances SET path = NULL WHERE study_instance_uid = ?"
 

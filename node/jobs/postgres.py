@@ -65,6 +65,8 @@ from node.jobs.common import (
     CLAIMED_INSTANCES,
     FORGET_SOURCES,
     LATEST_REPORT,
+    QUEUE_OUTPUT,
+    RECORD_REPORT,
     SET_OUTCOME,
     SharedQueries,
 )
@@ -571,24 +573,13 @@ class PostgresJobStore(SharedQueries):
             for out in outputs:
                 path = self._rel(out.path)
                 for dest in destinations:
-                    cur.execute(
-                        "INSERT INTO outbox (destination, study_instance_uid, sop_instance_uid, "
-                        "sop_class_uid, kind, path, state, next_attempt_at, created_at) "
-                        "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-                        "ON CONFLICT (destination, sop_instance_uid) DO NOTHING",
-                        [dest, job.study_instance_uid, out.sop_instance_uid, out.sop_class_uid,
-                         out.kind, path, PENDING, now, now],
-                    )
+                    cur.execute(_pg(QUEUE_OUTPUT),
+                                [dest, job.study_instance_uid, out.sop_instance_uid,
+                                 out.sop_class_uid, out.kind, path, PENDING, now, now])
                 if out.kind == "sr":
-                    cur.execute(
-                        "INSERT INTO reports (sop_instance_uid, study_instance_uid, generation, "
-                        "path, created_at) VALUES (%s,%s,%s,%s,%s) "
-                        "ON CONFLICT (sop_instance_uid) DO UPDATE SET "
-                        "study_instance_uid = excluded.study_instance_uid, "
-                        "generation = excluded.generation, path = excluded.path, "
-                        "created_at = excluded.created_at",
-                        [out.sop_instance_uid, job.study_instance_uid, job.generation, path, now],
-                    )
+                    cur.execute(_pg(RECORD_REPORT),
+                                [out.sop_instance_uid, job.study_instance_uid, job.generation,
+                                 path, now])
             cur.execute(
                 "UPDATE studies SET state = CASE WHEN generation = %s THEN 'processed' "
                 "ELSE 'pending' END, processed_generation = %s, reason = NULL, decision = %s, "

@@ -32,6 +32,8 @@ from node.jobs.common import (
     CLAIMED_INSTANCES,
     FORGET_SOURCES,
     LATEST_REPORT,
+    QUEUE_OUTPUT,
+    RECORD_REPORT,
     SET_OUTCOME,
     SharedQueries,
 )
@@ -264,20 +266,13 @@ class SQLiteJobStore(SharedQueries):
                 conn.execute(SET_OUTCOME, [outcome, reason, sop_uid])
             for out in outputs:
                 for dest in destinations:
-                    conn.execute(
-                        "INSERT OR IGNORE INTO outbox (destination, study_instance_uid, "
-                        "sop_instance_uid, sop_class_uid, kind, path, state, next_attempt_at, "
-                        "created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                        [dest, job.study_instance_uid, out.sop_instance_uid, out.sop_class_uid,
-                         out.kind, str(out.path), PENDING, now, now],
-                    )
+                    conn.execute(QUEUE_OUTPUT,
+                                 [dest, job.study_instance_uid, out.sop_instance_uid,
+                                  out.sop_class_uid, out.kind, str(out.path), PENDING, now, now])
                 if out.kind == "sr":
-                    conn.execute(
-                        "INSERT OR REPLACE INTO reports (sop_instance_uid, study_instance_uid, "
-                        "generation, path, created_at) VALUES (?,?,?,?,?)",
-                        [out.sop_instance_uid, job.study_instance_uid, job.generation,
-                         str(out.path), now],
-                    )
+                    conn.execute(RECORD_REPORT,
+                                 [out.sop_instance_uid, job.study_instance_uid, job.generation,
+                                  str(out.path), now])
             conn.execute(
                 "UPDATE studies SET state = CASE WHEN generation = ? THEN 'processed' "
                 "ELSE 'pending' END, processed_generation = ?, reason = NULL, decision = ?, "

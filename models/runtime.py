@@ -130,40 +130,20 @@ class OnnxGraph:
             raise GraphError(f"{self.path}: expected one input and outputs {OUTPUTS}, found "
                                 f"{[i.name for i in inputs]} -> {names}")
         self._input = inputs[0].name
-        shape = inputs[0].shape
-        self._size = int(shape[1])
-        self._grid = int(self._session.get_outputs()[1].shape[1])
+        self.input_size = int(inputs[0].shape[1])
+        self.feature_grid = int(self._session.get_outputs()[1].shape[1])
         meta = self._session.get_modelmeta().custom_metadata_map
         if HEAD_KERNEL_KEY not in meta or HEAD_BIAS_KEY not in meta:
             raise GraphError(f"{self.path}: no dense head in the graph's metadata (re-export it)")
-        self._head_kernel = decode_array(meta[HEAD_KERNEL_KEY])
-        self._head_bias = decode_array(meta[HEAD_BIAS_KEY])
-
-    @property
-    def input_size(self) -> int:
-        """Side of the square input."""
-        return self._size
-
-    @property
-    def feature_grid(self) -> int:
-        """Side of the ``features`` map."""
-        return self._grid
-
-    @property
-    def head_kernel(self) -> np.ndarray:
-        """``(c, k)`` kernel of the dense head (from the graph's metadata)."""
-        return self._head_kernel
-
-    @property
-    def head_bias(self) -> np.ndarray:
-        """``(k,)`` bias of the dense head."""
-        return self._head_bias
+        self.head_kernel = decode_array(meta[HEAD_KERNEL_KEY])
+        self.head_bias = decode_array(meta[HEAD_BIAS_KEY])
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(logits, features)`` for ``x`` ``(n, s, s, 1)`` float32 in [0, 1]."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1:] != (self._size, self._size, 1):
-            raise ValueError(f"input must be (n, {self._size}, {self._size}, 1), got {x.shape}")
+        if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, 1):
+            raise ValueError(f"input must be (n, {self.input_size}, {self.input_size}, 1), "
+                             f"got {x.shape}")
         logits, features = self._session.run(list(OUTPUTS), {self._input: x})
         return logits, features
 

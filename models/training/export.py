@@ -64,30 +64,10 @@ class KerasGraph:
 
     def __init__(self, model: Any, size: int) -> None:
         self.model = model
-        self._size = int(size)
+        self.input_size = int(size)
         self._fn = _tf_function(model, size)
-        self._grid = int(model.outputs[1].shape[1])
-        self._head_kernel, self._head_bias = keras_head(model)
-
-    @property
-    def input_size(self) -> int:
-        """Side of the square input."""
-        return self._size
-
-    @property
-    def feature_grid(self) -> int:
-        """Side of the feature map."""
-        return self._grid
-
-    @property
-    def head_kernel(self) -> np.ndarray:
-        """``(c, k)`` kernel of the dense head."""
-        return self._head_kernel
-
-    @property
-    def head_bias(self) -> np.ndarray:
-        """``(k,)`` bias of the dense head."""
-        return self._head_bias
+        self.feature_grid = int(model.outputs[1].shape[1])
+        self.head_kernel, self.head_bias = keras_head(model)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(logits, features)`` of the Keras model."""

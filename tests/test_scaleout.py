@@ -108,7 +108,7 @@ class ServedNode:
 
     def __init__(self, tmp: Path, name: str, url: str, spool: Path, pacs_port: int,
                  delay: float = 0.0, quiet: float = 1.0, pacs_aet: str = "PACS",
-                 port: int | None = None) -> None:
+                 port: int | None = None, extra: str = "") -> None:
         self.dir = tmp / name
         self.dir.mkdir()
         self.name = name
@@ -118,7 +118,7 @@ class ServedNode:
             self.dir, self.port, quiet_seconds=quiet, spool_dir=spool,
             destinations=[{"name": "pacs", "ae_title": pacs_aet, "port": pacs_port}],
             extra=(f'[database]\nurl = "{url}"\nlease_seconds = {LEASE}\n'
-                   f'heartbeat_seconds = 0.5\nnode_name = "{name}"\n'))
+                   f'heartbeat_seconds = 0.5\nnode_name = "{name}"\n' + extra))
         self.ready = self.dir / "ready"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -275,7 +275,11 @@ def test_sigkilled_node_s_studies_are_finished_by_the_other_exactly_once(
 
 def test_new_node_takes_a_share_and_sigterm_drains(cluster: Any, tmp_path: Path) -> None:
     url, spool, pacs, nodes = cluster
-    a = ServedNode(tmp_path, "node-a", url, spool, pacs.port, delay=1.0).start()
+    # one study in hand at a time: with the default bound (16 images) node-a claims all
+    # six one-image studies at once, and drains them all, before node-b can take any
+    one_at_a_time = "[worker]\nmax_images_in_flight = 1\n"
+    a = ServedNode(tmp_path, "node-a", url, spool, pacs.port, delay=1.0,
+                   extra=one_at_a_time).start()
     nodes.append(a)
     studies = [generate_uid() for _ in range(6)]
     for uid in studies:

@@ -184,7 +184,25 @@ def _open_sr(page: Any) -> None:
     wait_for(lambda: page.evaluate(
         "() => window.services.displaySetService.getActiveDisplaySets().length > 0"),
         timeout=60, interval=0.25)
-    page.get_by_text("AI fracture findings (SR)", exact=False).first.dblclick()
+    thumbnail = page.get_by_text("AI fracture findings (SR)", exact=False).first
+    for _ in range(3):  # a double-click OHIF drops is given again, up to three times
+        thumbnail.dblclick()
+        try:
+            wait_for(lambda: page.evaluate(_SR_IN_VIEWPORT), timeout=20, interval=0.25)
+            return
+        except AssertionError:
+            logger.warning("OHIF did not open the SR after a double-click; again")
+
+
+_SR_IN_VIEWPORT = """() => {
+  const grid = window.services.viewportGridService.getState();
+  const viewports = grid.viewports instanceof Map ? [...grid.viewports.values()]
+                                                  : Object.values(grid.viewports || {});
+  return viewports.some(vp => (vp.displaySetInstanceUIDs || []).some(uid => {
+    const ds = window.services.displaySetService.getDisplaySetByUID(uid);
+    return ds && ds.Modality === 'SR';
+  }));
+}"""
 
 
 def _node_sr(viewer: Viewer, study: str) -> hd.sr.Comprehensive3DSR:

@@ -355,8 +355,9 @@ class PipelinedWorker(Worker):
     The claim, lease, finish and fail calls are the job store's, exactly as for
     :class:`Worker`; a study in hand is ``processing`` in the database, so a process
     killed at any point leaves nothing that :meth:`JobStoreBackend.recover` (or another
-    node, after the lease) does not take up again.  :meth:`stop` stops claiming and
-    lets every study in hand finish (drain) before :meth:`run` returns.
+    node, after the lease) does not take up again.  :meth:`stop` stops claiming, gives
+    back the claimed studies no stage has started (:meth:`JobStoreBackend.release_study`)
+    and lets every study in hand finish (drain) before :meth:`run` returns.
     """
 
     def __init__(
@@ -415,6 +416,9 @@ class PipelinedWorker(Worker):
             while (self._in_flight and self._images_in_flight() + size > self.max_images_in_flight
                    and not self._stop.is_set()):
                 self._cond.wait(0.5)
+            if self._stop.is_set():  # stopping while it waited: not started, given back
+                self._release(job)
+                return True
             self._in_flight[job.study_instance_uid] = size
         logger.info("processing study %s (%d instance(s); %d study(ies) in hand)",
                     job.study_instance_uid, len(job.instances), self.in_flight,
@@ -436,8 +440,41 @@ class PipelinedWorker(Worker):
             self._in_flight.pop(job.study_instance_uid, None)
             self._cond.notify_all()
 
+    def _release(self, job: StudyJob) -> None:
+        """Give back a claimed study that no stage has started (stopping)."""
+        try:
+            self.jobs.release_study(job)
+        except Exception as exc:  # its lease lapses on its own, or recover() takes it up
+            log_survived("releasing a claimed study", exc, "it is taken up after its lease "
+                         "or at the next start")
+
+    def _release_unstarted(self) -> int:
+        """Stopping: give back every claimed study still waiting to be prepared, so
+        another node (or the next start) takes it at once.  Returns how many."""
+        kept: list[tuple[int, int, object]] = []
+        released = 0
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task[0] != _PREPARE:
+                kept.append(task)
+                continue
+            job = task[2][0]  # type: ignore[index]
+            self._release(job)
+            self._done(job)
+            released += 1
+        for task in kept:
+            self._tasks.put(task)
+        return released
+
     def _drain(self) -> None:
-        """Wait until every study in hand is finished (or failed)."""
+        """Give back the claimed studies not yet started; wait until every study in
+        hand is finished (or failed)."""
+        released = self._release_unstarted()
+        if released:
+            logger.info("stopping: released %d claimed study(ies) not yet started", released)
         with self._cond:
             if self._in_flight:
                 logger.info("stopping: finishing %d study(ies) in hand", len(self._in_flight))

@@ -28,6 +28,7 @@ from pynetdicom import AE
 from conftest import ROOT, free_port, restudy, storescu, wait_for, write_config
 from node.config import WorkerConfig, available_cores, config_from_dict, load_config
 from node.errors import ConfigError
+from node.jobs import open_job_store
 from node.processing import StudyProcessor, processor_factory
 from node.service import Node
 from node.worker import PipelinedWorker, Worker
@@ -410,3 +411,66 @@ def test_a_study_that_fails_in_a_stage_is_retried_and_the_others_finish(tmp_path
             == [{"state": "processed"}], timeout=30)
     finally:
         node.stop(grace_seconds=2)
+
+
+class _SlowPrepare(_FailingBuild):
+    """The node-core CopyProcessor in stages, whose decode-and-normalise stage takes
+    ``seconds`` per study."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(bad_study="")
+        self.seconds = seconds
+
+    def prepare(self, job):  # type: ignore[no-untyped-def]
+        time.sleep(self.seconds)
+        return job
+
+
+def test_stopping_gives_back_claimed_studies_no_stage_has_started(
+        tmp_path: Path, job_database: str, caplog: pytest.LogCaptureFixture) -> None:
+    """One study thread, preparing a study takes 1 s, six one-image studies claimed at
+    once (the default in-flight bound): a stop finishes the study being prepared and
+    gives the others back, pending with no attempt counted, for another
+    node or the next start; nothing is left processing."""
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3,
+                       extra="\n[worker]\nthreads = 2\n" + job_database,
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
+    config = load_config(cfg, environ={})
+    studies = [f"1.2.826.0.1.3680043.10.17.{n}" for n in range(6)]
+    node = Node(config, lambda: _SlowPrepare(1.0))
+    node.start()
+    stopped = False
+    try:
+        wait_for(node.processing.is_set, timeout=60)
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.70"])
+        assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+        assert assoc.is_established
+        try:
+            assert [int(assoc.send_c_store(_cr(s)).Status) for s in studies] == [0] * 6
+        finally:
+            assoc.release()
+        assert isinstance(node.worker, PipelinedWorker)
+        wait_for(lambda: node.worker.in_flight == 6, timeout=30, interval=0.02)
+        with caplog.at_level(logging.INFO, logger="node.worker"):
+            node.stop(grace_seconds=2)
+        stopped = True
+        jobs = open_job_store(config)
+        try:
+            rows = jobs.query("SELECT study_instance_uid, state, attempts FROM studies")
+        finally:
+            jobs.close()
+    finally:
+        if not stopped:
+            node.stop(grace_seconds=2)
+    states = [r["state"] for r in rows]
+    assert sorted({r["study_instance_uid"] for r in rows}) == sorted(studies)
+    assert "processing" not in states
+    assert 1 <= states.count("processed") <= 2, states
+    assert states.count("pending") >= 4, states
+    assert all(r["attempts"] == 0 for r in rows)
+    released = [r for r in caplog.records if "claimed study(ies) not yet started" in r.getMessage()]
+    assert released and str(states.count("pending")) in released[0].getMessage()

@@ -612,6 +612,18 @@ class PostgresJobStore(SharedQueries):
                     [reason, now + retry_after, now, job.study_instance_uid],
                 )
 
+    def release_study(self, job: StudyJob) -> None:
+        """Give back a claimed, unstarted study: pending again with no owner (only if
+        this node still holds it), no attempt counted."""
+        node = self._require_node()
+        with self._letting_go(job.study_instance_uid), self.transaction() as cur:
+            cur.execute(
+                "UPDATE studies SET state = 'pending', owner = NULL, lease_expires_at = NULL, "
+                "updated_at = %s WHERE study_instance_uid = %s AND owner = %s "
+                "AND state = 'processing'",
+                [self._now(cur), job.study_instance_uid, node],
+            )
+
     # -- delivery -----------------------------------------------------------------------------
 
     def due_items(self, limit: int = 64, now: float | None = None) -> list[OutboxItem]:

@@ -300,6 +300,14 @@ class SQLiteJobStore(SharedQueries):
                     [reason, now + retry_after, now, job.study_instance_uid],
                 )
 
+    def release_study(self, job: StudyJob) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE studies SET state = 'pending', updated_at = ? "
+                "WHERE study_instance_uid = ? AND state = 'processing'",
+                [time.time(), job.study_instance_uid],
+            )
+
     # -- delivery ---------------------------------------------------------------------
 
     def due_items(self, limit: int = 64, now: float | None = None) -> list[OutboxItem]:

@@ -147,6 +147,23 @@ class ClassifierGraph:
         return features.mean(axis=(1, 2), dtype=np.float64) @ self.head_kernel[:, 0] + self.head_bias
 
 
+class RouterGraph:
+    """The router as the node runs it: the softmax of the exported graph's logits, with
+    ``test_time_flip`` the softmax of the mean of the image's and its mirror's logits.
+    :class:`Analyser` and the fracture calibration (``models.training.register``) share it."""
+
+    def __init__(self, graph: ServingGraph, test_time_flip: bool) -> None:
+        self.graph = graph
+        self.test_time_flip = bool(test_time_flip)
+
+    def probabilities(self, squares: np.ndarray) -> np.ndarray:
+        """Router softmax ``(n, classes)`` for prepared squares ``(n, s, s)`` in [0, 1]."""
+        x = np.asarray(squares, np.float32)[..., None]
+        logits, _ = self.graph.run(_with_mirrors(x, self.test_time_flip))
+        r = np.asarray(logits).astype(np.float64)
+        return _softmax(_mean_with_mirrors(r, len(x), self.test_time_flip, spatial=False))
+
+
 def pooled_router_probabilities(probabilities: np.ndarray, groups: Sequence[str], other_index: int,
                                 floor: float) -> np.ndarray:
     """Router probabilities pooled (mean) over the images of each group.
@@ -195,7 +212,7 @@ class Analyser:
         """Images per model run."""
         self._router = router
         self._classifier = classifier
-        self._router_graph = router_graph
+        self._router_graph = RouterGraph(router_graph, router.test_time_flip)
         self._classifier_graph = ClassifierGraph(classifier_graph, classifier.test_time_flip)
 
     @classmethod
@@ -256,10 +273,7 @@ class Analyser:
 
         With the registry's ``test_time_flip`` the softmax of the mean of the logits
         of the image and its mirror."""
-        x = np.asarray(router_inputs, np.float32)[..., None]
-        logits, _ = self._router_graph.run(_with_mirrors(x, self._router.test_time_flip))
-        r = np.asarray(logits).astype(np.float64)
-        return _softmax(_mean_with_mirrors(r, len(x), self._router.test_time_flip, spatial=False))
+        return self._router_graph.probabilities(router_inputs)
 
     def classifier_features(self, classifier_inputs: np.ndarray) -> np.ndarray:
         """The classifier's last feature map ``(n, h, w, c)`` for prepared squares: with

@@ -40,6 +40,16 @@ OTHER = "OTHER"
 ROUTER_CLASSES: tuple[str, ...] = ROUTER_PARTS + (OTHER,)
 CLASSIFIER_PARTS: tuple[str, ...] = ("FOREARM", "HUMERUS", "WRIST")
 """Body parts whose MURA studies train the abnormality classifier."""
+FRACTURE_FAMILIES: dict[str, frozenset[str]] = {
+    "UPPER_LIMB": UPPER_LIMB_PARTS,
+    "ARM_SHOULDER": frozenset({"HUMERUS", "SHOULDER"}),
+    "LEG": frozenset({"LEG"}),
+    "HIP": frozenset({"HIP"}),
+}
+"""Router parts that share one fracture operating point, chosen on the validation
+images the router sends to any of them: the fracture-labelled sets name coarse regions
+(FracAtlas ``HAND`` = fingers to elbow) or none, so no single finer part has enough
+validation images of its own."""
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,19 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, rule: str = "kappa") -> fl
     return best_t
 
 
+def threshold_for_sensitivity(y: np.ndarray, prob: np.ndarray, target: float) -> float:
+    """The highest threshold at which at least ``target`` of the positives score at or
+    above it, placed half-way to the next lower score (not on a data point)."""
+    y = np.asarray(y).astype(bool)
+    prob = np.asarray(prob, dtype=np.float64)
+    pos = np.sort(prob[y])[::-1]
+    if not len(pos):
+        raise ValueError("no positives to choose a sensitivity threshold on")
+    t = float(pos[min(len(pos), int(np.ceil(target * len(pos) - 1e-9))) - 1])
+    lower = prob[prob < t]
+    return 0.5 * (t + float(lower.max())) if len(lower) else t
+
+
 def study_means(
     keys: Sequence[str], values: np.ndarray, labels: np.ndarray
 ) -> tuple[list[str], np.ndarray, np.ndarray]:

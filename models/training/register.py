@@ -27,7 +27,7 @@ import logging
 import shutil
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,78 @@ def calibrate_classifier(
     return temperature, points, summary
 
 
+def routed_parts(router: Any, router_entry: Any, rows: Sequence[mdata.Row]) -> tuple[list[str], np.ndarray]:
+    """The router's answer for each row as the node gives it without a header (pooled
+    over the row's study, :func:`pipeline.classify.pooled_router_probabilities`) and its
+    probability. ``router`` is a :class:`pipeline.classify.RouterGraph`."""
+    from pipeline.classify import pooled_router_probabilities
+
+    size = router_entry.input_size
+    probs = np.concatenate([router.probabilities(mdata.load_arrays([r.path for r in rows[i : i + 32]], size))
+                            for i in range(0, len(rows), 32)])
+    classes = list(router_entry.classes)
+    pooled = pooled_router_probabilities(probs, [r.study_key for r in rows], classes.index(mdata.OTHER),
+                                         router_entry.confidence_floor)
+    return [classes[i] for i in pooled.argmax(1)], pooled.max(1)
+
+
+def calibrate_fracture(
+    graph: Any, router: Any, router_entry: Any, data_dir: Path, size: int, min_images: int, doubt: float,
+    sensitivity: float, test_time_flip: bool = False,
+) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
+    """Temperature and operating points of a fracture classifier from the validation split.
+
+    The validation images are the fracture-labelled ones with true negatives
+    (:func:`models.training.data.fracture_samples`), routed as the node routes them;
+    the temperature is fitted on all of them.  Each family of router parts
+    (:data:`models.training.data.FRACTURE_FAMILIES`) whose routed images hold at least
+    ``min_images`` fractured and ``min_images`` unfractured ones gets one threshold,
+    the highest with image-level sensitivity at least ``sensitivity``, and a doubt band
+    of ``doubt`` on either side; its parts become supported.  The others stay
+    unsupported, with the counts as the reason.
+    """
+    from pipeline.classify import ClassifierGraph
+
+    rows = mdata.in_split(mdata.read_manifest(data_dir), "val")
+    samples = mdata.fracture_samples(rows)
+    items = [s.row for s in samples]
+    answers, _ = routed_parts(router, router_entry, items)
+    x = mdata.load_arrays([r.path for r in items], size)
+    classifier = ClassifierGraph(graph, test_time_flip)
+    logits = np.concatenate([classifier.logits(classifier.features(x[i : i + 32]))
+                             for i in range(0, len(x), 32)])
+    y = np.array([s.target for s in samples])
+    temperature = mm.fit_temperature(logits, y)
+    prob = mm.sigmoid(logits / temperature)
+    points: dict[str, dict[str, Any]] = {}
+    summary: dict[str, Any] = {"temperature": temperature, "n_images": len(y), "parts": {}, "families": {}}
+    chosen: list[int] = []
+    for family, parts in mdata.FRACTURE_FAMILIES.items():
+        idx = [i for i, a in enumerate(answers) if a in parts]
+        n_pos = int(y[idx].sum())
+        n_neg = len(idx) - n_pos
+        info: dict[str, Any] = {"parts": sorted(parts), "images": len(idx), "positive": n_pos, "negative": n_neg}
+        if min(n_pos, n_neg) < min_images:
+            info["supported"] = False
+            info["reason"] = (f"only {len(idx)} fracture-labelled validation images routed here "
+                              f"({n_pos} fractured, {n_neg} not): too few to validate")
+        else:
+            t = mm.threshold_for_sensitivity(y[idx], prob[idx], sensitivity)
+            info.update({"supported": True, "threshold": t, **mm.binary_summary(y[idx], prob[idx], t)})
+            for part in sorted(parts):
+                points[part] = {"threshold": t, "doubt_band": [max(0.0, t - doubt), min(1.0, t + doubt)]}
+            chosen += idx
+        summary["families"][family] = info
+        for part in sorted(parts):
+            summary["parts"][part] = {k: v for k, v in info.items() if k != "parts"}
+        logger.info("%s: %s", family, info)
+    if not chosen:
+        raise SystemExit("no family of router parts has enough fracture-labelled validation images")
+    t = mm.threshold_for_sensitivity(y[chosen], prob[chosen], sensitivity)
+    points[DEFAULT_PART] = {"threshold": t, "doubt_band": [max(0.0, t - doubt), min(1.0, t + doubt)]}
+    return temperature, points, summary
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -180,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-studies", type=int, default=40)
     p.add_argument("--doubt", type=float, default=0.1)
     p.add_argument("--confidence-floor", type=float, default=0.5)
+    p.add_argument("--router", default="bodypart-router",
+                   help="fracture classifier: the registered router that routes its validation images")
+    p.add_argument("--sensitivity", type=float, default=0.90,
+                   help="fracture classifier: image-level sensitivity its thresholds are chosen for")
+    p.add_argument("--min-images", type=int, default=10,
+                   help="fracture classifier: fractured and unfractured validation images a family needs")
     p.add_argument("--attach-metrics", type=Path, default=None, help="metrics.json to copy into the entry")
     p.add_argument("--skip-copy", action="store_true", help="entry exists: only (re)attach metrics")
     p.add_argument("--test-time-flip", action="store_true",
@@ -209,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             "role": args.task,
             "architecture": architecture(int(cfg.get("output_stride", 32))),
             "input_size": size,
-            "classes": list(mdata.ROUTER_CLASSES) if args.task == "router" else ["normal", "abnormal"],
+            "classes": (list(mdata.ROUTER_CLASSES) if args.task == "router" else
+                        ["no fracture", "fracture"] if cfg.get("finding") == "fracture" else ["normal", "abnormal"]),
             "weights": str(dest.relative_to(args.registry.parent.resolve())),
             "sha256": sha,
             "device_uid": device_uid_for(args.name, args.version, sha),
@@ -244,6 +323,40 @@ def main(argv: list[str] | None = None) -> int:
             entry["temperature"] = 1.0
             entry["confidence_floor"] = args.confidence_floor
             entry["notes"] = "Body-part router; OTHER and parts without classifier metrics are refused."
+        elif cfg.get("finding") == "fracture":
+            from models.registry import load_registry
+            from models.runtime import load_graph
+            from pipeline.classify import RouterGraph
+
+            router_entry = load_registry(args.registry).get(args.router, role="router")
+            router = RouterGraph(load_graph(router_entry), router_entry.test_time_flip)
+            temperature, points, summary = calibrate_fracture(
+                OnnxGraph(graph_path), router, router_entry, args.data, size, args.min_images, args.doubt,
+                args.sensitivity, args.test_time_flip,
+            )
+            entry["training_data"] = (
+                "fracture-labelled radiographs with true negatives (train split of ../shared/data/msk: "
+                + ", ".join(mdata.FRACTURE_DATASETS) + "), image-level fracture labels. " + (
+                    f"Activation map supervised by the fracture boxes of the train split "
+                    f"(FracAtlas, pkdarabi, roboflow-sr2022; weight {cfg['localisation_weight']}; "
+                    f"box-only sets do not enter the classification loss). "
+                    if cfg.get("localisation_weight") else ""
+                ) + train_desc
+            )
+            entry["temperature"] = temperature
+            entry["finding"] = "fracture"
+            entry["confidence_floor"] = 0.0
+            entry["notes"] = (
+                f"Fracture probability. Temperature fitted and thresholds chosen on the validation split's "
+                f"fracture-labelled images as {router_entry.name} {router_entry.version} routes them "
+                f"(image level, the highest threshold with sensitivity >= {args.sensitivity:.2f}, one per "
+                f"family of router parts). " + "; ".join(
+                    f"{k} ({', '.join(v['parts'])}): " + (v.get("reason") or
+                    f"supported, {v['images']} images, {v['positive']} fractured")
+                    for k, v in summary["families"].items()
+                )
+            )
+            entry["operating_points"] = points
         else:
             temperature, points, summary = calibrate_classifier(
                 OnnxGraph(graph_path), args.data, size, args.min_studies, args.doubt, args.test_time_flip

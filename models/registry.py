@@ -202,6 +202,13 @@ def _entry(name: str, raw: Mapping[str, Any], base: Path) -> ModelEntry:
         raise RegistryError(f"model {name!r} in registry is malformed: {exc!r}") from exc
 
 
+FRACATLAS_REGIONS = {
+    "hand": "Fingers to elbow (FracAtlas HAND region)", "leg": "Knee to foot (FracAtlas LEG region)",
+    "shoulder": "Shoulder (FracAtlas SHOULDER region)", "hip": "Hip (FracAtlas HIP region)",
+}
+"""Labels of the per-region fracture metrics (``fracatlas_<region>_image_auroc``, ...)."""
+
+
 def _interval(metrics: Mapping[str, Any], key: str) -> str:
     ci = metrics.get(f"{key}_ci95")
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
@@ -212,7 +219,8 @@ def _interval(metrics: Mapping[str, Any], key: str) -> str:
 def validation_summary(entry: ModelEntry) -> tuple[str, ...]:
     """Plain sentences of an entry's validated metrics, for the reports.
 
-    Classifier: per supported body part, the study-level AUROC (``<part>_study_auroc``,
+    Classifier: per FracAtlas region (``fracatlas_<region>_image_*``, a fracture
+    classifier), then per supported body part, the study-level AUROC (``<part>_study_auroc``,
     its ``_ci95`` and ``<part>_studies``) and kappa, or the image-level AUROC
     (``<part>_image_auroc``, ``<part>_images``) with sensitivity and specificity at
     the operating point where recorded.  Router: accuracy on the supported parts.
@@ -229,9 +237,9 @@ def validation_summary(entry: ModelEntry) -> tuple[str, ...]:
                 lines.append(f"Body-part accuracy on the supported parts {float(m[key]):.3f} "
                              f"({what}, {split} split)")
         return tuple(lines)
-    for part in entry.supported_body_parts:
-        low = part.lower()
-        name = part.replace("_", " ").capitalize()
+    keys = [(part.lower(), part.replace("_", " ").capitalize()) for part in entry.supported_body_parts]
+    keys = [(f"fracatlas_{r}", label) for r, label in FRACATLAS_REGIONS.items()] + keys
+    for low, name in keys:
         for level, unit in (("study", "studies"), ("image", "images")):
             key = f"{low}_{level}_auroc"
             if key not in m:

@@ -404,6 +404,44 @@ def test_a_second_stage_records_the_registered_model_it_started_from(tmp_path: P
     assert lineage(None, registered) == ""
 
 
+def test_sensitivity_threshold_is_the_highest_that_keeps_the_target() -> None:
+    """The fracture operating point: the highest threshold at which at least 90 % of the
+    fractured images score at or above it, never on a data point."""
+    from models.training.metrics import threshold_for_sensitivity
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        y = rng.integers(0, 2, 60)
+        y[:2] = (0, 1)
+        p = rng.random(60)
+        t = threshold_for_sensitivity(y, p, 0.9)
+        assert (p[y == 1] >= t).mean() >= 0.9
+        # just above the next score up, the target is lost
+        assert (p[y == 1] > p[p > t].min()).mean() < 0.9
+        assert t not in set(p.tolist())
+    with pytest.raises(ValueError):
+        threshold_for_sensitivity(np.zeros(5), np.linspace(0, 1, 5), 0.9)
+
+
+def test_crossfit_sensitivity_is_measured_on_the_half_it_was_not_chosen_on() -> None:
+    """A score that separates perfectly cross-fits to sensitivity and specificity 1; a
+    score of pure noise cross-fits to about the target sensitivity and a specificity
+    near 1 - target, not to the in-sample figures."""
+    from models.training.evaluate import _crossfit_sensitivity
+
+    rng = np.random.default_rng(4)
+    n = 400
+    y = rng.integers(0, 2, n)
+    groups = np.array([f"g{i}" for i in range(n)])
+    family = np.array(["UPPER_LIMB"] * n)
+    every = np.ones(n, dtype=bool)
+    perfect = _crossfit_sensitivity(y, y * 0.5 + 0.25, family, groups, every, every, 0.9, seed=0)
+    assert perfect["sensitivity"] == 1.0 and perfect["specificity"] == 1.0
+    noise = _crossfit_sensitivity(y, rng.random(n), family, groups, every, every, 0.9, seed=0)
+    assert 0.8 <= noise["sensitivity"] <= 0.97 and noise["specificity"] <= 0.2
+    assert noise["halvings"] == 20
+
+
 def test_evaluate_cli_writes_the_metrics_contract(tmp_path: Path) -> None:
     """``fracture-node evaluate`` on any folder in the manifest format."""
     from models.cli import evaluate_main

@@ -410,6 +410,23 @@ def flatten_metrics(metrics: Mapping[str, Any], role: str) -> dict[str, Any]:
                         "n_known_region": r["n_known_region"]})
         return out
     f = metrics["fracture"]
+    if f.get("served"):  # a fracture classifier: image level on fracture labels, per FracAtlas region
+        out.update({"image_auroc": f["image"]["auroc"], "image_auroc_ci95": f["image"]["auroc_ci95"],
+                    "images": f["image"]["n"], "sensitivity": f["image"]["sensitivity"],
+                    "specificity": f["image"]["specificity"],
+                    "sensitivity_crossfit": f["crossfit"].get("all", {}).get("sensitivity", float("nan")),
+                    "specificity_crossfit": f["crossfit"].get("all", {}).get("specificity", float("nan"))})
+        for region, m in f["by_body_part"].items():
+            if region not in ("HAND", "LEG", "SHOULDER", "HIP") or not np.isfinite(m["image"]["auroc"]):
+                continue  # a +-joined region, or too few analysed images of both labels
+            b, low = m["image"], f"fracatlas_{region.lower()}"
+            out[f"{low}_image_auroc"] = b["auroc"]
+            out[f"{low}_image_auroc_ci95"] = b.get("auroc_ci95", [])
+            out[f"{low}_images"] = b["n"]
+            out[f"{low}_image_sensitivity"] = b["sensitivity"]
+            out[f"{low}_image_specificity"] = b["specificity"]
+        out["pointing_game"] = metrics["localisation"]["pointing_game"]
+        return out
     out.update({"image_auroc": f["image"]["auroc"], "study_auroc": f["study"]["auroc"],
                 "study_auroc_ci95": f["study"]["auroc_ci95"], "study_kappa": f["study"]["kappa"],
                 "studies": f["study"]["n"]})

@@ -21,6 +21,7 @@ import pydicom
 import pytest
 
 from conftest import ROOT, Orthanc, free_port, orthanc_ctl, storescu, wait_for, write_config
+from models.registry import load_registry
 from node.config import load_config
 from node.processing import processor_factory
 from node.service import Node
@@ -320,7 +321,9 @@ def test_ohif_draws_nothing_for_a_negative_study(browser: Any, viewer: Viewer) -
     sr = _node_sr(viewer, "normal-forearm")
     assert _regions(sr) == []
     comments = _comments(sr)
-    assert comments and all("abnormality negative, p = " in c for c in comments)
+    finding = load_registry(ROOT / "models" / "registry.toml").get(
+        "fracture-classifier", role="classifier").finding
+    assert comments and all(f"{finding} negative, p = " in c for c in comments)
     page = _open(browser, viewer, "normal-forearm")
     try:
         _open_sr(page)

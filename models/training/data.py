@@ -40,6 +40,11 @@ OTHER = "OTHER"
 ROUTER_CLASSES: tuple[str, ...] = ROUTER_PARTS + (OTHER,)
 CLASSIFIER_PARTS: tuple[str, ...] = ("FOREARM", "HUMERUS", "WRIST")
 """Body parts whose MURA studies train the abnormality classifier."""
+FRACTURE_THRESHOLD_DATASETS: tuple[str, ...] = ("FracAtlas",)
+"""The fracture-labelled sets a fracture classifier's operating points are chosen on:
+clinical radiographs of one hospital network with true negatives and every region, where
+the web-collected sets (kaggle-multi-region, kosratdev) hold easier, often teaching-file
+fractures whose sensitivity would set a threshold too high for clinical images."""
 FRACTURE_FAMILIES: dict[str, frozenset[str]] = {
     "UPPER_LIMB": UPPER_LIMB_PARTS,
     "ARM_SHOULDER": frozenset({"HUMERUS", "SHOULDER"}),

@@ -141,6 +141,12 @@ def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, classes: Sequence[s
     wrong = np.array([an and a not in al for an, a, al in zip(analysed, answer, allowed)], dtype=bool)
     decided = wrong & (pooled.max(1) >= floor)
     groups = np.array([r.study_key for r in rows])
+    # a fracture classifier shares one operating point per family of parts: the image was
+    # analysed as a region it does not show when even the family is wrong (a finger as a
+    # wrist is a wrong finding site, a knee as a forearm is also the wrong analysis)
+    fam = {part: f for f, parts in mdata.FRACTURE_FAMILIES.items() for part in parts}
+    cross = np.array([an and fam.get(a, a) not in {fam.get(x, x) for x in al}
+                      for an, a, al in zip(analysed, answer, allowed)], dtype=bool)
     by_dataset: dict[str, dict[str, Any]] = {}
     for ds in sorted({r.dataset for r in rows}):
         m = np.array([r.dataset == ds for r in rows])
@@ -160,6 +166,9 @@ def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, classes: Sequence[s
         "unsupported_analysed_rate": round(rate, 5),
         "unsupported_analysed_rate_ci95": _ci(lambda i: float(wrong[i].mean()), len(wrong), groups, 2000, 0),
         "unsupported_analysed": int(wrong.sum()),
+        "wrong_family_analysed": int(cross.sum()),
+        "wrong_family_analysed_rate": round(float(cross.mean()), 5),
+        "wrong_family_analysed_rate_ci95": _ci(lambda i: float(cross[i].mean()), len(cross), groups, 2000, 0),
         "unsupported_analysed_with_decision": int(decided.sum()),
         "n_known_region": len(rows),
         "analysed": int(analysed.sum()),
@@ -396,11 +405,13 @@ def evaluate_served_fracture(analyser: Any, rows: Sequence[mdata.Row], n_boot: i
     family = np.array([next((f for f, parts in mdata.FRACTURE_FAMILIES.items() if x in parts), x)
                        for x in answers])
     cross = {}
+    fit = np.array([r.dataset in mdata.FRACTURE_THRESHOLD_DATASETS for r in items], dtype=bool)
     if a.any():
         cross["all"] = _crossfit_sensitivity(y, p, family, groups, a, np.ones(len(y), dtype=bool),
-                                             target_sensitivity, seed)
+                                             target_sensitivity, seed, fit=fit)
         for reg in fracture["by_body_part"]:
-            cross[reg] = _crossfit_sensitivity(y, p, family, groups, a, region == reg, target_sensitivity, seed)
+            cross[reg] = _crossfit_sensitivity(y, p, family, groups, a, region == reg, target_sensitivity,
+                                               seed, fit=fit)
     fracture["crossfit"] = {"target_sensitivity": target_sensitivity, **cross}
     plots: dict[str, Any] = {
         "roc": {reg: (y[a & (region == reg)], p[a & (region == reg)]) for reg in fracture["by_body_part"]
@@ -413,11 +424,13 @@ def evaluate_served_fracture(analyser: Any, rows: Sequence[mdata.Row], n_boot: i
 
 def _crossfit_sensitivity(y: np.ndarray, p: np.ndarray, family: np.ndarray, groups: np.ndarray,
                           analysed: np.ndarray, in_region: np.ndarray, target: float, seed: int,
-                          reps: int = 20) -> dict[str, float]:
+                          reps: int = 20, fit: np.ndarray | None = None) -> dict[str, float]:
     """Sensitivity and specificity on the analysed images ``in_region`` when each family's
     threshold (the highest with sensitivity >= ``target``) is chosen on the analysed
-    images of one half of the groups and applied to the other half (mean of ``reps``
-    random halvings; a halving where a family has no fractured image in a half is skipped)."""
+    images (of ``fit``, default all) of one half of the groups and applied to the other
+    half (mean of ``reps`` random halvings; a halving where a family has no fractured
+    image to choose on is skipped)."""
+    fit = np.ones(len(y), dtype=bool) if fit is None else fit
     rng = np.random.default_rng(seed)
     uniq = np.unique(groups[analysed])
     sens, spec = [], []
@@ -427,8 +440,8 @@ def _crossfit_sensitivity(y: np.ndarray, p: np.ndarray, family: np.ndarray, grou
         pred = np.zeros(len(y), dtype=bool)
         ok = True
         for fam in np.unique(family[analysed]):
-            for fit, apply in ((h, ~h), (~h, h)):
-                fm = fit & analysed & (family == fam)
+            for chosen_on, apply in ((h, ~h), (~h, h)):
+                fm = chosen_on & fit & analysed & (family == fam)
                 am = apply & analysed & (family == fam)
                 if not y[fm].any():
                     ok = False
@@ -679,10 +692,11 @@ def _served_fracture_lines(f: dict[str, Any]) -> list[str]:
     lines += [row(ds, b, False) for ds, b in f["by_dataset"].items()]
     lines += [
         "",
-        f"The thresholds (the highest with sensitivity >= {target:.2f}, one per family of router parts) and the "
+        f"The thresholds (the highest with sensitivity >= {target:.2f} on the "
+        f"{'/'.join(mdata.FRACTURE_THRESHOLD_DATASETS)} images, one per family of router parts) and the "
         "temperature were chosen on this same split, so the sensitivity and specificity columns are optimistic; "
-        "the cross-fitted pair (thresholds chosen on half of the images, measured on the other half, 20 random "
-        "halvings) is the honest estimate. AUROC does not depend on the thresholds. Expected calibration error "
+        "the cross-fitted pair (thresholds chosen the same way on half of the images, measured on the other "
+        "half, 20 random halvings) is the honest estimate. AUROC does not depend on the thresholds. Expected calibration error "
         f"{f['image'].get('ece', float('nan')):.3f}. Router answers not analysed: "
         f"{', '.join(f['unsupported_body_parts']) or 'none'}.",
     ]
@@ -777,6 +791,11 @@ def write_report(out: Path, metrics: dict[str, Any], files: Sequence[str]) -> No
         f"{r.get('unsupported_analysed', 0)} of {r.get('n_known_region', 0)} validation images with a known region = "
         f"{_fmt_ci(100 * r.get('unsupported_analysed_rate', float('nan')), [100 * c for c in r.get('unsupported_analysed_rate_ci95', [])])} % "
         f"(bar <= 1 %); {r.get('unsupported_analysed_with_decision', 0)} of them above the confidence floor. "
+        f"Of them, {r.get('wrong_family_analysed', 0)} = "
+        f"{_fmt_ci(100 * r.get('wrong_family_analysed_rate', float('nan')), [100 * c for c in r.get('wrong_family_analysed_rate_ci95', [])])} % "
+        f"were analysed as a region they do not show even by family (upper limb, arm and shoulder, leg, hip: "
+        f"a fracture classifier's operating points are per family), the rest as a neighbouring part of the right "
+        f"region (e.g. a finger as a wrist: a wrong finding site). "
         f"Analysed (pooled answer a supported part): {r.get('analysed', 0)}; refused as unsupported: "
         f"{r.get('refused_unsupported', 0)}. Rule: {r.get('safety_rule', '')}.",
         "",

@@ -186,17 +186,19 @@ def routed_parts(router: Any, router_entry: Any, rows: Sequence[mdata.Row]) -> t
 def calibrate_fracture(
     graph: Any, router: Any, router_entry: Any, data_dir: Path, size: int, min_images: int, doubt: float,
     sensitivity: float, test_time_flip: bool = False,
+    threshold_datasets: Sequence[str] = mdata.FRACTURE_THRESHOLD_DATASETS,
 ) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
     """Temperature and operating points of a fracture classifier from the validation split.
 
     The validation images are the fracture-labelled ones with true negatives
     (:func:`models.training.data.fracture_samples`), routed as the node routes them;
     the temperature is fitted on all of them.  Each family of router parts
-    (:data:`models.training.data.FRACTURE_FAMILIES`) whose routed images hold at least
-    ``min_images`` fractured and ``min_images`` unfractured ones gets one threshold,
-    the highest with image-level sensitivity at least ``sensitivity``, and a doubt band
-    of ``doubt`` on either side; its parts become supported.  The others stay
-    unsupported, with the counts as the reason.
+    (:data:`models.training.data.FRACTURE_FAMILIES`) whose routed images of
+    ``threshold_datasets`` (clinical radiographs with true negatives: FracAtlas) hold at
+    least ``min_images`` fractured and ``min_images`` unfractured ones gets one
+    threshold, the highest with image-level sensitivity at least ``sensitivity`` on
+    them, and a doubt band of ``doubt`` on either side; its parts become supported.  The
+    others stay unsupported, with the counts as the reason.
     """
     from pipeline.classify import ClassifierGraph
 
@@ -215,14 +217,14 @@ def calibrate_fracture(
     summary: dict[str, Any] = {"temperature": temperature, "n_images": len(y), "parts": {}, "families": {}}
     chosen: list[int] = []
     for family, parts in mdata.FRACTURE_FAMILIES.items():
-        idx = [i for i, a in enumerate(answers) if a in parts]
+        idx = [i for i, a in enumerate(answers) if a in parts and items[i].dataset in threshold_datasets]
         n_pos = int(y[idx].sum())
         n_neg = len(idx) - n_pos
         info: dict[str, Any] = {"parts": sorted(parts), "images": len(idx), "positive": n_pos, "negative": n_neg}
         if min(n_pos, n_neg) < min_images:
             info["supported"] = False
-            info["reason"] = (f"only {len(idx)} fracture-labelled validation images routed here "
-                              f"({n_pos} fractured, {n_neg} not): too few to validate")
+            info["reason"] = (f"only {len(idx)} {'/'.join(threshold_datasets)} validation images routed "
+                              f"here ({n_pos} fractured, {n_neg} not): too few to validate")
         else:
             t = mm.threshold_for_sensitivity(y[idx], prob[idx], sensitivity)
             info.update({"supported": True, "threshold": t, **mm.binary_summary(y[idx], prob[idx], t)})
@@ -347,12 +349,13 @@ def main(argv: list[str] | None = None) -> int:
             entry["finding"] = "fracture"
             entry["confidence_floor"] = 0.0
             entry["notes"] = (
-                f"Fracture probability. Temperature fitted and thresholds chosen on the validation split's "
-                f"fracture-labelled images as {router_entry.name} {router_entry.version} routes them "
-                f"(image level, the highest threshold with sensitivity >= {args.sensitivity:.2f}, one per "
-                f"family of router parts). " + "; ".join(
+                f"Fracture probability. Temperature fitted on the validation split's fracture-labelled "
+                f"images, thresholds chosen on its {'/'.join(mdata.FRACTURE_THRESHOLD_DATASETS)} images, "
+                f"each routed as {router_entry.name} {router_entry.version} routes it (image level, the "
+                f"highest threshold with sensitivity >= {args.sensitivity:.2f}, one per family of router "
+                f"parts). " + "; ".join(
                     f"{k} ({', '.join(v['parts'])}): " + (v.get("reason") or
-                    f"supported, {v['images']} images, {v['positive']} fractured")
+                    f"supported, threshold chosen on {v['images']} images, {v['positive']} fractured")
                     for k, v in summary["families"].items()
                 )
             )

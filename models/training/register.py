@@ -119,6 +119,21 @@ def dump_registry(models: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _calibrated(graph: Any, samples: Sequence[mdata.Sample], size: int,
+                test_time_flip: bool) -> tuple[np.ndarray, float, np.ndarray]:
+    """Targets, fitted temperature and calibrated probabilities of ``samples``, from the
+    logits the node computes (:class:`pipeline.classify.ClassifierGraph` on ``graph``)."""
+    from pipeline.classify import ClassifierGraph
+
+    x = mdata.load_arrays([s.row.path for s in samples], size)
+    classifier = ClassifierGraph(graph, test_time_flip)
+    logits = np.concatenate([classifier.logits(classifier.features(x[i : i + 32]))
+                             for i in range(0, len(x), 32)])
+    y = np.array([s.target for s in samples])
+    temperature = mm.fit_temperature(logits, y)
+    return y, temperature, mm.sigmoid(logits / temperature)
+
+
 def calibrate_classifier(
     graph: Any, data_dir: Path, size: int, min_studies: int, doubt: float, test_time_flip: bool = False
 ) -> tuple[float, dict[str, dict[str, Any]], dict[str, Any]]:
@@ -128,17 +143,9 @@ def calibrate_classifier(
     on the exported ``graph``, a :class:`models.runtime.ServingGraph`): with
     ``test_time_flip``, the head on the mean of the image's and its mirror's maps.
     """
-    from pipeline.classify import ClassifierGraph
-
     rows = mdata.in_split(mdata.read_manifest(data_dir), "val")
     samples = [s for s in mdata.classifier_samples(rows) if s.row.body_part in mdata.CLASSIFIER_PARTS]
-    x = mdata.load_arrays([s.row.path for s in samples], size)
-    classifier = ClassifierGraph(graph, test_time_flip)
-    logits = np.concatenate([classifier.logits(classifier.features(x[i : i + 32]))
-                             for i in range(0, len(x), 32)])
-    y = np.array([s.target for s in samples])
-    temperature = mm.fit_temperature(logits, y)
-    prob = mm.sigmoid(logits / temperature)
+    y, temperature, prob = _calibrated(graph, samples, size, test_time_flip)
     points: dict[str, dict[str, Any]] = {}
     summary: dict[str, Any] = {"temperature": temperature, "n_images": len(y), "parts": {}}
     supported_keys: list[str] = []
@@ -168,21 +175,6 @@ def calibrate_classifier(
     return temperature, points, summary
 
 
-def routed_parts(router: Any, router_entry: Any, rows: Sequence[mdata.Row]) -> tuple[list[str], np.ndarray]:
-    """The router's answer for each row as the node gives it without a header (pooled
-    over the row's study, :func:`pipeline.classify.pooled_router_probabilities`) and its
-    probability. ``router`` is a :class:`pipeline.classify.RouterGraph`."""
-    from pipeline.classify import pooled_router_probabilities
-
-    size = router_entry.input_size
-    probs = np.concatenate([router.probabilities(mdata.load_arrays([r.path for r in rows[i : i + 32]], size))
-                            for i in range(0, len(rows), 32)])
-    classes = list(router_entry.classes)
-    pooled = pooled_router_probabilities(probs, [r.study_key for r in rows], classes.index(mdata.OTHER),
-                                         router_entry.confidence_floor)
-    return [classes[i] for i in pooled.argmax(1)], pooled.max(1)
-
-
 def calibrate_fracture(
     graph: Any, router: Any, router_entry: Any, data_dir: Path, size: int, min_images: int, doubt: float,
     sensitivity: float, test_time_flip: bool = False,
@@ -200,19 +192,13 @@ def calibrate_fracture(
     them, and a doubt band of ``doubt`` on either side; its parts become supported.  The
     others stay unsupported, with the counts as the reason.
     """
-    from pipeline.classify import ClassifierGraph
+    from models.training.evaluate import routed_parts
 
     rows = mdata.in_split(mdata.read_manifest(data_dir), "val")
     samples = mdata.fracture_samples(rows)
     items = [s.row for s in samples]
-    answers, _ = routed_parts(router, router_entry, items)
-    x = mdata.load_arrays([r.path for r in items], size)
-    classifier = ClassifierGraph(graph, test_time_flip)
-    logits = np.concatenate([classifier.logits(classifier.features(x[i : i + 32]))
-                             for i in range(0, len(x), 32)])
-    y = np.array([s.target for s in samples])
-    temperature = mm.fit_temperature(logits, y)
-    prob = mm.sigmoid(logits / temperature)
+    answers, _ = routed_parts(router.probabilities, router_entry, items)
+    y, temperature, prob = _calibrated(graph, samples, size, test_time_flip)
     points: dict[str, dict[str, Any]] = {}
     summary: dict[str, Any] = {"temperature": temperature, "n_images": len(y), "parts": {}, "families": {}}
     chosen: list[int] = []
@@ -258,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fracture classifier: the registered router that routes its validation images")
     p.add_argument("--sensitivity", type=float, default=0.90,
                    help="fracture classifier: image-level sensitivity its thresholds are chosen for")
-    p.add_argument("--min-images", type=int, default=10,
+    p.add_argument("--min-images", type=int, default=20,
                    help="fracture classifier: fractured and unfractured validation images a family needs")
     p.add_argument("--attach-metrics", type=Path, default=None, help="metrics.json to copy into the entry")
     p.add_argument("--skip-copy", action="store_true", help="entry exists: only (re)attach metrics")

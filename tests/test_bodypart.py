@@ -90,23 +90,33 @@ def _tibia(**tags: str) -> object:
     {"BodyPartExamined": "HAND"}, {"BodyPartExamined": "FINGER"}, {"BodyPartExamined": "SHOULDER"},
 ])
 def test_the_demo_tibia_is_never_analysed_as_an_upper_limb(analyser, tags: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """Analysed as the lower limb it is (where the classifier supports LEG), refused as
+    unsupported, or held for review when the header contradicts the router: never an
+    upper-limb part."""
     [outcome] = analyser.analyse([_tibia(**tags)])
-    assert isinstance(outcome, Refusal), (tags, getattr(outcome, "body_part", None))
-    assert outcome.code in (RefusalCode.BODY_PART_CONFLICT, RefusalCode.UNSUPPORTED_BODY_PART)
-    if outcome.code is RefusalCode.BODY_PART_CONFLICT:
-        assert "needs human review" in outcome.text
+    if isinstance(outcome, Refusal):
+        assert outcome.code in (RefusalCode.BODY_PART_CONFLICT, RefusalCode.UNSUPPORTED_BODY_PART)
+        if outcome.code is RefusalCode.BODY_PART_CONFLICT:
+            assert "needs human review" in outcome.text
+    else:
+        assert outcome.body_part == "LEG", (tags, outcome.body_part)
+        assert "LEG" in analyser.classifier_entry.supported_body_parts
 
 
 def test_agreeing_and_contradicting_headers_with_router_2(analyser) -> None:  # type: ignore[no-untyped-def]
     """Router 2.x sees a leg in the demo tibia (2.1.0: LEG p = 0.96 with no header help).
-    A header that agrees (LEG) leaves the router's answer, refused as an unsupported part;
-    one naming the upper limb (ARM) contradicts it: needs human review, analysed as neither."""
-    [bare] = analyser.analyse([_tibia(BodyPartExamined="", StudyDescription="", SeriesDescription="")])
-    assert isinstance(bare, Refusal) and bare.code is RefusalCode.UNSUPPORTED_BODY_PART
-    assert bare.body_part == "LEG"
-    [agree] = analyser.analyse([_tibia(BodyPartExamined="LEG")])
-    assert isinstance(agree, Refusal) and agree.code is RefusalCode.UNSUPPORTED_BODY_PART
-    assert agree.body_part == "LEG"
+    A header that agrees (LEG) leaves the router's answer: analysed as the leg where the
+    classifier supports it, else refused as an unsupported part; one naming the upper
+    limb (ARM) contradicts it: needs human review, analysed as neither."""
+    leg_supported = "LEG" in analyser.classifier_entry.supported_body_parts
+    for tags in ({"BodyPartExamined": "", "StudyDescription": "", "SeriesDescription": ""},
+                 {"BodyPartExamined": "LEG"}):
+        [outcome] = analyser.analyse([_tibia(**tags)])
+        assert outcome.body_part == "LEG"
+        if leg_supported:
+            assert isinstance(outcome, ImageFinding), (tags, outcome)
+        else:
+            assert isinstance(outcome, Refusal) and outcome.code is RefusalCode.UNSUPPORTED_BODY_PART
     [contra] = analyser.analyse([_tibia(BodyPartExamined="ARM", StudyDescription="XR ARM")])
     assert isinstance(contra, Refusal) and contra.code is RefusalCode.BODY_PART_CONFLICT
     assert contra.body_part == "LEG" and contra.header.startswith("arm")

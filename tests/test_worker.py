@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 
 from conftest import ROOT, free_port, restudy, storescu, wait_for, write_config
 from node.config import WorkerConfig, available_cores, config_from_dict, load_config
@@ -267,6 +268,18 @@ def test_an_undecodable_image_costs_only_itself_while_other_studies_go_on(tmp_pa
 # -- shutdown -----------------------------------------------------------------------
 
 
+def _send_cr(port: int, studies: list[str]) -> None:
+    """One association sending one CR instance of each study; every store succeeds."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.70"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+    assert assoc.is_established
+    try:
+        assert [int(assoc.send_c_store(_cr(s)).Status) for s in studies] == [0] * len(studies)
+    finally:
+        assoc.release()
+
+
 def _cr(study_uid: str) -> Dataset:
     ds = pydicom.dcmread(ROOT.parent / "shared" / "data" / "dicom" / "pylibjpeg-data" / "RG2_JPLL.dcm")
     ds.StudyInstanceUID = study_uid
@@ -279,8 +292,6 @@ def test_sigterm_drains_the_studies_in_hand(tmp_path: Path) -> None:
     taking 1.5 s; SIGTERM while they are in hand: the process finishes all six before
     it exits (none left ``processing``, every result in the outbox and the spool), and a
     restart finds nothing to redo."""
-    from pynetdicom.sop_class import ComputedRadiographyImageStorage
-
     port = free_port()
     cfg = write_config(tmp_path, port, quiet_seconds=0.3, extra="\n[worker]\nthreads = 4\n",
                        destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
@@ -305,14 +316,7 @@ def test_sigterm_drains_the_studies_in_hand(tmp_path: Path) -> None:
     studies = [f"1.2.826.0.1.3680043.10.15.{n}" for n in range(6)]
     proc = start()
     try:
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.70"])
-        assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
-        assert assoc.is_established
-        try:
-            assert [int(assoc.send_c_store(_cr(s)).Status) for s in studies] == [0] * 6
-        finally:
-            assoc.release()
+        _send_cr(port, studies)
         wait_for(lambda: q("SELECT COUNT(*) FROM studies WHERE state = 'processing'")[0][0] >= 3,
                  timeout=60, interval=0.02)
         in_hand = q("SELECT COUNT(*) FROM studies WHERE state = 'processing'")[0][0]
@@ -370,8 +374,6 @@ class _FailingBuild:
 def test_a_study_that_fails_in_a_stage_is_retried_and_the_others_finish(tmp_path: Path) -> None:
     """Three worker threads; one study's build raises: it goes back to pending with the
     reason (retried later), the studies beside it are processed, no thread dies."""
-    from pynetdicom.sop_class import ComputedRadiographyImageStorage
-
     port = free_port()
     cfg = write_config(tmp_path, port, quiet_seconds=0.3, extra="\n[worker]\nthreads = 3\n",
                        destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
@@ -380,14 +382,7 @@ def test_a_study_that_fails_in_a_stage_is_retried_and_the_others_finish(tmp_path
     node = Node(config, lambda: _FailingBuild(studies[1]))
     node.start()
     try:
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.70"])
-        assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
-        assert assoc.is_established
-        try:
-            assert [int(assoc.send_c_store(_cr(s)).Status) for s in studies] == [0] * 4
-        finally:
-            assoc.release()
+        _send_cr(port, studies)
 
         def settled() -> dict[str, tuple[str, str | None, int]]:
             rows = node.jobs.query("SELECT study_instance_uid, state, reason, attempts FROM studies")
@@ -401,11 +396,7 @@ def test_a_study_that_fails_in_a_stage_is_retried_and_the_others_finish(tmp_path
         assert isinstance(node.worker, PipelinedWorker)
         assert all(t.is_alive() for t in node.worker._threads)
         # a later study is still processed by the same threads
-        assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
-        try:
-            assert int(assoc.send_c_store(_cr("1.2.826.0.1.3680043.10.16.9")).Status) == 0
-        finally:
-            assoc.release()
+        _send_cr(port, ["1.2.826.0.1.3680043.10.16.9"])
         wait_for(lambda: node.jobs.query(
             "SELECT state FROM studies WHERE study_instance_uid = '1.2.826.0.1.3680043.10.16.9'")
             == [{"state": "processed"}], timeout=30)
@@ -432,8 +423,6 @@ def test_stopping_gives_back_claimed_studies_no_stage_has_started(
     once (the default in-flight bound): a stop finishes the study being prepared and
     gives the others back, pending with no attempt counted, for another
     node or the next start; nothing is left processing."""
-    from pynetdicom.sop_class import ComputedRadiographyImageStorage
-
     port = free_port()
     cfg = write_config(tmp_path, port, quiet_seconds=0.3,
                        extra="\n[worker]\nthreads = 2\n" + job_database,
@@ -445,14 +434,7 @@ def test_stopping_gives_back_claimed_studies_no_stage_has_started(
     stopped = False
     try:
         wait_for(node.processing.is_set, timeout=60)
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.4.70"])
-        assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
-        assert assoc.is_established
-        try:
-            assert [int(assoc.send_c_store(_cr(s)).Status) for s in studies] == [0] * 6
-        finally:
-            assoc.release()
+        _send_cr(port, studies)
         assert isinstance(node.worker, PipelinedWorker)
         wait_for(lambda: node.worker.in_flight == 6, timeout=30, interval=0.02)
         with caplog.at_level(logging.INFO, logger="node.worker"):

@@ -181,7 +181,8 @@ class Node:
         threads = self.config.worker.resolved_threads
         if threads == 1:
             self.worker = Worker(self.config, self.spool, self.jobs, self._observed(processor),
-                                 busy_studies=self.scp.tracker.busy_studies, heartbeat=False)
+                                 busy_studies=self.scp.tracker.busy_studies, heartbeat=False,
+                                 on_queued=self.deliverer.wake)
         else:
             stages = processor if is_staged(processor) else WholeStudy(processor)
             self.worker = PipelinedWorker(
@@ -189,7 +190,8 @@ class Node:
                                                                    self.jobs),
                 study_threads=threads - 1,
                 max_images_in_flight=self.config.worker.max_images_in_flight,
-                busy_studies=self.scp.tracker.busy_studies, heartbeat=False)
+                busy_studies=self.scp.tracker.busy_studies, heartbeat=False,
+                on_queued=self.deliverer.wake)
         logger.info("processing started (%.1f s after listening; %d worker thread(s)%s)",
                     time.perf_counter() - started, threads,
                     "" if threads == 1 else f": 1 for the models, {threads - 1} for the studies")

@@ -151,6 +151,7 @@ class Worker:
         busy_studies: Callable[[], frozenset[str]] = frozenset,
         max_attempts: int = 3,
         heartbeat: bool = True,
+        on_queued: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -161,6 +162,8 @@ class Worker:
         self.heartbeat = heartbeat
         """Run the node's :class:`Heartbeat` while processing (``False`` when the
         service beats from start-up, before the models are loaded)."""
+        self.on_queued = on_queued
+        """Called when a study's results are queued (the node wakes its deliverer)."""
         self._stop = threading.Event()
         self._last_cleanup = 0.0
 
@@ -183,11 +186,25 @@ class Worker:
                     busy = False
                     self._stop.wait(5.0)
                 if not busy:
-                    self._stop.wait(poll_seconds)
+                    self._stop.wait(self._idle_wait(poll_seconds))
             self._drain()
         finally:
             self._stop_stages()
             heartbeat.stop()
+
+    def _idle_wait(self, poll_seconds: float) -> float:
+        """How long to wait for work: until the next pending study is ready to claim
+        (so a study is claimed when its quiet period ends, not up to a poll later),
+        at most ``poll_seconds``.  A study that is ready but not claimed (still being
+        received on an open association) waits the poll."""
+        try:
+            ready = self.jobs.next_ready_time(self.config.study.quiet_seconds)
+        except Exception:  # the loop's next claim reports a lost database
+            return poll_seconds
+        if ready is None:
+            return poll_seconds
+        due = ready - time.time()
+        return poll_seconds if due <= 0 else min(poll_seconds, due + 0.002)
 
     def _step(self) -> bool:
         """One turn of :meth:`run`'s loop; whether there was work (no poll wait)."""
@@ -259,6 +276,8 @@ class Worker:
             logger.warning("%s; this result is discarded", lost, extra=extra)
             return
         release_memory()
+        if names and files:
+            self.on_queued()
         logger.info("study %s processed: %s, %d result object(s) %s (%.0f ms)",
                     job.study_instance_uid, result.decision, len(files),
                     f"queued for {', '.join(names)}" if names
@@ -372,9 +391,10 @@ class PipelinedWorker(Worker):
         busy_studies: Callable[[], frozenset[str]] = frozenset,
         max_attempts: int = 3,
         heartbeat: bool = True,
+        on_queued: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(config, spool, jobs, processor.build, busy_studies, max_attempts,
-                         heartbeat)
+                         heartbeat, on_queued)
         if study_threads < 1:
             raise ValueError("study_threads must be at least 1")
         self.stages = processor

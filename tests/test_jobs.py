@@ -154,6 +154,23 @@ def test_claim_waits_for_quiet_period_and_busy_set(store: JobStoreBackend,
     assert store.claim_ready_study(10.0, now=t0 + 12) is None, "claimed twice"
 
 
+def test_next_ready_time_is_the_end_of_a_quiet_period_or_a_retry(store: JobStoreBackend,
+                                                                spool_root: Path) -> None:
+    """What the worker sleeps until: the earliest moment a pending study may be claimed."""
+    assert store.next_ready_time(10.0) is None
+    t0 = 1000.0
+    store.record_instance(_rec(spool_root, "1.9.1"), now=t0)
+    store.record_instance(_rec(spool_root, "1.9.4", study="1.2.4"), now=t0 + 3)
+    assert store.next_ready_time(10.0) == pytest.approx(t0 + 10)
+    job = store.claim_ready_study(10.0, now=t0 + 11)
+    assert job is not None and job.study_instance_uid == "1.2.3"
+    assert store.next_ready_time(10.0) == pytest.approx(t0 + 13), "a claimed study is not waited for"
+    store.fail_study(job, "decoder crashed", retry_after=60.0, now=t0 + 12)
+    later = store.claim_ready_study(10.0, now=t0 + 14)
+    assert later is not None and later.study_instance_uid == "1.2.4"
+    assert store.next_ready_time(10.0) == pytest.approx(t0 + 72), "the retry time counts"
+
+
 def test_finish_queues_each_output_once_per_destination(store: JobStoreBackend,
                                                          spool_root: Path) -> None:
     store.record_instance(_rec(spool_root, "1.9.1"), now=1000.0)

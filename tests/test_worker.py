@@ -456,3 +456,49 @@ def test_stopping_gives_back_claimed_studies_no_stage_has_started(
     assert all(r["attempts"] == 0 for r in rows)
     released = [r for r in caplog.records if "claimed study(ies) not yet started" in r.getMessage()]
     assert released and str(states.count("pending")) in released[0].getMessage()
+
+
+class _ReadyAt:
+    """A job store that only answers when its next pending study is ready."""
+
+    def __init__(self, ready: float | None) -> None:
+        self.ready = ready
+
+    def next_ready_time(self, quiet_seconds: float) -> float | None:
+        return self.ready
+
+
+def test_an_idle_worker_wakes_when_the_next_study_is_ready(tmp_path: Path) -> None:
+    """The claim loop sleeps until the next pending study's quiet period ends (bounded
+    by the poll), not a whole poll: a study due in 50 ms is claimed ~50 ms later; with
+    none pending, or one ready but still being received, it waits the poll."""
+    config = load_config(write_config(tmp_path, free_port()), environ={})
+    worker = Worker(config, None, _ReadyAt(None), lambda job: None)  # type: ignore[arg-type]
+    assert worker._idle_wait(0.2) == 0.2
+    worker.jobs = _ReadyAt(time.time() + 0.05)  # type: ignore[assignment]
+    assert 0.03 < worker._idle_wait(0.2) <= 0.053
+    worker.jobs = _ReadyAt(time.time() + 5.0)  # type: ignore[assignment]
+    assert worker._idle_wait(0.2) == 0.2
+    worker.jobs = _ReadyAt(time.time() - 1.0)  # type: ignore[assignment]
+    assert worker._idle_wait(0.2) == 0.2
+
+
+def test_queued_results_wake_the_deliverer(tmp_path: Path) -> None:
+    """A processed study's results are handed to the deliverer at once (it is woken),
+    not at its next poll."""
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3, extra="\n[worker]\nthreads = 2\n",
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
+    node = Node(load_config(cfg, environ={}), lambda: _FailingBuild(bad_study=""))
+    woken: list[float] = []
+    wake = node.deliverer.wake
+    node.deliverer.wake = lambda: (woken.append(time.time()), wake())  # type: ignore[method-assign]
+    node.start()
+    try:
+        wait_for(node.processing.is_set, timeout=60)
+        _send_cr(port, ["1.2.826.0.1.3680043.10.18.1"])
+        wait_for(lambda: node.jobs.query("SELECT state FROM studies") == [{"state": "processed"}],
+                 timeout=30, interval=0.05)
+        wait_for(lambda: len(woken) >= 1, timeout=5, interval=0.01)
+    finally:
+        node.stop(grace_seconds=2)

@@ -79,6 +79,17 @@ class SharedQueries:
         value = rows[0]["t"] if rows else None
         return float(value) if value is not None else None
 
+    def next_ready_time(self, quiet_seconds: float) -> float | None:
+        """When the next pending study will have been quiet for ``quiet_seconds`` and
+        past its retry time (epoch seconds on the store's clock), or ``None``."""
+        rows = self.query(
+            "SELECT MIN(CASE WHEN last_received_at + ? > not_before THEN last_received_at + ? "
+            "ELSE not_before END) AS t FROM studies WHERE state = 'pending'",
+            [quiet_seconds, quiet_seconds],
+        )
+        value = rows[0]["t"] if rows else None
+        return float(value) if value is not None else None
+
     def expired_studies(self, older_than: float) -> list[str]:
         """Processed studies whose every outbox row is delivered and that have been
         quiet since ``older_than`` (epoch seconds): their sources may go."""

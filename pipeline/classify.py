@@ -212,7 +212,8 @@ class Analyser:
         """Images per model run."""
         self._router = router
         self._classifier = classifier
-        self._router_graph = RouterGraph(router_graph, router.test_time_flip)
+        self._router_graph = router_graph
+        self._routing = RouterGraph(router_graph, router.test_time_flip)
         self._classifier_graph = ClassifierGraph(classifier_graph, classifier.test_time_flip)
 
     @classmethod
@@ -273,7 +274,7 @@ class Analyser:
 
         With the registry's ``test_time_flip`` the softmax of the mean of the logits
         of the image and its mirror."""
-        return self._router_graph.probabilities(router_inputs)
+        return self._routing.probabilities(router_inputs)
 
     def classifier_features(self, classifier_inputs: np.ndarray) -> np.ndarray:
         """The classifier's last feature map ``(n, h, w, c)`` for prepared squares: with

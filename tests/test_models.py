@@ -519,6 +519,14 @@ def test_evaluate_on_lower_limbs_only_reports_the_router(tmp_path: Path) -> None
     leg = metrics["fracture"]["fracture_labelled"]["by_region"]["LEG"]
     assert leg["n"] == 8 and 0.0 <= leg["auroc"] <= 1.0
     assert "safety" in (out / "report.md").read_text()
+    # the shipped classifier is a fracture one, measured as served: the legs routed to
+    # LEG (a supported part) are analysed, with the LEG operating point
+    assert metrics["models"]["classifier"]["finding"] == "fracture"
+    served = metrics["fracture"]["by_body_part"]["LEG"]["image"]
+    assert served["routed"] == 8 and served["n"] + served["refused"] == 8
+    for key in ("auroc", "sensitivity", "specificity", "n"):
+        assert key in served
+    assert "Fracture classifier, as served" in (out / "report.md").read_text()
 
 
 if __name__ == "__main__":

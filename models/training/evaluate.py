@@ -277,10 +277,13 @@ def evaluate_classifier(
 def _image_block(y: np.ndarray, p: np.ndarray, thr: np.ndarray, groups: np.ndarray, n_boot: int,
                  seed: int) -> dict[str, Any]:
     """Image-level AUROC (grouped bootstrap interval), sensitivity and specificity at ``thr``."""
-    if len(set(y.tolist())) < 2:
-        return {"n": int(len(y)), "positive": int(y.sum()), "auroc": float("nan"), "auroc_ci95": [],
-                "sensitivity": float("nan"), "specificity": float("nan")}
     pred = p >= thr
+    if len(set(y.tolist())) < 2:  # one label only: no AUROC, but its own rate at the threshold
+        pos = y == 1
+        return {"n": int(len(y)), "positive": int(y.sum()), "auroc": float("nan"), "auroc_ci95": [],
+                "sensitivity": round(float(pred[pos].mean()), 4) if pos.any() else float("nan"),
+                "specificity": round(float((~pred[~pos]).mean()), 4) if (~pos).any() else float("nan"),
+                "threshold": sorted({round(float(t), 4) for t in thr.tolist()})}
     pos, neg = y == 1, y == 0
     sens, spec = float(pred[pos].mean()), float((~pred[neg]).mean())
     return {

@@ -324,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             entry["training_data"] = (
                 "fracture-labelled radiographs with true negatives (train split of ../shared/data/msk: "
-                + ", ".join(mdata.FRACTURE_DATASETS) + "), image-level fracture labels. " + (
+                + ", ".join(mdata.FRACTURE_DATASETS) + "), image-level fracture labels"
+                + (", and MURA's normal humerus/forearm/wrist images as fracture negatives"
+                   if cfg.get("normal_mura", False) else "") + ". " + (
                     f"Activation map supervised by the fracture boxes of the train split "
                     f"(FracAtlas, pkdarabi, roboflow-sr2022; weight {cfg['localisation_weight']}; "
                     f"box-only sets do not enter the classification loss). "

@@ -79,6 +79,9 @@ class TrainConfig:
     finding: str = "abnormality"
     """Classifier labels: ``abnormality`` (MURA's abnormal study) or ``fracture``
     (the fracture-labelled sets of :data:`models.training.data.FRACTURE_DATASETS`)."""
+    normal_mura: bool = True
+    """Fracture finding: MURA's normal images of the humerus, forearm and wrist are
+    fracture negatives too (:func:`models.training.data.fracture_samples`)."""
     init_from: str | None = None
     """Start from the weights of an earlier run's ``model.keras`` (same task, size and
     output stride) instead of the ImageNet backbone: a second stage of fine-tuning."""
@@ -108,7 +111,8 @@ def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.
         cap = cfg.max_per_class if split == "train" else None
         samples = mdata.router_samples(part, cap, cfg.seed)
     else:
-        samples = mdata.fracture_samples(part) if cfg.finding == "fracture" else mdata.classifier_samples(part)
+        samples = (mdata.fracture_samples(part, normal_mura=cfg.normal_mura) if cfg.finding == "fracture"
+                   else mdata.classifier_samples(part))
         if cfg.localisation_weight and split == "train":
             samples += mdata.box_samples(part, exclude=[s.row.path for s in samples])
     if cfg.limit is not None:

@@ -265,6 +265,10 @@ def test_fracture_samples_are_fracture_labels_with_both_classes() -> None:
 
     rows = mdata.in_split(mdata.read_manifest(MSK_DATA), "val")
     samples = mdata.fracture_samples(rows)
+    mura = [s for s in samples if s.row.dataset == "MURA-v1.1"]
+    assert mura and all(s.target == 0 and s.row.label == "negative" and s.row.label_better_mura != "positive"
+                        for s in mura), "MURA's normal images only, as fracture negatives"
+    samples = [s for s in samples if s.row.dataset != "MURA-v1.1"]
     assert {s.row.label_meaning for s in samples} == {"fracture"}
     assert {s.row.dataset for s in samples} <= set(mdata.FRACTURE_DATASETS)
     assert "bone-break-classification" not in {s.row.dataset for s in samples}  # positives only

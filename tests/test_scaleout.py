@@ -241,7 +241,9 @@ def test_sigkilled_node_s_studies_are_finished_by_the_other_exactly_once(
         cluster: Any, tmp_path: Path) -> None:
     url, spool, pacs, nodes = cluster
     a = ServedNode(tmp_path, "node-a", url, spool, pacs.port, delay=1.0).start()
-    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, delay=1.0).start()
+    # node-b too: one waking at the end of the quiet period would otherwise claim all six
+    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, delay=1.0,
+                   extra=one_at_a_time).start()
     nodes += [a, b]
     studies = {generate_uid(): [cr("")] for _ in range(10)}
     for i, (uid, images) in enumerate(studies.items()):

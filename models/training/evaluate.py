@@ -366,12 +366,10 @@ def evaluate_served_fracture(analyser: Any, rows: Sequence[mdata.Row], n_boot: i
     items = [s.row for s in mdata.fracture_samples(rows)]
     answers, _ = routed_parts(analyser.predict_router, analyser.router_entry, items)
     analysed = np.array([a in supported for a in answers], dtype=bool)
-    probs, heat = [], []
+    probs = []
     for sl in _batched(len(items), 32):
         x = mdata.load_arrays([r.path for r in items[sl]], entry.input_size)
-        _, pr, hm = analyser.predict_classifier(x.astype(np.float32))
-        probs.append(pr)
-        heat.append(hm[:4].copy())
+        probs.append(analyser.predict_classifier(x.astype(np.float32))[1])
     p = np.concatenate(probs) if probs else np.zeros(0)
     y = np.array([1 if r.label == "positive" else 0 for r in items])
     thr = np.array([entry.operating_point(a).threshold for a in answers])

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from models.registry import DEFAULT_PART, device_uid_for, sha256_of
+from models.registry import DEFAULT_PART, FRACATLAS_REGIONS, device_uid_for, sha256_of
 from models.training import data as mdata
 from models.training import metrics as mm
 from models.training.export import with_graph, export_entry, registry_fields
@@ -119,6 +119,12 @@ def dump_registry(models: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _operating_point(threshold: float, doubt: float) -> dict[str, Any]:
+    """A registry operating point: ``threshold`` and a doubt band of ``doubt`` either side."""
+    return {"threshold": threshold,
+            "doubt_band": [max(0.0, threshold - doubt), min(1.0, threshold + doubt)]}
+
+
 def _calibrated(graph: Any, samples: Sequence[mdata.Sample], size: int,
                 test_time_flip: bool) -> tuple[np.ndarray, float, np.ndarray]:
     """Targets, fitted temperature and calibrated probabilities of ``samples``, from the
@@ -163,7 +169,7 @@ def calibrate_classifier(
             logger.info("%s not supported: %s", part, info["reason"])
             continue
         t = mm.choose_threshold(sy, sp, "kappa")
-        points[part] = {"threshold": t, "doubt_band": [max(0.0, t - doubt), min(1.0, t + doubt)]}
+        points[part] = _operating_point(t, doubt)
         info.update({"supported": True, "threshold": t, **mm.binary_summary(sy, sp, t)})
         summary["parts"][part] = info
         supported_keys += keys
@@ -171,7 +177,7 @@ def calibrate_classifier(
         logger.info("%s: threshold %.3f %s", part, t, info)
     _, sp, sy = mm.study_means(supported_keys, prob[supported_idx], y[supported_idx])
     t = mm.choose_threshold(sy, sp, "kappa")
-    points[DEFAULT_PART] = {"threshold": t, "doubt_band": [max(0.0, t - doubt), min(1.0, t + doubt)]}
+    points[DEFAULT_PART] = _operating_point(t, doubt)
     return temperature, points, summary
 
 
@@ -215,7 +221,7 @@ def calibrate_fracture(
             t = mm.threshold_for_sensitivity(y[idx], prob[idx], sensitivity)
             info.update({"supported": True, "threshold": t, **mm.binary_summary(y[idx], prob[idx], t)})
             for part in sorted(parts):
-                points[part] = {"threshold": t, "doubt_band": [max(0.0, t - doubt), min(1.0, t + doubt)]}
+                points[part] = _operating_point(t, doubt)
             chosen += idx
         summary["families"][family] = info
         for part in sorted(parts):
@@ -224,7 +230,7 @@ def calibrate_fracture(
     if not chosen:
         raise SystemExit("no family of router parts has enough fracture-labelled validation images")
     t = mm.threshold_for_sensitivity(y[chosen], prob[chosen], sensitivity)
-    points[DEFAULT_PART] = {"threshold": t, "doubt_band": [max(0.0, t - doubt), min(1.0, t + doubt)]}
+    points[DEFAULT_PART] = _operating_point(t, doubt)
     return temperature, points, summary
 
 
@@ -408,7 +414,7 @@ def flatten_metrics(metrics: Mapping[str, Any], role: str) -> dict[str, Any]:
                     "sensitivity_crossfit": f["crossfit"].get("all", {}).get("sensitivity", float("nan")),
                     "specificity_crossfit": f["crossfit"].get("all", {}).get("specificity", float("nan"))})
         for region, m in f["by_body_part"].items():
-            if region not in ("HAND", "LEG", "SHOULDER", "HIP") or not np.isfinite(m["image"]["auroc"]):
+            if region.lower() not in FRACATLAS_REGIONS or not np.isfinite(m["image"]["auroc"]):
                 continue  # a +-joined region, or too few analysed images of both labels
             b, low = m["image"], f"fracatlas_{region.lower()}"
             out[f"{low}_image_auroc"] = b["auroc"]

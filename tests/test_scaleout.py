@@ -241,9 +241,7 @@ def test_sigkilled_node_s_studies_are_finished_by_the_other_exactly_once(
         cluster: Any, tmp_path: Path) -> None:
     url, spool, pacs, nodes = cluster
     a = ServedNode(tmp_path, "node-a", url, spool, pacs.port, delay=1.0).start()
-    # node-b too: one waking at the end of the quiet period would otherwise claim all six
-    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, delay=1.0,
-                   extra=one_at_a_time).start()
+    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, delay=1.0).start()
     nodes += [a, b]
     studies = {generate_uid(): [cr("")] for _ in range(10)}
     for i, (uid, images) in enumerate(studies.items()):
@@ -286,7 +284,9 @@ def test_new_node_takes_a_share_and_sigterm_drains(cluster: Any, tmp_path: Path)
     studies = [generate_uid() for _ in range(6)]
     for uid in studies:
         assert store(a.port, [cr(uid)]) == [0]
-    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, delay=1.0).start()
+    # node-b too: one waking at the end of the quiet period would otherwise claim all six
+    b = ServedNode(tmp_path, "node-b", url, spool, pacs.port, delay=1.0,
+                   extra=one_at_a_time).start()
     nodes.append(b)
     # a is stopped (SIGTERM) while it holds a study: it finishes or releases it
     wait_for(lambda: sql(url, "SELECT 1 FROM studies WHERE owner LIKE 'node-a#%%'"), timeout=60,

@@ -501,6 +501,33 @@ def test_structured_report_same_without_copy(study: Study, built: tuple,
     assert to_bytes(adopted) == to_bytes(roundtrip(adopted))
 
 
+def test_fast_evidence_search_finds_what_highdicom_finds(study: Study, built: tuple,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node's search for the SR's references (installed as highdicom's) returns
+    the very items highdicom's own search returns, in its order, for every value type
+    in the tree; the document built with highdicom's search is the same."""
+    import highdicom as hd
+
+    import dicom_out.sr
+
+    scs, _, _ = built
+    fast = build_structured_report(study.result, study.sources, scs, SETTINGS)
+    assert hd.sr.utils.find_content_items is dicom_out.sr._find_content_items
+    original = dicom_out.sr._HD_FIND_CONTENT_ITEMS
+    value_types = {"IMAGE", "COMPOSITE", "SCOORD", "NUM", "CODE", "TEXT", "UIDREF",
+                   "CONTAINER"}
+    for value_type in value_types:
+        for recursive in (True, False):
+            ours = dicom_out.sr._find_content_items(fast, value_type=value_type,
+                                                    recursive=recursive)
+            theirs = original(fast, value_type=value_type, recursive=recursive)
+            assert [id(i) for i in ours] == [id(i) for i in theirs], value_type
+    assert len(dicom_out.sr._find_content_items(fast, value_type="IMAGE", recursive=True)) > 0
+    monkeypatch.setattr(hd.sr.utils, "find_content_items", original)
+    slow = build_structured_report(study.result, study.sources, scs, SETTINGS)
+    assert _without_times(fast) == _without_times(slow)
+
+
 @pytest.mark.skipif(shutil.which("dsr2html") is None, reason="DCMTK missing")
 def test_structured_report_renders_with_dsr2html(written: Mapping[str, Path]) -> None:
     proc = subprocess.run(

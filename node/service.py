@@ -18,9 +18,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from node.audit import AuditTrail
+from node.builder import BuildProcesses
 from node.config import Config
 from node.jobs import JobStoreBackend, OutboxItem, StudyJob, node_name, open_job_store
 from node.metrics import NodeMetrics
+from node.processing import StudyProcessor
 from node.scp import StorageSCP
 from node.spool import Spool
 from node.worker import (
@@ -113,6 +115,8 @@ class Node:
         self._processor_factory = processor_factory
         self.heartbeat = Heartbeat(self.jobs, self.scp.tracker.busy_studies)
         self.worker: Worker | None = None
+        self.build_processes: BuildProcesses | None = None
+        """The worker's build processes, when it has them (``[worker] build_processes``)."""
         self.deliverer = Deliverer(config, self.spool, self.jobs, on_outcome=self._delivered)
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -185,16 +189,24 @@ class Node:
                                  on_queued=self.deliverer.wake)
         else:
             stages = processor if is_staged(processor) else WholeStudy(processor)
+            builders = self.config.worker.resolved_build_processes
+            if builders and isinstance(processor, StudyProcessor):
+                stages = self.build_processes = BuildProcesses(processor, self.spool, builders)
+            else:
+                builders = 0
             self.worker = PipelinedWorker(
                 self.config, self.spool, self.jobs, ObservedStages(stages, self.metrics,
                                                                    self.jobs),
-                study_threads=threads - 1,
+                # a study thread waits while a build process builds: one more per process
+                study_threads=threads - 1 + builders,
                 max_images_in_flight=self.config.worker.max_images_in_flight,
                 busy_studies=self.scp.tracker.busy_studies, heartbeat=False,
                 on_queued=self.deliverer.wake)
         logger.info("processing started (%.1f s after listening; %d worker thread(s)%s)",
                     time.perf_counter() - started, threads,
-                    "" if threads == 1 else f": 1 for the models, {threads - 1} for the studies")
+                    "" if threads == 1 else f": 1 for the models, {threads - 1} for the studies"
+                    + (f", {builders} build process(es) for the result objects"
+                       if builders else ""))
         self.processing.set()
         self.worker.run()
 
@@ -220,6 +232,8 @@ class Node:
             if thread.name == "worker" and self.worker is None:
                 continue  # still loading the models: a daemon thread, left to exit
             thread.join(timeout=grace_seconds + 60)
+        if self.build_processes is not None:
+            self.build_processes.close()
         self.heartbeat.stop()
         self.jobs.close()
         if self.audit is not None:

@@ -69,17 +69,27 @@ class Spool:
     node_name
         Set when several nodes share the spool: partial writes go to
         ``tmp/<node_name>/``, and only that directory is emptied at start-up.
+    tmp_dir
+        Set by a process that writes into the spool of a running node (its build
+        processes, :mod:`node.builder`): partial writes go to that node's ``tmp``
+        directory (names are unique), which is then *not* emptied here — it holds
+        the node's own partial writes; the node empties it when it starts.
     """
 
-    def __init__(self, root: Path, min_free_bytes: int = 0, node_name: str | None = None) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0, node_name: str | None = None,
+                 tmp_dir: Path | None = None) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
         self.tmp = root / "tmp" if node_name is None else root / "tmp" / node_name
+        if tmp_dir is not None:
+            self.tmp = tmp_dir
         for sub in (root, root / "tmp", self.tmp, root / "incoming", root / "outbox",
                     root / "reports"):
             sub.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o700)
         self._dir_lock = threading.Lock()
+        if tmp_dir is not None:
+            return
         for leftover in self.tmp.iterdir():
             if leftover.is_dir():  # another node's tmp/<name>/ in a shared spool
                 continue

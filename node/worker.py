@@ -45,6 +45,21 @@ class ProcessedStudy:
     """The study-level answer, for ``status``."""
     timings: Mapping[str, float] = field(default_factory=dict)
     """Seconds per stage (``decode``, ``inference``, ``build``), for ``/metrics``."""
+    written: Sequence[WrittenFile] = ()
+    """Result objects already in the spool (built in a build process, :mod:`node.builder`),
+    to be recorded like ``outputs``."""
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A result object a build process wrote into the spool."""
+
+    kind: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    new: bool
+    """Whether this build wrote it (``False``: the file was there already)."""
 
 
 class Processor(Protocol):
@@ -289,6 +304,12 @@ class Worker:
         destination (an SC of a reopened study) is neither written nor queued again."""
         files: list[OutputFile] = []
         names = [d.name for d in self.config.destinations]
+        for w in result.written:
+            if self.jobs.queued_everywhere(w.sop_instance_uid, names):
+                if w.new:  # as if never written, like an SC built here below
+                    self.spool.remove(w.path)
+                continue
+            files.append(OutputFile(w.sop_instance_uid, w.sop_class_uid, w.kind, w.path))
         for kind, ds in result.outputs:
             if self.jobs.queued_everywhere(str(ds.SOPInstanceUID), names):
                 continue

@@ -505,3 +505,189 @@ def test_queued_results_wake_the_deliverer(tmp_path: Path) -> None:
         wait_for(lambda: len(woken) >= 1, timeout=5, interval=0.01)
     finally:
         node.stop(grace_seconds=2)
+
+
+# -- result objects built in build processes ([worker] build_processes) ------------------
+
+
+@pytest.mark.parametrize("value", ["one", -1, 17, 1.5, True])
+def test_bad_build_processes_is_one_line_naming_the_key_and_the_fix(value: object) -> None:
+    raw = {"peers": [{"ae_title": "ORTHANC"}], "keep_results_local": True,
+           "worker": {"build_processes": value}}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, Path("/tmp"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("worker.build_processes must be an integer from 0 to 16")
+    assert "0 builds the result objects in the worker's threads" in message
+
+
+def test_default_build_processes_follow_the_cores_and_the_threads() -> None:
+    cores = available_cores()
+    assert WorkerConfig().resolved_build_processes == (1 if cores >= 2 else 0)
+    assert WorkerConfig(threads=1, build_processes=3).resolved_build_processes == 0
+    assert WorkerConfig(threads=2, build_processes=0).resolved_build_processes == 0
+    assert WorkerConfig(threads=2, build_processes=2).resolved_build_processes == 2
+
+
+def _demo_job(directory: Path, name: str, tag: str) -> "StudyJob":
+    from node.jobs import InstanceRecord, StudyJob
+
+    records = []
+    for f in _restudy(DEMO[name], directory, tag):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        records.append(InstanceRecord(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
+                                      str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
+                                      str(ds.file_meta.TransferSyntaxUID), str(f),
+                                      f.stat().st_size, "TESTSCU", "127.0.0.1"))
+    return StudyJob(records[0].study_instance_uid, 1, tuple(records), None)
+
+
+_PER_RUN = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
+            "ContributionDateTime", "AcquisitionDateTime", "DateOfSecondaryCapture", "TimeOfSecondaryCapture",
+            "EncapsulatedDocument", "EncapsulatedDocumentLength"}
+"""Set from the clock at build time (the PDF holds its creation time)."""
+
+
+def _without_times(ds: Dataset) -> Dataset:
+    for elem in list(ds):
+        if elem.keyword in _PER_RUN:
+            del ds[elem.tag]
+        elif elem.VR == "SQ":
+            for item in elem.value:
+                _without_times(item)
+    return ds
+
+
+def test_a_build_process_writes_the_objects_the_worker_thread_builds(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The demo's forearm study (four analysed views, one refused) built by a build
+    process: the same SCs, SR, PDF and KO, attribute by attribute (clock times aside),
+    as the worker's thread builds from the same analysis, written into the spool under
+    their deterministic paths, nothing left in its tmp; the build's log line is logged
+    by the node with its study UID; built again, nothing is rewritten."""
+    from node.builder import BuildProcesses
+    from node.spool import Spool
+
+    process = processor_factory(load_config(write_config(tmp_path, free_port()), environ={}))()
+    job = _demo_job(tmp_path / "study", "forearm", "bp")
+    analysed = process.analyse_many([process.prepare(job)])[0]
+    here = process.build(analysed)
+    spool = Spool(tmp_path / "spool")
+    with caplog.at_level(logging.INFO, logger="node.processing"):  # the node's level
+        builders = BuildProcesses(process, spool, 1)                # when the pool starts
+        try:
+            there = builders.build(analysed)
+            again = builders.build(analysed)
+        finally:
+            builders.close()
+    assert there.outputs == () and there.decision == here.decision
+    assert dict(there.outcomes) == dict(here.outcomes)
+    assert sorted(w.kind for w in there.written) == sorted(k for k, _ in here.outputs)
+    assert sorted(w.kind for w in there.written) == ["ko", "pdf", "sc", "sc", "sc", "sc", "sr"]
+    built_here = {str(ds.SOPInstanceUID): ds for _, ds in here.outputs}
+    for w in there.written:
+        assert w.new
+        area = "reports" if w.kind == "sr" else "outbox"
+        assert w.path == spool.path(area, job.study_instance_uid, w.sop_instance_uid)
+        read = pydicom.dcmread(w.path)
+        assert read.SOPClassUID == w.sop_class_uid
+        assert _without_times(read) == _without_times(
+            pydicom.dcmread(_bytes_of(built_here[w.sop_instance_uid])))
+    assert list(spool.tmp.iterdir()) == []
+    lines = [r for r in caplog.records if r.name == "node.processing"
+             and r.getMessage().startswith(f"study {job.study_instance_uid}: positive")]
+    assert lines and getattr(lines[0], "study_uid", None) == job.study_instance_uid
+    assert [w.new for w in again.written] == [False] * 7
+
+
+def _bytes_of(ds: Dataset) -> "io.BytesIO":
+    import io
+
+    from node.worker import encode
+
+    return io.BytesIO(encode(ds))
+
+
+def test_a_build_process_that_dies_costs_one_attempt_and_a_new_one_takes_over(
+        tmp_path: Path) -> None:
+    """SIGKILL of the build process while it builds a study: that build raises (the
+    worker records a failed attempt and retries it), a new process is started, and it
+    builds the next study and the retried one."""
+    from concurrent.futures.process import BrokenProcessPool
+    import os
+    import threading
+
+    from node.builder import BuildProcesses
+    from node.spool import Spool
+
+    process = processor_factory(load_config(write_config(tmp_path, free_port()), environ={}))()
+    job = _demo_job(tmp_path / "study", "forearm", "die")
+    analysed = process.analyse_many([process.prepare(job)])[0]
+    builders = BuildProcesses(process, Spool(tmp_path / "spool"), 1)
+    try:
+        wait_for(lambda: builders.pids(), timeout=60)
+        first = builders.pids()
+        killer = threading.Timer(0.05, lambda: os.kill(first[0], signal.SIGKILL))
+        killer.start()
+        with pytest.raises(BrokenProcessPool):
+            builders.build(analysed)
+        killer.join()
+        result = builders.build(analysed)
+        assert sorted(w.kind for w in result.written) == ["ko", "pdf", "sc", "sc", "sc", "sc", "sr"]
+        assert builders.pids() and builders.pids() != first
+    finally:
+        builders.close()
+
+
+def _descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for c in map(int, children):
+                if c not in out:
+                    out.add(c)
+                    todo.append(c)
+    return out
+
+
+def test_serve_builds_in_a_build_process_which_goes_when_the_node_is_killed(
+        tmp_path: Path) -> None:
+    """``fracture-node serve`` with two worker threads: its log says a build process
+    builds the result objects, a study gets its results, and when the node is
+    SIGKILLed its build process (and the pool's helper) exit on their own."""
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3,
+                       extra="\n[worker]\nthreads = 2\nbuild_processes = 1\n")
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([str(EXE), "--config", str(cfg), "serve"], stdout=log.open("ab"),
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "build process(es) for the result objects" in log.read_text(
+            errors="replace"), timeout=180)
+        files = _restudy(DEMO["forearm"], tmp_path / "study", "serve")
+        out = storescu(port, files, "FRACTURE_NODE")
+        assert out.returncode == 0, out.stderr
+
+        def processed() -> bool:
+            con = sqlite3.connect(tmp_path / "node.sqlite", timeout=30)
+            try:
+                return con.execute("SELECT state FROM studies").fetchall() == [("processed",)]
+            finally:
+                con.close()
+
+        wait_for(processed, timeout=120, interval=0.2)
+        children = _descendants(proc.pid)
+        assert children, "no build process"
+        proc.kill()
+        proc.wait(timeout=30)
+        wait_for(lambda: not any(Path(f"/proc/{c}").exists() for c in children), timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -14,13 +14,17 @@ Printed per study and as medians: processing (ready -> processed, the node's sha
 delivery (processed -> delivered, mostly Orthanc storing), and the total after the
 quiet period (ready -> delivered), plus throughput and lost studies.
 
-Each arrival pattern (a burst of all studies; one study every 1.5 s) runs twice back
-to back, with ``[worker] threads = 1`` (one study at a time: the worker before issue
-15, the reference) and with the default (the cores: stages side by side, studies
-batched).  Targets (issue 15): burst median <= 1.5 s, one every 1.5 s median <= 0.5 s,
-no study lost.  The load average is printed with each run.  Usage::
+Each arrival pattern (a burst of all studies; one study every 1.5 s) runs three times
+back to back: with ``[worker] threads = 1`` (one study at a time: the worker before
+issue 15, the reference), with the default threads building the result objects in the
+study threads (``build_processes = 0``: the staged worker before the build processes)
+and with the default (stages side by side, studies batched, a build process for the
+result objects).  The node's CPU seconds include its build processes'.  Targets
+(issue 15): burst median <= 1.5 s, one every 1.5 s median <= 0.5 s, no study lost.
+The load average is printed with each run.  Usage::
 
-    .venv/bin/python bench/e2e.py [--studies 20] [--intervals 0,1.5] [--threads 1,default]
+    .venv/bin/python bench/e2e.py [--studies 20] [--intervals 0,1.5]
+                                  [--threads 1,default/0,default]
 """
 
 from __future__ import annotations
@@ -86,9 +90,22 @@ def make_studies(directory: Path, count: int) -> dict[str, list[Path]]:
     return studies
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of running processes (the node's build processes)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interval: float,
-        quiet_seconds: float, stable_age: int, model_threads: int | None = None
-        ) -> dict[str, object]:
+        quiet_seconds: float, stable_age: int, model_threads: int | None = None,
+        build_processes: int | None = None) -> dict[str, object]:
     """One run: a fresh Orthanc and node (``[worker] threads``), the studies pushed into
     Orthanc ``interval`` seconds apart (0: a burst), until every result is stored."""
     from node.config import (
@@ -118,7 +135,7 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         destinations=(DestinationConfig("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port),),
         storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
         study=StudyConfig(quiet_seconds=quiet_seconds),
-        worker=WorkerConfig(threads=threads),
+        worker=WorkerConfig(threads=threads, build_processes=build_processes),
         models=shipped.models,
     )))
     config = load_config(cfg, environ={})
@@ -130,6 +147,8 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
             time.sleep(0.05)
         load_before = os.getloadavg()
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        builders = node.build_processes.pids() if node.build_processes is not None else []
+        builders_before = _cpu_seconds(builders)
         started = time.time()
         for n, paths in enumerate(studies.values()):
             if n and interval:
@@ -150,6 +169,7 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
             time.sleep(0.2)
         finished = time.time()
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        builders_cpu = _cpu_seconds(builders) - builders_before
         load_after = os.getloadavg()
         rows = node.jobs.query(
             "SELECT s.study_instance_uid AS uid, s.updated_at AS processed, "
@@ -184,7 +204,9 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         "images_s": n_images / (finished - started), "push_s": pushed - started,
         # CPU seconds of this process (the node runs in it) over the run: how many cores
         # it kept busy, and what it cost per study whatever the other jobs took
-        "cpu_s": (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime),
+        "cpu_s": (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+        + builders_cpu,  # the node's process and its build processes
+        "build_processes": config.worker.resolved_build_processes,
         "wall_s": finished - started,
         "load": (load_before[0], load_after[0]),
     }
@@ -197,17 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stable-age", type=int, default=1)
     parser.add_argument("--intervals", default="0,1.5",
                         help="seconds between two studies, one run each (0: all at once, a burst)")
-    parser.add_argument("--threads", default="1,default",
+    parser.add_argument("--threads", default="1,default/0,default",
                         help="[worker] threads, one run each; 1 (one study at a time, the worker "
                              "before issue 15) is the reference; 'default': the cores; TxM: T "
-                             "threads with M intra-op threads per graph instead of the derived number")
+                             "threads with M intra-op threads per graph instead of the derived "
+                             "number; T/B: with B build processes ([worker] build_processes; "
+                             "default/0 is the staged worker building in its threads)")
     parser.add_argument("--log", help="append the node's log (INFO) to this file")
     args = parser.parse_args(argv)
     intervals = [float(x) for x in args.intervals.split(",")]
-    threads: list[tuple[int | None, int | None]] = []
+    threads: list[tuple[int | None, int | None, int | None]] = []
     for t in args.threads.split(","):
+        t, _, builders = t.partition("/")
         count, _, model = t.partition("x")
-        threads.append((None if count == "default" else int(count), int(model) if model else None))
+        threads.append((None if count == "default" else int(count), int(model) if model else None,
+                        int(builders) if builders else None))
     if args.log:
         import logging
 
@@ -225,17 +251,17 @@ def main(argv: list[str] | None = None) -> int:
               "result stored in Orthanc", flush=True)
         results = []
         for interval in intervals:
-            for t, m in threads:  # the reference and the new worker back to back, same load
-                r = run(studies, work / f"run-{interval}-{t}-{m}", t, interval, args.quiet_seconds,
-                        args.stable_age, m)
+            for t, m, b in threads:  # the reference and the new worker back to back, same load
+                r = run(studies, work / f"run-{interval}-{t}-{m}-{b}", t, interval,
+                        args.quiet_seconds, args.stable_age, m, b)
                 print(r, flush=True)
                 results.append(r)
-        print("\n| arrival | worker threads (model intra-op) | median s | max s | processing s | delivery s "
-              "| lost | images/s | node CPU s per study | cores busy (CPU / wall) | load average (start, end) |")
+        print("\n| arrival | worker threads (model intra-op) / build processes | median s | max s | processing s | delivery s "
+              "| lost | images/s | node CPU s per study (with its build processes) | cores busy (CPU / wall) | load average (start, end) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             arrival = "all at once (burst)" if not r["interval"] else f"one study every {r['interval']} s"
-            print(f"| {arrival} | {r['threads']} ({r['model_threads']}) | {r['median']:.2f} | {r['max']:.2f} | "
+            print(f"| {arrival} | {r['threads']} ({r['model_threads']}) / {r['build_processes']} | {r['median']:.2f} | {r['max']:.2f} | "
                   f"{r['processing']:.2f} | {r['delivery']:.2f} | {r['lost']} | {r['images_s']:.2f} | "
                   f"{r['cpu_s'] / r['studies']:.2f} | {r['cpu_s'] / r['wall_s']:.2f} | "
                   f"{r['load'][0]:.1f}, {r['load'][1]:.1f} |")
@@ -243,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             target = 1.5 if not r["interval"] else 0.5
             label = "burst of 20" if not r["interval"] else f"one every {r['interval']} s"
-            print(f"target {label}, median <= {target} s ({r['threads']} thread(s)): "
+            print(f"target {label}, median <= {target} s ({r['threads']} thread(s), "
+                  f"{r['build_processes']} build process(es)): "
                   f"{'met' if r['median'] <= target else 'MISSED'} ({r['median']:.2f} s)")
         print(f"target no study lost: {'met' if lost == 0 else 'MISSED'} ({lost} lost)")
         return 0 if lost == 0 else 1

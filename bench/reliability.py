@@ -6,7 +6,8 @@ Re-run it to regenerate ``docs/reliability.md``::
                                           [--fuzz-seconds 120] [--write docs/reliability.md]
                                           [--threads 1,default] [--load-only]
 
-The load runs once per ``--threads`` value (``[worker] threads``; 1 is the worker
+The load runs once per ``--threads`` value (``[worker] threads``, ``T/B`` with ``B``
+build processes, whose memory is counted with the node's; 1 is the worker
 before issue 15, the reference) and prints, beside the load average, the targets of
 issue 15: node RSS at rest (models loaded, nothing received) <= 400 MB, peak <= 600 MB,
 all results of the 16 x 50 instances delivered <= 30 s after the first was sent.
@@ -94,8 +95,37 @@ def _vmhwm_mb(pid: int, field: str = "VmHWM") -> float:
     return float("nan")
 
 
+def _descendants(pid: int) -> list[int]:
+    """The node's child processes and theirs (its build processes and the pool's helper)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += [c for c in children if c not in out]
+            todo += children
+    return out
+
+
+def _tree_mb(pid: int, field: str = "VmHWM") -> tuple[float, float]:
+    """``field`` of the node's process, and summed over it and its descendants (for
+    VmHWM the sum of each one's peak: an upper bound of their peak together)."""
+    own = _vmhwm_mb(pid, field)
+    total = own
+    for child in _descendants(pid):
+        try:
+            total += _vmhwm_mb(child, field)
+        except OSError:
+            pass
+    return own, total
+
+
 def run_load(associations: int, per: int, threads: int | None = None,
-             batch_images: int | None = None) -> dict[str, object]:
+             batch_images: int | None = None, build_processes: int | None = None
+             ) -> dict[str, object]:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
@@ -127,7 +157,7 @@ def run_load(associations: int, per: int, threads: int | None = None,
             storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
             study=StudyConfig(quiet_seconds=2),
             limits=LimitsConfig(max_associations=associations),
-            worker=WorkerConfig(threads=threads, **(
+            worker=WorkerConfig(threads=threads, build_processes=build_processes, **(
                 {"batch_images": batch_images} if batch_images else {})),
             models=shipped.models,
         )))
@@ -139,7 +169,7 @@ def run_load(associations: int, per: int, threads: int | None = None,
                 ready.exists() and "processing started" in (work / "node.log").read_text(errors="replace")):
             time.sleep(0.1)
         time.sleep(2.0)  # at rest: models loaded and warmed up, nothing received yet
-        rest_rss = _vmhwm_mb(node.pid, "VmRSS")
+        rest_own, rest_rss = _tree_mb(node.pid, "VmRSS")
         load_before = __import__("os").getloadavg()
         try:
             started = time.monotonic()
@@ -188,7 +218,7 @@ def run_load(associations: int, per: int, threads: int | None = None,
                     break
                 time.sleep(1)
             finished = time.monotonic() - started
-            peak = _vmhwm_mb(node.pid)
+            peak_own, peak = _tree_mb(node.pid)
             load_after = __import__("os").getloadavg()
             acknowledged = q("SELECT COUNT(*) FROM instances")[0][0]
             outcomes = dict(q("SELECT outcome, COUNT(*) FROM instances GROUP BY outcome"))
@@ -210,6 +240,9 @@ def run_load(associations: int, per: int, threads: int | None = None,
             "all_results_seconds": round(finished, 1),
             "analysed_images_s": round(sent / finished, 2),
             "peak_rss_mb": round(peak), "rest_rss_mb": round(rest_rss),
+            "peak_rss_node_process_mb": round(peak_own), "rest_rss_node_process_mb": round(rest_own),
+            "build_processes": WorkerConfig(
+                threads=threads, build_processes=build_processes).resolved_build_processes,
             "worker_threads": threads or "default",
             "batch_images": batch_images or WorkerConfig().batch_images,
             "load_average": [round(load_before[0], 1), round(load_after[0], 1)],
@@ -284,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", help="write the markdown report here")
     parser.add_argument("--threads", default="1,default",
                         help="[worker] threads of the load runs, one run each; 1 (one study at a "
-                             "time, the worker before issue 15) is the reference; the last is reported")
+                             "time, the worker before issue 15) is the reference; T/B: with B "
+                             "build processes ([worker] build_processes); the last is reported")
     parser.add_argument("--batch-images", type=int, help="[worker] batch_images of the load runs "
                         "(default: the node's default)")
     parser.add_argument("--load-only", action="store_true",
@@ -292,18 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     runs = []
-    for t in args.threads.split(","):
-        print(f"load, worker threads {t} ...", flush=True)
+    for spec in args.threads.split(","):
+        print(f"load, worker threads {spec} ...", flush=True)
+        t, _, b = spec.partition("/")
         runs.append(run_load(args.associations, args.per_association,
-                             None if t == "default" else int(t), args.batch_images))
+                             None if t == "default" else int(t), args.batch_images,
+                             int(b) if b else None))
         print(json.dumps(runs[-1], indent=1), flush=True)
     print(f"\nMALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '(unset)')}")
-    print("\n| worker threads (batch_images) | RSS at rest MB | peak RSS MB | all results s | receive s | "
+    print("\n| worker threads (batch_images) / build processes | RSS at rest MB (node process) | peak RSS MB (node process) | all results s | receive s | "
           "analysed / refused / unaccounted | results delivered | load average (start, end) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
         o = r["outcomes"]
-        print(f"| {r['worker_threads']} ({r['batch_images']}) | {r['rest_rss_mb']} | {r['peak_rss_mb']} | {r['all_results_seconds']} | "
+        print(f"| {r['worker_threads']} ({r['batch_images']}) / {r['build_processes']} | {r['rest_rss_mb']} ({r['rest_rss_node_process_mb']}) | {r['peak_rss_mb']} ({r['peak_rss_node_process_mb']}) | {r['all_results_seconds']} | "
               f"{r['receive_seconds']} | {o.get('analysed', 0)} / {o.get('refused', 0)} / "  # type: ignore[union-attr]
               f"{r['unaccounted']} | {r['results_delivered']} | {r['load_average'][0]}, "  # type: ignore[index]
               f"{r['load_average'][1]} |")  # type: ignore[index]

@@ -14,3 +14,18 @@
 Builders return :class:`pydicom.Dataset` objects; they never open a socket and never
 run a model.  They import only the result types of :mod:`pipeline.result`.
 """
+
+
+def warm_up() -> None:
+    """Load, once per process, what the first study's result objects would otherwise
+    load while that study waits (about 0.5 s on the reference machine): the IOD tables
+    highdicom's constructors consult (three JSON files) and the PDF report's fonts.
+    The node calls it where it builds: in its own process and in each build process."""
+    from highdicom import _standard_utils as standard
+
+    from dicom_out.pdf import _styles
+
+    standard.get_sop_class_iod_map()
+    standard.get_iod_module_map()
+    standard.get_module_attribute_map()
+    _styles()

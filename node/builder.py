@@ -4,8 +4,9 @@ Building a study's Secondary Captures, SR, PDF and KO is Python under the interp
 lock (pydicom, highdicom, ReportLab), so in the node's process it cannot use a core
 the models and the network leave free: ``bench/e2e.py`` saw the node keep 0.92 of
 two cores busy during a burst.  :class:`BuildProcesses` is the node's
-:class:`~node.processing.StudyProcessor` with its build stage sent to a pool of
-processes (spawned, not forked: the node's process has threads):
+:class:`~node.processing.StudyProcessor` (:class:`BuiltElsewhere`) with its build
+stage sent to a pool of processes (spawned, not forked: the node's process has threads),
+started before the models load:
 
 * the analysed study (its findings, heat maps and source datasets) is pickled to a
   build process, which runs :meth:`StudyProcessor.build` on it exactly as the worker's
@@ -33,7 +34,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,19 +111,20 @@ def _exit_with(node_pid: int, every_seconds: float = 0.5) -> None:
     os._exit(0)
 
 
-def _start(settings: OutputSettings, router_info: Any, classifier_info: Any, spool_root: str,
-           min_free_bytes: int, tmp: str, level: int, node_pid: int) -> None:
+def _start(settings: OutputSettings, spool_root: str, min_free_bytes: int, tmp: str,
+           level: int, node_pid: int) -> None:
     """Initialiser of a build process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(node_pid,), name="node-watch", daemon=True).start()
-    from node.processing import StudyProcessor
+    from dicom_out import warm_up
 
+    warm_up()
     collect = _Collect()
     root = logging.getLogger()
     root.handlers[:] = [collect]
     root.setLevel(level)
-    _STATE["processor"] = StudyProcessor(_ModelInfos(router_info, classifier_info), settings)
+    _STATE["settings"] = settings
     _STATE["spool"] = Spool(Path(spool_root), min_free_bytes, tmp_dir=Path(tmp))
     _STATE["collect"] = collect
 
@@ -132,9 +134,12 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _build(study: Any) -> _Built:
+def _build(study: Any, models: _ModelInfos) -> _Built:
     """Build and write the result objects of one analysed study (in a build process)."""
-    processor, spool, collect = _STATE["processor"], _STATE["spool"], _STATE["collect"]
+    from node.processing import StudyProcessor
+
+    processor = StudyProcessor(models, _STATE["settings"])
+    spool, collect = _STATE["spool"], _STATE["collect"]
     collect.lines = []
     job = study.prepared.job
     written: list[WrittenFile] = []
@@ -161,14 +166,15 @@ def _build(study: Any) -> _Built:
 
 
 class BuildProcesses:
-    """A :class:`~node.worker.StagedProcessor`: ``stages``' prepare and models in the
-    node's process, its build stage in ``processes`` build processes.
+    """A pool of build processes writing into the node's spool.
+
+    Started before the models load (its processes import and warm up meanwhile);
+    :class:`BuiltElsewhere` sends it the studies.
 
     Parameters
     ----------
-    stages
-        The node's :class:`~node.processing.StudyProcessor` (its settings and model
-        info go to the build processes; its models stay here).
+    settings
+        The result objects' settings (``[outputs]``).
     spool
         The node's spool: the build processes write into it, their partial files in
         its ``tmp`` directory (which the node empties at start-up).
@@ -176,25 +182,27 @@ class BuildProcesses:
         Size of the pool.
     """
 
-    def __init__(self, stages: Any, spool: Spool, processes: int) -> None:
+    def __init__(self, settings: OutputSettings, spool: Spool, processes: int) -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
-        self.stages = stages
+        self.settings = settings
         self.spool = spool
         self.processes = processes
         self._lock = threading.Lock()
-        self._pool = self._new_pool()
+        self._pool, self._started = self._new_pool()
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        args = (self.stages.settings, self.stages.analyser.router_info,
-                self.stages.analyser.classifier_info, str(self.spool.root),
-                self.spool.min_free_bytes, str(self.spool.tmp),
-                _lowest_level(), os.getpid())
+    def _new_pool(self) -> tuple[ProcessPoolExecutor, list[Future[int]]]:
+        args = (self.settings, str(self.spool.root), self.spool.min_free_bytes,
+                str(self.spool.tmp), _lowest_level(), os.getpid())
         pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start, initargs=args)
-        for _ in range(self.processes):  # start them now, not with the first study
-            pool.submit(_ready)
-        return pool
+        # start them now, not with the first study
+        return pool, [pool.submit(_ready) for _ in range(self.processes)]
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until every build process has started and warmed up."""
+        for started in self._started:
+            started.result(timeout=timeout)
 
     def pids(self) -> list[int]:
         """Process ids of the build processes now running (for memory figures)."""
@@ -202,28 +210,20 @@ class BuildProcesses:
             processes = getattr(self._pool, "_processes", None) or {}
             return sorted(p.pid for p in processes.values() if p.pid is not None)
 
-    def prepare(self, job: Any) -> Any:
-        return self.stages.prepare(job)
-
-    def analyse_many(self, studies: Sequence[Any]) -> Sequence[Any]:
-        return self.stages.analyse_many(studies)
-
-    def build(self, study: Any,
-              sink: Callable[[str, pydicom.Dataset], None] | None = None) -> ProcessedStudy:
-        """The result objects of ``study``, built and written by a build process;
-        returned as :attr:`ProcessedStudy.written` (``sink`` is not needed: every object
-        is written as it is made)."""
+    def build(self, study: Any, models: _ModelInfos) -> ProcessedStudy:
+        """The result objects of ``study`` built and written by a build process,
+        returned as :attr:`ProcessedStudy.written`."""
         with self._lock:
             pool = self._pool
         try:
-            built: _Built = pool.submit(_build, study).result()
+            built: _Built = pool.submit(_build, study, models).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:  # the first to see it starts a new pool
                     logger.error("a build process died; starting a new one (the study "
                                  "%s is retried)", study.prepared.job.study_instance_uid,
                                  extra={"study_uid": study.prepared.job.study_instance_uid})
-                    self._pool = self._new_pool()
+                    self._pool, self._started = self._new_pool()
                     pool.shutdown(wait=False, cancel_futures=True)
             raise
         for name, level, message, extra in built.logs:
@@ -237,3 +237,25 @@ class BuildProcesses:
         """Shut the pool down, waiting for a build still running."""
         with self._lock:
             self._pool.shutdown(wait=True)
+
+
+class BuiltElsewhere:
+    """A :class:`~node.worker.StagedProcessor`: ``stages``' prepare and models in the
+    node's process, its build stage in ``builders``."""
+
+    def __init__(self, stages: Any, builders: BuildProcesses) -> None:
+        self.stages = stages
+        self.builders = builders
+        self._models = _ModelInfos(stages.analyser.router_info, stages.analyser.classifier_info)
+
+    def prepare(self, job: Any) -> Any:
+        return self.stages.prepare(job)
+
+    def analyse_many(self, studies: Sequence[Any]) -> Sequence[Any]:
+        return self.stages.analyse_many(studies)
+
+    def build(self, study: Any,
+              sink: Callable[[str, pydicom.Dataset], None] | None = None) -> ProcessedStudy:
+        """Built and written by a build process (``sink`` is not needed: every object is
+        written as it is made)."""
+        return self.builders.build(study, self._models)

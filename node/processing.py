@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_out import warm_up
 from dicom_out.common import OutputSettings
 from dicom_out.ko import build_key_object_selection
 from dicom_out.pdf import build_pdf_report
@@ -280,8 +281,33 @@ def _read_previous(job: StudyJob) -> Dataset | None:
         return None
 
 
+class StudyProcessorFactory:
+    """Loads the active models once per process (hash checked) and returns the node's
+    :class:`StudyProcessor` (see :func:`processor_factory`).  The node knows by its type
+    that the processor it makes can have its result objects built in build processes
+    (:mod:`node.builder`)."""
+
+    def __init__(self, config: Config, threads: int) -> None:
+        self.config = config
+        self.threads = threads
+
+    def __call__(self) -> StudyProcessor:
+        from pipeline.classify import Analyser
+
+        config = self.config
+        started = time.perf_counter()
+        analyser = Analyser.load(config.models.registry, config.models.router,
+                                 config.models.classifier, threads=self.threads,
+                                 max_batch=config.worker.batch_images)
+        logger.info("models %s and %s loaded in %.1f s (%d intra-op thread(s) per graph)",
+                    config.models.router, config.models.classifier,
+                    time.perf_counter() - started, self.threads)
+        warm_up()  # the result objects' tables and fonts, before the first study
+        return StudyProcessor(analyser, output_settings(config))
+
+
 def processor_factory(config: Config, model_threads: int | None = None
-                      ) -> Callable[[], StudyProcessor]:
+                      ) -> StudyProcessorFactory:
     """A factory that loads the active models once per process (hash checked) and
     returns the processing function.
 
@@ -293,19 +319,4 @@ def processor_factory(config: Config, model_threads: int | None = None
         ONNX Runtime intra-op threads per graph; default ``config.worker.model_threads``
         (the cores left beside the worker's study threads).
     """
-    threads = model_threads or config.worker.model_threads
-
-    def make() -> StudyProcessor:
-        from pipeline.classify import Analyser
-
-        started = time.perf_counter()
-        analyser = Analyser.load(config.models.registry, config.models.router,
-                                 config.models.classifier, threads=threads,
-                                 max_batch=config.worker.batch_images)
-        logger.info("models %s and %s loaded in %.1f s (%d intra-op thread(s) per graph)",
-                    config.models.router, config.models.classifier,
-                    time.perf_counter() - started, threads)
-        return StudyProcessor(analyser, output_settings(config))
-
-    return make
-
+    return StudyProcessorFactory(config, model_threads or config.worker.model_threads)

@@ -18,11 +18,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from node.audit import AuditTrail
-from node.builder import BuildProcesses
+from node.builder import BuildProcesses, BuiltElsewhere
 from node.config import Config
 from node.jobs import JobStoreBackend, OutboxItem, StudyJob, node_name, open_job_store
 from node.metrics import NodeMetrics
-from node.processing import StudyProcessor
+from node.processing import StudyProcessorFactory, output_settings
 from node.scp import StorageSCP
 from node.spool import Spool
 from node.worker import (
@@ -173,6 +173,9 @@ class Node:
 
     def _load_and_process(self) -> None:
         started = time.perf_counter()
+        builders = self.config.worker.resolved_build_processes
+        if builders and isinstance(self._processor_factory, StudyProcessorFactory):
+            self._start_build_processes(builders)  # they warm up while the models load
         try:
             processor = self._processor_factory()
         except Exception as exc:
@@ -189,11 +192,10 @@ class Node:
                                  on_queued=self.deliverer.wake)
         else:
             stages = processor if is_staged(processor) else WholeStudy(processor)
-            builders = self.config.worker.resolved_build_processes
-            if builders and isinstance(processor, StudyProcessor):
-                stages = self.build_processes = BuildProcesses(processor, self.spool, builders)
-            else:
-                builders = 0
+            builders = 0
+            if self.build_processes is not None and self._build_processes_ready():
+                stages = BuiltElsewhere(processor, self.build_processes)
+                builders = self.build_processes.processes
             self.worker = PipelinedWorker(
                 self.config, self.spool, self.jobs, ObservedStages(stages, self.metrics,
                                                                    self.jobs),
@@ -209,6 +211,26 @@ class Node:
                        if builders else ""))
         self.processing.set()
         self.worker.run()
+
+    def _start_build_processes(self, processes: int) -> None:
+        try:
+            self.build_processes = BuildProcesses(output_settings(self.config), self.spool,
+                                                  processes)
+        except Exception as exc:
+            logger.error("the build processes could not be started (%s: %s); the result "
+                         "objects are built in the worker's threads", type(exc).__name__, exc)
+
+    def _build_processes_ready(self) -> bool:
+        assert self.build_processes is not None
+        try:
+            self.build_processes.wait_ready()
+            return True
+        except Exception as exc:
+            logger.error("the build processes did not start (%s: %s); the result objects "
+                         "are built in the worker's threads", type(exc).__name__, exc)
+            self.build_processes.close()
+            self.build_processes = None
+            return False
 
     def _observed(self, processor: Processor) -> Processor:
         """The processor with its study latencies and decisions counted in /metrics."""

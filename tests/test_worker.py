@@ -566,7 +566,7 @@ def test_a_build_process_writes_the_objects_the_worker_thread_builds(
     as the worker's thread builds from the same analysis, written into the spool under
     their deterministic paths, nothing left in its tmp; the build's log line is logged
     by the node with its study UID; built again, nothing is rewritten."""
-    from node.builder import BuildProcesses
+    from node.builder import BuildProcesses, BuiltElsewhere
     from node.spool import Spool
 
     process = processor_factory(load_config(write_config(tmp_path, free_port()), environ={}))()
@@ -575,12 +575,13 @@ def test_a_build_process_writes_the_objects_the_worker_thread_builds(
     here = process.build(analysed)
     spool = Spool(tmp_path / "spool")
     with caplog.at_level(logging.INFO, logger="node.processing"):  # the node's level
-        builders = BuildProcesses(process, spool, 1)                # when the pool starts
+        pool = BuildProcesses(process.settings, spool, 1)           # when the pool starts
+        builders = BuiltElsewhere(process, pool)
         try:
             there = builders.build(analysed)
             again = builders.build(analysed)
         finally:
-            builders.close()
+            pool.close()
     assert there.outputs == () and there.decision == here.decision
     assert dict(there.outcomes) == dict(here.outcomes)
     assert sorted(w.kind for w in there.written) == sorted(k for k, _ in here.outputs)
@@ -618,16 +619,17 @@ def test_a_build_process_that_dies_costs_one_attempt_and_a_new_one_takes_over(
     import os
     import threading
 
-    from node.builder import BuildProcesses
+    from node.builder import BuildProcesses, BuiltElsewhere
     from node.spool import Spool
 
     process = processor_factory(load_config(write_config(tmp_path, free_port()), environ={}))()
     job = _demo_job(tmp_path / "study", "forearm", "die")
     analysed = process.analyse_many([process.prepare(job)])[0]
-    builders = BuildProcesses(process, Spool(tmp_path / "spool"), 1)
+    pool = BuildProcesses(process.settings, Spool(tmp_path / "spool"), 1)
+    builders = BuiltElsewhere(process, pool)
     try:
-        wait_for(lambda: builders.pids(), timeout=60)
-        first = builders.pids()
+        pool.wait_ready()
+        first = pool.pids()
         killer = threading.Timer(0.05, lambda: os.kill(first[0], signal.SIGKILL))
         killer.start()
         with pytest.raises(BrokenProcessPool):
@@ -635,9 +637,9 @@ def test_a_build_process_that_dies_costs_one_attempt_and_a_new_one_takes_over(
         killer.join()
         result = builders.build(analysed)
         assert sorted(w.kind for w in result.written) == ["ko", "pdf", "sc", "sc", "sc", "sc", "sr"]
-        assert builders.pids() and builders.pids() != first
+        assert pool.pids() and pool.pids() != first
     finally:
-        builders.close()
+        pool.close()
 
 
 def _descendants(pid: int) -> set[int]:

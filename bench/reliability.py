@@ -157,7 +157,7 @@ def run_load(associations: int, per: int, threads: int | None = None,
             storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
             study=StudyConfig(quiet_seconds=2),
             limits=LimitsConfig(max_associations=associations),
-            worker=WorkerConfig(threads=threads, build_processes=build_processes, **(
+            worker=WorkerConfig(threads=threads, build_processes=build_processes or 0, **(
                 {"batch_images": batch_images} if batch_images else {})),
             models=shipped.models,
         )))
@@ -242,7 +242,7 @@ def run_load(associations: int, per: int, threads: int | None = None,
             "peak_rss_mb": round(peak), "rest_rss_mb": round(rest_rss),
             "peak_rss_node_process_mb": round(peak_own), "rest_rss_node_process_mb": round(rest_own),
             "build_processes": WorkerConfig(
-                threads=threads, build_processes=build_processes).resolved_build_processes,
+                threads=threads, build_processes=build_processes or 0).resolved_build_processes,
             "worker_threads": threads or "default",
             "batch_images": batch_images or WorkerConfig().batch_images,
             "load_average": [round(load_before[0], 1), round(load_after[0], 1)],

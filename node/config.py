@@ -308,10 +308,11 @@ class WorkerConfig:
     """Images per model run (the graphs also see their mirrors).  ONNX Runtime keeps
     the buffers of its largest run: memory grows with it, speed on a CPU hardly."""
 
-    build_processes: int | None = None
-    """Processes that build the SC, SR, PDF and KO beside the node's (``0``: the
-    worker's study threads build them; used when ``threads`` > 1); ``None`` (the key
-    left out): one on a machine with two cores or more, else none."""
+    build_processes: int = 0
+    """Processes that build the SC, SR, PDF and KO beside the node's (used when
+    ``threads`` > 1); ``0``: the worker's study threads build them.  Off by default: on
+    the 2-core reference machine a build process did not shorten a burst's median
+    (``bench/e2e.py``) and cost ~190 MB (``bench/reliability.py``, docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
         if self.threads is not None:
@@ -330,12 +331,12 @@ class WorkerConfig:
             raise ConfigError(f"worker.batch_images must be an integer from 1 to 64 (got "
                               f"{value!r}); the default is 1")
         value = self.build_processes
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or not 0 <= value <= MAX_BUILD_PROCESSES):
+        if not isinstance(value, int) or isinstance(value, bool) or not (
+                0 <= value <= MAX_BUILD_PROCESSES):
             raise ConfigError(
                 f"worker.build_processes must be an integer from 0 to {MAX_BUILD_PROCESSES} "
-                f"(got {value!r}); 0 builds the result objects in the worker's threads, and "
-                "leaving the key out uses one process on a machine with two cores or more")
+                f"(got {value!r}); the default 0 builds the result objects in the worker's "
+                "threads")
 
     @property
     def resolved_threads(self) -> int:
@@ -345,13 +346,8 @@ class WorkerConfig:
     @property
     def resolved_build_processes(self) -> int:
         """Build processes the worker uses: none with one worker thread (every stage in
-        turn), else ``build_processes``, or one when it is left out and there are two
-        cores or more."""
-        if self.resolved_threads == 1:
-            return 0
-        if self.build_processes is not None:
-            return self.build_processes
-        return 1 if available_cores() >= 2 else 0
+        turn), else ``build_processes``."""
+        return 0 if self.resolved_threads == 1 else self.build_processes
 
     @property
     def model_threads(self) -> int:

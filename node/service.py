@@ -196,7 +196,7 @@ class Node:
             if self.build_processes is not None and self._build_processes_ready():
                 stages = BuiltElsewhere(processor, self.build_processes)
                 builders = self.build_processes.processes
-            self.worker = PipelinedWorker(
+            self.worker = worker = PipelinedWorker(
                 self.config, self.spool, self.jobs, ObservedStages(stages, self.metrics,
                                                                    self.jobs),
                 # a study thread waits while a build process builds: one more per process
@@ -204,6 +204,8 @@ class Node:
                 max_images_in_flight=self.config.worker.max_images_in_flight,
                 busy_studies=self.scp.tracker.busy_studies, heartbeat=False,
                 on_queued=self.deliverer.wake)
+            if isinstance(stages, BuiltElsewhere):  # a study in hand alone is built here
+                stages.alone = lambda: worker.in_flight <= 1
         logger.info("processing started (%.1f s after listening; %d worker thread(s)%s)",
                     time.perf_counter() - started, threads,
                     "" if threads == 1 else f": 1 for the models, {threads - 1} for the studies"

@@ -118,13 +118,16 @@ def _studies(directory: Path) -> list[Path]:
     return files
 
 
-def _run_node(tmp: Path, files: list[Path], threads: int) -> dict[str, object]:
-    """Start a node with ``threads`` worker threads, send ``files`` at once, wait until
-    every study is processed, and return what it recorded."""
+def _run_node(tmp: Path, files: list[Path], threads: int,
+              build_processes: int = 0) -> dict[str, object]:
+    """Start a node with ``threads`` worker threads (and ``build_processes``), send
+    ``files`` at once, wait until every study is processed, and return what it recorded."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     # results are queued for an archive that is not listening (they wait in the outbox)
-    cfg = write_config(tmp, port, quiet_seconds=0.5, extra=f"\n[worker]\nthreads = {threads}\n",
+    cfg = write_config(tmp, port, quiet_seconds=0.5,
+                       extra=f"\n[worker]\nthreads = {threads}\n"
+                             f"build_processes = {build_processes}\n",
                        destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
     config = load_config(cfg, environ={})
     node = Node(config, processor_factory(config))
@@ -160,15 +163,16 @@ def _run_node(tmp: Path, files: list[Path], threads: int) -> dict[str, object]:
 
 def test_results_are_identical_with_one_and_with_three_worker_threads(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Same studies, same bytes, one worker thread and three: the same result objects
-    (SOP Instance UIDs), the same study decisions, the same per-image outcomes and
-    reasons (which quote the probabilities); and with three threads the models did take
-    the images of several studies in one batch."""
+    """Same studies, same bytes, one worker thread and three (with a build process for
+    the result objects): the same result objects (SOP Instance UIDs), the same study
+    decisions, the same per-image outcomes and reasons (which quote the probabilities);
+    and with three threads the models did take the images of several studies in one
+    batch (the build process's log lines, relayed, say so)."""
     files = _studies(tmp_path / "studies")
     one = _run_node(tmp_path / "one", files, threads=1)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="node.processing"):
-        three = _run_node(tmp_path / "three", files, threads=3)
+        three = _run_node(tmp_path / "three", files, threads=3, build_processes=1)
     assert len(one["decisions"]) == 9  # type: ignore[arg-type]
     assert one["outputs"] == three["outputs"]
     assert len(one["outputs"]) >= 9 * 2  # type: ignore[arg-type]
@@ -519,12 +523,11 @@ def test_bad_build_processes_is_one_line_naming_the_key_and_the_fix(value: objec
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("worker.build_processes must be an integer from 0 to 16")
-    assert "0 builds the result objects in the worker's threads" in message
+    assert "the default 0 builds the result objects in the worker's threads" in message
 
 
-def test_default_build_processes_follow_the_cores_and_the_threads() -> None:
-    cores = available_cores()
-    assert WorkerConfig().resolved_build_processes == (1 if cores >= 2 else 0)
+def test_build_processes_are_off_by_default_and_need_two_threads() -> None:
+    assert WorkerConfig().resolved_build_processes == 0
     assert WorkerConfig(threads=1, build_processes=3).resolved_build_processes == 0
     assert WorkerConfig(threads=2, build_processes=0).resolved_build_processes == 0
     assert WorkerConfig(threads=2, build_processes=2).resolved_build_processes == 2

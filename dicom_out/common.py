@@ -544,12 +544,14 @@ BODY_PART_CODES: dict[str, Code] = {
     "FEMUR": Code("71341001", "SCT", "Femur"),
     "TIBIA": Code("12611008", "SCT", "Tibia"),
     "LEG": Code("61685007", "SCT", "Lower limb"),  # router 2.0.0's LEG: knee to foot
+    # a family of router parts (pipeline.classify.router_answer): fingers to elbow
+    "UPPER_LIMB": Code("53120007", "SCT", "Upper limb"),
 }
 """BodyPartExamined value -> finding site (PS3.16 CID 4031 / Annex L)."""
 
 PAIRED_BODY_PARTS = frozenset(
     {"ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST", "HIP", "KNEE",
-     "ANKLE", "FOOT", "CLAVICLE", "FEMUR", "TIBIA", "EXTREMITY", "LEG"}
+     "ANKLE", "FOOT", "CLAVICLE", "FEMUR", "TIBIA", "EXTREMITY", "LEG", "UPPER_LIMB"}
 )
 """Body parts with a left and a right (Laterality is then Type 2C / asked for)."""
 

@@ -191,6 +191,9 @@ def refusal_reason(refusal: Refusal) -> str:
         header = refusal.header or "another body part"
         return (f"needs human review: the DICOM header names the {header}, the AI's body-part "
                 f"router saw a {router}; not analysed as either")
+    if code is RefusalCode.BODY_PART_UNCERTAIN:
+        return ("needs human review: the AI's body-part router is not sure which body part "
+                f"this is (first answer: {body_part_name(refusal.body_part)}); not analysed")
     if code is RefusalCode.UNSUPPORTED_MODALITY:
         modality = meta.modality or "non-radiograph"
         return f"{modality} image: only projection radiographs are analysed"
@@ -266,6 +269,10 @@ def _conflicts(result: StudyResult) -> list[Refusal]:
     return [r for r in result.refusals if r.code is RefusalCode.BODY_PART_CONFLICT]
 
 
+def _uncertain(result: StudyResult) -> list[Refusal]:
+    return [r for r in result.refusals if r.code is RefusalCode.BODY_PART_UNCERTAIN]
+
+
 def flagged(result: StudyResult) -> list[ImageFinding]:
     """Analysed images whose own decision is positive or doubtful, in reading order."""
     return [o for o in result.outcomes()
@@ -293,7 +300,11 @@ def headline(result: StudyResult) -> tuple[str, str]:
     review = _review_findings(result)
     if review:
         parts.append(f"{len(review)} image{'s' if len(review) != 1 else ''} needing human "
-                     "review (body part uncertain)")
+                     "review (the AI gave no finite output)")
+    uncertain = _uncertain(result)
+    if uncertain:
+        parts.append(f"{len(uncertain)} image{'s' if len(uncertain) != 1 else ''} needing "
+                     "human review (body part uncertain)")
     conflicts = _conflicts(result)
     if conflicts:
         parts.append(f"{len(conflicts)} image{'s' if len(conflicts) != 1 else ''} whose "

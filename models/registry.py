@@ -95,6 +95,11 @@ class ModelEntry:
     file in the TOML; ``None`` for an entry registered before graphs were exported."""
     graph_sha256: str = ""
     graph_format: str = ""
+    families: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """A classifier's families of router parts that share one operating point
+    (``UPPER_LIMB`` = fingers to elbow): an image whose router answer is sure of the
+    family but of none of its parts is analysed as the family
+    (:func:`pipeline.classify.router_answer`)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -116,6 +121,11 @@ class ModelEntry:
             raise RegistryError(f"model {self.name}: confidence_floor must be in [0, 1)")
         if self.graph is not None and len(self.graph_sha256) != 64:
             raise RegistryError(f"model {self.name}: graph_sha256 must be 64 hex digits")
+        for family, parts in self.families.items():
+            if len({self.operating_points.get(part) for part in parts}) > 1:
+                raise RegistryError(
+                    f"model {self.name}: the parts of family {family} "
+                    f"({', '.join(parts)}) must share one operating point or have none")
 
     @property
     def info(self) -> ModelInfo:
@@ -135,8 +145,19 @@ class ModelEntry:
         """Body parts with a validated operating point (classifier only)."""
         return tuple(sorted(p for p in self.operating_points if p != DEFAULT_PART))
 
+    @property
+    def supported_answers(self) -> frozenset[str]:
+        """Router answers the classifier analyses: its supported parts, and the families
+        whose parts are all supported."""
+        parts = set(self.supported_body_parts)
+        return frozenset(parts | {f for f, members in self.families.items()
+                                  if members and set(members) <= parts})
+
     def operating_point(self, body_part: str) -> OperatingPoint:
-        """The body part's operating point, else the ``DEFAULT`` one."""
+        """The body part's operating point (a family's is its parts'), else the
+        ``DEFAULT`` one."""
+        if body_part in self.families and self.families[body_part]:
+            body_part = self.families[body_part][0]
         if body_part in self.operating_points:
             return self.operating_points[body_part]
         if DEFAULT_PART in self.operating_points:
@@ -197,6 +218,8 @@ def _entry(name: str, raw: Mapping[str, Any], base: Path) -> ModelEntry:
             graph=(base / str(raw["graph"])).resolve() if "graph" in raw else None,
             graph_sha256=str(raw.get("graph_sha256", "")).lower(),
             graph_format=str(raw.get("graph_format", "onnx" if "graph" in raw else "")),
+            families=MappingProxyType({str(f): tuple(str(p) for p in parts)
+                                       for f, parts in raw.get("families", {}).items()}),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise RegistryError(f"model {name!r} in registry is malformed: {exc!r}") from exc

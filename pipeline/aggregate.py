@@ -75,11 +75,11 @@ def aggregate_study(
 ) -> StudyResult:
     """Combine the per-image outcomes of one study.
 
-    Findings whose router answer was below the confidence floor (``needs-review``)
-    do not enter a body part's mean (their body part is not known well enough);
-    they make the study ``needs-review`` unless another part is positive or
-    doubtful; so does an image whose header contradicts the router
-    (``body-part-conflict``).
+    Findings without a decision (``needs-review``: a classifier output that was not
+    finite) do not enter a body part's mean; they make the study ``needs-review``
+    unless another part is positive or doubtful; so does an image whose header
+    contradicts the router (``body-part-conflict``) or whose body part the router is
+    not sure of (``body-part-uncertain``).
     """
     findings = tuple(o for o in outcomes if isinstance(o, ImageFinding))
     refusals = tuple(o for o in outcomes if isinstance(o, Refusal))
@@ -105,7 +105,8 @@ def aggregate_study(
         )
     decisions = [p.decision for p in parts.values()]
     if any(f.decision is Decision.NEEDS_REVIEW for f in findings) or any(
-            r.code is RefusalCode.BODY_PART_CONFLICT for r in refusals):
+            r.code in (RefusalCode.BODY_PART_CONFLICT, RefusalCode.BODY_PART_UNCERTAIN)
+            for r in refusals):
         decisions.append(Decision.NEEDS_REVIEW)
     if not models and findings:
         models = (findings[0].router, findings[0].classifier)

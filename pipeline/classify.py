@@ -12,8 +12,9 @@ returns one :class:`~pipeline.result.ImageFinding` or
   ``OTHER`` with confidence stays out of the pool and is refused;
 * router answer ``OTHER``, or a body part without validated classifier metrics ->
   ``Refusal(UNSUPPORTED_BODY_PART)`` naming the part;
-* router probability below the router's confidence floor -> an ``ImageFinding``
-  with ``Decision.NEEDS_REVIEW``;
+* router probability below the router's confidence floor -> analysed as the part's
+  family (its finding site) when the family's parts together reach the floor, else
+  ``Refusal(BODY_PART_UNCERTAIN)`` "needs human review" (:func:`router_answer`);
 * otherwise the calibrated probability ``sigmoid(logit / T)`` against the body
   part's doubt band: positive / doubtful / negative;
 * a header that names a body part (BodyPartExamined; where blank or generic, the
@@ -31,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,12 +81,59 @@ class _Route:
     """The router's answer for one image that goes on to the classifier."""
 
     part: str
+    """A router class, or a family of them (:func:`router_answer`)."""
     probability: float
     probabilities: np.ndarray
     """Pooled router probabilities, in the router's class order."""
-    confident: bool
-    """``probability`` reaches the router's confidence floor."""
     notes: tuple[str, ...]
+
+
+UNCERTAIN = ""
+""":attr:`RouterAnswer.part` when the router is sure of neither a part nor a family."""
+
+
+@dataclass(frozen=True)
+class RouterAnswer:
+    """What the node takes the router to say about one image (before the header)."""
+
+    part: str
+    """The router's first class when its probability reaches the confidence floor (or
+    it is ``OTHER``); else the family of that class (:attr:`ModelEntry.families`: parts
+    that share one operating point) when the family's parts together reach the floor;
+    else :data:`UNCERTAIN`."""
+    probability: float
+    """Of ``part`` (the family's parts together for a family)."""
+    top: str
+    """The router's first class."""
+    top_probability: float
+
+
+def router_answer(probabilities: np.ndarray, classes: Sequence[str],
+                  families: Mapping[str, Sequence[str]], floor: float) -> RouterAnswer:
+    """The router's answer as the node takes it, from (pooled) probabilities.
+
+    A part is named only when the router gives it at least ``floor``: below that, an
+    image whose family is sure (e.g. a wrist or a finger, p = 0.48 and 0.41: the upper
+    limb, 0.93) is analysed as the family, whose operating point is the same for all
+    its parts, with the family as its finding site; one whose family is not sure either
+    is not analysed.  The node (:class:`Analyser`), ``evaluate`` and ``register`` all
+    take the router's answer from here."""
+    q = np.asarray(probabilities, dtype=np.float64)
+    i = int(np.argmax(q))
+    top, p = classes[i], float(q[i])
+    if top == OTHER or p >= floor:
+        return RouterAnswer(top, p, top, p)
+    for family, parts in families.items():
+        if top in parts and len(parts) > 1:
+            together = float(sum(q[classes.index(c)] for c in parts if c in classes))
+            if together >= floor:
+                return RouterAnswer(family, together, top, p)
+    return RouterAnswer(UNCERTAIN, p, top, p)
+
+
+def _family_label(family: str) -> str:
+    """``"UPPER_LIMB"`` -> ``"upper limb"``."""
+    return family.replace("_", " ").lower()
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -421,8 +469,27 @@ class Analyser:
                            f"{header.text!r}) and the router ranks second; router's first "
                            f"answer: {part}, p={part_p:.2f}")
             part, part_p = moved, float(probs[classes.index(moved)])
-        confident = part_p >= self._router.confidence_floor
-        if part == OTHER or (confident and part not in supported):
+        family_note = ""
+        floor = self._router.confidence_floor
+        if not header_note:
+            answer = router_answer(probs, classes, self._classifier.families, floor)
+            if answer.part == UNCERTAIN:
+                second = int(np.argsort(-probs)[1])
+                return Refusal(
+                    image.meta, RefusalCode.BODY_PART_UNCERTAIN,
+                    f"needs human review: the router is not sure of the body part ({part} "
+                    f"p={part_p:.2f}, {classes[second]} p={float(probs[second]):.2f}; its "
+                    f"confidence floor is {floor:.2f}); not analysed"
+                    + (f"; {pooled_note}" if pooled_note else ""),
+                    body_part=part,
+                )
+            if answer.part != part:  # a family: its parts together reach the floor
+                family_note = (f"finding site the {_family_label(answer.part)}: the router's "
+                               f"first answer {part} p={part_p:.2f} is below its floor "
+                               f"{floor:.2f}, its parts of the {_family_label(answer.part)} "
+                               f"together p={answer.probability:.2f}")
+                part, part_p = answer.part, answer.probability
+        if part == OTHER or part not in self._classifier.supported_answers:
             what = "a body part outside the supported set" if part == OTHER else f"the {part}"
             return Refusal(
                 image.meta,
@@ -431,24 +498,18 @@ class Analyser:
                 f"supported: {', '.join(supported)})" + (f"; {pooled_note}" if pooled_note else ""),
                 body_part=part,
             )
-        return _Route(part=part, probability=part_p, probabilities=probs, confident=confident,
-                      notes=tuple(n for n in (pooled_note, header_note) if n))
+        return _Route(part=part, probability=part_p, probabilities=probs,
+                      notes=tuple(n for n in (pooled_note, header_note, family_note) if n))
 
     def _classified(self, image: NormalisedImage, transform: GridTransform, route: _Route,
                     p: float, heatmap: np.ndarray) -> ImageFinding:
         """The decision for a routed image from its calibrated fracture probability."""
         classes = self._router.classes
-        part, part_p, confident = route.part, route.probability, route.confident
+        part, part_p = route.part, route.probability
         probs = route.probabilities
         point = self._classifier.operating_point(part)
         notes: list[str] = list(route.notes)
-        if not confident:
-            decision = Decision.NEEDS_REVIEW
-            notes.append(
-                f"router confidence {part_p:.2f} for {part} is below the floor "
-                f"{self._router.confidence_floor:.2f}: needs human review"
-            )
-        elif not math.isfinite(p):
+        if not math.isfinite(p):
             decision = Decision.NEEDS_REVIEW
             notes.append("classifier output was not finite: needs human review")
         elif p >= point.doubt_high:

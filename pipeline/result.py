@@ -60,6 +60,9 @@ class RefusalCode(enum.StrEnum):
     BODY_PART_CONFLICT = "body-part-conflict"
     """The DICOM header names a body part that contradicts the router: needs human
     review, not analysed as either (``pipeline/bodypart.py``)."""
+    BODY_PART_UNCERTAIN = "body-part-uncertain"
+    """The router is sure of neither a body part nor its family (below its confidence
+    floor): needs human review, not analysed (``pipeline.classify.router_answer``)."""
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,8 @@ class Refusal:
     text: str
     """Technical detail of the reason (kept in the SR comment and the job database)."""
     body_part: str = ""
-    """For ``UNSUPPORTED_BODY_PART`` and ``BODY_PART_CONFLICT``: the router's answer
+    """For ``UNSUPPORTED_BODY_PART``, ``BODY_PART_CONFLICT`` and ``BODY_PART_UNCERTAIN``:
+    the router's (first) answer
     (``"OTHER"`` for an out-of-scope region), so the wording can name it."""
     header: str = ""
     """For ``BODY_PART_CONFLICT``: the region the header names and where

@@ -120,3 +120,65 @@ def test_agreeing_and_contradicting_headers_with_router_2(analyser) -> None:  # 
     [contra] = analyser.analyse([_tibia(BodyPartExamined="ARM", StudyDescription="XR ARM")])
     assert isinstance(contra, Refusal) and contra.code is RefusalCode.BODY_PART_CONFLICT
     assert contra.body_part == "LEG" and contra.header.startswith("arm")
+
+
+# -- the router's answer below its confidence floor (pipeline.classify.router_answer) ----
+
+
+def _p(**named: float) -> "object":
+    import numpy as np
+
+    from models.training.data import ROUTER_CLASSES
+
+    q = np.full(len(ROUTER_CLASSES), 0.0)
+    for part, value in named.items():
+        q[ROUTER_CLASSES.index(part)] = value
+    rest = [i for i, c in enumerate(ROUTER_CLASSES) if c not in named]
+    q[rest] = (1.0 - sum(named.values())) / len(rest)
+    return q
+
+
+def test_below_the_floor_the_family_or_nothing() -> None:
+    """A part is named at or above the floor; below it, its family when the family's
+    parts together reach the floor (a finger or a wrist: the upper limb), else nothing:
+    a single-part family (the leg) is that part, and OTHER is always OTHER."""
+    from models.registry import load_registry
+    from models.training.data import ROUTER_CLASSES
+    from pipeline.classify import UNCERTAIN, router_answer
+
+    entry = load_registry(ROOT / "models" / "registry.toml").get("fracture-classifier")
+    families, classes = entry.families, ROUTER_CLASSES
+    assert router_answer(_p(WRIST=0.55, FINGER=0.40), classes, families, 0.5).part == "WRIST"
+    answer = router_answer(_p(WRIST=0.48, FINGER=0.41), classes, families, 0.5)
+    assert (answer.part, answer.top) == ("UPPER_LIMB", "WRIST")
+    assert answer.probability >= 0.89
+    assert router_answer(_p(WRIST=0.30, LEG=0.29, HIP=0.28), classes, families, 0.5).part == UNCERTAIN
+    assert router_answer(_p(LEG=0.45, HIP=0.40), classes, families, 0.5).part == UNCERTAIN
+    assert router_answer(_p(OTHER=0.35, HIP=0.30), classes, families, 0.5).part == "OTHER"
+    # arm and shoulder together: a family the classifier does not analyse
+    assert router_answer(_p(HUMERUS=0.45, SHOULDER=0.40), classes, families, 0.5).part == "ARM_SHOULDER"
+    assert "UPPER_LIMB" in entry.supported_answers and "ARM_SHOULDER" not in entry.supported_answers
+    assert entry.operating_point("UPPER_LIMB") == entry.operating_point("WRIST")
+
+
+def test_the_node_analyses_a_sure_family_and_refuses_an_unsure_part(analyser) -> None:  # type: ignore[no-untyped-def]
+    """Through the Analyser's own routing: a wrist-or-finger answer below the floor is
+    analysed with the finding site the upper limb (SNOMED CT 53120007) and the wrist's
+    operating point, and says why; an answer sure of nothing is refused for review."""
+    import numpy as np
+
+    from dicom_out.common import body_part_code
+    from pipeline.classify import _Route
+
+    image = _tibia(BodyPartExamined="", StudyDescription="", SeriesDescription="")
+    family = analyser._route(image, _p(WRIST=0.48, FINGER=0.41), _p(WRIST=0.48, FINGER=0.41), 1)
+    assert isinstance(family, _Route) and family.part == "UPPER_LIMB"
+    assert any("finding site the upper limb" in note for note in family.notes)
+    finding = analyser._classified(image, None, family, 0.8, np.zeros((20, 20), np.float32))
+    assert finding.body_part == "UPPER_LIMB" and finding.decision.value == "positive"
+    assert finding.threshold == analyser.classifier_entry.operating_point("WRIST").threshold
+    assert body_part_code("UPPER_LIMB").value == "53120007"
+    unsure = analyser._route(image, _p(WRIST=0.30, LEG=0.29, HIP=0.28),
+                             _p(WRIST=0.30, LEG=0.29, HIP=0.28), 1)
+    assert isinstance(unsure, Refusal) and unsure.code is RefusalCode.BODY_PART_UNCERTAIN
+    assert unsure.text.startswith("needs human review: the router is not sure of the body part")

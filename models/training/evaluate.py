@@ -26,7 +26,7 @@ import datetime as dt
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from models.training import data as mdata
 from models.training import metrics as mm
-from pipeline.classify import pooled_router_probabilities
+from pipeline.classify import pooled_router_probabilities, router_answer
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def evaluate_router(analyser: Any, rows: Sequence[mdata.Row], supported: Sequenc
         x = mdata.load_arrays([r.path for r in known[sl]], size)
         probs.append(analyser.predict_router(x.astype(np.float32)))
     p_known = np.concatenate(probs)
-    safety = _router_safety(known, p_known, classes, supported, analyser.router_entry.confidence_floor)
+    safety = _router_safety(known, p_known, analyser.router_entry, analyser.classifier_entry)
     # a class the evaluated router does not have (LEG, HIP for router 1.x) was its OTHER
     targets = [t if t is None or t in classes else mdata.OTHER for t in (mdata.router_target(r) for r in known)]
     keep = np.array([t is not None for t in targets], dtype=bool)
@@ -124,22 +124,31 @@ def evaluate_router(analyser: Any, rows: Sequence[mdata.Row], supported: Sequenc
     }
 
 
-def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, classes: Sequence[str],
-                   supported: Sequence[str], floor: float) -> dict[str, Any]:
+def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, router_entry: Any,
+                   classifier_entry: Any) -> dict[str, Any]:
     """The safety figure: share of images (with a known region) analysed as a part they do not show.
 
     "Analysed" is the node's router step without a header: the answer pooled over the
-    study's images (:func:`pipeline.classify.pooled_router_probabilities`) is a body part
-    the classifier supports; below the confidence floor the node still returns a finding
-    (needs review), so those count too. The header cross-check is not applied (the
-    manifest has no DICOM header), so this is the router's figure alone.
+    study's images (:func:`pipeline.classify.pooled_router_probabilities`) taken as the
+    node takes it (:func:`pipeline.classify.router_answer`: a part at or above the
+    confidence floor, else its family when the family's parts together reach the floor,
+    else not analysed) is one the classifier analyses.  An image analysed as a family
+    (finding site the upper limb) is wrong when its region holds none of the family's
+    parts.  The header cross-check is not applied (the manifest has no DICOM header), so
+    this is the router's figure alone.
     """
-    pooled = pooled_router_probabilities(p, [r.study_key for r in rows], classes.index(mdata.OTHER), floor)
-    answer = [classes[i] for i in pooled.argmax(1)]
+    classes = list(router_entry.classes)
+    floor = router_entry.confidence_floor
+    families = classifier_entry.families
+    supported = classifier_entry.supported_answers
+    answer, answer_p = _answers(p, rows, router_entry, families)
     allowed = [mdata.region_parts(r) or frozenset() for r in rows]
     analysed = np.array([a in supported for a in answer], dtype=bool)
-    wrong = np.array([an and a not in al for an, a, al in zip(analysed, answer, allowed)], dtype=bool)
-    decided = wrong & (pooled.max(1) >= floor)
+
+    def shows(a: str, al: frozenset[str]) -> bool:
+        return bool(al & set(families[a])) if a in families else a in al
+
+    wrong = np.array([an and not shows(a, al) for an, a, al in zip(analysed, answer, allowed)], dtype=bool)
     groups = np.array([r.study_key for r in rows])
     # a fracture classifier shares one operating point per family of parts: the image was
     # analysed as a region it does not show when even the family is wrong (a finger as a
@@ -157,10 +166,12 @@ def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, classes: Sequence[s
         m = np.array(["+".join(sorted(a)) == region for a in allowed])
         by_region[region] = {"n": int(m.sum()), "analysed": int(analysed[m].sum()),
                              "wrong_part_analysed": int(wrong[m].sum()),
-                             "answers": {c: int(sum(1 for a, mm_ in zip(answer, m) if mm_ and a == c))
-                                         for c in classes if any(a == c for a, mm_ in zip(answer, m) if mm_)}}
-    examples = [{"dataset": r.dataset, "body_part": r.body_part, "answer": a, "p": round(float(q.max()), 3)}
-                for r, a, q, w in zip(rows, answer, pooled, wrong) if w][:20]
+                             "answers": {c or "UNCERTAIN": int(sum(1 for a, mm_ in zip(answer, m)
+                                                                   if mm_ and a == c))
+                                         for c in [*classes, *families, ""]
+                                         if any(a == c for a, mm_ in zip(answer, m) if mm_)}}
+    examples = [{"dataset": r.dataset, "body_part": r.body_part, "answer": a, "p": round(float(q), 3)}
+                for r, a, q, w in zip(rows, answer, answer_p, wrong) if w][:20]
     rate = float(wrong.mean())
     return {
         "unsupported_analysed_rate": round(rate, 5),
@@ -169,15 +180,19 @@ def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, classes: Sequence[s
         "wrong_family_analysed": int(cross.sum()),
         "wrong_family_analysed_rate": round(float(cross.mean()), 5),
         "wrong_family_analysed_rate_ci95": _ci(lambda i: float(cross[i].mean()), len(cross), groups, 2000, 0),
-        "unsupported_analysed_with_decision": int(decided.sum()),
+        "unsupported_analysed_with_decision": int(wrong.sum()),
         "n_known_region": len(rows),
         "analysed": int(analysed.sum()),
-        "refused_unsupported": int((~analysed).sum()),
+        "refused_unsupported": int(sum(1 for an, a in zip(analysed, answer) if not an and a)),
+        "refused_uncertain": int(sum(1 for a in answer if not a)),
+        "family_answers": int(sum(1 for an, a in zip(analysed, answer) if an and a in families)),
         "safety_by_dataset": by_dataset,
         "safety_by_region": by_region,
         "wrong_part_examples": examples,
-        "safety_rule": "pooled router answer is a supported part the image's region does not include "
-                       "(FracAtlas HAND = fingers to elbow); header cross-check not applied",
+        "safety_rule": "pooled router answer (a part at or above the confidence floor, else its family "
+                       "when the family's parts together reach it, else not analysed) is one the classifier "
+                       "analyses and the image's region does not include it (a family: none of its parts; "
+                       "FracAtlas HAND = fingers to elbow); header cross-check not applied",
     }
 
 
@@ -331,20 +346,30 @@ def evaluate_fracture_labelled(analyser: Any, rows: Sequence[mdata.Row], n_boot:
     return out
 
 
-def routed_parts(predict_router: Any, router_entry: Any, rows: Sequence[mdata.Row]) -> tuple[list[str], np.ndarray]:
-    """The router's answer for each row as the node gives it without a header (softmax
-    pooled over the row's study, :func:`pipeline.classify.pooled_router_probabilities`)
-    and its probability.  ``predict_router`` maps prepared squares to the softmax
-    (:meth:`pipeline.classify.Analyser.predict_router`, :meth:`pipeline.classify.RouterGraph.probabilities`)."""
+def routed_parts(predict_router: Any, router_entry: Any, rows: Sequence[mdata.Row],
+                 families: Mapping[str, Sequence[str]]) -> tuple[list[str], np.ndarray]:
+    """The router's answer for each row as the node takes it without a header (softmax
+    pooled over the row's study, :func:`pipeline.classify.pooled_router_probabilities`,
+    then :func:`pipeline.classify.router_answer` with the classifier's ``families``: a
+    part, a family, or ``""`` when uncertain) and its probability.  ``predict_router``
+    maps prepared squares to the softmax (:meth:`pipeline.classify.Analyser.predict_router`,
+    :meth:`pipeline.classify.RouterGraph.probabilities`)."""
     if not rows:
         return [], np.zeros(0)
     size = router_entry.input_size
     probs = np.concatenate([predict_router(mdata.load_arrays([r.path for r in rows[sl]], size).astype(np.float32))
                             for sl in _batched(len(rows), 32)])
+    return _answers(probs, rows, router_entry, families)
+
+
+def _answers(probs: np.ndarray, rows: Sequence[mdata.Row], router_entry: Any,
+             families: Mapping[str, Sequence[str]]) -> tuple[list[str], np.ndarray]:
     classes = list(router_entry.classes)
+    floor = router_entry.confidence_floor
     pooled = pooled_router_probabilities(probs, [r.study_key for r in rows], classes.index(mdata.OTHER),
-                                         router_entry.confidence_floor)
-    return [classes[i] for i in pooled.argmax(1)], pooled.max(1)
+                                         floor)
+    answers = [router_answer(q, classes, families, floor) for q in pooled]
+    return [a.part for a in answers], np.array([a.probability for a in answers])
 
 
 def evaluate_served_fracture(analyser: Any, rows: Sequence[mdata.Row], n_boot: int, seed: int,
@@ -362,9 +387,9 @@ def evaluate_served_fracture(analyser: Any, rows: Sequence[mdata.Row], n_boot: i
     measured on the other half) is the honest sensitivity and specificity.
     """
     entry = analyser.classifier_entry
-    supported = set(entry.supported_body_parts)
+    supported = set(entry.supported_answers)
     items = [s.row for s in mdata.fracture_samples(rows)]
-    answers, _ = routed_parts(analyser.predict_router, analyser.router_entry, items)
+    answers, _ = routed_parts(analyser.predict_router, analyser.router_entry, items, entry.families)
     analysed = np.array([a in supported for a in answers], dtype=bool)
     probs = []
     for sl in _batched(len(items), 32):
@@ -393,7 +418,8 @@ def evaluate_served_fracture(analyser: Any, rows: Sequence[mdata.Row], n_boot: i
         "by_body_part": {},
         "by_router_part": {},
         "by_dataset": {},
-        "unsupported_body_parts": sorted({x for x in answers} - supported),
+        "unsupported_body_parts": sorted({x or "UNCERTAIN" for x in answers} - supported),
+        "family_answers": int(sum(1 for x in answers if x in entry.families)),
     }
     for reg in sorted(set(region.tolist()) - {""}):
         fracture["by_body_part"][reg] = {"image": block(region == reg)}
@@ -793,14 +819,15 @@ def write_report(out: Path, metrics: dict[str, Any], files: Sequence[str]) -> No
         f"Images analysed as a body part they do not show (`router.unsupported_analysed_rate`): "
         f"{r.get('unsupported_analysed', 0)} of {r.get('n_known_region', 0)} validation images with a known region = "
         f"{_fmt_ci(100 * r.get('unsupported_analysed_rate', float('nan')), [100 * c for c in r.get('unsupported_analysed_rate_ci95', [])])} % "
-        f"(bar <= 1 %); {r.get('unsupported_analysed_with_decision', 0)} of them above the confidence floor. "
-        f"Of them, {r.get('wrong_family_analysed', 0)} = "
+        f"(bar <= 1 %). Of them, {r.get('wrong_family_analysed', 0)} = "
         f"{_fmt_ci(100 * r.get('wrong_family_analysed_rate', float('nan')), [100 * c for c in r.get('wrong_family_analysed_rate_ci95', [])])} % "
         f"were analysed as a region they do not show even by family (upper limb, arm and shoulder, leg, hip: "
         f"a fracture classifier's operating points are per family), the rest as a neighbouring part of the right "
         f"region (e.g. a finger as a wrist: a wrong finding site). "
-        f"Analysed (pooled answer a supported part): {r.get('analysed', 0)}; refused as unsupported: "
-        f"{r.get('refused_unsupported', 0)}. Rule: {r.get('safety_rule', '')}.",
+        f"Analysed: {r.get('analysed', 0)}, {r.get('family_answers', 0)} of them as a family (the router "
+        f"sure of the family, of none of its parts: finding site the upper limb); refused as unsupported: "
+        f"{r.get('refused_unsupported', 0)}; refused as uncertain (sure of neither): "
+        f"{r.get('refused_uncertain', 0)}. Rule: {r.get('safety_rule', '')}.",
         "",
         "| region (allowed answers) | n | analysed | wrong part analysed | router answers |",
         "|---|---|---|---|---|",

@@ -203,13 +203,15 @@ def calibrate_fracture(
     rows = mdata.in_split(mdata.read_manifest(data_dir), "val")
     samples = mdata.fracture_samples(rows)
     items = [s.row for s in samples]
-    answers, _ = routed_parts(router.probabilities, router_entry, items)
+    answers, _ = routed_parts(router.probabilities, router_entry, items, mdata.FRACTURE_FAMILIES)
     y, temperature, prob = _calibrated(graph, samples, size, test_time_flip)
     points: dict[str, dict[str, Any]] = {}
     summary: dict[str, Any] = {"temperature": temperature, "n_images": len(y), "parts": {}, "families": {}}
     chosen: list[int] = []
     for family, parts in mdata.FRACTURE_FAMILIES.items():
-        idx = [i for i, a in enumerate(answers) if a in parts and items[i].dataset in threshold_datasets]
+        # routed to one of its parts, or to the family itself (router_answer)
+        idx = [i for i, a in enumerate(answers)
+               if (a in parts or a == family) and items[i].dataset in threshold_datasets]
         n_pos = int(y[idx].sum())
         n_neg = len(idx) - n_pos
         info: dict[str, Any] = {"parts": sorted(parts), "images": len(idx), "positive": n_pos, "negative": n_neg}
@@ -234,6 +236,37 @@ def calibrate_fracture(
     return temperature, points, summary
 
 
+def _calibrate_fracture_entry(entry: dict[str, Any], graph_path: Path, args: argparse.Namespace) -> None:
+    """Temperature, operating points, families and notes of a fracture classifier's
+    entry, chosen on the validation split routed as ``args.router`` routes it."""
+    from models.registry import load_registry
+    from models.runtime import OnnxGraph, load_graph
+    from pipeline.classify import RouterGraph
+
+    router_entry = load_registry(args.registry).get(args.router, role="router")
+    router = RouterGraph(load_graph(router_entry), router_entry.test_time_flip)
+    temperature, points, summary = calibrate_fracture(
+        OnnxGraph(graph_path), router, router_entry, args.data, int(entry["input_size"]),
+        args.min_images, args.doubt, args.sensitivity, bool(entry.get("test_time_flip", False)),
+    )
+    entry["temperature"] = temperature
+    entry["finding"] = "fracture"
+    entry["confidence_floor"] = 0.0
+    entry["notes"] = (
+        f"Fracture probability. Temperature fitted on the validation split's fracture-labelled "
+        f"images, thresholds chosen on its {'/'.join(mdata.FRACTURE_THRESHOLD_DATASETS)} images, "
+        f"each routed as {router_entry.name} {router_entry.version} routes it (image level, the "
+        f"highest threshold with sensitivity >= {args.sensitivity:.2f}, one per family of router "
+        f"parts). " + "; ".join(
+            f"{k} ({', '.join(v['parts'])}): " + (v.get("reason") or
+            f"supported, threshold chosen on {v['images']} images, {v['positive']} fractured")
+            for k, v in summary["families"].items()
+        )
+    )
+    entry["operating_points"] = points
+    entry["families"] = {f: sorted(parts) for f, parts in mdata.FRACTURE_FAMILIES.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -254,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fracture classifier: fractured and unfractured validation images a family needs")
     p.add_argument("--attach-metrics", type=Path, default=None, help="metrics.json to copy into the entry")
     p.add_argument("--skip-copy", action="store_true", help="entry exists: only (re)attach metrics")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="with --skip-copy: choose a fracture classifier's temperature and operating "
+                        "points again (the router or the routing rule changed)")
     p.add_argument("--test-time-flip", action="store_true",
                    help="also run the mirrored image at inference (classifier: mean feature map; router: mean logits)")
     args = p.parse_args(argv)
@@ -264,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         existing = tomllib.loads(args.registry.read_text()).get("models", {})
     if args.skip_copy:
         entry = dict(existing[args.name])
+        if args.recalibrate:
+            if entry.get("finding") != "fracture" or "graph" not in entry:
+                raise SystemExit(f"--recalibrate: {args.name} is not a fracture classifier with a graph")
+            _calibrate_fracture_entry(entry, args.registry.parent.resolve() / entry["graph"], args)
     else:
         import keras
 
@@ -318,16 +358,6 @@ def main(argv: list[str] | None = None) -> int:
             entry["confidence_floor"] = args.confidence_floor
             entry["notes"] = "Body-part router; OTHER and parts without classifier metrics are refused."
         elif cfg.get("finding") == "fracture":
-            from models.registry import load_registry
-            from models.runtime import load_graph
-            from pipeline.classify import RouterGraph
-
-            router_entry = load_registry(args.registry).get(args.router, role="router")
-            router = RouterGraph(load_graph(router_entry), router_entry.test_time_flip)
-            temperature, points, summary = calibrate_fracture(
-                OnnxGraph(graph_path), router, router_entry, args.data, size, args.min_images, args.doubt,
-                args.sensitivity, args.test_time_flip,
-            )
             entry["training_data"] = (
                 "fracture-labelled radiographs with true negatives (train split of ../shared/data/msk: "
                 + ", ".join(mdata.FRACTURE_DATASETS) + "), image-level fracture labels"
@@ -339,21 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                     if cfg.get("localisation_weight") else ""
                 ) + train_desc
             )
-            entry["temperature"] = temperature
-            entry["finding"] = "fracture"
-            entry["confidence_floor"] = 0.0
-            entry["notes"] = (
-                f"Fracture probability. Temperature fitted on the validation split's fracture-labelled "
-                f"images, thresholds chosen on its {'/'.join(mdata.FRACTURE_THRESHOLD_DATASETS)} images, "
-                f"each routed as {router_entry.name} {router_entry.version} routes it (image level, the "
-                f"highest threshold with sensitivity >= {args.sensitivity:.2f}, one per family of router "
-                f"parts). " + "; ".join(
-                    f"{k} ({', '.join(v['parts'])}): " + (v.get("reason") or
-                    f"supported, threshold chosen on {v['images']} images, {v['positive']} fractured")
-                    for k, v in summary["families"].items()
-                )
-            )
-            entry["operating_points"] = points
+            _calibrate_fracture_entry(entry, graph_path, args)
         else:
             temperature, points, summary = calibrate_classifier(
                 OnnxGraph(graph_path), args.data, size, args.min_studies, args.doubt, args.test_time_flip

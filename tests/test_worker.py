@@ -41,16 +41,23 @@ EXE = ROOT / ".venv" / "bin" / "fracture-node"
 # -- the config key -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["two", 0, -1, 65, 2.5, True])
-def test_bad_worker_threads_is_one_line_naming_the_key_and_the_fix(value: object) -> None:
+@pytest.mark.parametrize(("key", "value", "start", "fix"), [
+    *[("threads", v, "worker.threads must be an integer from 1 to 64",
+       "leave the key out to use the cores") for v in ("two", 0, -1, 65, 2.5, True)],
+    *[("build_processes", v, "worker.build_processes must be an integer from 0 to 16",
+       "the default 0 builds the result objects in the worker's threads")
+      for v in ("one", -1, 17, 1.5, True)],
+])
+def test_bad_worker_threads_or_build_processes_is_one_line_naming_the_key_and_the_fix(
+        key: str, value: object, start: str, fix: str) -> None:
     raw = {"peers": [{"ae_title": "ORTHANC"}], "keep_results_local": True,
-           "worker": {"threads": value}}
+           "worker": {key: value}}
     with pytest.raises(ConfigError) as info:
         config_from_dict(raw, Path("/tmp"))
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("worker.threads must be an integer from 1 to 64")
-    assert "leave the key out to use the cores" in message
+    assert message.startswith(start)
+    assert fix in message
 
 
 def test_bad_max_images_in_flight_batch_images_and_unknown_worker_key_are_refused() -> None:
@@ -514,18 +521,6 @@ def test_queued_results_wake_the_deliverer(tmp_path: Path) -> None:
 # -- result objects built in build processes ([worker] build_processes) ------------------
 
 
-@pytest.mark.parametrize("value", ["one", -1, 17, 1.5, True])
-def test_bad_build_processes_is_one_line_naming_the_key_and_the_fix(value: object) -> None:
-    raw = {"peers": [{"ae_title": "ORTHANC"}], "keep_results_local": True,
-           "worker": {"build_processes": value}}
-    with pytest.raises(ConfigError) as info:
-        config_from_dict(raw, Path("/tmp"))
-    message = str(info.value)
-    assert "\n" not in message
-    assert message.startswith("worker.build_processes must be an integer from 0 to 16")
-    assert "the default 0 builds the result objects in the worker's threads" in message
-
-
 def test_build_processes_are_off_by_default_and_need_two_threads() -> None:
     assert WorkerConfig().resolved_build_processes == 0
     assert WorkerConfig(threads=1, build_processes=3).resolved_build_processes == 0
@@ -546,20 +541,15 @@ def _demo_job(directory: Path, name: str, tag: str) -> "StudyJob":
     return StudyJob(records[0].study_instance_uid, 1, tuple(records), None)
 
 
-_PER_RUN = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
-            "ContributionDateTime", "AcquisitionDateTime", "DateOfSecondaryCapture", "TimeOfSecondaryCapture",
-            "EncapsulatedDocument", "EncapsulatedDocumentLength"}
-"""Set from the clock at build time (the PDF holds its creation time)."""
+def _comparable(ds: Dataset) -> Dataset:
+    """``ds`` without what is set from the clock (``bench/build_cost.py``'s comparison)."""
+    import importlib.util
 
-
-def _without_times(ds: Dataset) -> Dataset:
-    for elem in list(ds):
-        if elem.keyword in _PER_RUN:
-            del ds[elem.tag]
-        elif elem.VR == "SQ":
-            for item in elem.value:
-                _without_times(item)
-    return ds
+    spec = importlib.util.spec_from_file_location("build_cost", ROOT / "bench" / "build_cost.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._comparable(ds)
 
 
 def test_a_build_process_writes_the_objects_the_worker_thread_builds(
@@ -596,21 +586,12 @@ def test_a_build_process_writes_the_objects_the_worker_thread_builds(
         assert w.path == spool.path(area, job.study_instance_uid, w.sop_instance_uid)
         read = pydicom.dcmread(w.path)
         assert read.SOPClassUID == w.sop_class_uid
-        assert _without_times(read) == _without_times(
-            pydicom.dcmread(_bytes_of(built_here[w.sop_instance_uid])))
+        assert _comparable(read) == _comparable(built_here[w.sop_instance_uid])
     assert list(spool.tmp.iterdir()) == []
     lines = [r for r in caplog.records if r.name == "node.processing"
              and r.getMessage().startswith(f"study {job.study_instance_uid}: positive")]
     assert lines and getattr(lines[0], "study_uid", None) == job.study_instance_uid
     assert [w.new for w in again.written] == [False] * 7
-
-
-def _bytes_of(ds: Dataset) -> "io.BytesIO":
-    import io
-
-    from node.worker import encode
-
-    return io.BytesIO(encode(ds))
 
 
 def test_a_build_process_that_dies_costs_one_attempt_and_a_new_one_takes_over(

@@ -185,7 +185,9 @@ def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, router_entry: Any,
         "analysed": int(analysed.sum()),
         "refused_unsupported": int(sum(1 for an, a in zip(analysed, answer) if not an and a)),
         "refused_uncertain": int(sum(1 for a in answer if not a)),
-        "family_answers": int(sum(1 for an, a in zip(analysed, answer) if an and a in families)),
+        # analysed as a family of several parts (LEG is a part and its own one-part family)
+        "family_answers": int(sum(1 for an, a in zip(analysed, answer)
+                                  if an and len(families.get(a, ())) > 1)),
         "safety_by_dataset": by_dataset,
         "safety_by_region": by_region,
         "wrong_part_examples": examples,
@@ -419,7 +421,7 @@ def evaluate_served_fracture(analyser: Any, rows: Sequence[mdata.Row], n_boot: i
         "by_router_part": {},
         "by_dataset": {},
         "unsupported_body_parts": sorted({x or "UNCERTAIN" for x in answers} - supported),
-        "family_answers": int(sum(1 for x in answers if x in entry.families)),
+        "family_answers": int(sum(1 for x in answers if len(entry.families.get(x, ())) > 1)),
     }
     for reg in sorted(set(region.tolist()) - {""}):
         fracture["by_body_part"][reg] = {"image": block(region == reg)}

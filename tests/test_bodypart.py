@@ -4,7 +4,6 @@ in a data file, and the real models on the demo's distal tibia under header vari
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pydicom
 import pytest

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
 from conftest import ROOT, free_port, restudy, storescu, wait_for, write_config
 from node.config import WorkerConfig, available_cores, config_from_dict, load_config
 from node.errors import ConfigError
-from node.jobs import open_job_store
+from node.jobs import InstanceRecord, StudyJob, open_job_store
 from node.processing import StudyProcessor, processor_factory
 from node.service import Node
 from node.worker import PipelinedWorker, Worker
@@ -528,8 +528,7 @@ def test_build_processes_are_off_by_default_and_need_two_threads() -> None:
     assert WorkerConfig(threads=2, build_processes=2).resolved_build_processes == 2
 
 
-def _demo_job(directory: Path, name: str, tag: str) -> "StudyJob":
-    from node.jobs import InstanceRecord, StudyJob
+def _demo_job(directory: Path, name: str, tag: str) -> StudyJob:
 
     records = []
     for f in _restudy(DEMO[name], directory, tag):

@@ -138,7 +138,6 @@ def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, router_entry: Any,
     this is the router's figure alone.
     """
     classes = list(router_entry.classes)
-    floor = router_entry.confidence_floor
     families = classifier_entry.families
     supported = classifier_entry.supported_answers
     answer, answer_p = _answers(p, rows, router_entry, families)

@@ -9,6 +9,7 @@ Real SCP on loopback, real DCMTK storescu / pynetdicom SCUs, real shipped models
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sqlite3
@@ -642,37 +643,67 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
-def test_serve_builds_in_a_build_process_which_goes_when_the_node_is_killed(
-        tmp_path: Path) -> None:
-    """``fracture-node serve`` with two worker threads: its log says a build process
-    builds the result objects, a study gets its results, and when the node is
-    SIGKILLed its build process (and the pool's helper) exit on their own."""
+def _serve_with_a_build_process(tmp_path: Path, studies: int) -> subprocess.Popen[bytes]:
+    """``fracture-node serve`` (two worker threads, one build process) that has processed
+    ``studies`` copies of the demo's forearm study, sent together."""
     port = free_port()
     cfg = write_config(tmp_path, port, quiet_seconds=0.3,
                        extra="\n[worker]\nthreads = 2\nbuild_processes = 1\n")
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([str(EXE), "--config", str(cfg), "serve"], stdout=log.open("ab"),
                             stderr=subprocess.STDOUT)
+    wait_for(lambda: "build process(es) for the result objects" in log.read_text(
+        errors="replace"), timeout=180)
+    files = [f for n in range(studies)
+             for f in _restudy(DEMO["forearm"], tmp_path / f"study{n}", f"serve{n}")]
+    out = storescu(port, files, "FRACTURE_NODE")
+    assert out.returncode == 0, out.stderr
+
+    def processed() -> bool:
+        con = sqlite3.connect(tmp_path / "node.sqlite", timeout=30)
+        try:
+            return con.execute("SELECT state FROM studies").fetchall() == [("processed",)] * studies
+        finally:
+            con.close()
+
+    wait_for(processed, timeout=180, interval=0.2)
+    return proc
+
+
+def test_serve_builds_in_a_build_process_which_goes_when_the_node_is_killed(
+        tmp_path: Path) -> None:
+    """``fracture-node serve`` with two worker threads: its log says a build process
+    builds the result objects, a study gets its results, and when the node is
+    SIGKILLed its build process (and the pool's helper) exit on their own."""
+    proc = _serve_with_a_build_process(tmp_path, 1)
     try:
-        wait_for(lambda: "build process(es) for the result objects" in log.read_text(
-            errors="replace"), timeout=180)
-        files = _restudy(DEMO["forearm"], tmp_path / "study", "serve")
-        out = storescu(port, files, "FRACTURE_NODE")
-        assert out.returncode == 0, out.stderr
-
-        def processed() -> bool:
-            con = sqlite3.connect(tmp_path / "node.sqlite", timeout=30)
-            try:
-                return con.execute("SELECT state FROM studies").fetchall() == [("processed",)]
-            finally:
-                con.close()
-
-        wait_for(processed, timeout=120, interval=0.2)
         children = _descendants(proc.pid)
         assert children, "no build process"
         proc.kill()
         proc.wait(timeout=30)
         wait_for(lambda: not any(Path(f"/proc/{c}").exists() for c in children), timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_stops_a_node_and_its_build_process(tmp_path: Path) -> None:
+    """Three studies sent together (more than one in hand: the build process gets
+    work), then SIGTERM: the node exits 0 with every study processed and its build
+    process gone; the build process itself ignores SIGTERM (the node decides when it
+    stops)."""
+    proc = _serve_with_a_build_process(tmp_path, 3)
+    try:
+        children = _descendants(proc.pid)
+        assert children, "no build process"
+        for child in children:  # a SIGTERM to the process group reaches them too
+            os.kill(child, signal.SIGTERM)
+        time.sleep(1.0)
+        assert all(Path(f"/proc/{c}").exists() for c in children)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        wait_for(lambda: not any(Path(f"/proc/{c}").exists() for c in children), timeout=30)
+        assert "node stopped" in (tmp_path / "serve.log").read_text(errors="replace")
     finally:
         if proc.poll() is None:
             proc.kill()

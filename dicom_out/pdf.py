@@ -674,4 +674,3 @@ def build_pdf_report(
 
 
 __all__ = ["build_pdf_report", "render_pdf", "check_pdf", "observation_text"]
-

@@ -3,10 +3,10 @@
 Building a study's Secondary Captures, SR, PDF and KO is Python under the interpreter
 lock (pydicom, highdicom, ReportLab), so in the node's process it cannot use a core
 the models and the network leave free: ``bench/e2e.py`` saw the node keep 0.92 of
-two cores busy during a burst.  :class:`BuildProcesses` is the node's
-:class:`~node.processing.StudyProcessor` (:class:`BuiltElsewhere`) with its build
-stage sent to a pool of processes (spawned, not forked: the node's process has threads),
-started before the models load:
+two cores busy during a burst.  :class:`BuiltElsewhere` is the node's
+:class:`~node.processing.StudyProcessor` with its build stage sent to
+:class:`BuildProcesses`, a pool of processes (spawned, not forked: the node's process
+has threads) started before the models load:
 
 * the analysed study (its findings, heat maps and source datasets) is pickled to a
   build process, which runs :meth:`StudyProcessor.build` on it exactly as the worker's
@@ -44,7 +44,7 @@ import pydicom
 
 from dicom_out.common import OutputSettings
 from node.spool import Spool
-from node.worker import ProcessedStudy, WrittenFile, encode, release_memory
+from node.worker import ProcessedStudy, WrittenFile, encode, output_path, release_memory
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ def _build(study: Any, models: _ModelInfos) -> _Built:
     written: list[WrittenFile] = []
 
     def write(kind: str, ds: pydicom.Dataset) -> None:
-        area = "reports" if kind == "sr" else "outbox"
-        path = spool.path(area, job.study_instance_uid, str(ds.SOPInstanceUID))
+        path = output_path(spool, job.study_instance_uid, kind, str(ds.SOPInstanceUID))
         new = not path.exists()
         if new:
             spool.write(path, encode(ds))

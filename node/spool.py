@@ -80,9 +80,7 @@ class Spool:
                  tmp_dir: Path | None = None) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
-        self.tmp = root / "tmp" if node_name is None else root / "tmp" / node_name
-        if tmp_dir is not None:
-            self.tmp = tmp_dir
+        self.tmp = tmp_dir or (root / "tmp" if node_name is None else root / "tmp" / node_name)
         for sub in (root, root / "tmp", self.tmp, root / "incoming", root / "outbox",
                     root / "reports"):
             sub.mkdir(parents=True, exist_ok=True, mode=0o700)

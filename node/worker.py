@@ -62,6 +62,13 @@ class WrittenFile:
     """Whether this build wrote it (``False``: the file was there already)."""
 
 
+def output_path(spool: Spool, study_instance_uid: str, kind: str, sop_instance_uid: str) -> Path:
+    """Where a result object of ``kind`` lives in the spool: an SR in ``reports``, the
+    others in ``outbox``."""
+    return spool.path("reports" if kind == "sr" else "outbox", study_instance_uid,
+                      sop_instance_uid)
+
+
 class Processor(Protocol):
     """Turns a claimed study into result objects.  Bad images must come back as
     outcomes with a reason, not as exceptions; an exception means the study could
@@ -313,8 +320,7 @@ class Worker:
         for kind, ds in result.outputs:
             if self.jobs.queued_everywhere(str(ds.SOPInstanceUID), names):
                 continue
-            area = "reports" if kind == "sr" else "outbox"
-            path = self.spool.path(area, job.study_instance_uid, str(ds.SOPInstanceUID))
+            path = output_path(self.spool, job.study_instance_uid, kind, str(ds.SOPInstanceUID))
             if not path.exists():
                 self.spool.write(path, encode(ds))
             files.append(OutputFile(str(ds.SOPInstanceUID), str(ds.SOPClassUID), kind, path))

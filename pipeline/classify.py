@@ -105,7 +105,6 @@ class RouterAnswer:
     """Of ``part`` (the family's parts together for a family)."""
     top: str
     """The router's first class."""
-    top_probability: float
 
 
 def router_answer(probabilities: np.ndarray, classes: Sequence[str],
@@ -122,13 +121,13 @@ def router_answer(probabilities: np.ndarray, classes: Sequence[str],
     i = int(np.argmax(q))
     top, p = classes[i], float(q[i])
     if top == OTHER or p >= floor:
-        return RouterAnswer(top, p, top, p)
+        return RouterAnswer(top, p, top)
     for family, parts in families.items():
         if top in parts and len(parts) > 1:
             together = float(sum(q[classes.index(c)] for c in parts if c in classes))
             if together >= floor:
-                return RouterAnswer(family, together, top, p)
-    return RouterAnswer(UNCERTAIN, p, top, p)
+                return RouterAnswer(family, together, top)
+    return RouterAnswer(UNCERTAIN, p, top)
 
 
 def _family_label(family: str) -> str:

@@ -290,6 +290,33 @@ def test_router_targets_cover_the_lower_limb_and_hip() -> None:
     assert mdata.region_parts(hand) == {"FINGER", "HAND", "WRIST", "FOREARM", "ELBOW"}
 
 
+def test_the_label_audit_corrects_exactly_the_images_it_lists(tmp_path: Path) -> None:
+    """models/training/label_audit.csv: every row names a manifest image with the label it
+    corrects; read_manifest applies it and keeps the manifest's label; a row whose label
+    is not the manifest's (another version of the data) is not applied."""
+    from models.training import data as mdata
+
+    audit = mdata.read_label_audit(mdata.LABEL_AUDIT)
+    plain = {(r.dataset, r.path): r for r in mdata.read_manifest(MSK_DATA, None)}
+    fixed = {(r.dataset, r.path): r for r in mdata.read_manifest(MSK_DATA)}
+    assert len(audit) >= 60
+    for (dataset, rel), (was, now) in audit.items():
+        key = (dataset, MSK_DATA / rel)
+        assert plain[key].body_part == was and plain[key].manifest_body_part == ""
+        assert fixed[key].body_part == now and fixed[key].manifest_body_part == was
+    assert mdata.region_parts(fixed[key]) == {"FOREARM", "WRIST"}
+    changed = [k for k in plain if plain[k] != fixed[k]]
+    assert len(changed) == len(audit)
+    # the pkdarabi FINGER images of both splits were looked at; the corrected ones are in both
+    assert {fixed[k].split for k in changed} == {"train", "val"}
+    (dataset, rel), (was, now) = next(iter(audit.items()))
+    wrong = tmp_path / "audit.csv"
+    wrong.write_text("path,dataset,split,manifest_body_part,audited_body_part\n"
+                     f"{rel},{dataset},val,ELBOW,{now}\n")
+    row = next(r for r in mdata.read_manifest(MSK_DATA, wrong) if r.path == MSK_DATA / rel)
+    assert row.body_part == was and row.manifest_body_part == ""
+
+
 def test_set_valued_router_loss_is_minus_log_of_the_allowed_mass() -> None:
     """-log sum_{c in S} softmax(z)_c: its value, the ordinary cross-entropy for one class,
     and a gradient that moves mass into the set without choosing inside it."""
@@ -532,6 +559,34 @@ def test_evaluate_on_lower_limbs_only_reports_the_router(tmp_path: Path) -> None
         assert key in served
     assert "Fracture classifier, as served" in (out / "report.md").read_text()
 
+
+def test_evaluate_reports_the_safety_figure_on_the_audited_and_the_manifest_labels(tmp_path: Path) -> None:
+    """Images the label audit corrects: the safety figure is on the audited labels, and
+    the same figure on the manifest's labels is reported beside it (metrics and report)."""
+    from models.cli import evaluate_main
+    from models.training import data as mdata
+
+    audited = {rel for (_, rel) in mdata.read_label_audit(mdata.LABEL_AUDIT)}
+    picked = [r for r in _rows(dataset="pkdarabi-bone-fracture-detection", split="val", body_part="FINGER")
+              if r["path"] in audited][:3]
+    picked += _rows(dataset="FracAtlas", split="val", body_part="LEG", label="negative")[:2]
+    data = _folder(tmp_path, picked)
+    for flag, expect in (([], 3), (["--manifest-labels"], 0)):
+        out = tmp_path / f"eval{len(flag)}"
+        assert evaluate_main(["--data", str(data), "--out", str(out), "--n-boot", "20",
+                              "--router", ROUTER, "--classifier", CLASSIFIER, *flag]) == 0
+        router = json.loads((out / "metrics.json").read_text())["router"]
+        assert router["n_known_region"] == 5
+        if expect:
+            ml = router["manifest_labels"]
+            assert ml["n_corrected"] == 3 and ml["n_known_region"] == 5
+            assert "label_audit.csv" in (out / "report.md").read_text()
+            audited_wrong = router["unsupported_analysed"]
+        else:
+            assert "manifest_labels" not in router
+            manifest_wrong = router["unsupported_analysed"]
+    # wrists labelled FINGER, routed to WRIST: wrong on the manifest's label, right on the audited one
+    assert manifest_wrong == ml["unsupported_analysed"] > audited_wrong
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

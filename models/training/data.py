@@ -73,6 +73,8 @@ class Row:
     boxes: tuple[tuple[float, float, float, float], ...]
     label_better_mura: str = ""
     """MURA only: ``positive`` where the Better-MURA relabelling moves a normal image to abnormal."""
+    manifest_body_part: str = ""
+    """The manifest's body part where :data:`LABEL_AUDIT` corrected it (else empty)."""
 
     @property
     def study_key(self) -> str:
@@ -94,14 +96,42 @@ class Sample:
     partial label; one index for a single-part image). Empty for the classifier."""
 
 
-def read_manifest(data_dir: Path) -> list[Row]:
-    """Parse ``data_dir/manifest.csv`` (paths resolved against ``data_dir``)."""
+LABEL_AUDIT = Path(__file__).with_name("label_audit.csv")
+"""Body-part labels corrected by an audit that looked at every image of a label set
+(pkdarabi ``FINGER``: 64 of its 294 images show the wrist and distal forearm and no
+finger). :func:`read_manifest` applies it; ``Row.manifest_body_part`` keeps the label
+it replaced, so an evaluation can report its figures on both."""
+
+
+def read_label_audit(path: Path) -> dict[tuple[str, str], tuple[str, str]]:
+    """``(dataset, path relative to the data folder) -> (manifest body part, audited body part)``."""
+    lines = [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("#")]
+    return {(rec["dataset"], rec["path"]): (rec["manifest_body_part"].upper(), rec["audited_body_part"].upper())
+            for rec in csv.DictReader(lines)}
+
+
+def read_manifest(data_dir: Path, audit: Path | None = LABEL_AUDIT) -> list[Row]:
+    """Parse ``data_dir/manifest.csv`` (paths resolved against ``data_dir``), with the
+    body-part corrections of ``audit`` (``None``: the manifest's labels as they are).
+
+    An audit row whose manifest label is not the manifest's (another version of the
+    data) is not applied, with a warning."""
     manifest = data_dir / "manifest.csv"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} does not exist: a data folder needs manifest.csv")
+    corrections = read_label_audit(audit) if audit is not None else {}
     rows: list[Row] = []
+    applied = 0
     with manifest.open(newline="") as fh:
         for rec in csv.DictReader(fh):
+            body_part, manifest_body_part = (rec.get("body_part") or "").upper(), ""
+            fix = corrections.get((rec.get("dataset", ""), rec["path"]))
+            if fix is not None and fix[0] == body_part:
+                body_part, manifest_body_part = fix[1], body_part
+                applied += 1
+            elif fix is not None:
+                logger.warning("label audit: %s is %s in the manifest, not %s: not corrected",
+                               rec["path"], body_part, fix[0])
             boxes_raw = (rec.get("boxes") or "").strip()
             boxes = tuple(tuple(float(v) for v in b) for b in json.loads(boxes_raw or "[]"))
             rows.append(
@@ -109,7 +139,7 @@ def read_manifest(data_dir: Path) -> list[Row]:
                     path=data_dir / rec["path"],
                     dataset=rec.get("dataset", ""),
                     split=rec.get("split", ""),
-                    body_part=(rec.get("body_part") or "").upper(),
+                    body_part=body_part,
                     label=rec.get("label", ""),
                     label_meaning=rec.get("label_meaning", ""),
                     patient_id=rec.get("patient_id", ""),
@@ -117,9 +147,10 @@ def read_manifest(data_dir: Path) -> list[Row]:
                     group_id=rec.get("group_id", ""),
                     boxes=boxes,  # type: ignore[arg-type]
                     label_better_mura=rec.get("label_better_mura", "") or "",
+                    manifest_body_part=manifest_body_part,
                 )
             )
-    logger.info("read %d rows from %s", len(rows), manifest)
+    logger.info("read %d rows from %s (%d body parts corrected by the label audit)", len(rows), manifest, applied)
     return rows
 
 

@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,16 @@ def evaluate_router(analyser: Any, rows: Sequence[mdata.Row], supported: Sequenc
         probs.append(analyser.predict_router(x.astype(np.float32)))
     p_known = np.concatenate(probs)
     safety = _router_safety(known, p_known, analyser.router_entry, analyser.classifier_entry)
+    corrected = [r for r in known if r.manifest_body_part]
+    if corrected:
+        # the same figure on the manifest's labels, beside the audited ones it reports
+        as_manifest = [replace(r, body_part=r.manifest_body_part) if r.manifest_body_part else r for r in known]
+        m = _router_safety(as_manifest, p_known, analyser.router_entry, analyser.classifier_entry)
+        safety["manifest_labels"] = {
+            "n_corrected": len(corrected),
+            **{k: m[k] for k in ("unsupported_analysed_rate", "unsupported_analysed_rate_ci95",
+                                 "unsupported_analysed", "wrong_family_analysed", "wrong_family_analysed_rate",
+                                 "n_known_region")}}
     # a class the evaluated router does not have (LEG, HIP for router 1.x) was its OTHER
     targets = [t if t is None or t in classes else mdata.OTHER for t in (mdata.router_target(r) for r in known)]
     keep = np.array([t is not None for t in targets], dtype=bool)
@@ -830,6 +841,19 @@ def write_report(out: Path, metrics: dict[str, Any], files: Sequence[str]) -> No
         f"{r.get('refused_unsupported', 0)}; refused as uncertain (sure of neither): "
         f"{r.get('refused_uncertain', 0)}. Rule: {r.get('safety_rule', '')}.",
         "",
+    ]
+    ml = r.get("manifest_labels")
+    if ml:
+        lines += [
+            f"Body parts as `models/training/label_audit.csv` corrects them ({ml['n_corrected']} of these images: "
+            f"pkdarabi `FINGER` images that show the wrist and distal forearm and no finger, found by looking at "
+            f"every image of that label set). On the manifest's own labels the figure is "
+            f"{ml['unsupported_analysed']} of {ml['n_known_region']} = "
+            f"{_fmt_ci(100 * ml['unsupported_analysed_rate'], [100 * c for c in ml['unsupported_analysed_rate_ci95']])} % "
+            f"({ml['wrong_family_analysed']} by family).",
+            "",
+        ]
+    lines += [
         "| region (allowed answers) | n | analysed | wrong part analysed | router answers |",
         "|---|---|---|---|---|",
     ] + [f"| {k} | {v['n']} | {v['analysed']} | {v['wrong_part_analysed']} | "
@@ -889,13 +913,14 @@ def write_report(out: Path, metrics: dict[str, Any], files: Sequence[str]) -> No
 
 
 def run(data: Path, out: Path, registry: Path, router: str, classifier: str, split: str | None,
-        meanings: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
-    """Evaluate and write ``metrics.json``, ``report.md`` and plots to ``out``."""
+        meanings: Sequence[str], n_boot: int, seed: int, manifest_labels: bool = False) -> dict[str, Any]:
+    """Evaluate and write ``metrics.json``, ``report.md`` and plots to ``out``; with
+    ``manifest_labels`` the manifest's body parts as they are, without the label audit."""
     from pipeline.classify import Analyser
 
     out.mkdir(parents=True, exist_ok=True)
     analyser = Analyser.load(registry, router, classifier)
-    all_rows = mdata.read_manifest(data)
+    all_rows = mdata.read_manifest(data, None if manifest_labels else mdata.LABEL_AUDIT)
     if split is None:
         split = "val" if any(r.split == "val" for r in all_rows) else "all"
     rows = mdata.in_split(all_rows, split)
@@ -949,6 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", default=DEFAULT_ROUTER)
     p.add_argument("--classifier", default=DEFAULT_CLASSIFIER)
     p.add_argument("--split", default=None, help="manifest split to use (default val if present, else all)")
+    p.add_argument("--manifest-labels", action="store_true",
+                   help="the manifest's body parts as they are, without models/training/label_audit.csv")
     p.add_argument("--label-meaning", nargs="+", default=["abnormal-study"])
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
@@ -960,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     m = run(args.data, args.out, args.registry, args.router, args.classifier, args.split,
-            args.label_meaning, args.n_boot, args.seed)
+            args.label_meaning, args.n_boot, args.seed, args.manifest_labels)
     s = m["fracture"]["study"]
     print(f"router accuracy {m['router']['accuracy']:.3f}; wrong part analysed "
           f"{m['router'].get('unsupported_analysed', 0)} of {m['router'].get('n_known_region', 0)}; "

@@ -346,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             entry["training_data"] = (
                 "MURA humerus/forearm/wrist" + (f" (at most {cfg['max_per_class']} per label set)"
                                                 if cfg.get("max_per_class") else "")
-                + ", pkdarabi positives with body part, UNIFESP images, arnnv, uci-shoulder-implant (SHOULDER)"
+                + ", pkdarabi positives with body part"
+                + (f" (corrected by models/training/label_audit.csv, sha256 {cfg['label_audit'][:12]}...: "
+                   "pkdarabi FINGER images that show the wrist and no finger are FOREARM+WRIST)"
+                   if cfg.get("label_audit") else "")
+                + ", UNIFESP images, arnnv, uci-shoulder-implant (SHOULDER)"
                 + ("; LEG = knee to foot (FracAtlas LEG, UNIFESP knee/lower leg/ankle/foot, knee crops), "
                    "HIP = hip/pelvis/thigh (FracAtlas HIP, UNIFESP); OTHER = UNIFESP parts outside the limbs; "
                    "set-valued labels, loss -log sum_{c in S} p_c: FracAtlas HAND (fingers to elbow) = "

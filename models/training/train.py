@@ -25,6 +25,7 @@ loss (see :func:`models.training.data.box_samples`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -85,6 +86,9 @@ class TrainConfig:
     init_from: str | None = None
     """Start from the weights of an earlier run's ``model.keras`` (same task, size and
     output stride) instead of the ImageNet backbone: a second stage of fine-tuning."""
+    label_audit: str = ""
+    """SHA-256 of the :data:`models.training.data.LABEL_AUDIT` the run's labels were
+    corrected with (empty: a run from before the audit)."""
 
     def __post_init__(self) -> None:
         if self.task not in ("router", "classifier"):
@@ -474,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         average_last=args.average_last, output_stride=args.output_stride,
         class_weight_power=args.class_weight_power, finding=args.finding,
         init_from=str(args.init_from) if args.init_from else None,
+        label_audit=hashlib.sha256(mdata.LABEL_AUDIT.read_bytes()).hexdigest(),
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1
     path = train(cfg, resume=args.resume, verbose=verbose)

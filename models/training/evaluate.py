@@ -845,9 +845,9 @@ def write_report(out: Path, metrics: dict[str, Any], files: Sequence[str]) -> No
     ml = r.get("manifest_labels")
     if ml:
         lines += [
-            f"Body parts as `models/training/label_audit.csv` corrects them ({ml['n_corrected']} of these images: "
-            f"pkdarabi `FINGER` images that show the wrist and distal forearm and no finger, found by looking at "
-            f"every image of that label set). On the manifest's own labels the figure is "
+            f"Body parts as `models/training/label_audit.csv` corrects them ({ml['n_corrected']} of these images "
+            f"have a manifest body part the audit replaced; the file's header says which label sets were looked "
+            f"at, image by image). On the manifest's own labels the figure is "
             f"{ml['unsupported_analysed']} of {ml['n_known_region']} = "
             f"{_fmt_ci(100 * ml['unsupported_analysed_rate'], [100 * c for c in ml['unsupported_analysed_rate_ci95']])} % "
             f"({ml['wrong_family_analysed']} by family).",

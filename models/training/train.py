@@ -25,7 +25,6 @@ loss (see :func:`models.training.data.box_samples`).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.registry import sha256_of
 from models.training import data as mdata
 from models.training import metrics as mm
 
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         average_last=args.average_last, output_stride=args.output_stride,
         class_weight_power=args.class_weight_power, finding=args.finding,
         init_from=str(args.init_from) if args.init_from else None,
-        label_audit=hashlib.sha256(mdata.LABEL_AUDIT.read_bytes()).hexdigest(),
+        label_audit=sha256_of(mdata.LABEL_AUDIT),
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1
     path = train(cfg, resume=args.resume, verbose=verbose)

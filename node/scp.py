@@ -47,6 +47,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.config import Config
 from node.errors import DatasetError, MissingIdentifierError, SpoolError, StartError
 from node.jobs import InstanceRecord, JobStoreBackend
+from node import netpoll
 from node.spool import Spool, safe_uid
 from node.tls import server_context
 from pipeline.result import NODE_MANUFACTURER
@@ -235,6 +236,7 @@ class StorageSCP:
         self._assocs: dict[int, _AssocLog] = {}
         self._assocs_lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        netpoll.install()
         ae = AE(ae_title=config.node.ae_title)
         ae.maximum_associations = config.limits.max_associations
         ae.maximum_pdu_size = config.node.max_pdu

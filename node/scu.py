@@ -21,6 +21,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
+from node import netpoll
 from node.errors import SendError
 from node.scp import set_nodelay
 
@@ -63,6 +64,7 @@ class Timeouts:
 
 
 def _make_ae(calling_ae_title: str, timeouts: Timeouts, max_pdu: int) -> AE:
+    netpoll.install()
     ae = AE(ae_title=calling_ae_title)
     ae.connection_timeout = timeouts.connection
     ae.acse_timeout = timeouts.acse

@@ -258,6 +258,57 @@ def _pynetdicom_store(port: int, datasets: list[Dataset]) -> list[int]:
         assoc.release()
 
 
+def test_reactor_polls_rest_on_a_quiet_association_and_wake_for_its_next_store(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``node/netpoll.py``: pynetdicom's reactor threads poll every 1 ms; on a quiet
+    association the node's wait grow to 20 ms, and a C-STORE sent after the quiet
+    spell on the same association is still received and acknowledged."""
+    import inspect
+    import threading
+    from collections import Counter
+
+    import pynetdicom.association
+    import pynetdicom.dul
+
+    from node import netpoll
+
+    # the pinned pynetdicom still polls where netpoll expects it to
+    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(pynetdicom.dul.DULServiceProvider.run_reactor)
+    assert "time.sleep(0.001)" in inspect.getsource(pynetdicom.association.Association._run_reactor)
+    assert netpoll.installed()
+    assert netpoll.reactor_sleep(0.0) == netpoll.REACTOR_SLEEP == 0.001
+    assert netpoll.reactor_sleep(0.05) == pytest.approx(0.005)
+    assert netpoll.reactor_sleep(60.0) == netpoll.MAX_SLEEP
+
+    wakes: Counter[str] = Counter()
+    sleep = netpoll._ReactorTime.sleep
+
+    def counting(self: netpoll._ReactorTime, seconds: float) -> None:
+        if seconds == netpoll.REACTOR_SLEEP:
+            wakes[threading.current_thread().name] += 1
+        sleep(self, seconds)
+
+    monkeypatch.setattr(netpoll._ReactorTime, "sleep", counting)
+    ds = _cr_dataset()
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", node.address[1], ae_title="FRACTURE_NODE")
+    assert assoc.is_established
+    try:
+        time.sleep(0.3)
+        wakes.clear()
+        time.sleep(1.0)  # quiet: pynetdicom as shipped wakes each reactor ~1000 times a second
+        quiet = dict(wakes)
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert len(quiet) >= 2, quiet  # the node's acceptor and DUL threads (and the SCU's DUL)
+    assert max(quiet.values()) < 200, quiet
+    assert int(status.Status) == 0
+    held = {r["sop_instance_uid"] for r in _rows(node, "SELECT * FROM instances")}
+    assert str(ds.SOPInstanceUID) in held
+
+
 def test_missing_study_uid_gets_failure_status_and_neighbours_survive(node: Node) -> None:
     good1, bad, good2 = _cr_dataset(), _cr_dataset(study_uid=None), _cr_dataset()
     statuses = _pynetdicom_store(node.address[1], [good1, bad, good2])

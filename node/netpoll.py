@@ -1,0 +1,124 @@
+"""pynetdicom's reactor threads, made to rest when their association is quiet.
+
+pynetdicom 3.0 runs every association as polling threads: the DUL thread wakes every
+1 ms (``DULServiceProvider._run_loop_delay``) to look at the socket and its queues,
+and an acceptor's association thread wakes every 1 ms (a literal ``time.sleep(0.001)``
+in ``Association._run_reactor``) to look for a decoded DIMSE message.  An association
+that stays open with nothing on it, as a PACS keeps its associations open between
+studies (Orthanc for 5 s after each send, ``DicomAssociationCloseDelay``), cost the node
+~7 % of a core each, and ten of them more than half a core, beside the models
+(``bench/idle.py``; DCMTK's ``storescp`` holding the same associations: ~0 %).  The
+pynetdicom maintainers name that delay as the trade-off between idle CPU and latency
+(pydicom/pynetdicom#650).
+
+:func:`install` keeps pynetdicom's 1 ms while an association has traffic and lets the
+wait grow with the quiet: a reactor thread whose association last received a PDU ``t``
+seconds ago sleeps ``t / 10``, at least 1 ms and at most :data:`MAX_SLEEP`.  So a
+busy association is served as before, and the first PDU after a quiet spell waits at
+most a tenth of that spell (never more than 20 ms per reactor) before it is read.
+Only those two 1 ms sleeps of the reactor threads change; every other sleep of
+pynetdicom, and every other thread, is untouched.  ``tests/test_scp.py`` checks the
+pinned pynetdicom still sleeps where this expects it to.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import pynetdicom.association
+import pynetdicom.dul
+
+REACTOR_SLEEP = 0.001
+"""The reactor sleep pynetdicom 3.0 uses between polls, seconds."""
+
+MAX_SLEEP = 0.020
+"""Longest poll interval of a quiet association, seconds."""
+
+QUIET_FRACTION = 0.1
+"""A reactor sleeps this share of the time its association has been quiet."""
+
+
+def reactor_sleep(quiet_seconds: float) -> float:
+    """The poll interval of a reactor whose association has been quiet that long."""
+    return min(MAX_SLEEP, max(REACTOR_SLEEP, QUIET_FRACTION * quiet_seconds))
+
+
+def _dul(thread: threading.Thread) -> Any:
+    return thread if isinstance(thread, pynetdicom.dul.DULServiceProvider) else getattr(thread, "dul", None)
+
+
+def _quiet_seconds(thread: threading.Thread) -> float | None:
+    """Seconds since the association of a reactor thread last received a PDU."""
+    start = getattr(getattr(_dul(thread), "_idle_timer", None), "_start_time", None)
+    return None if start is None else max(0.0, time.time() - start)
+
+
+def _wait_for_socket(dul: Any, seconds: float) -> None:
+    """What a DUL thread polls for is data on its socket: wait for that, or ``seconds``."""
+    sock = getattr(getattr(dul, "socket", None), "socket", None)
+    if sock is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        time.sleep(0 if sock is not None else seconds)
+        return
+    try:
+        select.select([sock], [], [], seconds)
+    except (OSError, ValueError):  # closed under us: the reactor finds out on its next poll
+        pass
+
+
+def _wait_for_message(assoc: Any, seconds: float) -> None:
+    """What an acceptor's association thread polls for is a decoded DIMSE message: wait
+    for one on the DIMSE queue (the DUL thread puts it there), or ``seconds``."""
+    q = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    if q is None:
+        time.sleep(seconds)
+        return
+    with q.not_empty:
+        if not q.queue:
+            q.not_empty.wait(seconds)
+
+
+class _ReactorTime(ModuleType):
+    """The ``time`` module as one pynetdicom module sees it: the same, except that the
+    1 ms poll of that module's reactor thread, once its association is quiet, becomes
+    a wait of up to :func:`reactor_sleep` for what the poll looks for."""
+
+    def __init__(self, reactor: type[threading.Thread], wait: Callable[[Any, float], None]) -> None:
+        super().__init__("time", f"time, with the polls of {reactor.__name__} made adaptive")
+        self._reactor = reactor
+        self._wait = wait
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        thread = threading.current_thread()
+        if seconds == REACTOR_SLEEP and isinstance(thread, self._reactor):
+            quiet = _quiet_seconds(thread)
+            if quiet is not None and reactor_sleep(quiet) > REACTOR_SLEEP:
+                self._wait(thread, reactor_sleep(quiet))
+                return
+        time.sleep(seconds)
+
+
+_REACTORS: tuple[tuple[ModuleType, type[threading.Thread], Callable[[Any, float], None]], ...] = (
+    (pynetdicom.dul, pynetdicom.dul.DULServiceProvider, _wait_for_socket),
+    (pynetdicom.association, pynetdicom.association.Association, _wait_for_message),
+)
+
+
+def install() -> None:
+    """Make pynetdicom's reactor polls adaptive in this process (idempotent)."""
+    for module, reactor, wait in _REACTORS:
+        if not isinstance(module.time, _ReactorTime):  # type: ignore[attr-defined]
+            module.time = _ReactorTime(reactor, wait)  # type: ignore[attr-defined]
+
+
+def installed() -> bool:
+    """Whether :func:`install` is in effect."""
+    return all(isinstance(m.time, _ReactorTime) for m, _, _ in _REACTORS)  # type: ignore[attr-defined]

@@ -7,18 +7,21 @@ in ``Association._run_reactor``) to look for a decoded DIMSE message.  An associ
 that stays open with nothing on it, as a PACS keeps its associations open between
 studies (Orthanc for 5 s after each send, ``DicomAssociationCloseDelay``), cost the node
 ~7 % of a core each, and ten of them more than half a core, beside the models
-(``bench/idle.py``; DCMTK's ``storescp`` holding the same associations: ~0 %).  The
-pynetdicom maintainers name that delay as the trade-off between idle CPU and latency
-(pydicom/pynetdicom#650).
+(``bench/idle.py``; DCMTK's ``storescp`` holding the same associations: ~0 %).  That
+delay is pynetdicom's trade-off between idle CPU and latency (pydicom/pynetdicom#650).
 
-:func:`install` keeps pynetdicom's 1 ms while an association has traffic and lets the
-wait grow with the quiet: a reactor thread whose association last received a PDU ``t``
-seconds ago sleeps ``t / 10``, at least 1 ms and at most :data:`MAX_SLEEP`.  So a
-busy association is served as before, and the first PDU after a quiet spell waits at
-most a tenth of that spell (never more than 20 ms per reactor) before it is read.
-Only those two 1 ms sleeps of the reactor threads change; every other sleep of
-pynetdicom, and every other thread, is untouched.  ``tests/test_scp.py`` checks the
-pinned pynetdicom still sleeps where this expects it to.
+:func:`install` keeps pynetdicom's 1 ms while an association has traffic.  Once it
+has received nothing for a while, a reactor thread waits instead of sleeping, for what
+its poll looks for — the DUL thread for a PDU on its socket (in data transfer), the
+acceptor's association thread for a decoded DIMSE message on its queue — for at most a
+tenth of the quiet spell so far and never more than :data:`MAX_SLEEP`.  A quiet
+association then wakes each thread ~50 times a second instead of 1000, and the next
+PDU is still read as it arrives (a C-ECHO on a quiet association takes as long as
+before).  What the waits do not watch (a local request to send on a quiet
+association, a release, the timers) is seen within 20 ms.  Only those two 1 ms sleeps
+of the reactor threads change; every other sleep of pynetdicom, and every other
+thread, is untouched.  ``tests/test_node.py`` checks that the pinned pynetdicom still
+sleeps where this expects it to.
 """
 
 from __future__ import annotations
@@ -60,11 +63,18 @@ def _quiet_seconds(thread: threading.Thread) -> float | None:
 
 
 def _wait_for_socket(dul: Any, seconds: float) -> None:
-    """What a DUL thread polls for is data on its socket: wait for that, or ``seconds``."""
-    sock = getattr(getattr(dul, "socket", None), "socket", None)
-    if sock is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-        time.sleep(0 if sock is not None else seconds)
+    """What a DUL thread polls for in data transfer (Sta6) is a PDU on its socket: wait
+    for one, or ``seconds``.  In any other state (connecting, negotiating, releasing,
+    closed) it sleeps ``seconds``: a socket there may read as ready with nothing the
+    reactor will take off it, and waiting on it would spin."""
+    assoc_socket = getattr(dul, "socket", None)
+    sock = getattr(assoc_socket, "socket", None)
+    state = getattr(getattr(dul, "state_machine", None), "current_state", None)
+    if sock is None or state != "Sta6" or not getattr(assoc_socket, "_is_connected", False):
+        time.sleep(seconds)
         return
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return  # decrypted bytes already buffered: the reactor reads them now
     try:
         select.select([sock], [], [], seconds)
     except (OSError, ValueError):  # closed under us: the reactor finds out on its next poll

@@ -46,8 +46,8 @@ SWITCH_INTERVAL = 0.001
 for the interpreter, not for the cores: the model thread needs it back between ONNX
 Runtime calls (which run without it), the deliverer and the association threads between
 PDUs, while a study thread builds result objects in pure Python.  With 1 ms the model
-thread keeps its core busier: a burst of 20 studies finished with a median of 3.04 s
-against 3.85 s at 5 ms, lower in each of 5 alternating pairs (``bench/e2e.py``,
+thread keeps its core busier: the median of a burst of 20 studies was lower at 1 ms in
+each of 5 alternating pairs of runs (mean 3.04 s against 3.85 s at 5 ms; ``bench/e2e.py``,
 ``docs/benchmarks.md``)."""
 
 

@@ -293,8 +293,9 @@ class WorkerConfig:
     With ``threads = 1`` one study at a time goes through decode, the models and the
     result objects in turn.  With more, the stages run side by side: ``threads - 1``
     study threads decode and normalise the next studies and build the SC, SR, PDF and
-    KO of finished ones, while one model thread analyses the images of every study
-    that waits for it together (the graphs run them ``batch_images`` at a time).
+    KO of finished ones, while one model thread analyses the studies waiting for it,
+    as many together as one model run of ``batch_images`` images takes (at least one
+    whole study).
     Queues between the stages are bounded by ``max_images_in_flight``.
     """
 

@@ -214,6 +214,7 @@ class Node:
                 # a study thread waits while a build process builds: one more per process
                 study_threads=threads - 1 + builders,
                 max_images_in_flight=self.config.worker.max_images_in_flight,
+                gather_images=self.config.worker.batch_images,
                 busy_studies=self.scp.tracker.busy_studies, heartbeat=False,
                 on_queued=self.deliverer.wake)
             if isinstance(stages, BuiltElsewhere):  # a study in hand alone is built here

@@ -127,15 +127,16 @@ def _studies(directory: Path) -> list[Path]:
 
 
 def _run_node(tmp: Path, files: list[Path], threads: int,
-              build_processes: int = 0) -> dict[str, object]:
-    """Start a node with ``threads`` worker threads (and ``build_processes``), send
-    ``files`` at once, wait until every study is processed, and return what it recorded."""
+              build_processes: int = 0, batch_images: int = 1) -> dict[str, object]:
+    """Start a node with ``threads`` worker threads (``build_processes``, ``batch_images``),
+    send ``files`` at once, wait until every study is processed, and return what it
+    recorded."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     # results are queued for an archive that is not listening (they wait in the outbox)
     cfg = write_config(tmp, port, quiet_seconds=0.5,
                        extra=f"\n[worker]\nthreads = {threads}\n"
-                             f"build_processes = {build_processes}\n",
+                             f"build_processes = {build_processes}\nbatch_images = {batch_images}\n",
                        destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
     config = load_config(cfg, environ={})
     node = Node(config, processor_factory(config))
@@ -172,15 +173,16 @@ def _run_node(tmp: Path, files: list[Path], threads: int,
 def test_results_are_identical_with_one_and_with_three_worker_threads(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Same studies, same bytes, one worker thread and three (with a build process for
-    the result objects): the same result objects (SOP Instance UIDs), the same study
-    decisions, the same per-image outcomes and reasons (which quote the probabilities);
-    and with three threads the models did take the images of several studies in one
-    batch (the build process's log lines, relayed, say so)."""
+    the result objects, and model runs of 8 images): the same result objects (SOP
+    Instance UIDs), the same study decisions, the same per-image outcomes and reasons
+    (which quote the probabilities); and with three threads the models did take the
+    images of several studies in one run (the build process's log lines, relayed, say
+    so: the model thread gathers studies while their images fit in one run)."""
     files = _studies(tmp_path / "studies")
     one = _run_node(tmp_path / "one", files, threads=1)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="node.processing"):
-        three = _run_node(tmp_path / "three", files, threads=3, build_processes=1)
+        three = _run_node(tmp_path / "three", files, threads=3, build_processes=1, batch_images=8)
     assert len(one["decisions"]) == 9  # type: ignore[arg-type]
     assert one["outputs"] == three["outputs"]
     assert len(one["outputs"]) >= 9 * 2  # type: ignore[arg-type]

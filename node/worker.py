@@ -9,8 +9,8 @@ renews the leases of the studies and outbox items this node holds.
 
 from __future__ import annotations
 
+import collections
 import io
-import itertools
 import logging
 import queue
 import random
@@ -383,7 +383,55 @@ class WholeStudy:
 
 
 _BUILD, _PREPARE, _STOP = 0, 1, 2
-"""Priorities of the study threads' tasks: finish studies before starting new ones."""
+"""The study threads' tasks."""
+
+
+class _StudyTasks:
+    """What the study threads do next: build the result objects of an analysed study
+    (``_BUILD``), decode and normalise a claimed one (``_PREPARE``), or stop.
+
+    Builds come first — finish studies before starting new ones — except while the
+    model thread has no prepared study waiting: then a prepare comes first.  It is
+    short, and it gives the models their next study to run while the build that
+    follows holds the interpreter (ONNX Runtime runs without it); taking the builds
+    first left the models idle for every build.  A stop comes after everything queued.
+    """
+
+    def __init__(self, models_waiting: Callable[[], bool]) -> None:
+        self._models_waiting = models_waiting
+        self._cond = threading.Condition()
+        self._builds: collections.deque[object] = collections.deque()
+        self._prepares: collections.deque[object] = collections.deque()
+        self._stops = 0
+
+    def put(self, kind: int, payload: object = None) -> None:
+        with self._cond:
+            if kind == _BUILD:
+                self._builds.append(payload)
+            elif kind == _PREPARE:
+                self._prepares.append(payload)
+            else:
+                self._stops += 1
+            self._cond.notify()
+
+    def get(self) -> tuple[int, object]:
+        with self._cond:
+            while True:
+                if self._prepares and (not self._builds or not self._models_waiting()):
+                    return _PREPARE, self._prepares.popleft()
+                if self._builds:
+                    return _BUILD, self._builds.popleft()
+                if self._stops:
+                    self._stops -= 1
+                    return _STOP, None
+                self._cond.wait()
+
+    def take_prepares(self) -> list[object]:
+        """Remove and return every prepare not yet started."""
+        with self._cond:
+            taken = list(self._prepares)
+            self._prepares.clear()
+            return taken
 
 
 class PipelinedWorker(Worker):
@@ -392,7 +440,8 @@ class PipelinedWorker(Worker):
     One claiming loop (this thread) claims a ready study when its images fit beside
     those in hand (at most ``max_images_in_flight``, or the study alone);
     ``study_threads`` threads decode and normalise claimed studies and build the
-    result objects of analysed ones (builds first); one model thread takes the next
+    result objects of analysed ones (builds first, but a prepare first while the model
+    thread has no study waiting: :class:`_StudyTasks`); one model thread takes the next
     prepared study, with the ones waiting behind it while their images fit in one
     model run (``gather_images``, the node passes ``[worker] batch_images``; a study is
     never split), and analyses them together.  Gathering more than one run takes does
@@ -433,9 +482,8 @@ class PipelinedWorker(Worker):
         self.study_threads = study_threads
         self.max_images_in_flight = max(1, max_images_in_flight)
         self.gather_images = max(1, gather_images)
-        self._tasks: queue.PriorityQueue[tuple[int, int, object]] = queue.PriorityQueue()
         self._to_models: queue.Queue[tuple[StudyJob, Any, float] | None] = queue.Queue()
-        self._seq = itertools.count()
+        self._tasks = _StudyTasks(models_waiting=lambda: not self._to_models.empty())
         self._cond = threading.Condition()
         self._in_flight: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
@@ -475,7 +523,7 @@ class PipelinedWorker(Worker):
         logger.info("processing study %s (%d instance(s); %d study(ies) in hand)",
                     job.study_instance_uid, len(job.instances), self.in_flight,
                     extra={"study_uid": job.study_instance_uid})
-        self._tasks.put((_PREPARE, next(self._seq), (job, time.perf_counter())))
+        self._tasks.put(_PREPARE, (job, time.perf_counter()))
         return True
 
     def _give_up(self, job: StudyJob, exc: BaseException) -> None:
@@ -503,22 +551,12 @@ class PipelinedWorker(Worker):
     def _release_unstarted(self) -> int:
         """Stopping: give back every claimed study still waiting to be prepared, so
         another node (or the next start) takes it at once.  Returns how many."""
-        kept: list[tuple[int, int, object]] = []
         released = 0
-        while True:
-            try:
-                task = self._tasks.get_nowait()
-            except queue.Empty:
-                break
-            if task[0] != _PREPARE:
-                kept.append(task)
-                continue
-            job = task[2][0]  # type: ignore[index]
+        for payload in self._tasks.take_prepares():
+            job = payload[0]  # type: ignore[index]
             self._release(job)
             self._done(job)
             released += 1
-        for task in kept:
-            self._tasks.put(task)
         return released
 
     def _drain(self) -> None:
@@ -544,13 +582,13 @@ class PipelinedWorker(Worker):
     def _stop_stages(self) -> None:
         self._to_models.put(None)
         for _ in range(self.study_threads):
-            self._tasks.put((_STOP, next(self._seq), None))
+            self._tasks.put(_STOP)
         for thread in self._threads:
             thread.join(timeout=60)
 
     def _study_loop(self) -> None:
         while True:
-            priority, _, payload = self._tasks.get()
+            priority, payload = self._tasks.get()
             if priority == _STOP:
                 return
             try:
@@ -634,7 +672,7 @@ class PipelinedWorker(Worker):
                     logger.exception("worker model stage error")
             return
         for (job, _, started), result in done:
-            self._tasks.put((_BUILD, next(self._seq), (job, result, started)))
+            self._tasks.put(_BUILD, (job, result, started))
 
 
 class Deliverer:

@@ -91,6 +91,12 @@ def _wait_for_message(assoc: Any, seconds: float) -> None:
     with q.not_empty:
         if not q.queue:
             q.not_empty.wait(seconds)
+        if q.queue:
+            # A put wakes one waiter.  A requestor's own thread may be waiting in
+            # ``Queue.get`` for its response on the same condition (``send_c_store``
+            # while the reactor slipped past its pause): hand the wake-up on, or that
+            # thread would sleep until its DIMSE timeout.
+            q.not_empty.notify()
 
 
 class _ReactorTime(ModuleType):

@@ -309,6 +309,39 @@ def test_reactor_polls_rest_on_a_quiet_association_and_wake_for_its_next_store(
     assert str(ds.SOPInstanceUID) in held
 
 
+def test_a_reactor_waiting_for_a_message_never_keeps_its_wake_up_from_a_consumer() -> None:
+    """``netpoll``: a quiet association thread waits on its DIMSE queue's condition,
+    which a thread sending a request also waits on for the response (``Queue.get``).
+    A put wakes one waiter; if it wakes the reactor, the reactor hands the wake-up on.
+    Without that, the sender slept until its DIMSE timeout (seen once: every result of a
+    burst delivered ~89 s late)."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from node import netpoll
+
+    q: queue.Queue[str] = queue.Queue()
+    assoc = SimpleNamespace(dimse=SimpleNamespace(msg_queue=q))
+    reactor = threading.Thread(target=netpoll._wait_for_message, args=(assoc, 10.0))
+    reactor.start()
+    time.sleep(0.2)  # the reactor waits first, so the put's notify() goes to it
+    got: list[tuple[str, float]] = []
+
+    def consumer() -> None:
+        t = time.monotonic()
+        got.append((q.get(timeout=10.0), time.monotonic() - t))
+
+    sender = threading.Thread(target=consumer)
+    sender.start()
+    time.sleep(0.2)
+    q.put("C-STORE-RSP")
+    sender.join(timeout=15)
+    reactor.join(timeout=15)
+    assert got and got[0][0] == "C-STORE-RSP"
+    assert got[0][1] < 5.0, f"the response waited {got[0][1]:.1f} s for a wake-up"
+
+
 def test_missing_study_uid_gets_failure_status_and_neighbours_survive(node: Node) -> None:
     good1, bad, good2 = _cr_dataset(), _cr_dataset(study_uid=None), _cr_dataset()
     statuses = _pynetdicom_store(node.address[1], [good1, bad, good2])

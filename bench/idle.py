@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = ROOT / ".venv" / "bin" / "python"
 EXE = ROOT / ".venv" / "bin" / "fracture-node"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "orthanc-test"))
+
+from orthanc_ctl import free_port  # noqa: E402  (the tests' free-port helper)
 
 CLIENT = r"""
 import statistics, sys, time
@@ -59,13 +62,6 @@ ae.start_server(("127.0.0.1", int(sys.argv[1])), block=False)
 print("ready", flush=True)
 sys.stdin.readline()
 """
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tree_cpu_seconds(pid: int) -> float:
@@ -102,7 +98,7 @@ def _node(work: Path, port: int, associations: int) -> subprocess.Popen[bytes]:
     cfg.write_text(render_config(Config(
         node=NodeConfig(port=port),
         peers=(PeerConfig("IDLE", "127.0.0.1"),),
-        destinations=(DestinationConfig("pacs", "NOWHERE", "127.0.0.1", _free_port()),),
+        destinations=(DestinationConfig("pacs", "NOWHERE", "127.0.0.1", free_port()),),
         storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
         limits=LimitsConfig(max_associations=max(associations, 2)),
         models=shipped.models,
@@ -122,7 +118,7 @@ def _node(work: Path, port: int, associations: int) -> subprocess.Popen[bytes]:
 
 def measure(kind: str, associations: int, seconds: float) -> tuple[float, float]:
     """(CPU share of one core over the quiet window, median C-ECHO ms on a quiet association)."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="idle-") as tmp:
         work = Path(tmp)
         called = "FRACTURE_NODE"

@@ -33,7 +33,7 @@ from node.errors import ConfigError
 from node.jobs import InstanceRecord, StudyJob, open_job_store
 from node.processing import StudyProcessor, processor_factory
 from node.service import Node
-from node.worker import PipelinedWorker, Worker
+from node.worker import _BUILD, _PREPARE, _STOP, PipelinedWorker, Worker, _StudyTasks
 
 DEMO = {d.name: sorted(d.glob("*.dcm")) for d in sorted((ROOT / "demo" / "studies").iterdir())}
 EXE = ROOT / ".venv" / "bin" / "fracture-node"
@@ -709,3 +709,24 @@ def test_sigterm_stops_a_node_and_its_build_process(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_study_threads_feed_an_idle_model_thread_before_building() -> None:
+    """``_StudyTasks``: builds come before prepares while the model thread has a study
+    waiting; while it has none, the next prepare comes first (it feeds the models,
+    which then run beside the build); a stop comes after everything queued; stopping
+    takes back the prepares not started."""
+    models_waiting = True
+    tasks = _StudyTasks(models_waiting=lambda: models_waiting)
+    tasks.put(_PREPARE, "p1")
+    tasks.put(_BUILD, "b1")
+    tasks.put(_PREPARE, "p2")
+    tasks.put(_BUILD, "b2")
+    tasks.put(_STOP)
+    assert tasks.get() == (_BUILD, "b1")
+    models_waiting = False
+    assert tasks.get() == (_PREPARE, "p1")
+    models_waiting = True
+    assert tasks.get() == (_BUILD, "b2")
+    assert tasks.take_prepares() == ["p2"]
+    assert tasks.get() == (_STOP, None)

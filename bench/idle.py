@@ -34,7 +34,11 @@ EXE = ROOT / ".venv" / "bin" / "fracture-node"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "orthanc-test"))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+from e2e import _cpu_seconds  # noqa: E402
 from orthanc_ctl import free_port  # noqa: E402  (the tests' free-port helper)
+from reliability import _descendants  # noqa: E402
 
 CLIENT = r"""
 import statistics, sys, time
@@ -66,20 +70,7 @@ sys.stdin.readline()
 
 def _tree_cpu_seconds(pid: int) -> float:
     """utime + stime of a process and its live descendants, seconds."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            for task in Path(f"/proc/{p}/task").iterdir():
-                children = (task / "children").read_text().split()
-                todo.extend(int(c) for c in children)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
+    return _cpu_seconds([pid, *_descendants(pid)])
 
 
 def _node(work: Path, port: int, associations: int) -> subprocess.Popen[bytes]:

@@ -116,8 +116,9 @@ class _ReactorTime(ModuleType):
         thread = threading.current_thread()
         if seconds == REACTOR_SLEEP and isinstance(thread, self._reactor):
             quiet = _quiet_seconds(thread)
-            if quiet is not None and reactor_sleep(quiet) > REACTOR_SLEEP:
-                self._wait(thread, reactor_sleep(quiet))
+            wait = REACTOR_SLEEP if quiet is None else reactor_sleep(quiet)
+            if wait > REACTOR_SLEEP:
+                self._wait(thread, wait)
                 return
         time.sleep(seconds)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import itertools
 import os
 import resource
 import shutil
@@ -42,6 +43,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MSK = ROOT.parent / "shared" / "data" / "msk"
@@ -102,9 +104,23 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+MODEL_SETS = {"fp32": ("bodypart-router", "fracture-classifier"),
+              "bf16": ("bodypart-router-bf16", "fracture-classifier-bf16")}
+"""``--models``: the shipped fp32 pair, or the same graphs served in bf16 (models of
+their own, ``models/eval/bf16/report.md``)."""
+
+
+def model_config(shipped: Any, which: str) -> Any:
+    """``[models]`` of the shipped config with the router and classifier of ``which``."""
+    import dataclasses
+
+    router, classifier = MODEL_SETS[which]
+    return dataclasses.replace(shipped.models, router=router, classifier=classifier)
+
+
 def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interval: float,
         quiet_seconds: float, stable_age: int, model_threads: int | None = None,
-        build_processes: int | None = None) -> dict[str, object]:
+        build_processes: int | None = None, models: str = "fp32") -> dict[str, object]:
     """One run: a fresh Orthanc and node (``[worker] threads``), the studies pushed into
     Orthanc ``interval`` seconds apart (0: a burst), until every result is stored."""
     from node.config import (
@@ -136,7 +152,7 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         study=StudyConfig(quiet_seconds=quiet_seconds),
         worker=WorkerConfig(threads=threads, **(
             {} if build_processes is None else {"build_processes": build_processes})),
-        models=shipped.models,
+        models=model_config(shipped, models),
     )))
     config = load_config(cfg, environ={})
     node = Node(config, processor_factory(config, model_threads))
@@ -195,6 +211,7 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
     return {
         "threads": config.worker.resolved_threads,
         "model_threads": model_threads or config.worker.model_threads,
+        "models": models,
         "interval": interval, "studies": len(studies), "completed": len(total),
         "lost": len(studies) - len(total),
         "median": statistics.median(total) if total else float("nan"),
@@ -225,8 +242,15 @@ def main(argv: list[str] | None = None) -> int:
                              "threads with M intra-op threads per graph instead of the derived "
                              "number; T/B: with B build processes ([worker] build_processes, "
                              "default 0: the staged worker builds in its threads)")
+    parser.add_argument("--models", default="fp32",
+                        help="comma-separated model sets, one run each per thread setting: "
+                             + ", ".join(MODEL_SETS))
     parser.add_argument("--log", help="append the node's log (INFO) to this file")
     args = parser.parse_args(argv)
+    model_sets = args.models.split(",")
+    for which in model_sets:
+        if which not in MODEL_SETS:
+            parser.error(f"--models: {which!r} is not one of {', '.join(MODEL_SETS)}")
     intervals = [float(x) for x in args.intervals.split(",")]
     threads: list[tuple[int | None, int | None, int | None]] = []
     for t in args.threads.split(","):
@@ -251,17 +275,18 @@ def main(argv: list[str] | None = None) -> int:
               "result stored in Orthanc", flush=True)
         results = []
         for interval in intervals:
-            for t, m, b in threads:  # the reference and the new worker back to back, same load
-                r = run(studies, work / f"run-{interval}-{t}-{m}-{b}", t, interval,
-                        args.quiet_seconds, args.stable_age, m, b)
+            # the reference and the new worker (and model sets) back to back, same load
+            for (t, m, b), which in itertools.product(threads, model_sets):
+                r = run(studies, work / f"run-{interval}-{t}-{m}-{b}-{which}", t, interval,
+                        args.quiet_seconds, args.stable_age, m, b, which)
                 print(r, flush=True)
                 results.append(r)
-        print("\n| arrival | worker threads (model intra-op) / build processes | median s | max s | processing s | delivery s "
+        print("\n| arrival | models | worker threads (model intra-op) / build processes | median s | max s | processing s | delivery s "
               "| lost | images/s | node CPU s per study (with its build processes) | cores busy (CPU / wall) | load average (start, end) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             arrival = "all at once (burst)" if not r["interval"] else f"one study every {r['interval']} s"
-            print(f"| {arrival} | {r['threads']} ({r['model_threads']}) / {r['build_processes']} | {r['median']:.2f} | {r['max']:.2f} | "
+            print(f"| {arrival} | {r['models']} | {r['threads']} ({r['model_threads']}) / {r['build_processes']} | {r['median']:.2f} | {r['max']:.2f} | "
                   f"{r['processing']:.2f} | {r['delivery']:.2f} | {r['lost']} | {r['images_s']:.2f} | "
                   f"{r['cpu_s'] / r['studies']:.2f} | {r['cpu_s'] / r['wall_s']:.2f} | "
                   f"{r['load'][0]:.1f}, {r['load'][1]:.1f} |")
@@ -269,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             target = 1.5 if not r["interval"] else 0.5
             label = "burst of 20" if not r["interval"] else f"one every {r['interval']} s"
-            print(f"target {label}, median <= {target} s ({r['threads']} thread(s), "
+            print(f"target {label}, median <= {target} s ({r['models']} models, {r['threads']} thread(s), "
                   f"{r['build_processes']} build process(es)): "
                   f"{'met' if r['median'] <= target else 'MISSED'} ({r['median']:.2f} s)")
         print(f"target no study lost: {'met' if lost == 0 else 'MISSED'} ({lost} lost)")

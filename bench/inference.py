@@ -11,8 +11,12 @@ by image so both paths see the same load:
 * the floor: the multiply-adds of every Conv / MatMul in the two exported graphs at
   the batch the node runs (image + mirror), divided by the fp32 GEMM GFLOP/s numpy
   measures in this run on the same threads;
+* ``bf16``: the same Analyser on ``bodypart-router-bf16`` and
+  ``fracture-classifier-bf16`` (the same graphs served in bfloat16 by OpenVINO, models
+  of their own with their own evaluation, ``models/eval/bf16/report.md``): the
+  moonshot's path (<= 20 ms with a reduced-precision model);
 * start-up: process start to the first prediction and the resident memory (at rest
-  after it, and the peak), each in a fresh subprocess, for both paths.
+  after it, and the peak), each in a fresh subprocess, for the three paths.
 
 The whole decision runs both models only on the images the router lets through
 (the others are refused on the router's answer and the classifier is skipped), so
@@ -53,7 +57,7 @@ import numpy as np
 sys.path.insert(0, {root!r})
 from pipeline.classify import Analyser
 from pipeline.result import ImageMetadata, NormalisedImage
-registry, tf_path = Path({registry!r}), {tf_path!r}
+registry, tf_path, names = Path({registry!r}), {tf_path!r}, {names!r}
 if tf_path:
     from models.registry import load_keras_model, load_registry
     from models.training.export import KerasGraph
@@ -61,7 +65,7 @@ if tf_path:
     r, c = reg.get("bodypart-router"), reg.get("fracture-classifier")
     a = Analyser(r, c, KerasGraph(load_keras_model(r), r.input_size), KerasGraph(load_keras_model(c), c.input_size))
 else:
-    a = Analyser.load(registry, "bodypart-router", "fracture-classifier")
+    a = Analyser.load(registry, *names)
 img = NormalisedImage(ImageMetadata("1", "1", "1", "1"), np.full((320, 256), 0.5, np.float32), (320, 256))
 a.analyse([img])
 first = time.perf_counter() - t0
@@ -119,9 +123,13 @@ def _timed(fn: object) -> float:
     return time.perf_counter() - t
 
 
-def _first(tf_path: bool) -> dict[str, float]:
+FP32 = ("bodypart-router", "fracture-classifier")
+BF16 = ("bodypart-router-bf16", "fracture-classifier-bf16")
+
+
+def _first(tf_path: bool, names: tuple[str, str] = FP32) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", _FIRST.format(root=str(ROOT), registry=str(REGISTRY),
-                                                               tf_path=tf_path)],
+                                                               tf_path=tf_path, names=names)],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -161,19 +169,29 @@ def main(argv: list[str] | None = None) -> int:
     serving_threads = WorkerConfig().model_threads
     as_served = Analyser(r_e, c_e, load_graph(r_e, serving_threads), load_graph(c_e, serving_threads))
     as_served.warm_up()
+    bf16 = Analyser.load(REGISTRY, *BF16)
+    b_r, b_c = bf16.router_entry, bf16.classifier_entry
+    bf16_served = Analyser(b_r, b_c, load_graph(b_r, serving_threads), load_graph(b_c, serving_threads))
+    bf16_served.warm_up()
+    for img in images[:3]:
+        bf16.analyse([img])
     load_before = os.getloadavg()
     node_ms: list[float] = []
     tf_ms: list[float] = []
     worker_ms: list[float] = []
+    bf16_ms: list[float] = []
+    bf16_worker_ms: list[float] = []
     both_models: list[bool] = []
     for img in images:
-        for analyser, times in ((served, node_ms), (reference, tf_ms), (as_served, worker_ms)):
+        for analyser, times in ((served, node_ms), (reference, tf_ms), (as_served, worker_ms),
+                                (bf16, bf16_ms), (bf16_served, bf16_worker_ms)):
             t = time.perf_counter()
             out = analyser.analyse([img])
             times.append((time.perf_counter() - t) * 1000)
-        both_models.append(isinstance(out[0], ImageFinding))
+            if analyser is served:
+                both_models.append(isinstance(out[0], ImageFinding))
     batch4 = {}
-    for name, analyser in (("node", served), ("tensorflow", reference)):
+    for name, analyser in (("node", served), ("tensorflow", reference), ("bf16", bf16)):
         t = time.perf_counter()
         analyser.analyse(images[:4])
         batch4[name] = (time.perf_counter() - t) * 1000 / 4
@@ -185,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm = gemm_gflops()
     floor_ms = gflop / gemm * 1000
 
-    first_node, first_tf = _first(False), _first(True)
+    first_node, first_tf, first_bf16 = _first(False), _first(True), _first(False, BF16)
 
     def p90(values: list[float]) -> float:
         return sorted(values)[int(0.9 * (len(values) - 1))]
@@ -209,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     rows_out = (("node: exported ONNX graphs (ONNX Runtime), 2 intra-op threads", node_ms, batch4["node"]),
                 (f"node as the worker runs it ({serving_threads} intra-op thread(s) beside a study thread)",
                  worker_ms, float("nan")),
-                ("same Analyser on TensorFlow (tf.function of the Keras models)", tf_ms, batch4["tensorflow"]))
+                ("same Analyser on TensorFlow (tf.function of the Keras models)", tf_ms, batch4["tensorflow"]),
+                (f"bf16 models {b_r.version} / {b_c.version} (OpenVINO), 2 threads", bf16_ms, batch4["bf16"]),
+                (f"bf16 models as the worker runs them ({serving_threads} thread(s))", bf16_worker_ms,
+                 float("nan")))
     for name, values, b4 in rows_out:
         analysed = [v for v, b in zip(values, both_models) if b]
         print(f"| {name} | {med(values, True):.1f} | {p90(analysed) if analysed else float('nan'):.1f} | "
@@ -220,12 +241,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{gemm:.0f} GFLOP/s fp32 GEMM (numpy, this run) = {floor_ms:.1f} ms; node / floor {node_med / floor_ms:.2f}")
     print("| process | start to first prediction s | RSS after it MB | peak RSS MB | TensorFlow imported |")
     print("|---|---|---|---|---|")
-    for name, f in (("node (ONNX Runtime)", first_node), ("TensorFlow path", first_tf)):
+    for name, f in (("node (ONNX Runtime)", first_node), ("TensorFlow path", first_tf),
+                    ("node, bf16 models (OpenVINO)", first_bf16)):
         print(f"| {name} | {f['first_s']:.2f} | {f['rss_mb']:.0f} | {f['peak_mb']:.0f} | {f['tensorflow_imported']} |")
     print(f"target <= 40 ms per image (whole decision, analysed images, batch 1): "
           f"{'met' if node_med <= 40 else 'MISSED'} ({node_med:.1f} ms); "
           f"target <= 1.5 s to the first prediction: {'met' if first_node['first_s'] <= 1.5 else 'MISSED'} "
           f"({first_node['first_s']:.2f} s)")
+    bf16_med = med(bf16_ms, True)
+    print(f"bf16 models: {bf16_med:.1f} ms per analysed image, ratio to the fp32 node {bf16_med / node_med:.2f}, "
+          f"to TensorFlow {bf16_med / tf_med:.2f}; first prediction {first_bf16['first_s']:.2f} s; "
+          f"moonshot <= 20 ms: {'met' if bf16_med <= 20 else 'MISSED'} on speed (their bars: "
+          "models/eval/bf16/report.md)")
     return 0
 
 

@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("router", "classifier")
 FINDINGS = ("fracture", "abnormality")
+PRECISIONS = ("fp32", "bf16")
+"""Arithmetic a model's graph is served in: ``fp32`` (ONNX Runtime) or ``bf16``
+(OpenVINO on a CPU with bfloat16 instructions).  A bf16 entry is its own model version,
+calibrated and evaluated on its own outputs (:mod:`models.runtime`)."""
 """What a classifier output may mean: fracture-labelled training, or MURA's abnormal study."""
 DEFAULT_PART = "DEFAULT"
 """Operating point used for a body part without its own entry (e.g. needs-review images)."""
@@ -95,6 +99,9 @@ class ModelEntry:
     file in the TOML; ``None`` for an entry registered before graphs were exported."""
     graph_sha256: str = ""
     graph_format: str = ""
+    precision: str = "fp32"
+    """What the graph is served in (:data:`PRECISIONS`); its thresholds and metrics were
+    chosen and measured in that arithmetic."""
     families: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """A classifier's families of router parts that share one operating point
     (``UPPER_LIMB`` = fingers to elbow): an image whose router answer is sure of the
@@ -119,6 +126,9 @@ class ModelEntry:
             raise RegistryError(f"model {self.name}: temperature must be positive")
         if not 0.0 <= self.confidence_floor < 1.0:
             raise RegistryError(f"model {self.name}: confidence_floor must be in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise RegistryError(f"model {self.name}: precision must be one of {', '.join(PRECISIONS)}, "
+                                f"not {self.precision!r}")
         if self.graph is not None and len(self.graph_sha256) != 64:
             raise RegistryError(f"model {self.name}: graph_sha256 must be 64 hex digits")
         for family, parts in self.families.items():
@@ -218,6 +228,7 @@ def _entry(name: str, raw: Mapping[str, Any], base: Path) -> ModelEntry:
             graph=(base / str(raw["graph"])).resolve() if "graph" in raw else None,
             graph_sha256=str(raw.get("graph_sha256", "")).lower(),
             graph_format=str(raw.get("graph_format", "onnx" if "graph" in raw else "")),
+            precision=str(raw.get("precision", "fp32")),
             families=MappingProxyType({str(f): tuple(str(p) for p in parts)
                                        for f, parts in raw.get("families", {}).items()}),
         )

@@ -12,6 +12,14 @@ ONNX Runtime was chosen by measurement (``bench/runtimes.py``, ``docs/benchmarks
 LiteRT and OpenVINO were as fast or a little faster at a fixed batch, but LiteRT has
 to re-plan its tensors when the batch size changes and OpenVINO runs bf16 on this CPU
 unless told not to; ONNX Runtime takes any batch at fp32 with no such switch.
+
+A registry entry with ``precision = "bf16"`` is served by OpenVINO in bfloat16
+(:class:`OpenVinoGraph`, the same hash-checked ONNX file): twice as fast on a CPU with
+AVX-512 BF16, but its outputs differ from fp32 by more than a rounding error, so such an
+entry is its own model version with its own temperature, thresholds and evaluation
+(``models/eval/bf16``).  On a CPU without bfloat16 instructions OpenVINO would quietly
+run fp32 instead, which is not the arithmetic the entry was evaluated in: the graph is
+refused.
 """
 
 from __future__ import annotations
@@ -148,6 +156,84 @@ class OnnxGraph:
         return logits, features
 
 
+def _cpu_capabilities() -> tuple[str, ...]:
+    import openvino as ov
+
+    return tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def bf16_supported() -> bool:
+    """Whether OpenVINO's CPU plugin can run bfloat16 here (AVX-512 BF16 or AMX)."""
+    return "BF16" in _cpu_capabilities()
+
+
+class OpenVinoGraph:
+    """An ONNX graph compiled by OpenVINO's CPU plugin in bfloat16.
+
+    Two compiled models share the weights' file: one for a batch of 2 (an image and
+    its mirror, what the node runs for almost every image: ~15 % faster than the
+    dynamic one, ``bench/inference.py``) and one with a dynamic batch for the rest.
+    ``INFERENCE_PRECISION_HINT`` is set explicitly and read back after compiling.
+
+    Parameters
+    ----------
+    path
+        The ``.onnx`` file (callers verify its hash first: :func:`load_graph`).
+    threads
+        ``INFERENCE_NUM_THREADS``; default :func:`default_threads`.
+    precision
+        ``bf16`` (the only precision entries are served in through OpenVINO).
+    """
+
+    STATIC_BATCH = 2
+
+    def __init__(self, path: Path, threads: int | None = None, precision: str = "bf16") -> None:
+        import openvino as ov
+
+        self.path = Path(path)
+        core = ov.Core()
+        if precision != "bf16":
+            raise GraphError(f"{self.path}: OpenVINO serves bf16 graphs here, not {precision!r}")
+        capabilities = _cpu_capabilities()
+        if "BF16" not in capabilities:
+            raise GraphError(f"{self.path}: this CPU has no bfloat16 instructions "
+                             f"(OpenVINO capabilities: {', '.join(capabilities)}); serve the "
+                             "fp32 models instead ([models] router and classifier)")
+        model = core.read_model(str(self.path))
+        names = [o.get_any_name() for o in model.outputs]
+        if len(model.inputs) != 1 or names != list(OUTPUTS):
+            raise GraphError(f"{self.path}: expected one input and outputs {OUTPUTS}, found {names}")
+        shape = model.inputs[0].get_partial_shape()
+        self.input_size = int(shape[1].get_length())
+        self.feature_grid = int(model.outputs[1].get_partial_shape()[1].get_length())
+        framework = model.get_rt_info(["framework"]).astype(dict) if model.has_rt_info(["framework"]) else {}
+        if HEAD_KERNEL_KEY not in framework or HEAD_BIAS_KEY not in framework:
+            raise GraphError(f"{self.path}: no dense head in the graph's metadata (re-export it)")
+        self.head_kernel = decode_array(framework[HEAD_KERNEL_KEY].astype(str))
+        self.head_bias = decode_array(framework[HEAD_BIAS_KEY].astype(str))
+        config = {"INFERENCE_PRECISION_HINT": precision,
+                  "INFERENCE_NUM_THREADS": str(threads or default_threads()),
+                  "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+        dynamic = core.compile_model(model, "CPU", config)
+        got = dynamic.get_property("INFERENCE_PRECISION_HINT")
+        if got != ov.Type.bf16:
+            raise GraphError(f"{self.path}: OpenVINO compiled it in {got}, not bf16")
+        fixed = model.clone()
+        fixed.reshape([self.STATIC_BATCH, self.input_size, self.input_size, 1])
+        self._fixed = core.compile_model(fixed, "CPU", config).create_infer_request()
+        self._dynamic = dynamic.create_infer_request()
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, features)`` for ``x`` ``(n, s, s, 1)`` float32 in [0, 1]."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, 1):
+            raise ValueError(f"input must be (n, {self.input_size}, {self.input_size}, 1), "
+                             f"got {x.shape}")
+        request = self._fixed if len(x) == self.STATIC_BATCH else self._dynamic
+        request.infer([x])
+        return (request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy())
+
+
 def load_graph(entry: ModelEntry, threads: int | None = None,
                cpu_memory_arena: bool = True) -> ServingGraph:
     """Verify the exported graph's SHA-256 (:func:`models.registry.verify_graph`), then load it.
@@ -162,9 +248,13 @@ def load_graph(entry: ModelEntry, threads: int | None = None,
     verify_graph(entry)
     if entry.graph_format != "onnx":
         raise GraphError(f"{entry.name}: graph format {entry.graph_format!r} is not served")
-    graph = OnnxGraph(entry.graph, threads, cpu_memory_arena)  # type: ignore[arg-type]
+    graph: ServingGraph
+    if entry.precision == "bf16":
+        graph = OpenVinoGraph(entry.graph, threads, entry.precision)  # type: ignore[arg-type]
+    else:
+        graph = OnnxGraph(entry.graph, threads, cpu_memory_arena)  # type: ignore[arg-type]
     if graph.input_size != entry.input_size:
         raise GraphError(f"{entry.name}: graph input {graph.input_size} px, registry {entry.input_size} px")
-    logger.info("loaded %s %s graph (%s, sha256 %s...)", entry.name, entry.version,
-                entry.graph.name if entry.graph else "?", entry.graph_sha256[:12])
+    logger.info("loaded %s %s graph (%s, %s, sha256 %s...)", entry.name, entry.version,
+                entry.graph.name if entry.graph else "?", entry.precision, entry.graph_sha256[:12])
     return graph

@@ -25,6 +25,7 @@ from node.config import Config, load_config
 from node.errors import ConfigError, NodeError, SendError
 
 if TYPE_CHECKING:
+    from models.registry import ModelEntry
     from node.scu import Peer
     from node.service import Node
 
@@ -143,6 +144,7 @@ def preflight(config: Config) -> None:
         except RegistryError as exc:
             raise ConfigError(f"models.{role} = {name!r}: {exc}; restore the weights file "
                               "the registry names") from None
+    _check_precision(registry.models[models.router], registry.models[models.classifier])
     console = config.console
     if console.enabled:
         for key in ("token_file", "certificate", "private_key"):
@@ -153,6 +155,26 @@ def preflight(config: Config) -> None:
         if console.token_file is not None and not read_token(console.token_file):
             raise ConfigError(f"console.token_file: {console.token_file} is empty; put a long "
                               "random token on its first line")
+
+
+def _check_precision(router: ModelEntry, classifier: ModelEntry) -> None:
+    """The two active models are served in one precision this CPU can run.
+
+    A classifier's operating points were chosen on images routed by a router in its
+    own precision (``models/training/register.py``), so a pair that mixes them runs
+    thresholds nobody measured.
+    """
+    from models.runtime import bf16_supported
+
+    if router.precision != classifier.precision:
+        raise ConfigError(
+            f"models.router = {router.name!r} is served in {router.precision} but models.classifier = "
+            f"{classifier.name!r} in {classifier.precision}; name a router and a classifier of the "
+            "same precision (the classifier's thresholds were chosen beside such a router)")
+    if router.precision == "bf16" and not bf16_supported():
+        raise ConfigError(
+            f"models.router = {router.name!r} and models.classifier = {classifier.name!r} are served "
+            "in bf16 but this CPU has no bfloat16 instructions; name the fp32 models instead")
 
 
 def read_token(path: Path) -> str:

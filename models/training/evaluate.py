@@ -794,14 +794,15 @@ def write_report(out: Path, metrics: dict[str, Any], files: Sequence[str]) -> No
         f"Generated {m['generated']} by `fracture-node evaluate` on `{m['data']}` "
         f"(split `{m['split']}`), {m['n_boot']} bootstrap resamples of whole patients/studies.",
         "",
-        "| model | name | version | input | test-time flip | SHA-256 |",
-        "|---|---|---|---|---|---|",
+        "| model | name | version | input | test-time flip | served in | SHA-256 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for role in ("router", "classifier"):
         mi = m["models"][role]
         grid = f", Grad-CAM grid {mi['feature_grid']} x {mi['feature_grid']}" if "feature_grid" in mi else ""
         lines.append(f"| {role} | {mi['name']} | {mi['version']} | {mi.get('input_size', '?')} px{grid} | "
-                     f"{'yes' if mi.get('test_time_flip') else 'no'} | `{mi['sha256']}` |")
+                     f"{'yes' if mi.get('test_time_flip') else 'no'} | {mi.get('precision', 'fp32')} | "
+                     f"`{mi['sha256']}` |")
     if f.get("served"):
         lines += _served_fracture_lines(f)
         lines += _mura_lines(f["mura_abnormality"], "Fracture output on MURA's abnormal-study labels "
@@ -950,8 +951,10 @@ def run(data: Path, out: Path, registry: Path, router: str, classifier: str, spl
         "n_boot": n_boot,
         "models": {
             "router": {"name": r_e.name, "version": r_e.version, "sha256": r_e.sha256,
+                       "precision": r_e.precision,
                        "input_size": r_e.input_size, "test_time_flip": r_e.test_time_flip},
             "classifier": {"name": c_e.name, "version": c_e.version, "sha256": c_e.sha256,
+                           "precision": c_e.precision,
                            "input_size": c_e.input_size, "test_time_flip": c_e.test_time_flip,
                            "feature_grid": analyser.classifier_grid, "finding": c_e.finding},
         },

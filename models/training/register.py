@@ -14,7 +14,12 @@
   *supported*; ``DEFAULT`` is the pooled threshold for needs-review images;
 * router: records the classes and the confidence floor;
 * if ``models/eval/metrics.json`` exists for exactly the registered hashes, the key
-  metrics are copied into the entry (``--attach-metrics``).
+  metrics are copied into the entry (``--attach-metrics``);
+* ``--variant-of NAME --precision bf16`` registers the same weights and graph served in
+  bfloat16 (:class:`models.runtime.OpenVinoGraph`) as a model of its own: new version
+  and Device UID, a classifier's temperature and operating points chosen again on the
+  bf16 outputs (routed by ``--router``, itself a bf16 variant), no metrics until its
+  own evaluation is attached.
 
 Other models already in the registry are kept.
 """
@@ -33,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from models.registry import DEFAULT_PART, FRACATLAS_REGIONS, device_uid_for, sha256_of
+from models.registry import DEFAULT_PART, FRACATLAS_REGIONS, PRECISIONS, device_uid_for, sha256_of
 from models.training import data as mdata
 from models.training import metrics as mm
 from models.training.export import with_graph, export_entry, registry_fields
@@ -236,17 +241,29 @@ def calibrate_fracture(
     return temperature, points, summary
 
 
+def _serving_graph(graph_path: Path, precision: str) -> Any:
+    """The exported graph as the node would serve it in ``precision``."""
+    from models.runtime import OnnxGraph, OpenVinoGraph
+
+    return OpenVinoGraph(graph_path, precision=precision) if precision == "bf16" else OnnxGraph(graph_path)
+
+
 def _calibrate_fracture_entry(entry: dict[str, Any], graph_path: Path, args: argparse.Namespace) -> None:
     """Temperature, operating points, families and notes of a fracture classifier's
-    entry, chosen on the validation split routed as ``args.router`` routes it."""
+    entry, chosen on the validation split routed as ``args.router`` routes it, on the
+    outputs of the graph served in the entry's precision."""
     from models.registry import load_registry
-    from models.runtime import OnnxGraph, load_graph
+    from models.runtime import load_graph
     from pipeline.classify import RouterGraph
 
     router_entry = load_registry(args.registry).get(args.router, role="router")
+    precision = str(entry.get("precision", "fp32"))
+    if router_entry.precision != precision:
+        raise SystemExit(f"--router {args.router} is served in {router_entry.precision}, the classifier "
+                         f"in {precision}: calibrate on the router the node will run beside it")
     router = RouterGraph(load_graph(router_entry), router_entry.test_time_flip)
     temperature, points, summary = calibrate_fracture(
-        OnnxGraph(graph_path), router, router_entry, args.data, int(entry["input_size"]),
+        _serving_graph(graph_path, precision), router, router_entry, args.data, int(entry["input_size"]),
         args.min_images, args.doubt, args.sensitivity, bool(entry.get("test_time_flip", False)),
     )
     entry["temperature"] = temperature
@@ -257,7 +274,7 @@ def _calibrate_fracture_entry(entry: dict[str, Any], graph_path: Path, args: arg
         f"images, thresholds chosen on its {'/'.join(mdata.FRACTURE_THRESHOLD_DATASETS)} images, "
         f"each routed as {router_entry.name} {router_entry.version} routes it (image level, the "
         f"highest threshold with sensitivity >= {args.sensitivity:.2f}, one per family of router "
-        f"parts). " + "; ".join(
+        f"parts){', on the bf16 outputs' if precision == 'bf16' else ''}. " + "; ".join(
             f"{k} ({', '.join(v['parts'])}): " + (v.get("reason") or
             f"supported, threshold chosen on {v['images']} images, {v['positive']} fractured")
             for k, v in summary["families"].items()
@@ -267,11 +284,35 @@ def _calibrate_fracture_entry(entry: dict[str, Any], graph_path: Path, args: arg
     entry["families"] = {f: sorted(parts) for f, parts in mdata.FRACTURE_FAMILIES.items()}
 
 
+def variant_entry(base: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A registry entry for ``base``'s weights and graph served in ``args.precision``.
+
+    The files and their hashes are the same; the version, Device UID and architecture
+    text say what differs; the metrics are dropped (they were measured in the other
+    arithmetic) until ``--attach-metrics`` brings the variant's own.
+    """
+    if "graph" not in base:
+        raise SystemExit(f"--variant-of {args.variant_of}: it has no exported graph")
+    if args.precision == base.get("precision", "fp32"):
+        raise SystemExit(f"--variant-of {args.variant_of}: it is already served in {args.precision}")
+    entry = {k: v for k, v in base.items() if k != "metrics"}
+    entry["version"] = args.version
+    entry["device_uid"] = device_uid_for(args.name, args.version, str(base["sha256"]))
+    entry["precision"] = args.precision
+    entry["architecture"] = (f"{base['architecture']}; served in {args.precision} (OpenVINO, the "
+                             f"graph of {args.variant_of} {base['version']})")
+    if base.get("role") == "router":
+        entry["notes"] = (f"{base.get('notes', '')} The weights and graph of {args.variant_of} "
+                          f"{base['version']}, run in {args.precision}.").strip()
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=("router", "classifier"), required=True)
-    p.add_argument("--run", type=Path, required=True, help="training run folder with model.keras")
+    p.add_argument("--run", type=Path, help="training run folder with model.keras (not with --variant-of "
+                   "or --skip-copy)")
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--data", type=Path, default=MODELS_DIR.parent.parent / "shared" / "data" / "msk")
@@ -290,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recalibrate", action="store_true",
                    help="with --skip-copy: choose a fracture classifier's temperature and operating "
                         "points again (the router or the routing rule changed)")
+    p.add_argument("--variant-of", metavar="NAME",
+                   help="register NAME's weights and graph served in --precision as a model of its own")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="with --variant-of: the arithmetic the graph is served in")
     p.add_argument("--test-time-flip", action="store_true",
                    help="also run the mirrored image at inference (classifier: mean feature map; router: mean logits)")
     args = p.parse_args(argv)
@@ -298,7 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     existing: dict[str, Any] = {}
     if args.registry.exists():
         existing = tomllib.loads(args.registry.read_text()).get("models", {})
-    if args.skip_copy:
+    if args.run is None and not (args.variant_of or args.skip_copy):
+        p.error("--run is required unless --variant-of or --skip-copy is given")
+    if args.variant_of:
+        entry = variant_entry(existing[args.variant_of], args)
+        if entry.get("finding") == "fracture":
+            _calibrate_fracture_entry(entry, args.registry.parent.resolve() / entry["graph"], args)
+    elif args.skip_copy:
         entry = dict(existing[args.name])
         if args.recalibrate:
             if entry.get("finding") != "fracture" or "graph" not in entry:
@@ -401,9 +452,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.attach_metrics is not None:
         metrics = json.loads(args.attach_metrics.read_text())
         role = args.task
-        if metrics["models"][role]["sha256"] != entry["sha256"]:
-            raise SystemExit(f"{args.attach_metrics} was not produced for {entry['sha256']}")
-        entry["metrics"] = flatten_metrics(metrics, role)
+        measured = metrics["models"][role]
+        if measured["sha256"] != entry["sha256"] or measured.get("precision", "fp32") != entry.get("precision", "fp32"):
+            raise SystemExit(f"{args.attach_metrics} was not produced for {entry['sha256']} served in "
+                             f"{entry.get('precision', 'fp32')}")
+        try:
+            source = str(args.attach_metrics.resolve().relative_to(MODELS_DIR.parent))
+        except ValueError:
+            source = str(args.attach_metrics)
+        entry["metrics"] = flatten_metrics(metrics, role, source)
     existing[args.name] = entry
     args.registry.write_text(dump_registry(existing))
     print(f"registered {args.name} {args.version} sha256 {entry['sha256']}"
@@ -411,9 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def flatten_metrics(metrics: Mapping[str, Any], role: str) -> dict[str, Any]:
+def flatten_metrics(metrics: Mapping[str, Any], role: str,
+                    source: str = "models/eval/metrics.json") -> dict[str, Any]:
     """The headline numbers of ``metrics.json`` for one model, as flat TOML keys."""
-    out: dict[str, Any] = {"source": "models/eval/metrics.json", "split": metrics.get("split", "")}
+    out: dict[str, Any] = {"source": source, "split": metrics.get("split", "")}
     if role == "router":
         r = metrics["router"]
         out.update({"accuracy": r["accuracy"], "accuracy_supported": r["accuracy_supported"],

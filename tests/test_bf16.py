@@ -1,0 +1,171 @@
+"""The bf16 models (issue 15: reduced precision only as an honestly evaluated model).
+
+``bodypart-router-bf16`` and ``fracture-classifier-bf16`` are the shipped fp32 weights
+and graphs served in bfloat16 by OpenVINO (:class:`models.runtime.OpenVinoGraph`).
+Their outputs are not the fp32 outputs rounded: on the 24 real radiographs below the
+router's probabilities move by up to 0.012 and the classifier's logits by up to 1.0, so
+they are models of their own, with their own version and Device UID, the classifier's
+operating points chosen again on bf16 outputs, and their own evaluation
+(``models/eval/bf16``).  The node runs them only as a pair, and only on a CPU that can
+run bf16.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, write_config
+from models.registry import RegistryError, load_registry
+from node.config import load_config
+from node.errors import ConfigError
+from pipeline.classify import Analyser
+from pipeline.resize import fit_square
+from pipeline.result import ImageFinding
+from test_runtime import REGISTRY, _pixels, _subset
+
+ROUTER, CLASSIFIER = "bodypart-router-bf16", "fracture-classifier-bf16"
+ROUTER_PROB_ATOL = 0.1
+LOGIT_ATOL = 2.5
+"""bf16 against fp32 on the 24 images (measured: router probabilities up to 0.012, logits
+up to 1.02, correlation of the logits 0.997): loose, because bf16 keeps 8 bits of
+mantissa; the test is that it is the same network, not the same numbers."""
+CORRELATION = 0.99
+
+
+@pytest.fixture(scope="module")
+def bf16() -> Analyser:
+    return Analyser.load(REGISTRY, ROUTER, CLASSIFIER)
+
+
+@pytest.fixture(scope="module")
+def fp32() -> Analyser:
+    return Analyser.load(REGISTRY, "bodypart-router", "fracture-classifier")
+
+
+def test_the_bf16_models_are_versions_of_their_own_with_their_own_evaluation() -> None:
+    registry = load_registry(REGISTRY)
+    metrics = json.loads((ROOT / "models" / "eval" / "bf16" / "metrics.json").read_text())
+    for name, base, role in ((ROUTER, "bodypart-router", "router"),
+                             (CLASSIFIER, "fracture-classifier", "classifier")):
+        entry, fp = registry.get(name), registry.get(base)
+        assert entry.precision == "bf16" and fp.precision == "fp32"
+        assert (entry.sha256, entry.graph_sha256) == (fp.sha256, fp.graph_sha256)  # same files
+        assert entry.version != fp.version and entry.device_uid != fp.device_uid
+        assert "bf16" in entry.version and "bf16" in entry.architecture
+        # its numbers are its own: measured on the bf16 graph, not copied from fp32
+        assert entry.metrics["source"] == "models/eval/bf16/metrics.json"
+        measured = metrics["models"][role]
+        assert (measured["name"], measured["precision"], measured["sha256"]) == (name, "bf16", entry.sha256)
+    c, fp = registry.get(CLASSIFIER), registry.get("fracture-classifier")
+    assert c.temperature != fp.temperature  # fitted again on bf16 logits
+    assert c.supported_body_parts == fp.supported_body_parts
+    assert c.metrics["image_auroc"] == metrics["fracture"]["image"]["auroc"]
+    assert registry.get(ROUTER).metrics["unsupported_analysed_rate"] == \
+        metrics["router"]["unsupported_analysed_rate"]
+
+
+def test_the_bf16_graphs_run_in_bf16_and_are_the_same_network(bf16: Analyser, fp32: Analyser) -> None:
+    import openvino as ov
+
+    for graph in (bf16._router_graph, bf16._classifier_graph.graph):
+        assert graph._dynamic.get_compiled_model().get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    pixels = [_pixels(r) for r in _subset()]
+    rs, cs = bf16.router_entry.input_size, bf16.classifier_entry.input_size
+    router_x = np.stack([fit_square(p, rs)[0] for p in pixels])
+    classifier_x = np.stack([fit_square(p, cs)[0] for p in pixels])
+    got, want = bf16.predict(router_x, classifier_x), fp32.predict(router_x, classifier_x)
+    np.testing.assert_allclose(got.router_probabilities, want.router_probabilities, atol=ROUTER_PROB_ATOL)
+    np.testing.assert_allclose(got.classifier_logits, want.classifier_logits, atol=LOGIT_ATOL)
+    assert np.corrcoef(got.classifier_logits.ravel(), want.classifier_logits.ravel())[0, 1] > CORRELATION
+    assert (got.router_probabilities.argmax(1) == want.router_probabilities.argmax(1)).mean() > 0.9
+    # not bit-identical: this really is another arithmetic
+    assert np.abs(got.classifier_logits - want.classifier_logits).max() > 1e-3
+
+
+def test_the_fixed_batch_and_the_dynamic_batch_compute_the_same(bf16: Analyser) -> None:
+    """Two images (an image and its mirror) take the fixed-shape model, other batches the
+    dynamic one: an image's logits must not depend on which (measured: identical)."""
+    graph = bf16._classifier_graph.graph
+    x = np.stack([fit_square(_pixels(r), graph.input_size)[0] for r in _subset()[:3]])[..., None]
+    pair, _ = graph.run(x[:2])
+    three, _ = graph.run(x)
+    single, _ = graph.run(x[:1])
+    np.testing.assert_allclose(pair, three[:2], atol=1e-3)
+    np.testing.assert_allclose(pair[:1], single, atol=1e-3)
+
+
+def test_the_findings_name_the_bf16_model_version(bf16: Analyser) -> None:
+    from pipeline.result import ImageMetadata, NormalisedImage
+
+    rows = [r for r in _subset() if r["body_part"] == "FOREARM"][:2]
+    images = [NormalisedImage(ImageMetadata("1.2.9", "1.2.9.1", f"1.2.9.1.{i}", "1.2.840.10008.5.1.4.1.1.1",
+                                            modality="CR"), _pixels(r), _pixels(r).shape)
+              for i, r in enumerate(rows)]
+    results = bf16.analyse(images)
+    assert any(isinstance(r, ImageFinding) for r in results)
+    assert bf16.classifier_info.version == "2.1.0-bf16" and bf16.router_info.version == "2.1.0-bf16"
+    assert bf16.classifier_info.device_uid == load_registry(REGISTRY).get(CLASSIFIER).device_uid
+
+
+def _config(tmp_path: Path, router: str, classifier: str) -> Path:
+    path = write_config(tmp_path, 11112)
+    path.write_text(path.read_text().replace('router = "bodypart-router"', f'router = "{router}"')
+                    .replace('classifier = "fracture-classifier"', f'classifier = "{classifier}"'))
+    return path
+
+
+def test_preflight_accepts_the_bf16_pair_and_refuses_a_mixed_pair(tmp_path: Path) -> None:
+    from node.cli import preflight
+
+    preflight(load_config(_config(tmp_path, ROUTER, CLASSIFIER)))
+    with pytest.raises(ConfigError, match=r"^models\.router = 'bodypart-router' is served in fp32 but "
+                                          r"models\.classifier = 'fracture-classifier-bf16' in bf16"):
+        preflight(load_config(_config(tmp_path, "bodypart-router", CLASSIFIER)))
+
+
+def test_a_cpu_without_bf16_refuses_the_bf16_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What OpenVINO reports on a CPU without AVX-512 BF16 or AMX (it would then quietly
+    run fp32, not the arithmetic the entries were evaluated in)."""
+    import models.runtime as runtime
+    from node.cli import preflight
+
+    monkeypatch.setattr(runtime, "_cpu_capabilities", lambda: ("FP32", "INT8", "BIN", "EXPORT_IMPORT"))
+    with pytest.raises(ConfigError, match="no bfloat16 instructions; name the fp32 models"):
+        preflight(load_config(_config(tmp_path, ROUTER, CLASSIFIER)))
+    with pytest.raises(runtime.GraphError, match="no bfloat16 instructions"):
+        Analyser.load(REGISTRY, ROUTER, CLASSIFIER)
+    preflight(load_config(_config(tmp_path, "bodypart-router", "fracture-classifier")))
+
+
+def test_register_makes_a_variant_without_the_other_precision_s_metrics(tmp_path: Path) -> None:
+    from models.training.register import main as register_main
+
+    registry = tmp_path / "registry.toml"
+    registry.write_text(REGISTRY.read_text().replace('"weights/', f'"{ROOT}/models/weights/'))
+    assert register_main(["--task", "router", "--name", "router-variant", "--version", "2.1.0-bf16-test",
+                          "--variant-of", "bodypart-router", "--precision", "bf16",
+                          "--registry", str(registry)]) == 0
+    entry = load_registry(registry).get("router-variant")
+    shipped = load_registry(REGISTRY).get("bodypart-router")
+    assert entry.precision == "bf16" and entry.metrics == {} and entry.sha256 == shipped.sha256
+    assert entry.device_uid not in (shipped.device_uid, load_registry(REGISTRY).get(ROUTER).device_uid)
+    # the fp32 evaluation is not this model's
+    with pytest.raises(SystemExit, match="not produced for .* served in bf16"):
+        register_main(["--task", "router", "--name", "router-variant", "--version", "2.1.0-bf16-test",
+                       "--skip-copy", "--registry", str(registry),
+                       "--attach-metrics", str(ROOT / "models" / "eval" / "metrics.json")])
+    with pytest.raises(SystemExit, match="already served in fp32"):
+        register_main(["--task", "router", "--name", "again", "--version", "x", "--variant-of",
+                       "bodypart-router", "--precision", "fp32", "--registry", str(registry)])
+
+
+def test_an_unknown_precision_is_a_registry_error(tmp_path: Path) -> None:
+    registry = tmp_path / "registry.toml"
+    registry.write_text(REGISTRY.read_text().replace('"weights/', f'"{ROOT}/models/weights/')
+                        .replace('precision = "bf16"', 'precision = "int4"', 1))
+    with pytest.raises(RegistryError, match="precision must be one of fp32, bf16, not 'int4'"):
+        load_registry(registry)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -60,6 +61,8 @@ def _load(name: str, path: Path) -> ModuleType:
 
 orthanc_ctl = _load("orthanc_ctl", ROOT / "orthanc-test" / "orthanc_ctl.py")
 demo_data = _load("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
+sys.path.insert(0, str(ROOT / "bench"))
+from e2e import MODEL_SETS, model_config  # noqa: E402
 
 
 def make_load(directory: Path, associations: int, per: int) -> list[list[Path]]:
@@ -124,8 +127,8 @@ def _tree_mb(pid: int, field: str = "VmHWM") -> tuple[float, float]:
 
 
 def run_load(associations: int, per: int, threads: int | None = None,
-             batch_images: int | None = None, build_processes: int | None = None
-             ) -> dict[str, object]:
+             batch_images: int | None = None, build_processes: int | None = None,
+             models: str = "fp32") -> dict[str, object]:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
@@ -159,7 +162,7 @@ def run_load(associations: int, per: int, threads: int | None = None,
             limits=LimitsConfig(max_associations=associations),
             worker=WorkerConfig(threads=threads, build_processes=build_processes or 0, **(
                 {"batch_images": batch_images} if batch_images else {})),
-            models=shipped.models,
+            models=model_config(shipped, models),
         )))
         ready = work / "ready"
         node = subprocess.Popen([str(EXE), "--config", str(cfg), "serve", "--ready-file",
@@ -244,6 +247,7 @@ def run_load(associations: int, per: int, threads: int | None = None,
             "build_processes": WorkerConfig(
                 threads=threads, build_processes=build_processes or 0).resolved_build_processes,
             "worker_threads": threads or "default",
+            "models": models,
             "batch_images": batch_images or WorkerConfig().batch_images,
             "load_average": [round(load_before[0], 1), round(load_after[0], 1)],
             "extra_association_refused": extra_refused, "refusal": reason,
@@ -321,31 +325,36 @@ def main(argv: list[str] | None = None) -> int:
                              "build processes ([worker] build_processes); the last is reported")
     parser.add_argument("--batch-images", type=int, help="[worker] batch_images of the load runs "
                         "(default: the node's default)")
+    parser.add_argument("--models", default="fp32",
+                        help="comma-separated model sets (bench/e2e.py MODEL_SETS: fp32, bf16), "
+                             "one load run each per --threads value")
     parser.add_argument("--load-only", action="store_true",
                         help="only the load runs and the issue 15 targets (no faults, bad inputs, fuzzing)")
     args = parser.parse_args(argv)
 
     runs = []
-    for spec in args.threads.split(","):
-        print(f"load, worker threads {spec} ...", flush=True)
+    for spec, which in itertools.product(args.threads.split(","), args.models.split(",")):
+        if which not in MODEL_SETS:
+            parser.error(f"--models: {which!r} is not one of {', '.join(MODEL_SETS)}")
+        print(f"load, worker threads {spec}, {which} models ...", flush=True)
         t, _, b = spec.partition("/")
         runs.append(run_load(args.associations, args.per_association,
                              None if t == "default" else int(t), args.batch_images,
-                             int(b) if b else None))
+                             int(b) if b else None, which))
         print(json.dumps(runs[-1], indent=1), flush=True)
     print(f"\nMALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '(unset)')}")
-    print("\n| worker threads (batch_images) / build processes | RSS at rest MB (node process) | peak RSS MB (node process) | all results s | receive s | "
+    print("\n| models | worker threads (batch_images) / build processes | RSS at rest MB (node process) | peak RSS MB (node process) | all results s | receive s | "
           "analysed / refused / unaccounted | results delivered | load average (start, end) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         o = r["outcomes"]
-        print(f"| {r['worker_threads']} ({r['batch_images']}) / {r['build_processes']} | {r['rest_rss_mb']} ({r['rest_rss_node_process_mb']}) | {r['peak_rss_mb']} ({r['peak_rss_node_process_mb']}) | {r['all_results_seconds']} | "
+        print(f"| {r['models']} | {r['worker_threads']} ({r['batch_images']}) / {r['build_processes']} | {r['rest_rss_mb']} ({r['rest_rss_node_process_mb']}) | {r['peak_rss_mb']} ({r['peak_rss_node_process_mb']}) | {r['all_results_seconds']} | "
               f"{r['receive_seconds']} | {o.get('analysed', 0)} / {o.get('refused', 0)} / "  # type: ignore[union-attr]
               f"{r['unaccounted']} | {r['results_delivered']} | {r['load_average'][0]}, "  # type: ignore[index]
               f"{r['load_average'][1]} |")  # type: ignore[index]
     for r in runs:
         n = int(r["sent"])  # type: ignore[call-overload]
-        print(f"targets ({r['worker_threads']} worker threads): RSS at rest <= 400 MB: "
+        print(f"targets ({r['models']} models, {r['worker_threads']} worker threads): RSS at rest <= 400 MB: "
               f"{'met' if r['rest_rss_mb'] <= 400 else 'MISSED'} ({r['rest_rss_mb']} MB); "  # type: ignore[operator]
               f"peak <= 600 MB: {'met' if r['peak_rss_mb'] <= 600 else 'MISSED'} ({r['peak_rss_mb']} MB); "  # type: ignore[operator]
               f"all {n} results <= 30 s: {'met' if r['all_results_seconds'] <= 30 else 'MISSED'} "  # type: ignore[operator]

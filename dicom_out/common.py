@@ -167,8 +167,11 @@ def output_uid(*parts: str) -> str:
 
 
 def model_hashes(models: Iterable[ModelInfo]) -> list[str]:
-    """Weights SHA-256 of ``models`` in a stable order, duplicates removed."""
-    return sorted({m.weights_sha256 for m in models})
+    """Weights SHA-256 of ``models`` in a stable order, duplicates removed; a model served
+    in another precision than fp32 adds it (``<sha256>/bf16``): the same weights in bf16
+    give other numbers, so their results must not take the fp32 results' UIDs."""
+    return sorted({m.weights_sha256 if m.precision == "fp32" else f"{m.weights_sha256}/{m.precision}"
+                   for m in models})
 
 
 def study_series_uid(study_instance_uid: str, models: Iterable[ModelInfo], kind: str) -> str:

@@ -449,7 +449,9 @@ def _models_table(models: Sequence[ModelInfo], doc_width: float) -> Table:
         data.append(
             [
                 _p(f"<b>{_e(m.name)}</b> {_e(m.version)}<br/>{_e(wording.model_role(m))}<br/>"
-                   f"{_e(wording.architecture_name(m))}<br/>SHA-256 {_e(m.weights_sha256[:12])}",
+                   f"{_e(wording.architecture_name(m))}"
+                   f"{', served in ' + _e(m.precision) if m.precision != 'fp32' else ''}"
+                   f"<br/>SHA-256 {_e(m.weights_sha256[:12])}",
                    "cell"),
                 _p(_e(wording.meaning(m)), "cell"),
                 _p("<br/>".join(_e(v) for v in m.validated) or "not recorded", "cell"),

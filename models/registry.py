@@ -148,6 +148,7 @@ class ModelEntry:
             device_uid=self.device_uid,
             finding=self.finding or "body part",
             validated=validation_summary(self),
+            precision=self.precision,
         )
 
     @property

@@ -185,6 +185,9 @@ class ModelInfo:
     validated: tuple[str, ...] = ()
     """Plain sentences of the validated metrics from the registry ("Forearm: AUROC 0.89
     (95 % CI 0.83-0.94) on 133 validation studies")."""
+    precision: str = "fp32"
+    """The arithmetic the model is served in (``fp32``, ``bf16``): the same weights in
+    bf16 are another model, with other numbers and other result UIDs."""
 
 
 @dataclass(frozen=True)

@@ -169,3 +169,47 @@ def test_an_unknown_precision_is_a_registry_error(tmp_path: Path) -> None:
                         .replace('precision = "bf16"', 'precision = "int4"', 1))
     with pytest.raises(RegistryError, match="precision must be one of fp32, bf16, not 'int4'"):
         load_registry(registry)
+
+
+def _process_demo_forearm(config_path: Path) -> dict[str, object]:
+    import pydicom
+
+    from node.jobs import InstanceRecord, StudyJob
+    from node.processing import processor_factory
+
+    config = load_config(config_path, environ={})
+    process = processor_factory(config)()
+    records = []
+    for f in sorted((ROOT / "demo" / "studies" / "forearm").glob("forearm_*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        records.append(InstanceRecord(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                      ds.SOPClassUID, ds.file_meta.TransferSyntaxUID, str(f),
+                                      f.stat().st_size, "TEST", "127.0.0.1"))
+    done = process(StudyJob(records[0].study_instance_uid, 1, tuple(records), None))
+    return {"outputs": {kind + ":" + ds.SOPInstanceUID: ds for kind, ds in done.outputs},
+            "outcomes": done.outcomes}
+
+
+def test_bf16_results_are_new_objects_that_name_the_bf16_models(tmp_path: Path) -> None:
+    """The demo forearm through the processing path with each pair: every bf16 result
+    object has a UID of its own (the same weights, another arithmetic: it must not
+    replace the fp32 result in the archive), names 2.1.0-bf16 and its Device UID, and
+    passes dciodvfy."""
+    from test_e2e import dciodvfy_errors
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fp32 = _process_demo_forearm(_config(tmp_path / "a", "bodypart-router", "fracture-classifier"))
+    bf16 = _process_demo_forearm(_config(tmp_path / "b", ROUTER, CLASSIFIER))
+    assert all(state == "analysed" for state, _ in bf16["outcomes"].values()), bf16["outcomes"]
+    uids = lambda r: {k.split(":")[1] for k in r["outputs"]}  # noqa: E731
+    assert len(bf16["outputs"]) == len(fp32["outputs"]) >= 4
+    assert not uids(fp32) & uids(bf16)
+    device_uid = load_registry(REGISTRY).get(CLASSIFIER).device_uid
+    for key, ds in bf16["outputs"].items():
+        equipment = [str(item.get("DeviceUID", "")) for item in ds.get("ContributingEquipmentSequence", [])]
+        versions = [str(item.get("SoftwareVersions", "")) for item in ds.get("ContributingEquipmentSequence", [])]
+        assert device_uid in equipment and "2.1.0-bf16" in versions, key
+        path = tmp_path / f"{key.replace(':', '_')}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], key

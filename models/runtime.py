@@ -27,8 +27,9 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import threading
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -170,10 +171,12 @@ def bf16_supported() -> bool:
 class OpenVinoGraph:
     """An ONNX graph compiled by OpenVINO's CPU plugin in bfloat16.
 
-    Two compiled models share the weights' file: one for a batch of 2 (an image and
-    its mirror, what the node runs for almost every image: ~15 % faster than the
-    dynamic one, ``bench/inference.py``) and one with a dynamic batch for the rest.
-    ``INFERENCE_PRECISION_HINT`` is set explicitly and read back after compiling.
+    One model compiled for a batch of 2 (an image and its mirror, what the node runs
+    with ``[worker] batch_images = 1``: ~15 % faster than a dynamic batch), and one with
+    a dynamic batch compiled on the first call of another size (``evaluate``,
+    ``register``, larger ``batch_images``), so a node that never needs it does not hold
+    its memory.  ``INFERENCE_PRECISION_HINT`` is set explicitly and read back after
+    compiling.
 
     Parameters
     ----------
@@ -211,17 +214,32 @@ class OpenVinoGraph:
             raise GraphError(f"{self.path}: no dense head in the graph's metadata (re-export it)")
         self.head_kernel = decode_array(framework[HEAD_KERNEL_KEY].astype(str))
         self.head_bias = decode_array(framework[HEAD_BIAS_KEY].astype(str))
-        config = {"INFERENCE_PRECISION_HINT": precision,
-                  "INFERENCE_NUM_THREADS": str(threads or default_threads()),
-                  "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
-        dynamic = core.compile_model(model, "CPU", config)
-        got = dynamic.get_property("INFERENCE_PRECISION_HINT")
-        if got != ov.Type.bf16:
-            raise GraphError(f"{self.path}: OpenVINO compiled it in {got}, not bf16")
+        self._core, self._model = core, model
+        self._config = {"INFERENCE_PRECISION_HINT": precision,
+                        "INFERENCE_NUM_THREADS": str(threads or default_threads()),
+                        "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
         fixed = model.clone()
         fixed.reshape([self.STATIC_BATCH, self.input_size, self.input_size, 1])
-        self._fixed = core.compile_model(fixed, "CPU", config).create_infer_request()
-        self._dynamic = dynamic.create_infer_request()
+        self._fixed = self._compile(fixed)
+        self._dynamic: Any = None
+        self._lock = threading.Lock()
+
+    def _compile(self, model: Any) -> Any:
+        import openvino as ov
+
+        compiled = self._core.compile_model(model, "CPU", self._config)
+        got = compiled.get_property("INFERENCE_PRECISION_HINT")
+        if got != ov.Type.bf16:
+            raise GraphError(f"{self.path}: OpenVINO compiled it in {got}, not bf16")
+        return compiled.create_infer_request()
+
+    def _request(self, n: int) -> Any:
+        """The infer request for a batch of ``n`` (under ``self._lock``)."""
+        if n == self.STATIC_BATCH:
+            return self._fixed
+        if self._dynamic is None:
+            self._dynamic = self._compile(self._model)
+        return self._dynamic
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(logits, features)`` for ``x`` ``(n, s, s, 1)`` float32 in [0, 1]."""
@@ -229,9 +247,10 @@ class OpenVinoGraph:
         if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, 1):
             raise ValueError(f"input must be (n, {self.input_size}, {self.input_size}, 1), "
                              f"got {x.shape}")
-        request = self._fixed if len(x) == self.STATIC_BATCH else self._dynamic
-        request.infer([x])
-        return (request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy())
+        with self._lock:  # an infer request serves one call at a time (ONNX Runtime's run is re-entrant)
+            request = self._request(len(x))
+            request.infer([x])
+            return (request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy())
 
 
 def load_graph(entry: ModelEntry, threads: int | None = None,

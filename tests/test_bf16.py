@@ -72,7 +72,7 @@ def test_the_bf16_graphs_run_in_bf16_and_are_the_same_network(bf16: Analyser, fp
     import openvino as ov
 
     for graph in (bf16._router_graph, bf16._classifier_graph.graph):
-        assert graph._dynamic.get_compiled_model().get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+        assert graph._fixed.get_compiled_model().get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
     pixels = [_pixels(r) for r in _subset()]
     rs, cs = bf16.router_entry.input_size, bf16.classifier_entry.input_size
     router_x = np.stack([fit_square(p, rs)[0] for p in pixels])
@@ -89,11 +89,14 @@ def test_the_bf16_graphs_run_in_bf16_and_are_the_same_network(bf16: Analyser, fp
 def test_the_fixed_batch_and_the_dynamic_batch_compute_the_same(bf16: Analyser) -> None:
     """Two images (an image and its mirror) take the fixed-shape model, other batches the
     dynamic one: an image's logits must not depend on which (measured: identical)."""
+    import openvino as ov
+
     graph = bf16._classifier_graph.graph
     x = np.stack([fit_square(_pixels(r), graph.input_size)[0] for r in _subset()[:3]])[..., None]
     pair, _ = graph.run(x[:2])
     three, _ = graph.run(x)
     single, _ = graph.run(x[:1])
+    assert graph._dynamic.get_compiled_model().get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
     np.testing.assert_allclose(pair, three[:2], atol=1e-3)
     np.testing.assert_allclose(pair[:1], single, atol=1e-3)
 

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -730,3 +731,66 @@ def test_study_threads_feed_an_idle_model_thread_before_building() -> None:
     assert tasks.get() == (_BUILD, "b2")
     assert tasks.take_prepares() == ["p2"]
     assert tasks.get() == (_STOP, None)
+
+
+class _TimedStages(_FailingBuild):
+    """CopyProcessor in stages that take ``prepare``, ``analyse`` and ``build`` seconds
+    and record when each stage of each study started and ended."""
+
+    def __init__(self, prepare: float, analyse: float, build: float) -> None:
+        super().__init__(bad_study="")
+        self.seconds = {"prepare": prepare, "analyse": analyse, "build": build}
+        self.events: list[tuple[float, str, str, str]] = []
+        self.lock = threading.Lock()
+
+    def _stage(self, stage: str, study: str) -> None:
+        with self.lock:
+            self.events.append((time.monotonic(), "start", stage, study))
+        time.sleep(self.seconds[stage])
+        with self.lock:
+            self.events.append((time.monotonic(), "end", stage, study))
+
+    def prepare(self, job):  # type: ignore[no-untyped-def]
+        self._stage("prepare", job.study_instance_uid)
+        return job
+
+    def analyse_many(self, studies):  # type: ignore[no-untyped-def]
+        for job in studies:
+            self._stage("analyse", job.study_instance_uid)
+        return list(studies)
+
+    def build(self, job, sink=None):  # type: ignore[no-untyped-def]
+        self._stage("build", job.study_instance_uid)
+        return self.copy(job)
+
+
+def test_a_study_beyond_the_in_flight_bound_decodes_while_the_models_analyse_the_last(
+        tmp_path: Path) -> None:
+    """``max_images_in_flight = 1`` and one study thread: every study but the first in
+    hand is beyond the bound.  The next study still starts (and is decoded) while the
+    models analyse the last one, once that one has been prepared; never more than
+    two are in hand, and every study is processed."""
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3,
+                       extra="\n[worker]\nthreads = 2\nmax_images_in_flight = 1\n",
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
+    config = load_config(cfg, environ={})
+    studies = [f"1.2.826.0.1.3680043.10.19.{n}" for n in range(4)]
+    stages = _TimedStages(prepare=0.3, analyse=0.8, build=0.2)
+    node = Node(config, lambda: stages)
+    node.start()
+    try:
+        wait_for(node.processing.is_set, timeout=60)
+        _send_cr(port, studies)
+        wait_for(lambda: node.jobs.query("SELECT count(*) AS n FROM studies WHERE state = 'processed'")
+                 == [{"n": 4}], timeout=60, interval=0.1)
+    finally:
+        node.stop(grace_seconds=2)
+    at = {(kind, stage, study): t for t, kind, stage, study in stages.events}
+    assert {study for _, _, study in at} == set(studies)
+    in_hand = [sum(1 for s in studies if at["start", "prepare", s] <= t < at["end", "build", s])
+               for t, *_ in stages.events]
+    assert max(in_hand) == 2, in_hand
+    # some study was decoded while the models analysed the one before it
+    assert any(at["end", "prepare", a] <= at["start", "prepare", b] < at["end", "analyse", a]
+               for a in studies for b in studies if a != b), stages.events

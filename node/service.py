@@ -10,6 +10,7 @@ models load in the worker's thread, and processing starts when they are in memor
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ from pydicom.dataset import Dataset
 
 from node.audit import AuditTrail
 from node.builder import BuildProcesses, BuiltElsewhere
-from node.config import Config
+from node.config import Config, available_cores
 from node.jobs import JobStoreBackend, OutboxItem, StudyJob, node_name, open_job_store
 from node.metrics import NodeMetrics
 from node.processing import StudyProcessorFactory, output_settings
@@ -36,6 +37,7 @@ from node.worker import (
     WholeStudy,
     Worker,
     is_staged,
+    limit_malloc_arenas,
 )
 
 logger = logging.getLogger(__name__)
@@ -148,6 +150,8 @@ class Node:
             The port is taken (or not ours to bind); nothing was loaded.
         """
         sys.setswitchinterval(SWITCH_INTERVAL)
+        if "MALLOC_ARENA_MAX" not in os.environ:  # an administrator's own setting wins
+            limit_malloc_arenas(available_cores())
         self.address = self.scp.start()
         # beat from the start: while the models load the node already receives, and
         # other nodes must see it alive and its receiving marks

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import ROOT, write_config
 from models.registry import RegistryError, load_registry
+from models.runtime import bf16_supported
 from node.config import load_config
 from node.errors import ConfigError
 from pipeline.classify import Analyser
@@ -34,6 +35,10 @@ LOGIT_ATOL = 2.5
 up to 1.02, correlation of the logits 0.997): loose, because bf16 keeps 8 bits of
 mantissa; the test is that it is the same network, not the same numbers."""
 CORRELATION = 0.99
+
+needs_bf16 = pytest.mark.skipif(
+    not bf16_supported(),
+    reason="this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX): the bf16 models are refused here")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +73,7 @@ def test_the_bf16_models_are_versions_of_their_own_with_their_own_evaluation() -
         metrics["router"]["unsupported_analysed_rate"]
 
 
+@needs_bf16
 def test_the_bf16_graphs_run_in_bf16_and_are_the_same_network(bf16: Analyser, fp32: Analyser) -> None:
     import openvino as ov
 
@@ -86,6 +92,7 @@ def test_the_bf16_graphs_run_in_bf16_and_are_the_same_network(bf16: Analyser, fp
     assert np.abs(got.classifier_logits - want.classifier_logits).max() > 1e-3
 
 
+@needs_bf16
 def test_the_fixed_batch_and_the_dynamic_batch_compute_the_same(bf16: Analyser) -> None:
     """Two images (an image and its mirror) take the fixed-shape model, other batches the
     dynamic one: an image's logits must not depend on which (measured: identical)."""
@@ -101,6 +108,7 @@ def test_the_fixed_batch_and_the_dynamic_batch_compute_the_same(bf16: Analyser) 
     np.testing.assert_allclose(pair[:1], single, atol=1e-3)
 
 
+@needs_bf16
 def test_the_findings_name_the_bf16_model_version(bf16: Analyser) -> None:
     from pipeline.result import ImageMetadata, NormalisedImage
 
@@ -121,6 +129,7 @@ def _config(tmp_path: Path, router: str, classifier: str) -> Path:
     return path
 
 
+@needs_bf16
 def test_preflight_accepts_the_bf16_pair_and_refuses_a_mixed_pair(tmp_path: Path) -> None:
     from node.cli import preflight
 
@@ -193,6 +202,7 @@ def _process_demo_forearm(config_path: Path) -> dict[str, object]:
             "outcomes": done.outcomes}
 
 
+@needs_bf16
 def test_bf16_results_are_new_objects_that_name_the_bf16_models(tmp_path: Path) -> None:
     """The demo forearm through the processing path with each pair: every bf16 result
     object has a UID of its own (the same weights, another arithmetic: it must not

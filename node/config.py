@@ -296,7 +296,9 @@ class WorkerConfig:
     KO of finished ones, while one model thread analyses the studies waiting for it,
     as many together as one model run of ``batch_images`` images takes (at least one
     whole study).
-    Queues between the stages are bounded by ``max_images_in_flight``.
+    Queues between the stages are bounded by ``max_images_in_flight``; a study with
+    more images than that starts once the studies in hand are all decoded (at most
+    one study more than the study threads are in hand).
     """
 
     threads: int | None = None

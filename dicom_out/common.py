@@ -31,11 +31,14 @@ from pathlib import Path
 
 import cv2
 import highdicom as hd
+import highdicom._standard_utils as hd_standard_utils
+import highdicom.base_content as hd_base_content
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import generate_uid
 
 # the wording lives in dicom_out.wording; these names stay importable from here
@@ -303,6 +306,12 @@ _TYPE2_PATIENT_STUDY = (
 )
 
 
+_PATIENT_STUDY_TAGS: tuple[BaseTag, ...] = tuple(
+    Tag(keyword) for keyword in PATIENT_STUDY_KEYWORDS)
+_TYPE2_PATIENT_STUDY_TAGS: tuple[tuple[str, BaseTag], ...] = tuple(
+    (keyword, Tag(keyword)) for keyword in _TYPE2_PATIENT_STUDY)
+
+
 def copy_patient_study(source: pydicom.Dataset, target: pydicom.Dataset) -> None:
     """Copy the Patient and Study modules of ``source`` into ``target`` exactly.
 
@@ -310,19 +319,43 @@ def copy_patient_study(source: pydicom.Dataset, target: pydicom.Dataset) -> None
     ISO_IR 192, ... are written in the source's own encoding.  Type 2 attributes
     absent from the source are written empty, as the IODs require.  Attributes of
     these modules that the source lacks are removed from ``target``.
+
+    Looked up by tag (the tags computed once): every SC, KO and SR evidence item
+    copies these ~45 attributes, 208 copies for a 50-image study, and a keyword
+    lookup per attribute cost a quarter of it (``bench/build_cost.py --profile``).
     """
-    for keyword in PATIENT_STUDY_KEYWORDS:
-        if keyword in source:
-            target[keyword] = deepcopy(source[keyword])
-        elif keyword in target:
-            del target[keyword]
-    for keyword in _TYPE2_PATIENT_STUDY:
-        if keyword not in target:
+    for tag in _PATIENT_STUDY_TAGS:
+        if tag in source:
+            target[tag] = deepcopy(source[tag])
+        elif tag in target:
+            del target[tag]
+    for keyword, tag in _TYPE2_PATIENT_STUDY_TAGS:
+        if tag not in target:
             setattr(target, keyword, None)
     if "SpecificCharacterSet" in source:
         target.SpecificCharacterSet = deepcopy(source.SpecificCharacterSet)
     elif "SpecificCharacterSet" in target:
         del target.SpecificCharacterSet
+
+
+_HD_DOES_IOD_HAVE_PIXEL_DATA = hd_standard_utils.does_iod_have_pixel_data
+"""highdicom's own answer, which walks the IOD's modules at every call."""
+
+
+@functools.lru_cache(maxsize=256)
+def iod_has_pixel_data(sop_class_uid: str) -> bool:
+    """Whether the IOD of ``sop_class_uid`` holds pixel data: highdicom's
+    ``does_iod_have_pixel_data``, cached (its tables do not change while the node runs).
+
+    Every Secondary Capture asks it once for its source (``SCImage.from_ref_dataset``
+    -> ``ContributingEquipment.for_image_acquisition``), at ~2 ms a call: ~1 s of the
+    study thread's critical path under ``bench/reliability.py`` (``py-spy``).  Installed
+    as the name that function calls (below).  An unknown class raises ``KeyError``
+    as before (an exception is not cached)."""
+    return _HD_DOES_IOD_HAVE_PIXEL_DATA(str(sop_class_uid))
+
+
+hd_base_content.does_iod_have_pixel_data = iod_has_pixel_data
 
 
 def reference_dataset(source: pydicom.Dataset) -> pydicom.Dataset:

@@ -35,7 +35,6 @@ from collections.abc import Iterator, Mapping, Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
-from highdicom._standard_utils import does_iod_have_pixel_data
 from highdicom.sr.templates import _get_coded_modality
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -62,6 +61,7 @@ from dicom_out.common import (
     finding_code,
     HOT_REGION_SHARE,
     heat_region,
+    iod_has_pixel_data,
     shows_heatmap,
     reference_dataset,
     series_description,
@@ -275,13 +275,10 @@ _coded_modality = functools.lru_cache(maxsize=64)(_get_coded_modality)
 """highdicom's CID 29 modality of a SOP class, cached (it rebuilds its table per call)."""
 
 
-@functools.lru_cache(maxsize=256)
 def _is_image(sop_class_uid: str) -> bool:
-    """Whether the SOP class is an image IOD (unknown classes are not).
-
-    Cached: highdicom answers by walking the IOD's modules (some milliseconds)."""
+    """Whether the SOP class is an image IOD (unknown classes are not)."""
     try:
-        return bool(does_iod_have_pixel_data(sop_class_uid))
+        return iod_has_pixel_data(sop_class_uid)
     except KeyError:
         return False
 

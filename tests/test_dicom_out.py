@@ -528,6 +528,40 @@ def test_fast_evidence_search_finds_what_highdicom_finds(study: Study, built: tu
     assert _without_times(fast) == _without_times(slow)
 
 
+def test_cached_pixel_data_answer_is_highdicom_s_and_the_secondary_capture_is_the_same(
+        study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached answer installed for ``ContributingEquipment.for_image_acquisition``
+    is highdicom's for image, non-image and unknown SOP classes, and an SC built with
+    highdicom's own (uncached) function is the same object."""
+    import highdicom.base_content
+
+    import dicom_out.common as common
+
+    assert highdicom.base_content.does_iod_have_pixel_data is common.iod_has_pixel_data
+    original = common._HD_DOES_IOD_HAVE_PIXEL_DATA
+    for uid in (pydicom.uid.ComputedRadiographyImageStorage,
+                pydicom.uid.DigitalXRayImageStorageForPresentation,
+                pydicom.uid.SecondaryCaptureImageStorage,
+                pydicom.uid.Comprehensive3DSRStorage,
+                pydicom.uid.KeyObjectSelectionDocumentStorage,
+                pydicom.uid.EncapsulatedPDFStorage):
+        assert common.iod_has_pixel_data(uid) is original(uid), uid
+        assert common.iod_has_pixel_data(str(uid)) is original(uid), uid
+    with pytest.raises(KeyError):
+        common.iod_has_pixel_data("1.2.3.4.5.6.7")
+    finding = study.result.findings[0]
+    source = study.sources[finding.meta.sop_instance_uid]
+    cached = build_secondary_capture(finding, source, SETTINGS)
+    monkeypatch.setattr(highdicom.base_content, "does_iod_have_pixel_data", original)
+    uncached = build_secondary_capture(finding, source, SETTINGS)
+    a, b = _without_times(cached), _without_times(uncached)
+    for ds in (a, b):  # set from the clock at build time
+        for keyword in ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"):
+            if keyword in ds:
+                delattr(ds, keyword)
+    assert a == b
+
+
 @pytest.mark.skipif(shutil.which("dsr2html") is None, reason="DCMTK missing")
 def test_structured_report_renders_with_dsr2html(written: Mapping[str, Path]) -> None:
     proc = subprocess.run(

@@ -20,6 +20,7 @@ from dicom_out.common import (
     contributing_equipment,
     copy_patient_study,
     device_observer,
+    evidence_dataset,
     finding_models,
     reference_dataset,
     series_description,
@@ -69,11 +70,11 @@ def build_key_object_selection(
     if not selected:
         return None
     uids = {f.meta.sop_instance_uid for f in selected}
-    objects = [reference_dataset(sources[f.meta.sop_instance_uid]) for f in selected]
+    objects = [evidence_dataset(sources[f.meta.sop_instance_uid]) for f in selected]
     for sc in secondary_captures:
         refs = {item.ReferencedSOPInstanceUID for item in sc.get("SourceImageSequence", [])}
         if refs & uids:
-            objects.append(reference_dataset(sc))
+            objects.append(evidence_dataset(sc))
     models = unique_models(m for f in result.findings for m in finding_models(f))
     observer = device_observer(settings)
     content = hd.ko.KeyObjectSelection(

@@ -63,6 +63,7 @@ from dicom_out.common import (
     heat_region,
     iod_has_pixel_data,
     shows_heatmap,
+    evidence_dataset,
     reference_dataset,
     series_description,
     study_head,
@@ -569,12 +570,12 @@ def build_structured_report(
         if uid == head.SOPInstanceUID:
             continue
         if uid in sources:
-            evidence.append(reference_dataset(sources[uid]))
+            evidence.append(evidence_dataset(sources[uid]))
         else:
             reference = evidence_reference(outcome.meta)
             if reference is not None:
                 evidence.append(reference)
-    evidence.extend(reference_dataset(sc) for sc in secondary_captures)
+    evidence.extend(evidence_dataset(sc) for sc in secondary_captures)
     content = report[0]
     with _adopted(content):
         ds = _comprehensive_3d_sr(evidence, content, result, models, sop_uids, settings,

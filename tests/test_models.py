@@ -550,6 +550,17 @@ def test_evaluate_on_lower_limbs_only_reports_the_router(tmp_path: Path) -> None
     leg = metrics["fracture"]["fracture_labelled"]["by_region"]["LEG"]
     assert leg["n"] == 8 and 0.0 <= leg["auroc"] <= 1.0
     assert "safety" in (out / "report.md").read_text()
+    # what each confidence floor would trade; the router's own floor is the headline figure
+    from models.training.evaluate import FLOOR_GRID
+
+    sweep = router["floor_sweep"]
+    assert [t["floor"] for t in sweep["table"]] == list(FLOOR_GRID)
+    at = next(t for t in sweep["table"] if t["floor"] == sweep["shipped_floor"])
+    assert at["unsupported_analysed"] == router["unsupported_analysed"] and at["analysed"] == router["analysed"]
+    assert at["refused_uncertain"] == router["refused_uncertain"]
+    table = sweep["table"]
+    assert all(a["refused_uncertain"] <= b["refused_uncertain"] for a, b in zip(table, table[1:]))
+    assert "What the confidence floor trades" in (out / "report.md").read_text()
     # the shipped classifier is a fracture one, measured as served: the legs routed to
     # LEG (a supported part) are analysed, with the LEG operating point
     assert metrics["models"]["classifier"]["finding"] == "fracture"

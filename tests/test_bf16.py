@@ -118,7 +118,7 @@ def test_the_findings_name_the_bf16_model_version(bf16: Analyser) -> None:
               for i, r in enumerate(rows)]
     results = bf16.analyse(images)
     assert any(isinstance(r, ImageFinding) for r in results)
-    assert bf16.classifier_info.version == "2.1.0-bf16" and bf16.router_info.version == "2.1.0-bf16"
+    assert bf16.classifier_info.version == "2.1.1-bf16" and bf16.router_info.version == "2.1.1-bf16"
     assert bf16.classifier_info.device_uid == load_registry(REGISTRY).get(CLASSIFIER).device_uid
 
 
@@ -175,6 +175,29 @@ def test_register_makes_a_variant_without_the_other_precision_s_metrics(tmp_path
                        "bodypart-router", "--precision", "fp32", "--registry", str(registry)])
 
 
+def test_a_new_operating_point_of_the_same_weights_is_a_new_version(tmp_path: Path) -> None:
+    """``register --skip-copy --confidence-floor`` (or ``--recalibrate``) changes what the
+    node answers, so it takes a new version with a Device UID of its own; in place it
+    is refused with the fix named."""
+    from models.training.register import main as register_main
+
+    registry = tmp_path / "registry.toml"
+    registry.write_text(REGISTRY.read_text().replace('"weights/', f'"{ROOT}/models/weights/'))
+    shipped = load_registry(registry).get("bodypart-router")
+    with pytest.raises(SystemExit, match="give bodypart-router a new --version"):
+        register_main(["--task", "router", "--name", "bodypart-router", "--version", shipped.version,
+                       "--skip-copy", "--confidence-floor", "0.8", "--registry", str(registry)])
+    assert register_main(["--task", "router", "--name", "bodypart-router", "--version", "9.9.9",
+                          "--skip-copy", "--confidence-floor", "0.8", "--registry", str(registry)]) == 0
+    entry = load_registry(registry).get("bodypart-router")
+    assert entry.version == "9.9.9" and entry.confidence_floor == 0.8 and entry.sha256 == shipped.sha256
+    assert entry.device_uid != shipped.device_uid
+    assert f"The weights and graph of bodypart-router {shipped.version}." in entry.notes
+    with pytest.raises(SystemExit, match="not a router"):
+        register_main(["--task", "classifier", "--name", "fracture-classifier", "--version", "9.9.9",
+                       "--skip-copy", "--confidence-floor", "0.8", "--registry", str(registry)])
+
+
 def test_an_unknown_precision_is_a_registry_error(tmp_path: Path) -> None:
     registry = tmp_path / "registry.toml"
     registry.write_text(REGISTRY.read_text().replace('"weights/', f'"{ROOT}/models/weights/')
@@ -206,7 +229,7 @@ def _process_demo_forearm(config_path: Path) -> dict[str, object]:
 def test_bf16_results_are_new_objects_that_name_the_bf16_models(tmp_path: Path) -> None:
     """The demo forearm through the processing path with each pair: every bf16 result
     object has a UID of its own (the same weights, another arithmetic: it must not
-    replace the fp32 result in the archive), names 2.1.0-bf16 and its Device UID, and
+    replace the fp32 result in the archive), names 2.1.1-bf16 and its Device UID, and
     passes dciodvfy."""
     from test_e2e import dciodvfy_errors
 
@@ -222,7 +245,7 @@ def test_bf16_results_are_new_objects_that_name_the_bf16_models(tmp_path: Path) 
     for key, ds in bf16["outputs"].items():
         equipment = [str(item.get("DeviceUID", "")) for item in ds.get("ContributingEquipmentSequence", [])]
         versions = [str(item.get("SoftwareVersions", "")) for item in ds.get("ContributingEquipmentSequence", [])]
-        assert device_uid in equipment and "2.1.0-bf16" in versions, key
+        assert device_uid in equipment and "2.1.1-bf16" in versions, key
         path = tmp_path / f"{key.replace(':', '_')}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == [], key

@@ -319,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--registry", type=Path, default=MODELS_DIR / "registry.toml")
     p.add_argument("--min-studies", type=int, default=40)
     p.add_argument("--doubt", type=float, default=0.1)
-    p.add_argument("--confidence-floor", type=float, default=0.5)
+    p.add_argument("--confidence-floor", type=float, default=None,
+                   help="router: the probability its pooled answer needs to name a part (default 0.5 for a "
+                        "new router; with --skip-copy: set it, as a new --version of the same weights)")
     p.add_argument("--router", default="bodypart-router",
                    help="fracture classifier: the registered router that routes its validation images")
     p.add_argument("--sensitivity", type=float, default=0.90,
@@ -351,10 +353,29 @@ def main(argv: list[str] | None = None) -> int:
             _calibrate_fracture_entry(entry, args.registry.parent.resolve() / entry["graph"], args)
     elif args.skip_copy:
         entry = dict(existing[args.name])
+        previous = None
+        if args.version != entry["version"]:
+            # the same weights at a new operating point (confidence floor, thresholds): its
+            # results are not the old version's, so it is a version with a Device UID of its own
+            previous = f"{args.name} {entry['version']}"
+            entry["version"] = args.version
+            entry["device_uid"] = device_uid_for(args.name, args.version, str(entry["sha256"]))
+        elif args.confidence_floor is not None or args.recalibrate:
+            raise SystemExit(f"--skip-copy with a new operating point: give {args.name} a new --version "
+                             f"(it is {entry['version']}): its results differ from that version's")
+        if args.confidence_floor is not None:
+            if entry.get("role") != "router":
+                raise SystemExit(f"--confidence-floor: {args.name} is not a router")
+            old_floor = entry.get("confidence_floor")
+            entry["confidence_floor"] = args.confidence_floor
+            entry["notes"] = (f"{entry['notes']} Confidence floor {args.confidence_floor} "
+                              f"(was {old_floor}).")
         if args.recalibrate:
             if entry.get("finding") != "fracture" or "graph" not in entry:
                 raise SystemExit(f"--recalibrate: {args.name} is not a fracture classifier with a graph")
             _calibrate_fracture_entry(entry, args.registry.parent.resolve() / entry["graph"], args)
+        if previous is not None:
+            entry["notes"] = f"{entry.get('notes', '')} The weights and graph of {previous}.".strip()
     else:
         import keras
 
@@ -410,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                    "; OTHER = UNIFESP out-of-scope parts + knee crops. ") + train_desc
             )
             entry["temperature"] = 1.0
-            entry["confidence_floor"] = args.confidence_floor
+            entry["confidence_floor"] = 0.5 if args.confidence_floor is None else args.confidence_floor
             entry["notes"] = "Body-part router; OTHER and parts without classifier metrics are refused."
         elif cfg.get("finding") == "fracture":
             entry["training_data"] = (

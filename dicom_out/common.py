@@ -170,11 +170,15 @@ def output_uid(*parts: str) -> str:
 
 
 def model_hashes(models: Iterable[ModelInfo]) -> list[str]:
-    """Weights SHA-256 of ``models`` in a stable order, duplicates removed; a model served
-    in another precision than fp32 adds it (``<sha256>/bf16``): the same weights in bf16
-    give other numbers, so their results must not take the fp32 results' UIDs."""
-    return sorted({m.weights_sha256 if m.precision == "fp32" else f"{m.weights_sha256}/{m.precision}"
-                   for m in models})
+    """What identifies ``models`` in the UIDs of their results, in a stable order,
+    duplicates removed: the weights SHA-256 and the version (``<sha256>@2.1.1``), and a
+    precision other than fp32 (``<sha256>/bf16@2.1.1-bf16``).  The same weights in bf16
+    give other numbers, and the same weights at another operating point (a new version
+    with another confidence floor or other thresholds) other answers, so their results
+    must not take the other's UIDs: a result under a UID already in the archive would
+    have to be the same object."""
+    return sorted({(m.weights_sha256 if m.precision == "fp32" else f"{m.weights_sha256}/{m.precision}")
+                   + f"@{m.version}" for m in models})
 
 
 def study_series_uid(study_instance_uid: str, models: Iterable[ModelInfo], kind: str) -> str:

@@ -716,6 +716,11 @@ def test_same_input_gives_same_uids(study: Study, built: tuple) -> None:
     other = replace(study.findings[0], classifier=replace(CLASSIFIER, weights_sha256="c" * 64))
     source = study.sources[other.meta.sop_instance_uid]
     assert build_secondary_capture(other, source, SETTINGS).SOPInstanceUID != scs[0].SOPInstanceUID
+    # and so does a new version of the same weights (another operating point: other answers)
+    same_weights = replace(study.findings[0], classifier=replace(CLASSIFIER, version="1.2.1"))
+    assert build_secondary_capture(same_weights, source, SETTINGS).SOPInstanceUID != scs[0].SOPInstanceUID
+    assert build_secondary_capture(replace(study.findings[0]), source, SETTINGS).SOPInstanceUID == \
+        scs[0].SOPInstanceUID
 
 
 # ----------------------------------------------------------------------------- KO (going further)

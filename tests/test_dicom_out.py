@@ -529,6 +529,35 @@ def test_fast_evidence_search_finds_what_highdicom_finds(study: Study, built: tu
     assert _without_times(fast) == _without_times(slow)
 
 
+def test_light_evidence_gives_the_documents_full_evidence_gives(study: Study, built: tuple,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """SR and KO evidence after the first holds only the UIDs (and Rows/Columns) that
+    highdicom reads: the documents equal those built with a Patient/Study copy in
+    every evidence dataset, and the KO still references the images as images."""
+    import dicom_out.ko
+    import dicom_out.sr
+    from dicom_out.common import evidence_dataset, reference_dataset
+    from dicom_out.ko import build_key_object_selection
+
+    scs, _, _ = built
+    light_sr = build_structured_report(study.result, study.sources, scs, SETTINGS)
+    light_ko = build_key_object_selection(study.result, study.sources, scs, SETTINGS)
+    source = next(iter(study.sources.values()))
+    light = evidence_dataset(source)
+    assert sorted(e.keyword for e in light) == ["Columns", "Rows", "SOPClassUID", "SOPInstanceUID",
+                                                 "SeriesInstanceUID", "StudyInstanceUID"]
+    assert "PatientName" not in light and "PixelData" not in light
+    monkeypatch.setattr(dicom_out.sr, "evidence_dataset", reference_dataset)
+    monkeypatch.setattr(dicom_out.ko, "evidence_dataset", reference_dataset)
+    full_sr = build_structured_report(study.result, study.sources, scs, SETTINGS)
+    full_ko = build_key_object_selection(study.result, study.sources, scs, SETTINGS)
+    assert light_ko is not None and full_ko is not None
+    assert _without_times(light_sr) == _without_times(full_sr)
+    assert _without_times(light_ko) == _without_times(full_ko)
+    items = light_ko.ContentSequence
+    assert any(item.ValueType == "IMAGE" for item in items)
+
+
 def test_cached_pixel_data_answer_is_highdicom_s_and_the_secondary_capture_is_the_same(
         study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cached answer installed for ``ContributingEquipment.for_image_acquisition``

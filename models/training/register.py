@@ -375,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--recalibrate: {args.name} is not a fracture classifier with a graph")
             _calibrate_fracture_entry(entry, args.registry.parent.resolve() / entry["graph"], args)
         if previous is not None:
-            entry["notes"] = f"{entry.get('notes', '')} The weights and graph of {previous}.".strip()
+            notes = str(entry.get("notes", "")).strip()
+            entry["notes"] = (f"{notes}{'' if not notes or notes.endswith('.') else '.'} "
+                              f"The weights and graph of {previous}.").strip()
     else:
         import keras
 

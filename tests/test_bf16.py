@@ -193,6 +193,12 @@ def test_a_new_operating_point_of_the_same_weights_is_a_new_version(tmp_path: Pa
     assert entry.version == "9.9.9" and entry.confidence_floor == 0.8 and entry.sha256 == shipped.sha256
     assert entry.device_uid != shipped.device_uid
     assert f"The weights and graph of bodypart-router {shipped.version}." in entry.notes
+    with pytest.raises(SystemExit, match="needs a new operating point"):
+        register_main(["--task", "router", "--name", "bodypart-router", "--version", "9.9.10",
+                       "--skip-copy", "--registry", str(registry)])
+    with pytest.raises(SystemExit, match=r"must be in \[0, 1\)"):
+        register_main(["--task", "router", "--name", "bodypart-router", "--version", "9.9.10",
+                       "--skip-copy", "--confidence-floor", "1.5", "--registry", str(registry)])
     with pytest.raises(SystemExit, match="not a router"):
         register_main(["--task", "classifier", "--name", "fracture-classifier", "--version", "9.9.9",
                        "--skip-copy", "--confidence-floor", "0.8", "--registry", str(registry)])

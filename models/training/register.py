@@ -354,13 +354,20 @@ def main(argv: list[str] | None = None) -> int:
     elif args.skip_copy:
         entry = dict(existing[args.name])
         previous = None
+        new_point = args.confidence_floor is not None or args.recalibrate
+        if args.confidence_floor is not None and not 0.0 <= args.confidence_floor < 1.0:
+            raise SystemExit(f"--confidence-floor must be in [0, 1) (got {args.confidence_floor})")
+        if args.version != entry["version"] and not new_point:
+            raise SystemExit(f"--skip-copy --version {args.version}: {args.name} is {entry['version']}; a new "
+                             "version of the same weights needs a new operating point (--confidence-floor "
+                             "or --recalibrate)")
         if args.version != entry["version"]:
             # the same weights at a new operating point (confidence floor, thresholds): its
             # results are not the old version's, so it is a version with a Device UID of its own
             previous = f"{args.name} {entry['version']}"
             entry["version"] = args.version
             entry["device_uid"] = device_uid_for(args.name, args.version, str(entry["sha256"]))
-        elif args.confidence_floor is not None or args.recalibrate:
+        elif new_point:
             raise SystemExit(f"--skip-copy with a new operating point: give {args.name} a new --version "
                              f"(it is {entry['version']}): its results differ from that version's")
         if args.confidence_floor is not None:

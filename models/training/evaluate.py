@@ -151,15 +151,7 @@ def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, router_entry: Any,
     """
     classes = list(router_entry.classes)
     families = classifier_entry.families
-    supported = classifier_entry.supported_answers
-    answer, answer_p = _answers(p, rows, router_entry, families)
-    allowed = [mdata.region_parts(r) or frozenset() for r in rows]
-    analysed = np.array([a in supported for a in answer], dtype=bool)
-
-    def shows(a: str, al: frozenset[str]) -> bool:
-        return bool(al & set(families[a])) if a in families else a in al
-
-    wrong = np.array([an and not shows(a, al) for an, a, al in zip(analysed, answer, allowed)], dtype=bool)
+    answer, answer_p, allowed, analysed, wrong = _routed(rows, p, router_entry, classifier_entry)
     groups = np.array([r.study_key for r in rows])
     # a fracture classifier shares one operating point per family of parts: the image was
     # analysed as a region it does not show when even the family is wrong (a finger as a
@@ -195,10 +187,7 @@ def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, router_entry: Any,
         "n_known_region": len(rows),
         "analysed": int(analysed.sum()),
         "refused_unsupported": int(sum(1 for an, a in zip(analysed, answer) if not an and a)),
-        "refused_uncertain": int(sum(1 for a in answer if not a)),
-        # analysed as a family of several parts (LEG is a part and its own one-part family)
-        "family_answers": int(sum(1 for an, a in zip(analysed, answer)
-                                  if an and len(families.get(a, ())) > 1)),
+        **_answer_counts(answer, analysed, families),
         "safety_by_dataset": by_dataset,
         "safety_by_region": by_region,
         "wrong_part_examples": examples,
@@ -206,6 +195,35 @@ def _router_safety(rows: Sequence[mdata.Row], p: np.ndarray, router_entry: Any,
                        "when the family's parts together reach it, else not analysed) is one the classifier "
                        "analyses and the image's region does not include it (a family: none of its parts; "
                        "FracAtlas HAND = fingers to elbow); header cross-check not applied",
+    }
+
+
+def _routed(rows: Sequence[mdata.Row], p: np.ndarray, router_entry: Any, classifier_entry: Any
+            ) -> tuple[list[str], np.ndarray, list[frozenset[str]], np.ndarray, np.ndarray]:
+    """Each image's pooled router answer as the node takes it (and its probability), the
+    parts its region allows, whether it is analysed, and whether it is analysed as a part
+    it does not show (a family: when its region holds none of the family's parts)."""
+    families = classifier_entry.families
+    supported = classifier_entry.supported_answers
+    answer, answer_p = _answers(p, rows, router_entry, families)
+    allowed = [mdata.region_parts(r) or frozenset() for r in rows]
+    analysed = np.array([a in supported for a in answer], dtype=bool)
+
+    def shows(a: str, al: frozenset[str]) -> bool:
+        return bool(al & set(families[a])) if a in families else a in al
+
+    wrong = np.array([an and not shows(a, al) for an, a, al in zip(analysed, answer, allowed)], dtype=bool)
+    return answer, answer_p, allowed, analysed, wrong
+
+
+def _answer_counts(answer: Sequence[str], analysed: np.ndarray,
+                   families: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """Images refused as uncertain, and analysed as a family of several parts (LEG is a
+    part and its own one-part family)."""
+    return {
+        "refused_uncertain": int(sum(1 for a in answer if not a)),
+        "family_answers": int(sum(1 for an, a in zip(analysed, answer)
+                                  if an and len(families.get(a, ())) > 1)),
     }
 
 
@@ -225,25 +243,16 @@ def floor_sweep(rows: Sequence[mdata.Row], p: np.ndarray, router_entry: Any, cla
     chosen on half of the studies, measured on the other half, ``halvings`` random
     halvings (the mean and range of the held-out rates).
     """
-    families, supported = classifier_entry.families, classifier_entry.supported_answers
-    allowed = [mdata.region_parts(r) or frozenset() for r in rows]
-
-    def shows(a: str, al: frozenset[str]) -> bool:
-        return bool(al & set(families[a])) if a in families else a in al
-
     table, wrong_by_floor = [], {}
     for floor in FLOOR_GRID:
-        answer, _ = _answers(p, rows, replace(router_entry, confidence_floor=floor), families)
-        analysed = np.array([a in supported for a in answer], dtype=bool)
-        wrong = np.array([an and not shows(a, al) for an, a, al in zip(analysed, answer, allowed)], dtype=bool)
+        answer, _, _, analysed, wrong = _routed(rows, p, replace(router_entry, confidence_floor=floor),
+                                                classifier_entry)
         wrong_by_floor[floor] = wrong
         table.append({
             "floor": floor, "unsupported_analysed": int(wrong.sum()),
             "unsupported_analysed_rate": round(float(wrong.mean()), 5),
             "analysed": int(analysed.sum()),
-            "refused_uncertain": int(sum(1 for a in answer if not a)),
-            "family_answers": int(sum(1 for an, a in zip(analysed, answer)
-                                      if an and len(families.get(a, ())) > 1)),
+            **_answer_counts(answer, analysed, classifier_entry.families),
         })
     groups = np.array([r.study_key for r in rows])
     unique = np.unique(groups)

@@ -357,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         new_point = args.confidence_floor is not None or args.recalibrate
         if args.confidence_floor is not None and not 0.0 <= args.confidence_floor < 1.0:
             raise SystemExit(f"--confidence-floor must be in [0, 1) (got {args.confidence_floor})")
-        if args.version != entry["version"] and not new_point:
-            raise SystemExit(f"--skip-copy --version {args.version}: {args.name} is {entry['version']}; a new "
-                             "version of the same weights needs a new operating point (--confidence-floor "
-                             "or --recalibrate)")
         if args.version != entry["version"]:
+            if not new_point:
+                raise SystemExit(f"--skip-copy --version {args.version}: {args.name} is {entry['version']}; a "
+                                 "new version of the same weights needs a new operating point "
+                                 "(--confidence-floor or --recalibrate)")
             # the same weights at a new operating point (confidence floor, thresholds): its
             # results are not the old version's, so it is a version with a Device UID of its own
             previous = f"{args.name} {entry['version']}"

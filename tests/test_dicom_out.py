@@ -482,18 +482,28 @@ def _without_times(ds: pydicom.Dataset) -> pydicom.Dataset:
 
 def test_structured_report_same_without_copy(study: Study, built: tuple,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The SR's content tree is adopted by highdicom, not copied (a CPU saving): the
-    document is the one highdicom writes when it copies the tree itself, and a copy of
-    the document is independent of it."""
+    """The SR's content tree is adopted by highdicom, neither copied nor parsed again (a
+    CPU saving): the document is the one highdicom writes when it copies and parses the
+    tree itself, and a copy of the document is independent of it."""
     import contextlib
     import copy
 
     import dicom_out.sr
 
     scs, _, _ = built
+    parsed: list[str] = []
+    parse = dicom_out.sr._HD_FROM_DATASET_DERIVED
+
+    def counting(cls: type, dataset: pydicom.Dataset) -> pydicom.Dataset:
+        parsed.append(dataset.ValueType)
+        return parse(cls, dataset)
+
+    monkeypatch.setattr(dicom_out.sr, "_HD_FROM_DATASET_DERIVED", counting)
     adopted = build_structured_report(study.result, study.sources, scs, SETTINGS)
+    assert parsed == []  # every node was highdicom's already: nothing parsed again
     monkeypatch.setattr(dicom_out.sr, "_adopted", lambda content: contextlib.nullcontext())
     copied = build_structured_report(study.result, study.sources, scs, SETTINGS)
+    assert len(parsed) > 20  # highdicom's own path parses the whole tree
     assert _without_times(adopted) == _without_times(copied)
     duplicate = copy.deepcopy(adopted)
     assert duplicate.ContentSequence[-1] is not adopted.ContentSequence[-1]

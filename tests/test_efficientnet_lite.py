@@ -149,7 +149,10 @@ def test_training_smoke_run_with_efficientnet_lite0(tmp_path: Path) -> None:
     # the frozen stem kept its ImageNet weights
     np.testing.assert_array_equal(model.get_layer("f0_conv").get_weights()[0], _weights()["f0_conv/0"])
 
-    mobilenet_model = ROOT / "models" / "weights" / "fracture-classifier-2.1.0.keras"
+    import tomllib
+
+    shipped = tomllib.loads((ROOT / "models" / "registry.toml").read_text())["models"]
+    mobilenet_model = ROOT / "models" / shipped["fracture-classifier"]["weights"]  # a MobileNetV2
     refused = tmp_path / "refused"
     with pytest.raises(SystemExit, match="built with --arch mobilenet_v2, not efficientnet_lite0"):
         train_main(common + ["--out", str(refused), "--arch", "efficientnet_lite0",

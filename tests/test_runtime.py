@@ -99,7 +99,7 @@ def test_exported_graphs_equal_tensorflow_on_real_radiographs(served: Analyser, 
     np.testing.assert_allclose(got.heatmaps, want.heatmaps, atol=HEATMAP_ATOL)
     np.testing.assert_allclose(served.classifier_features(classifier_x[:4]),
                                reference.classifier_features(classifier_x[:4]), atol=1e-3)
-    assert served.classifier_grid == reference.classifier_grid == 20
+    assert served.classifier_grid == reference.classifier_grid == cs // 16  # output stride 16
     # the subset is not degenerate: both labels, a spread of probabilities, real maps
     assert got.fracture_probabilities.min() < 0.3 and got.fracture_probabilities.max() > 0.7
     assert (got.heatmaps.reshape(len(rows), -1).max(axis=1) > 0.95).all()  # bilinear: a peak near 1

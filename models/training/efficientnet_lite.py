@@ -40,6 +40,7 @@ from models.training.mobilenet import (
     get_backbone_weights,
     load_backbone_weights,
     set_backbone_weights,
+    with_head,
 )
 
 logger = logging.getLogger(__name__)
@@ -198,36 +199,9 @@ def build_model(
     name: str = "efficientnet_lite0",
     output_stride: int = 32,
 ) -> keras.Model:
-    """EfficientNet-Lite0 with a GAP + dropout + dense head; two outputs.
-
-    Parameters
-    ----------
-    size
-        Side of the square input (one channel, [0, 1]).
-    n_outputs
-        Logits of the head (1 for the binary classifier, K for the router).
-    backbone_weights
-        Ported ImageNet weights (see :func:`load_backbone_weights`), or ``None``.
-    dropout
-        Dropout before the dense layer (inactive at inference).
-    name
-        Keras model name.
-    output_stride
-        32 (the published network) or 16 (last stage dilated, see :func:`backbone`).
-
-    Returns
-    -------
-    keras.Model
-        Outputs ``[logits, feature_map]``, the head layers named as in
-        :func:`models.training.mobilenet.build_model` (``gap``, ``dropout``, ``head``), so
-        Grad-CAM's closed form from the dense kernel applies unchanged.
-    """
+    """EfficientNet-Lite0 with the head of :func:`models.training.mobilenet.build_model`
+    (same parameters and outputs; ``output_stride`` 32 is the published network, 16 dilates
+    the last stage, see :func:`backbone`)."""
     inputs = keras.Input((size, size, 1), name="image")
     features = backbone(grey_to_lite(inputs), output_stride)
-    pooled = layers.GlobalAveragePooling2D(name="gap")(features)
-    pooled = layers.Dropout(dropout, name="dropout")(pooled)
-    logits = layers.Dense(n_outputs, name="head")(pooled)
-    model = keras.Model(inputs, [logits, features], name=name)
-    if backbone_weights is not None:
-        set_backbone_weights(model, backbone_weights)
-    return model
+    return with_head(inputs, features, n_outputs, dropout, name, backbone_weights)

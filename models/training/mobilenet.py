@@ -163,8 +163,21 @@ def build_model(
         a closed form of the dense kernel (see :mod:`pipeline.gradcam`).
     """
     inputs = keras.Input((size, size, 1), name="image")
-    x = grey_to_imagenet(inputs)
-    features = backbone(x, output_stride)
+    features = backbone(grey_to_imagenet(inputs), output_stride)
+    return with_head(inputs, features, n_outputs, dropout, name, backbone_weights)
+
+
+def with_head(
+    inputs: keras.KerasTensor,
+    features: keras.KerasTensor,
+    n_outputs: int,
+    dropout: float,
+    name: str,
+    backbone_weights: dict[str, np.ndarray] | None = None,
+) -> keras.Model:
+    """A backbone's ``features`` with the GAP + dropout + dense head, outputs
+    ``[logits, features]``; the layer names (``gap``, ``dropout``, ``head``) are what
+    Grad-CAM's closed form and the exported graph rely on, for every backbone."""
     pooled = layers.GlobalAveragePooling2D(name="gap")(features)
     pooled = layers.Dropout(dropout, name="dropout")(pooled)
     logits = layers.Dense(n_outputs, name="head")(pooled)

@@ -37,6 +37,7 @@ from keras import layers
 from models.training.mobilenet import (
     BN_MOMENTUM,
     block_of_layer,
+    conv_bn_unpadded,
     get_backbone_weights,
     load_backbone_weights,
     set_backbone_weights,
@@ -131,19 +132,7 @@ def _conv_bn(
         rows = _same_padding(kernel, stride, dilation, x.shape[1])
         cols = _same_padding(kernel, stride, dilation, x.shape[2])
         x = layers.ZeroPadding2D((rows, cols), name=f"{name}_pad")(x)
-    if depthwise:
-        x = layers.DepthwiseConv2D(
-            kernel, strides=stride, padding="valid", use_bias=False, dilation_rate=dilation,
-            name=f"{name}_conv",
-        )(x)
-    else:
-        x = layers.Conv2D(
-            filters, kernel, strides=stride, padding="valid", use_bias=False, name=f"{name}_conv"
-        )(x)
-    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
-    if relu:
-        x = layers.ReLU(max_value=6.0, name=f"{name}_relu")(x)
-    return x
+    return conv_bn_unpadded(x, filters, kernel, stride, name, depthwise, relu, dilation, BN_EPSILON)
 
 
 def grey_to_lite(x: keras.KerasTensor) -> keras.KerasTensor:

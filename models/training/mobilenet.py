@@ -54,6 +54,23 @@ def _conv_bn(
     """Conv (torch padding) + BN (+ ReLU6), named ``{name}_conv`` / ``_bn`` / ``_relu``."""
     if kernel == 3:
         x = layers.ZeroPadding2D(dilation, name=f"{name}_pad")(x)
+    return conv_bn_unpadded(x, filters, kernel, stride, name, depthwise, relu, dilation, BN_EPSILON)
+
+
+def conv_bn_unpadded(
+    x: keras.KerasTensor,
+    filters: int,
+    kernel: int,
+    stride: int,
+    name: str,
+    depthwise: bool,
+    relu: bool,
+    dilation: int,
+    epsilon: float,
+) -> keras.KerasTensor:
+    """A 'valid' conv (depthwise or not) + BN (+ ReLU6) on an already padded ``x``: the
+    block of every backbone here (``{name}_conv`` / ``_bn`` / ``_relu``; the ported
+    weights are found by these names)."""
     if depthwise:
         x = layers.DepthwiseConv2D(
             kernel, strides=stride, padding="valid", use_bias=False, dilation_rate=dilation,
@@ -63,7 +80,7 @@ def _conv_bn(
         x = layers.Conv2D(
             filters, kernel, strides=stride, padding="valid", use_bias=False, name=f"{name}_conv"
         )(x)
-    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(epsilon=epsilon, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     if relu:
         x = layers.ReLU(max_value=6.0, name=f"{name}_relu")(x)
     return x

@@ -110,7 +110,7 @@ def test_every_backbone_layer_belongs_to_a_block() -> None:
 def test_the_config_picks_the_backbone_of_its_arch() -> None:
     """A ``config.json`` from before ``arch`` existed is a MobileNetV2 run, with the
     backbone it names; without ``--backbone`` each arch starts from its own file."""
-    from models.training.train import DEFAULT_BACKBONES, TrainConfig
+    from models.training.train import TrainConfig, default_backbone
 
     old = {"task": "classifier", "data_dir": "d", "out_dir": "o", "size": 64, "epochs": 1,
            "backbone": "/some/mobilenet.npz", "output_stride": 16}
@@ -118,9 +118,9 @@ def test_the_config_picks_the_backbone_of_its_arch() -> None:
     assert cfg.arch == "mobilenet_v2" and cfg.backbone == "/some/mobilenet.npz"
     lite = TrainConfig(task="classifier", data_dir="d", out_dir="o", size=64, epochs=1,
                        arch="efficientnet_lite0")
-    assert Path(lite.backbone) == DEFAULT_BACKBONES["efficientnet_lite0"] == BACKBONE
+    assert Path(lite.backbone) == default_backbone("efficientnet_lite0") == BACKBONE
     assert Path(TrainConfig(task="router", data_dir="d", out_dir="o", size=64, epochs=1).backbone) \
-        == DEFAULT_BACKBONES["mobilenet_v2"]
+        == default_backbone("mobilenet_v2") == ROOT / "models" / "weights" / "mobilenet_v2_imagenet_backbone.npz"
     with pytest.raises(ValueError, match="arch must be one of"):
         TrainConfig(task="router", data_dir="d", out_dir="o", size=64, epochs=1, arch="resnet50")
 

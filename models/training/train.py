@@ -51,12 +51,9 @@ from models.training import metrics as mm
 logger = logging.getLogger(__name__)
 
 _WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
-DEFAULT_BACKBONE = _WEIGHTS / "mobilenet_v2_imagenet_backbone.npz"
 ARCHS = {"mobilenet_v2": "models.training.mobilenet", "efficientnet_lite0": "models.training.efficientnet_lite"}
-"""``--arch`` -> the module with ``build_model``, ``load_backbone_weights``, ``block_of_layer``, ``FEATURE_LAYER``."""
-DEFAULT_BACKBONES = {"mobilenet_v2": DEFAULT_BACKBONE,
-                     "efficientnet_lite0": _WEIGHTS / "efficientnet_lite0_imagenet_backbone.npz"}
-"""The ported ImageNet backbone each arch starts from when ``--backbone`` is not given."""
+"""``--arch`` -> the module with ``build_model``, ``load_backbone_weights``, ``block_of_layer``,
+``FEATURE_LAYER``, ``BACKBONE_FILE`` and ``ARCHITECTURE``."""
 
 
 def arch_module(arch: str) -> ModuleType:
@@ -64,6 +61,11 @@ def arch_module(arch: str) -> ModuleType:
     import importlib
 
     return importlib.import_module(ARCHS[arch])
+
+
+def default_backbone(arch: str) -> Path:
+    """The ported ImageNet backbone ``arch`` starts from when ``--backbone`` is not given."""
+    return _WEIGHTS / arch_module(arch).BACKBONE_FILE
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class TrainConfig:
     """Smoke tests: keep only the first ``limit`` training and validation samples."""
     max_minutes: float | None = None
     backbone: str = ""
-    """The ported ImageNet backbone (``.npz``); empty: the arch's (:data:`DEFAULT_BACKBONES`)."""
+    """The ported ImageNet backbone (``.npz``); empty: the arch's (:func:`default_backbone`)."""
     dropout: float = 0.2
     label_smoothing: float = 0.0
     localisation_weight: float = 0.0
@@ -133,7 +135,7 @@ class TrainConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
         if not self.backbone:  # frozen: the one place the default is filled in
-            object.__setattr__(self, "backbone", str(DEFAULT_BACKBONES[self.arch]))
+            object.__setattr__(self, "backbone", str(default_backbone(self.arch)))
 
 
 def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.Sample]:

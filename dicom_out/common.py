@@ -44,6 +44,7 @@ from pydicom.uid import generate_uid
 
 # the wording lives in dicom_out.wording; these names stay importable from here
 from dicom_out.wording import DECISION_LABEL, NOT_FOR_DIAGNOSTIC_USE, REVIEW_NOTICE  # noqa: F401
+from pipeline.gradcam import upsample
 from pipeline.result import (
     NODE_MANUFACTURER,
     NODE_MODEL_NAME,
@@ -682,7 +683,9 @@ def _fit(pixels: np.ndarray, max_side: int, min_side: int) -> np.ndarray:
 
 
 def heatmap_on_image(finding: ImageFinding, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """The Grad-CAM map of ``finding`` resampled onto its image grid.
+    """The Grad-CAM map of ``finding`` resampled onto its image grid (a map on the
+    feature grid is first resampled onto the model square, bilinear, as the model's
+    own :func:`pipeline.gradcam.upsample`).
 
     With ``shape`` (rows, columns) the map is resampled straight onto a scaled
     copy of the image grid (the same crop as ``GridTransform.to_image``, one resize
@@ -695,7 +698,10 @@ def heatmap_on_image(finding: ImageFinding, shape: tuple[int, int] | None = None
             transform, image_shape=(int(shape[0]), int(shape[1])),
             scale=transform.scale * rows / float(shape[0]),
         )
-    heat = transform.to_image(np.asarray(finding.heatmap, dtype=np.float32))
+    model_map = np.asarray(finding.heatmap, dtype=np.float32)
+    if model_map.shape[0] != transform.size:  # the feature grid: onto the model square first
+        model_map = upsample(model_map[None], transform.size)[0]
+    heat = transform.to_image(model_map)
     return np.clip(heat, 0.0, 1.0)
 
 

@@ -331,12 +331,18 @@ class Analyser:
 
     def predict_classifier(self, classifier_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(logits, calibrated probabilities, Grad-CAM on the model grid) for prepared squares."""
+        logits, probs, cams = self.classify_on_grid(classifier_inputs)
+        return logits, probs, upsample(cams, self._classifier.input_size)
+
+    def classify_on_grid(self, classifier_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits, calibrated probabilities, Grad-CAM on the feature grid) for prepared
+        squares: :meth:`predict_classifier` before the map is resampled onto the input."""
         graph = self._classifier_graph
         feats = graph.features(classifier_inputs)
         logits = graph.logits(feats)
         cams = gradcam_closed_form(feats, graph.head_kernel, 0)
         probs = _sigmoid(logits / self._classifier.temperature)
-        return logits, probs, upsample(cams, self._classifier.input_size)
+        return logits, probs, cams
 
     def predict(self, router_inputs: np.ndarray, classifier_inputs: np.ndarray) -> RawPredictions:
         """Run both models on prepared squares (``(n, s, s)`` float32 in [0, 1])."""
@@ -397,7 +403,7 @@ class Analyser:
             else:
                 to_classify.append((i, route))
         routes = dict(to_classify)
-        classified = self._batched(self.predict_classifier,
+        classified = self._batched(self.classify_on_grid,
                                    [(i, by_index[i][2]) for i, _ in to_classify], failed,
                                    self.max_batch)
         for i, (_, probability, heatmap) in classified:

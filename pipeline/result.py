@@ -225,7 +225,11 @@ class ImageFinding:
     """(low, high): below low is negative, at or above high is positive."""
     decision: Decision
     heatmap: np.ndarray
-    """Grad-CAM on the model grid (``transform.size`` square, float32 in [0, 1])."""
+    """Grad-CAM, float32 in [0, 1], on the classifier's feature grid (24 x 24 for a
+    384 px model) or on the model square (``transform.size``).  The node keeps the
+    feature grid (2 KB an image instead of 0.6 MB while a study waits for its build);
+    :func:`dicom_out.common.heatmap_on_image` resamples it onto the model square, as
+    :meth:`pipeline.classify.Analyser.predict_classifier` does, then onto the image."""
     router: ModelInfo
     classifier: ModelInfo
     notes: tuple[str, ...] = ()

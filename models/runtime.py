@@ -117,6 +117,12 @@ class OnnxGraph:
     cpu_memory_arena
         ONNX Runtime's CPU memory arena: buffers of a run are kept for the next, so the
         process keeps the peak of its largest batch (``bench/batching.py``).
+
+    With one intra-op thread a batch is run one image at a time: a larger run has no
+    cores to spread over, and the arena then keeps one image's buffers instead of the
+    batch's (the 384 px classifier, image and mirror: 54 instead of 101 MB, 44.5–47.7
+    instead of 49.0–50.2 ms per pair; with two threads the pair in one run is ~8 %
+    faster, so it stays one run; ``docs/benchmarks.md``, session 23).
     """
 
     def __init__(self, path: Path, threads: int | None = None,
@@ -139,6 +145,7 @@ class OnnxGraph:
             raise GraphError(f"{self.path}: expected one input and outputs {OUTPUTS}, found "
                                 f"{[i.name for i in inputs]} -> {names}")
         self._input = inputs[0].name
+        self._one_at_a_time = opts.intra_op_num_threads == 1
         self.input_size = int(inputs[0].shape[1])
         self.feature_grid = int(self._session.get_outputs()[1].shape[1])
         meta = self._session.get_modelmeta().custom_metadata_map
@@ -153,6 +160,10 @@ class OnnxGraph:
         if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, 1):
             raise ValueError(f"input must be (n, {self.input_size}, {self.input_size}, 1), "
                              f"got {x.shape}")
+        if self._one_at_a_time and len(x) > 1:
+            runs = [self._session.run(list(OUTPUTS), {self._input: x[i : i + 1]})
+                    for i in range(len(x))]
+            return (np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs]))
         logits, features = self._session.run(list(OUTPUTS), {self._input: x})
         return logits, features
 

@@ -127,6 +127,25 @@ def test_no_decision_changes_on_a_fixed_validation_subset(served: Analyser, refe
     assert compared == len(_subset())
 
 
+def test_one_thread_runs_a_batch_one_image_at_a_time_with_the_same_outputs(served: Analyser) -> None:
+    """With one intra-op thread (the worker's model thread) a batch is run image by
+    image, so the arena keeps one image's buffers: the outputs equal one run of the
+    whole batch with two threads."""
+    from models.runtime import OnnxGraph
+
+    entry = served.classifier_entry
+    size = entry.input_size
+    rows = _subset()[:3]
+    x = np.stack([fit_square(_pixels(r), size)[0] for r in rows])[..., None].astype(np.float32)
+    one, two = OnnxGraph(entry.graph, threads=1), OnnxGraph(entry.graph, threads=2)
+    logits1, feats1 = one.run(x)
+    logits2, feats2 = two.run(x)
+    assert logits1.shape == logits2.shape == (3, 1) and feats1.shape == feats2.shape
+    assert np.abs(logits1 - logits2).max() < 1e-4
+    assert np.abs(feats1 - feats2).max() < 1e-4
+    assert one._one_at_a_time and not two._one_at_a_time
+
+
 def test_a_tampered_graph_is_refused_before_it_is_loaded(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "models" / "weights", tmp_path / "weights")
     registry = tmp_path / "registry.toml"

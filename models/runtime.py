@@ -186,7 +186,10 @@ class OpenVinoGraph:
     with ``[worker] batch_images = 1``: ~15 % faster than a dynamic batch), and one with
     a dynamic batch compiled on the first call of another size (``evaluate``,
     ``register``, larger ``batch_images``), so a node that never needs it does not hold
-    its memory.  ``INFERENCE_PRECISION_HINT`` is set explicitly and read back after
+    its memory.  With one thread (the worker's model thread) the static model takes one
+    image and a batch is run image by image, as :class:`OnnxGraph` does: the 384 px
+    classifier's pair in 16.9–17.1 instead of 18.1–18.2 ms, holding 69 instead of
+    87 MB.  ``INFERENCE_PRECISION_HINT`` is set explicitly and read back after
     compiling.
 
     Parameters
@@ -229,8 +232,10 @@ class OpenVinoGraph:
         self._config = {"INFERENCE_PRECISION_HINT": precision,
                         "INFERENCE_NUM_THREADS": str(threads or default_threads()),
                         "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+        n_threads = threads or default_threads()
+        self._static_batch = 1 if n_threads == 1 else self.STATIC_BATCH
         fixed = model.clone()
-        fixed.reshape([self.STATIC_BATCH, self.input_size, self.input_size, 1])
+        fixed.reshape([self._static_batch, self.input_size, self.input_size, 1])
         self._fixed = self._compile(fixed)
         self._dynamic: Any = None
         self._lock = threading.Lock()
@@ -246,7 +251,7 @@ class OpenVinoGraph:
 
     def _request(self, n: int) -> Any:
         """The infer request for a batch of ``n`` (under ``self._lock``)."""
-        if n == self.STATIC_BATCH:
+        if n == self._static_batch:
             return self._fixed
         if self._dynamic is None:
             self._dynamic = self._compile(self._model)
@@ -259,9 +264,15 @@ class OpenVinoGraph:
             raise ValueError(f"input must be (n, {self.input_size}, {self.input_size}, 1), "
                              f"got {x.shape}")
         with self._lock:  # an infer request serves one call at a time (ONNX Runtime's run is re-entrant)
-            request = self._request(len(x))
-            request.infer([x])
-            return (request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy())
+            if self._static_batch == 1 and len(x) > 1:
+                runs = [self._infer(self._fixed, x[i : i + 1]) for i in range(len(x))]
+                return (np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs]))
+            return self._infer(self._request(len(x)), x)
+
+    @staticmethod
+    def _infer(request: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        request.infer([x])
+        return (request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy())
 
 
 def load_graph(entry: ModelEntry, threads: int | None = None,

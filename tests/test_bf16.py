@@ -112,6 +112,23 @@ def test_the_fixed_batch_and_the_dynamic_batch_compute_the_same(bf16: Analyser) 
 
 
 @needs_bf16
+def test_one_thread_runs_a_batch_one_image_at_a_time_with_the_same_outputs(bf16: Analyser) -> None:
+    """With one thread (the worker's model thread) the fixed-shape model takes one image
+    and a batch runs image by image: an image's logits and features equal those of the
+    two-thread graph's fixed pair."""
+    from models.runtime import OpenVinoGraph
+
+    graph = bf16._classifier_graph.graph
+    x = np.stack([fit_square(_pixels(r), graph.input_size)[0] for r in _subset()[:2]])[..., None]
+    one = OpenVinoGraph(bf16.classifier_entry.graph, threads=1)
+    logits1, feats1 = one.run(x)
+    logits2, feats2 = graph.run(x)
+    assert one._static_batch == 1 and one._dynamic is None
+    np.testing.assert_allclose(logits1, logits2, atol=1e-3)
+    np.testing.assert_allclose(feats1, feats2, atol=1e-2)
+
+
+@needs_bf16
 def test_the_findings_name_the_bf16_model_version(bf16: Analyser) -> None:
     from pipeline.result import ImageMetadata, NormalisedImage
 

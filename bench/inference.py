@@ -4,8 +4,9 @@ Times, after warm-up, on real radiographs from ../shared/data/msk, interleaved i
 by image so both paths see the same load:
 
 * ``node``: :meth:`pipeline.classify.Analyser.analyse` on one normalised image on the
-  exported ONNX graphs (:mod:`models.runtime`) — router + classifier, each with its
-  test-time flip, + closed-form Grad-CAM + decision, exactly as the node runs it;
+  exported ONNX graphs in OpenVINO, f32 (:mod:`models.runtime`) — router + classifier,
+  each with its test-time flip, + closed-form Grad-CAM + decision, exactly as the node
+  runs it; beside it the same graphs in ONNX Runtime, which served fp32 until session 23;
 * ``tensorflow``: the same Analyser code on the Keras models in a ``tf.function``
   (:class:`models.training.export.KerasGraph`): the node's path before issue 15;
 * the floor: the multiply-adds of every Conv / MatMul in the two exported graphs at
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     serving_threads = WorkerConfig().model_threads
     as_served = Analyser(r_e, c_e, load_graph(r_e, serving_threads), load_graph(c_e, serving_threads))
     as_served.warm_up()
+    onnx = Analyser(r_e, c_e, load_graph(r_e, runtime="onnxruntime"), load_graph(c_e, runtime="onnxruntime"))
+    onnx.warm_up()
     bf16 = Analyser.load(REGISTRY, *BF16)
     b_r, b_c = bf16.router_entry, bf16.classifier_entry
     bf16_served = Analyser(b_r, b_c, load_graph(b_r, serving_threads), load_graph(b_c, serving_threads))
@@ -181,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     worker_ms: list[float] = []
     bf16_ms: list[float] = []
     bf16_worker_ms: list[float] = []
+    onnx_ms: list[float] = []
     both_models: list[bool] = []
     for img in images:
         for analyser, times in ((served, node_ms), (reference, tf_ms), (as_served, worker_ms),
-                                (bf16, bf16_ms), (bf16_served, bf16_worker_ms)):
+                                (bf16, bf16_ms), (bf16_served, bf16_worker_ms), (onnx, onnx_ms)):
             t = time.perf_counter()
             out = analyser.analyse([img])
             times.append((time.perf_counter() - t) * 1000)
@@ -224,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| path | whole decision, analysed images: median ms | p90 ms | refused images (router only): median ms "
           "| all images: median ms | batch of 4, ms/image |")
     print("|---|---|---|---|---|---|")
-    rows_out = (("node: exported ONNX graphs (ONNX Runtime), 2 intra-op threads", node_ms, batch4["node"]),
-                (f"node as the worker runs it ({serving_threads} intra-op thread(s) beside a study thread)",
+    rows_out = (("node: exported ONNX graphs in OpenVINO (f32), 2 threads", node_ms, batch4["node"]),
+                (f"node as the worker runs it ({serving_threads} thread(s) beside a study thread)",
                  worker_ms, float("nan")),
+                ("the same graphs in ONNX Runtime (fp32's runtime until session 23), 2 intra-op threads",
+                 onnx_ms, float("nan")),
                 ("same Analyser on TensorFlow (tf.function of the Keras models)", tf_ms, batch4["tensorflow"]),
                 (f"bf16 models {b_r.version} / {b_c.version} (OpenVINO), 2 threads", bf16_ms, batch4["bf16"]),
                 (f"bf16 models as the worker runs them ({serving_threads} thread(s))", bf16_worker_ms,
@@ -236,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {med(values, True):.1f} | {p90(analysed) if analysed else float('nan'):.1f} | "
               f"{med(values, False):.1f} | {med(values):.1f} | {b4:.1f} |")
     print(f"\nratio node / TensorFlow (analysed images): {node_med / tf_med:.2f}; all images: "
-          f"{med(node_ms) / med(tf_ms):.2f}")
+          f"{med(node_ms) / med(tf_ms):.2f}; node / ONNX Runtime: {node_med / med(onnx_ms, True):.2f}")
     print(f"floor: {gflop:.2f} GFLOP per analysed image (both graphs, image + mirror, from the ONNX graphs) / "
           f"{gemm:.0f} GFLOP/s fp32 GEMM (numpy, this run) = {floor_ms:.1f} ms; node / floor {node_med / floor_ms:.2f}")
     print("| process | start to first prediction s | RSS after it MB | peak RSS MB | TensorFlow imported |")
     print("|---|---|---|---|---|")
-    for name, f in (("node (ONNX Runtime)", first_node), ("TensorFlow path", first_tf),
+    for name, f in (("node (OpenVINO, f32)", first_node), ("TensorFlow path", first_tf),
                     ("node, bf16 models (OpenVINO)", first_bf16)):
         print(f"| {name} | {f['first_s']:.2f} | {f['rss_mb']:.0f} | {f['peak_mb']:.0f} | {f['tensorflow_imported']} |")
     print(f"target <= 40 ms per image (whole decision, analysed images, batch 1): "

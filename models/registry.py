@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 ROLES = ("router", "classifier")
 FINDINGS = ("fracture", "abnormality")
 PRECISIONS = ("fp32", "bf16")
-"""Arithmetic a model's graph is served in: ``fp32`` (ONNX Runtime) or ``bf16``
-(OpenVINO on a CPU with bfloat16 instructions).  A bf16 entry is its own model version,
+"""Arithmetic a model's graph is served in (by OpenVINO): ``fp32`` or ``bf16`` (on a
+CPU with bfloat16 instructions).  A bf16 entry is its own model version,
 calibrated and evaluated on its own outputs (:mod:`models.runtime`)."""
 """What a classifier output may mean: fracture-labelled training, or MURA's abnormal study."""
 DEFAULT_PART = "DEFAULT"

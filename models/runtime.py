@@ -8,10 +8,15 @@ the file and its SHA-256 beside the Keras weights; :func:`load_graph` verifies t
 hash before the file is parsed and returns a :class:`ServingGraph`, the small protocol
 :mod:`pipeline.classify` calls.  Nothing here imports TensorFlow.
 
-ONNX Runtime was chosen by measurement (``bench/runtimes.py``, ``docs/benchmarks.md``):
-LiteRT and OpenVINO were as fast or a little faster at a fixed batch, but LiteRT has
-to re-plan its tensors when the batch size changes and OpenVINO runs bf16 on this CPU
-unless told not to; ONNX Runtime takes any batch at fp32 with no such switch.
+The node serves every graph with OpenVINO's CPU plugin (:data:`SERVING_RUNTIME`): fp32
+entries with ``INFERENCE_PRECISION_HINT`` f32, set and read back after compiling, since
+OpenVINO would otherwise run bf16 on a CPU that has it.  Chosen by measurement: until
+session 23 ONNX Runtime served fp32 (``bench/runtimes.py`` had found the runtimes equal
+within noise at 320 px); at 384 px, side by side on real radiographs, the whole decision
+took 37.6 ms with OpenVINO and 44.2 ms with ONNX Runtime at two threads, 62.4 and 68.1
+ms at one, probabilities within 2e-6, no decision changed (``docs/benchmarks.md``).
+:class:`OnnxGraph` stays for export's check against Keras (an independent runtime) and
+the benchmarks.
 
 A registry entry with ``precision = "bf16"`` is served by OpenVINO in bfloat16
 (:class:`OpenVinoGraph`, the same hash-checked ONNX file): twice as fast on a CPU with
@@ -179,6 +184,10 @@ def bf16_supported() -> bool:
     return "BF16" in _cpu_capabilities()
 
 
+_OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+"""Registry precision -> OpenVINO ``INFERENCE_PRECISION_HINT``."""
+
+
 class OpenVinoGraph:
     """An ONNX graph compiled by OpenVINO's CPU plugin in bfloat16.
 
@@ -209,10 +218,11 @@ class OpenVinoGraph:
 
         self.path = Path(path)
         core = ov.Core()
-        if precision != "bf16":
-            raise GraphError(f"{self.path}: OpenVINO serves bf16 graphs here, not {precision!r}")
+        if precision not in _OPENVINO_PRECISION:
+            raise GraphError(f"{self.path}: OpenVINO serves fp32 and bf16 graphs here, not {precision!r}")
+        self.precision = precision
         capabilities = _cpu_capabilities()
-        if "BF16" not in capabilities:
+        if precision == "bf16" and "BF16" not in capabilities:
             raise GraphError(f"{self.path}: this CPU has no bfloat16 instructions "
                              f"(OpenVINO capabilities: {', '.join(capabilities)}); serve the "
                              "fp32 models instead ([models] router and classifier)")
@@ -229,7 +239,7 @@ class OpenVinoGraph:
         self.head_kernel = decode_array(framework[HEAD_KERNEL_KEY].astype(str))
         self.head_bias = decode_array(framework[HEAD_BIAS_KEY].astype(str))
         self._core, self._model = core, model
-        self._config = {"INFERENCE_PRECISION_HINT": precision,
+        self._config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
                         "INFERENCE_NUM_THREADS": str(threads or default_threads()),
                         "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
         n_threads = threads or default_threads()
@@ -245,8 +255,8 @@ class OpenVinoGraph:
 
         compiled = self._core.compile_model(model, "CPU", self._config)
         got = compiled.get_property("INFERENCE_PRECISION_HINT")
-        if got != ov.Type.bf16:
-            raise GraphError(f"{self.path}: OpenVINO compiled it in {got}, not bf16")
+        if got != getattr(ov.Type, _OPENVINO_PRECISION[self.precision]):
+            raise GraphError(f"{self.path}: OpenVINO compiled it in {got}, not {self.precision}")
         return compiled.create_infer_request()
 
     def _request(self, n: int) -> Any:
@@ -275,9 +285,20 @@ class OpenVinoGraph:
         return (request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy())
 
 
+SERVING_RUNTIME = "openvino"
+"""What the node, ``evaluate`` and ``register``'s calibration serve every graph with:
+OpenVINO's CPU plugin, fp32 entries in f32 and bf16 entries in bf16 (the hint read back
+after compiling).  ``onnxruntime`` is kept for export's check against Keras (an
+independent runtime) and the side-by-side benchmarks."""
+
+RUNTIMES = ("openvino", "onnxruntime")
+
+
 def load_graph(entry: ModelEntry, threads: int | None = None,
-               cpu_memory_arena: bool = True) -> ServingGraph:
-    """Verify the exported graph's SHA-256 (:func:`models.registry.verify_graph`), then load it.
+               cpu_memory_arena: bool = True, runtime: str = SERVING_RUNTIME) -> ServingGraph:
+    """Verify the exported graph's SHA-256 (:func:`models.registry.verify_graph`), then
+    load it in ``runtime`` (:data:`SERVING_RUNTIME`; ``cpu_memory_arena`` is ONNX
+    Runtime's).
 
     Raises
     ------
@@ -286,16 +307,21 @@ def load_graph(entry: ModelEntry, threads: int | None = None,
     GraphError
         The graph does not have the node's contract (input size, outputs).
     """
+    if runtime not in RUNTIMES:
+        raise GraphError(f"{entry.name}: runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     verify_graph(entry)
     if entry.graph_format != "onnx":
         raise GraphError(f"{entry.name}: graph format {entry.graph_format!r} is not served")
     graph: ServingGraph
-    if entry.precision == "bf16":
+    if runtime == "openvino":
         graph = OpenVinoGraph(entry.graph, threads, entry.precision)  # type: ignore[arg-type]
-    else:
+    elif entry.precision == "fp32":
         graph = OnnxGraph(entry.graph, threads, cpu_memory_arena)  # type: ignore[arg-type]
+    else:
+        raise GraphError(f"{entry.name}: ONNX Runtime serves fp32 graphs here, not {entry.precision}")
     if graph.input_size != entry.input_size:
         raise GraphError(f"{entry.name}: graph input {graph.input_size} px, registry {entry.input_size} px")
-    logger.info("loaded %s %s graph (%s, %s, sha256 %s...)", entry.name, entry.version,
-                entry.graph.name if entry.graph else "?", entry.precision, entry.graph_sha256[:12])
+    logger.info("loaded %s %s graph (%s, %s in %s, sha256 %s...)", entry.name, entry.version,
+                entry.graph.name if entry.graph else "?", entry.precision, runtime,
+                entry.graph_sha256[:12])
     return graph

@@ -308,7 +308,7 @@ class WorkerConfig:
     between them and the memory they hold (a study larger than this is taken alone)."""
 
     batch_images: int = 1
-    """Images per model run (the graphs also see their mirrors).  ONNX Runtime keeps
+    """Images per model run (the graphs also see their mirrors).  The runtime keeps
     the buffers of its largest run: memory grows with it, speed on a CPU hardly."""
 
     build_processes: int = 0
@@ -354,7 +354,7 @@ class WorkerConfig:
 
     @property
     def model_threads(self) -> int:
-        """ONNX Runtime intra-op threads of each graph: the cores left beside the study
+        """Inference threads of each graph (OpenVINO): the cores left beside the study
         threads (stage threads x intra-op threads <= cores), at least 1; all the cores
         when one thread does every stage in turn."""
         threads, cores = self.resolved_threads, available_cores()

@@ -105,7 +105,7 @@ class StudyProcessor:
 
     1. :meth:`prepare`: read and normalise the spooled instances (CPU, one study);
     2. :meth:`analyse_many`: the models on the images of one or more prepared studies
-       in one batch (ONNX Runtime, which leaves the GIL while it runs);
+       in one batch (OpenVINO, which leaves the GIL while it runs);
     3. :meth:`build`: aggregate and build the SC, SR, PDF and KO (CPU, one study).
 
     Calling the object runs the three in turn on one study.  The result of a study
@@ -316,7 +316,7 @@ def processor_factory(config: Config, model_threads: int | None = None
     config
         The node's configuration.
     model_threads
-        ONNX Runtime intra-op threads per graph; default ``config.worker.model_threads``
+        Inference threads per graph; default ``config.worker.model_threads``
         (the cores left beside the worker's study threads).
     """
     return StudyProcessorFactory(config, model_threads or config.worker.model_threads)

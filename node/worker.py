@@ -408,7 +408,7 @@ class _StudyTasks:
     Builds come first — finish studies before starting new ones — except while the
     model thread has no prepared study waiting: then a prepare comes first.  It is
     short, and it gives the models their next study to run while the build that
-    follows holds the interpreter (ONNX Runtime runs without it); taking the builds
+    follows holds the interpreter (the models run without it); taking the builds
     first left the models idle for every build.  A stop comes after everything queued.
     """
 

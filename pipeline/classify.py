@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 OTHER = "OTHER"
 MAX_BATCH = 16
 """Default images per model run (the graphs also see their mirrors): what the
-evaluation uses.  The node sets its own (``[worker] batch_images``): ONNX Runtime keeps
+evaluation uses.  The node sets its own (``[worker] batch_images``): the runtime keeps
 the buffers of its largest run, so memory grows with the batch (``bench/batching.py``)."""
 
 

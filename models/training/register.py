@@ -244,9 +244,9 @@ def calibrate_fracture(
 
 def _serving_graph(graph_path: Path, precision: str) -> Any:
     """The exported graph as the node would serve it in ``precision``."""
-    from models.runtime import OnnxGraph, OpenVinoGraph
+    from models.runtime import OpenVinoGraph
 
-    return OpenVinoGraph(graph_path, precision=precision) if precision == "bf16" else OnnxGraph(graph_path)
+    return OpenVinoGraph(graph_path, precision=precision)
 
 
 def _calibrate_fracture_entry(entry: dict[str, Any], graph_path: Path, args: argparse.Namespace) -> None:
@@ -389,8 +389,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import keras
 
-        from models.runtime import OnnxGraph
-
         from models.training.train import arch_module
 
         cfg = json.loads((args.run / "config.json").read_text())
@@ -461,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             _calibrate_fracture_entry(entry, graph_path, args)
         else:
             temperature, points, summary = calibrate_classifier(
-                OnnxGraph(graph_path), args.data, size, args.min_studies, args.doubt, args.test_time_flip
+                _serving_graph(graph_path, "fp32"), args.data, size, args.min_studies, args.doubt, args.test_time_flip
             )
             entry["training_data"] = (
                 "MURA v1.1 (train split of ../shared/data/msk: humerus, forearm, wrist, unknown), "

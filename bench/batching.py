@@ -42,7 +42,7 @@ for i, r in enumerate(rows):
                                   p, p.shape))
 reg = load_registry(Path({root!r}) / "models" / "registry.toml")
 r_e, c_e = reg.get("bodypart-router"), reg.get("fracture-classifier")
-graphs = [load_graph(e, threads, cpu_memory_arena=arena) for e in (r_e, c_e)]
+graphs = [load_graph(e, threads, cpu_memory_arena=arena, runtime="onnxruntime") for e in (r_e, c_e)]
 a = Analyser(r_e, c_e, *graphs)
 a.warm_up()
 a.analyse(images[:batch])

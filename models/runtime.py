@@ -122,12 +122,6 @@ class OnnxGraph:
     cpu_memory_arena
         ONNX Runtime's CPU memory arena: buffers of a run are kept for the next, so the
         process keeps the peak of its largest batch (``bench/batching.py``).
-
-    With one intra-op thread a batch is run one image at a time: a larger run has no
-    cores to spread over, and the arena then keeps one image's buffers instead of the
-    batch's (the 384 px classifier, image and mirror: 54 instead of 101 MB, 44.5–47.7
-    instead of 49.0–50.2 ms per pair; with two threads the pair in one run is ~8 %
-    faster, so it stays one run; ``docs/benchmarks.md``, session 23).
     """
 
     def __init__(self, path: Path, threads: int | None = None,
@@ -150,7 +144,6 @@ class OnnxGraph:
             raise GraphError(f"{self.path}: expected one input and outputs {OUTPUTS}, found "
                                 f"{[i.name for i in inputs]} -> {names}")
         self._input = inputs[0].name
-        self._one_at_a_time = opts.intra_op_num_threads == 1
         self.input_size = int(inputs[0].shape[1])
         self.feature_grid = int(self._session.get_outputs()[1].shape[1])
         meta = self._session.get_modelmeta().custom_metadata_map
@@ -165,10 +158,6 @@ class OnnxGraph:
         if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, 1):
             raise ValueError(f"input must be (n, {self.input_size}, {self.input_size}, 1), "
                              f"got {x.shape}")
-        if self._one_at_a_time and len(x) > 1:
-            runs = [self._session.run(list(OUTPUTS), {self._input: x[i : i + 1]})
-                    for i in range(len(x))]
-            return (np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs]))
         logits, features = self._session.run(list(OUTPUTS), {self._input: x})
         return logits, features
 
@@ -189,16 +178,17 @@ _OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
 
 class OpenVinoGraph:
-    """An ONNX graph compiled by OpenVINO's CPU plugin in bfloat16.
+    """An ONNX graph compiled by OpenVINO's CPU plugin in f32 or bfloat16.
 
     One model compiled for a batch of 2 (an image and its mirror, what the node runs
     with ``[worker] batch_images = 1``: ~15 % faster than a dynamic batch), and one with
     a dynamic batch compiled on the first call of another size (``evaluate``,
     ``register``, larger ``batch_images``), so a node that never needs it does not hold
     its memory.  With one thread (the worker's model thread) the static model takes one
-    image and a batch is run image by image, as :class:`OnnxGraph` does: the 384 px
-    classifier's pair in 16.9–17.1 instead of 18.1–18.2 ms, holding 69 instead of
-    87 MB.  ``INFERENCE_PRECISION_HINT`` is set explicitly and read back after
+    image and a batch is run image by image: a larger run has no cores to spread over,
+    and the compiled model keeps one image's buffers (the 384 px classifier's pair in
+    bf16: 16.9–17.1 instead of 18.1–18.2 ms, 69 instead of 87 MB; in f32: 40.1–42.3
+    against 42.8 ms, 76 instead of 102 MB).  ``INFERENCE_PRECISION_HINT`` is set explicitly and read back after
     compiling.
 
     Parameters
@@ -208,7 +198,7 @@ class OpenVinoGraph:
     threads
         ``INFERENCE_NUM_THREADS``; default :func:`default_threads`.
     precision
-        ``bf16`` (the only precision entries are served in through OpenVINO).
+        The registry's ``fp32`` (hint f32) or ``bf16`` (refused on a CPU without it).
     """
 
     STATIC_BATCH = 2
@@ -239,10 +229,10 @@ class OpenVinoGraph:
         self.head_kernel = decode_array(framework[HEAD_KERNEL_KEY].astype(str))
         self.head_bias = decode_array(framework[HEAD_BIAS_KEY].astype(str))
         self._core, self._model = core, model
-        self._config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
-                        "INFERENCE_NUM_THREADS": str(threads or default_threads()),
-                        "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
         n_threads = threads or default_threads()
+        self._config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
+                        "INFERENCE_NUM_THREADS": str(n_threads),
+                        "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
         self._static_batch = 1 if n_threads == 1 else self.STATIC_BATCH
         fixed = model.clone()
         fixed.reshape([self._static_batch, self.input_size, self.input_size, 1])

@@ -127,23 +127,17 @@ def test_no_decision_changes_on_a_fixed_validation_subset(served: Analyser, refe
     assert compared == len(_subset())
 
 
-@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
-def test_one_thread_runs_a_batch_one_image_at_a_time_with_the_same_outputs(
-        served: Analyser, runtime: str) -> None:
-    """With one thread (the worker's model thread) a batch is run image by image, so the
-    runtime keeps one image's buffers: the outputs equal one run of the whole batch with
-    two threads."""
-    from models.runtime import OnnxGraph, OpenVinoGraph
+def test_one_thread_runs_a_batch_one_image_at_a_time_with_the_same_outputs(served: Analyser) -> None:
+    """With one thread (the worker's model thread) the fixed model takes one image and a
+    batch runs image by image, so the runtime keeps one image's buffers: the outputs equal
+    one run of the whole batch with two threads."""
+    from models.runtime import OpenVinoGraph
 
     entry = served.classifier_entry
     rows = _subset()[:3]
     x = np.stack([fit_square(_pixels(r), entry.input_size)[0] for r in rows])[..., None]
-    if runtime == "openvino":
-        one, two = OpenVinoGraph(entry.graph, 1, "fp32"), OpenVinoGraph(entry.graph, 2, "fp32")
-        assert one._static_batch == 1 and two._static_batch == 2
-    else:
-        one, two = OnnxGraph(entry.graph, threads=1), OnnxGraph(entry.graph, threads=2)
-        assert one._one_at_a_time and not two._one_at_a_time
+    one, two = OpenVinoGraph(entry.graph, 1, "fp32"), OpenVinoGraph(entry.graph, 2, "fp32")
+    assert one._static_batch == 1 and two._static_batch == 2
     logits1, feats1 = one.run(x.astype(np.float32))
     logits2, feats2 = two.run(x.astype(np.float32))
     assert logits1.shape == logits2.shape == (3, 1) and feats1.shape == feats2.shape

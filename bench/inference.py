@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     served = Analyser.load(REGISTRY, "bodypart-router", "fracture-classifier")
     r_e, c_e = served.router_entry, served.classifier_entry
     reference = Analyser(r_e, c_e, KerasGraph(load_keras_model(r_e), r_e.input_size),
-                         KerasGraph(load_keras_model(c_e), c_e.input_size))
+                         KerasGraph(load_keras_model(c_e), c_e.input_size), heads=served.heads)
     reference.warm_up()
     for img in images[:3]:
         served.analyse([img])
@@ -168,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.result import ImageFinding
 
     serving_threads = WorkerConfig().model_threads
-    as_served = Analyser(r_e, c_e, load_graph(r_e, serving_threads), load_graph(c_e, serving_threads))
+    as_served = Analyser(r_e, c_e, load_graph(r_e, serving_threads), load_graph(c_e, serving_threads),
+                         heads=served.heads)
     as_served.warm_up()
-    onnx = Analyser(r_e, c_e, load_graph(r_e, runtime="onnxruntime"), load_graph(c_e, runtime="onnxruntime"))
+    onnx = Analyser(r_e, c_e, load_graph(r_e, runtime="onnxruntime"), load_graph(c_e, runtime="onnxruntime"),
+                    heads=served.heads)
     onnx.warm_up()
     bf16 = Analyser.load(REGISTRY, *BF16)
     b_r, b_c = bf16.router_entry, bf16.classifier_entry

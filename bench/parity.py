@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         label = f"pipeline/classify.py at {args.against}"
     else:
         reference = Analyser(r_e, c_e, KerasGraph(load_keras_model(r_e), r_e.input_size),
-                             KerasGraph(load_keras_model(c_e), c_e.input_size))
+                             KerasGraph(load_keras_model(c_e), c_e.input_size), heads=served.heads)
         label = "TensorFlow"
     t_served: list[float] = []
     t_reference: list[float] = []

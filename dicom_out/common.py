@@ -98,14 +98,14 @@ class OutputSettings:
     software_version: str = SOFTWARE_VERSION
     institution_name: str | None = None
     sc_series_number: int = 9001
-    sc_series_description: str = "AI fracture heat map"
+    sc_series_description: str = "AI {finding} heat map"
     sr_series_number: int = 9002
-    sr_series_description: str = "AI fracture findings (SR)"
+    sr_series_description: str = "AI {finding} findings SR"
     pdf_series_number: int = 9003
-    pdf_series_description: str = "AI fracture report (PDF)"
+    pdf_series_description: str = "AI {finding} PDF report"
     max_sc_side: int = 2048
     ko_series_number: int = 9004
-    ko_series_description: str = "AI fracture key images"
+    ko_series_description: str = "AI {finding} key images"
 
     def __post_init__(self) -> None:
         for name in ("manufacturer", "manufacturer_model_name", "software_version"):
@@ -135,13 +135,9 @@ class OutputSettings:
             "pdf_series_description",
             "ko_series_description",
         ):
-            value = getattr(self, name)
-            # the "not for diagnostic use" suffix is added, the whole must fit VR LO (64)
-            if not value or not value.isascii() or len(series_description(value)) > 64:
-                raise ValueError(
-                    f"{name} must be ASCII and short enough for VR LO with the "
-                    f"'{_SERIES_SUFFIX}' suffix ({64 - len(_SERIES_SUFFIX)} characters)"
-                )
+            problem = series_description_problem(getattr(self, name))
+            if problem:
+                raise ValueError(f"{name} {problem}")
         if not 256 <= self.max_sc_side <= 8192:
             raise ValueError("max_sc_side must be between 256 and 8192 pixels")
 
@@ -149,9 +145,37 @@ class OutputSettings:
 _SERIES_SUFFIX = " - UNVERIFIED, not diagnostic"
 
 
-def series_description(description: str) -> str:
-    """Series Description (0008,103E) with the "not for diagnostic use" suffix."""
-    return f"{description}{_SERIES_SUFFIX}"
+FINDING_PLACEHOLDER = "{finding}"
+"""In a series description, replaced by what the series' objects measure: "fracture",
+"abnormality", or "fracture/abnormality" for the SR, PDF and KO of a study whose body
+parts were decided by both."""
+_LONGEST_FINDING = "fracture/abnormality"
+
+
+def series_description_problem(description: object) -> str:
+    """Why ``description`` cannot be a series description template, or ``""``: it must
+    be ASCII, hold no placeholder but :data:`FINDING_PLACEHOLDER`, and fit VR LO (64)
+    with the "not for diagnostic use" suffix and the longest finding."""
+    if not isinstance(description, str) or not description or not description.isascii():
+        return "must be ASCII text in quotes"
+    rest = description.replace(FINDING_PLACEHOLDER, "")
+    if "{" in rest or "}" in rest:
+        return f"may hold no placeholder but {FINDING_PLACEHOLDER} (got {description!r})"
+    longest = series_description(description, _LONGEST_FINDING)
+    if len(longest) > 64:
+        room = 64 - len(_SERIES_SUFFIX) - (len(_LONGEST_FINDING) - len(FINDING_PLACEHOLDER)) * (
+            description.count(FINDING_PLACEHOLDER))
+        return (f"must fit VR LO (64 characters) with the '{_SERIES_SUFFIX}' suffix"
+                + (f" and {FINDING_PLACEHOLDER} as '{_LONGEST_FINDING}'"
+                   if FINDING_PLACEHOLDER in description else "")
+                + f": at most {room} characters here (got {len(description)})")
+    return ""
+
+
+def series_description(description: str, finding: str = "fracture") -> str:
+    """Series Description (0008,103E): ``description`` with :data:`FINDING_PLACEHOLDER`
+    replaced by ``finding``, and the "not for diagnostic use" suffix."""
+    return f"{description.replace(FINDING_PLACEHOLDER, finding)}{_SERIES_SUFFIX}"
 
 
 # --------------------------------------------------------------------------- UIDs

@@ -93,7 +93,8 @@ def build_key_object_selection(
         manufacturer=settings.manufacturer,
         institution_name=settings.institution_name,
         contributing_equipment=contributing_equipment(models, settings),
-        series_description=series_description(settings.ko_series_description),
+        series_description=series_description(settings.ko_series_description,
+                                              wording.study_finding(result, "/")),
         manufacturer_model_name=settings.manufacturer_model_name,
         software_versions=settings.software_version,
     )

@@ -80,7 +80,7 @@ DIAGNOSTIC_IMAGING_REPORT = Code("18748-4", "LN", "Diagnostic imaging report")
 
 def document_title(result: StudyResult) -> str:
     """Document Title (0042,0010): what the report is about, and that it is unverified."""
-    return f"AI {wording.study_finding(result)} report - UNVERIFIED, not for diagnostic use"
+    return f"AI {wording.study_finding(result, ' and ')} report - UNVERIFIED, not for diagnostic use"
 
 PDF_IMAGE_SIDE = 640
 """Longer side in pixels of each picture embedded in the PDF (about 200 dpi)."""
@@ -348,6 +348,7 @@ def _decision_cell(decision: Decision) -> Paragraph:
 
 def _results_table(result: StudyResult, doc_width: float) -> Table:
     what = wording.study_finding(result)
+    mixed = len(wording.study_findings(result)) > 1  # then each p names what it measures
     header = ["Image (series, instance)", "Body part (router p)", f"{what.capitalize()} p",
               "Doubtful band", "Decision"]
     data: list[list[object]] = [[_p(_e(h), "cell_head") for h in header]]
@@ -358,7 +359,8 @@ def _results_table(result: StudyResult, doc_width: float) -> Table:
             data.append([
                 name,
                 _p(_e(f"{part} ({outcome.body_part_probability:.2f})"), "cell"),
-                _p(f"{outcome.fracture_probability:.2f}", "cell"),
+                _p(f"{outcome.fracture_probability:.2f}"
+                   + (f" {wording.finding_name(outcome.classifier)}" if mixed else ""), "cell"),
                 _p(_e(wording.band_text(outcome.doubt_band)), "cell"),
                 _decision_cell(outcome.decision),
             ])
@@ -392,6 +394,7 @@ def _body_part_table(result: StudyResult, doc_width: float) -> Table | None:
     if not result.by_body_part:
         return None
     what = wording.study_finding(result)
+    mixed = len(wording.study_findings(result)) > 1
     data: list[list[object]] = [
         [
             _p(_e(h), "cell_bold")
@@ -404,7 +407,8 @@ def _body_part_table(result: StudyResult, doc_width: float) -> Table | None:
             [
                 _p(_e(wording.body_part_name(part).capitalize()), "cell"),
                 _p(_e(wording.part_counts(d)), "cell"),
-                _p(_e(f"{d.probability:.2f} ({wording.decision_word(d.mean_decision)})"), "cell"),
+                _p(_e(f"{d.probability:.2f}" + (f" {wording.part_finding(d)}" if mixed else "")
+                      + f" ({wording.decision_word(d.mean_decision)})"), "cell"),
                 _decision_cell(d.decision),
             ]
         )
@@ -491,7 +495,7 @@ def render_pdf(
         rightMargin=16 * mm,
         topMargin=14 * mm,
         bottomMargin=16 * mm,
-        title=f"AI {wording.study_finding(result)} report",
+        title=f"AI {wording.study_finding(result, ' and ')} report",
         author=settings.manufacturer,
         subject=NOT_FOR_DIAGNOSTIC_USE,
         creator=f"{settings.manufacturer} {settings.software_version}",
@@ -502,7 +506,7 @@ def render_pdf(
         [*result.models, *(m for f in result.findings for m in finding_models(f))]
     )
     story: list[object] = [
-        _p(_e(f"AI {wording.study_finding(result).capitalize()} Detection Report"), "title"),
+        _p(_e(f"AI {wording.study_finding(result, ' and ').capitalize()} Detection Report"), "title"),
         _p(
             _e(
                 f"{settings.manufacturer_model_name} {settings.software_version} \u2014 "
@@ -634,7 +638,8 @@ def build_pdf_report(
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = study_series_uid(result.study_instance_uid, models, "pdf")
     ds.SeriesNumber = settings.pdf_series_number
-    ds.SeriesDescription = series_description(settings.pdf_series_description)
+    ds.SeriesDescription = series_description(settings.pdf_series_description,
+                                              wording.study_finding(result, "/"))
     # General Equipment (C.7.5.1) and SC Equipment (C.8.6.1)
     ds.Manufacturer = settings.manufacturer
     ds.ManufacturerModelName = settings.manufacturer_model_name

@@ -72,6 +72,7 @@ from dicom_out.common import (
     unique_models,
 )
 from dicom_out import wording
+from pipeline.aggregate import worst
 from pipeline.result import (
     BodyPartDecision,
     Decision,
@@ -361,9 +362,33 @@ def _body_part_group(
     )
 
 
+def _deciders(result: StudyResult) -> list[ModelInfo]:
+    """The models that decided the study's body parts (classifier, heads), in the order
+    their findings are named (:data:`dicom_out.wording.FINDING_ORDER`)."""
+    models = list(dict.fromkeys(p.classifier for p in result.by_body_part.values()
+                                if p.classifier is not None))
+    return sorted(models, key=lambda m: wording.FINDING_ORDER.index(wording.finding_name(m)))
+
+
+def _kind_decision(result: StudyResult, model: ModelInfo) -> Decision:
+    """The study decision over the body parts ``model`` decided: the worst of theirs,
+    and needs-review when the study needs review for a reason no part carries (an image
+    without a finite output, a body part in doubt or in conflict with the header)."""
+    own = [p.decision for p in result.by_body_part.values() if p.classifier == model]
+    if result.decision is Decision.NEEDS_REVIEW or any(
+            p.decision is Decision.NEEDS_REVIEW for p in result.by_body_part.values()):
+        own.append(Decision.NEEDS_REVIEW)
+    return worst(own)
+
+
 def _study_group(
-    result: StudyResult, classifier: ModelInfo | None, models: Sequence[ModelInfo]
+    result: StudyResult, classifier: ModelInfo | None, models: Sequence[ModelInfo],
+    kind_of: bool = False,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The study's answer (TID 1501); with ``kind_of`` the answer over the body parts
+    ``classifier`` decided, in a study whose parts were decided by several models."""
+    decision = _kind_decision(result, classifier) if kind_of and classifier else result.decision
+    what = wording.finding_name(classifier)
     algorithm = None
     if classifier is not None:
         algorithm = _algorithm(
@@ -374,14 +399,15 @@ def _study_group(
     concept = finding_code(classifier)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=output_uid(result.study_instance_uid, *model_hashes(models), "track-study"),
-            identifier="Study",
+            uid=output_uid(result.study_instance_uid, *model_hashes(models), "track-study",
+                           *((what,) if kind_of else ())),
+            identifier=f"Study: {what}" if kind_of else "Study",
         ),
         finding_type=concept,
         algorithm_id=algorithm,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(concept, DECISION_EVALUATION[result.decision]),
-            hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(result.decision)),
+            hd.sr.QualitativeEvaluation(concept, DECISION_EVALUATION[decision]),
+            hd.sr.QualitativeEvaluation(AI_DECISION, decision_code(decision)),
         ],
     )
 
@@ -538,12 +564,17 @@ def build_structured_report(
     groups = drawn + groups
     if classifier is not None:
         for part in sorted(result.by_body_part):
+            decision = result.by_body_part[part]
             groups.append(
                 _body_part_group(
-                    result.by_body_part[part], classifier, router, result.study_instance_uid
+                    decision, decision.classifier or classifier, router, result.study_instance_uid
                 )
             )
-    groups.append(_study_group(result, classifier or _classifier_of(result), models))
+    deciders = _deciders(result)
+    if len(deciders) > 1:  # fracture and abnormality parts: one study answer for each
+        groups.extend(_study_group(result, model, models, kind_of=True) for model in deciders)
+    else:
+        groups.append(_study_group(result, classifier or _classifier_of(result), models))
 
     library = [
         sources[o.meta.sop_instance_uid]
@@ -716,7 +747,8 @@ def _comprehensive_3d_sr(
         institution_name=settings.institution_name,
         previous_versions=[predecessor] if predecessor is not None else None,
         contributing_equipment=contributing_equipment(models, settings),
-        series_description=series_description(settings.sr_series_description),
+        series_description=series_description(settings.sr_series_description,
+                                              wording.study_finding(result, "/")),
         manufacturer_model_name=settings.manufacturer_model_name,
         software_versions=settings.software_version,
         coding_schemes=[local_coding_scheme()],

@@ -66,12 +66,42 @@ def finding_name(model: ModelInfo | None) -> str:
     return model.finding
 
 
-def study_finding(result: StudyResult) -> str:
-    """The finding name of a study's classifier (see :func:`finding_name`)."""
-    if result.findings:
-        return finding_name(result.findings[0].classifier)
+FINDING_ORDER = ("fracture", "abnormality")
+"""The order in which a study's findings are named."""
+
+
+def study_findings(result: StudyResult) -> tuple[str, ...]:
+    """The finding names of a study's analysed images (``("fracture", "abnormality")``
+    when the abnormality head decided a body part beside the fracture classifier); a
+    study without analysed images is named after its classifier."""
+    names = {finding_name(f.classifier) for f in result.findings}
+    if names:
+        return tuple(n for n in FINDING_ORDER if n in names)
     classifiers = [m for m in result.models if m.finding in ("fracture", "abnormality")]
-    return finding_name(classifiers[0] if classifiers else None)
+    return (finding_name(classifiers[0] if classifiers else None),)
+
+
+def study_finding(result: StudyResult, joiner: str = " or ") -> str:
+    """The finding name(s) of a study (see :func:`study_findings`), joined: ``"fracture"``,
+    ``"fracture or abnormality"``."""
+    return joiner.join(study_findings(result))
+
+
+def article(word: str) -> str:
+    """``"an"`` before a vowel (``"an abnormality"``), else ``"a"``."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def part_finding(part: BodyPartDecision) -> str:
+    """What a body part's probability measures (the model that decided the part)."""
+    return finding_name(part.classifier)
+
+
+def _deciding(result: StudyResult, decision: Decision) -> str:
+    """The finding names of the body parts whose study decision is ``decision`` (what a
+    "suspected" headline is about), else of the whole study."""
+    names = {part_finding(p) for p in result.by_body_part.values() if p.decision is decision}
+    return " and ".join(n for n in FINDING_ORDER if n in names) or study_finding(result)
 
 
 def meaning(model: ModelInfo) -> str:
@@ -297,6 +327,7 @@ def headline(result: StudyResult) -> tuple[str, str]:
     what = study_finding(result)
     d = result.decision
     parts = [part_counts(p) for _, p in sorted(result.by_body_part.items())]
+    mixed = len(study_findings(result)) > 1
     review = _review_findings(result)
     if review:
         parts.append(f"{len(review)} image{'s' if len(review) != 1 else ''} needing human "
@@ -317,12 +348,13 @@ def headline(result: StudyResult) -> tuple[str, str]:
     where = ""
     if named:
         where = " Flagged: " + "; ".join(
-            f"{image_name(f.meta)} ({decision_word(f.decision)}, p = "
-            f"{probability_text(f.fracture_probability)})" for f in named) + "."
+            f"{image_name(f.meta)} ({decision_word(f.decision)}, "
+            + (f"{finding_name(f.classifier)} " if mixed else "")
+            + f"p = {probability_text(f.fracture_probability)})" for f in named) + "."
     if d is Decision.POSITIVE:
-        return f"{what.upper()} SUSPECTED", f"{counts}.{where}"
+        return f"{_deciding(result, d).upper()} SUSPECTED", f"{counts}.{where}"
     if d is Decision.DOUBTFUL:
-        return f"DOUBTFUL {what.upper()} RESULT", f"{counts}.{where}"
+        return f"DOUBTFUL {_deciding(result, d).upper()} RESULT", f"{counts}.{where}"
     if d is Decision.NEEDS_REVIEW:
         return "NEEDS HUMAN REVIEW", f"{counts}. The AI gives no {what} answer for these images."
     if d is Decision.NEGATIVE:
@@ -336,7 +368,10 @@ def headline(result: StudyResult) -> tuple[str, str]:
 
 
 def part_sentence(part: BodyPartDecision, what: str) -> str:
-    """One body part of the study: mean probability, mean rule and the study decision."""
+    """One body part of the study: mean probability, mean rule and the study decision;
+    the probability named after the part's own model (else ``what``)."""
+    if part.classifier is not None:
+        what = part_finding(part)
     text = (f"{body_part_name(part.body_part).capitalize()}: {part_counts(part)}; mean {what} "
             f"probability {probability_text(part.probability)} (doubtful band "
             f"{band_text(part.doubt_band)}, mean rule: {decision_word(part.mean_decision)})")
@@ -365,7 +400,7 @@ def observation(result: StudyResult) -> tuple[str, list[str]]:
     summary += ". "
     summary += " ".join(part_sentence(p, what) for _, p in sorted(result.by_body_part.items()))
     summary += (" Heat maps show where the classifier looked (Grad-CAM); they are shown only "
-                f"for positive or doubtful images and do not outline a {what}.")
+                f"for positive or doubtful images and do not outline {article(what)} {what}.")
     return summary, bullets
 
 
@@ -377,7 +412,7 @@ def recommendation(result: StudyResult) -> str:
         Decision.POSITIVE: (
             "Radiologist review of the flagged images is recommended with priority. "
             f"Correlate with the clinical findings; consider further views or follow-up "
-            f"imaging if the {what} is not confirmed."
+            f"imaging if the {_deciding(result, Decision.POSITIVE)} is not confirmed."
         ),
         Decision.DOUBTFUL: (
             "At least one image is close to the operating threshold. A careful radiologist "
@@ -390,7 +425,7 @@ def recommendation(result: StudyResult) -> str:
         ),
         Decision.NEGATIVE: (
             f"No {what} was detected by the AI in the {n} analysed image{'s' if n != 1 else ''}. "
-            f"This does not exclude a {what}: the study still requires the usual radiologist "
+            f"This does not exclude {article(what)} {what}: the study still requires the usual radiologist "
             "read, in particular for subtle or non-displaced fractures and for images the "
             "AI did not analyse."
         ),

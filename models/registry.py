@@ -1,7 +1,8 @@
 """The model registry: ``models/registry.toml`` read into frozen dataclasses.
 
-Each ``[models.<name>]`` table names one model version: role (``router`` or
-``classifier``), architecture, input size, classes, weights file (relative to the
+Each ``[models.<name>]`` table names one model version: role (``router``,
+``classifier``, or ``head``: a second dense head on a classifier's pooled features, its
+``base`` the classifier's name and ``base_sha256`` its weights), architecture, input size, classes, weights file (relative to the
 registry file) and its SHA-256, the exported serving graph and its SHA-256 (what the
 node runs, :mod:`models.runtime`), training data, Device UID, calibration temperature,
 confidence floor, per-body-part operating points (threshold and doubt band) and the
@@ -27,7 +28,7 @@ from pipeline.result import ModelInfo
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("router", "classifier")
+ROLES = ("router", "classifier", "head")
 FINDINGS = ("fracture", "abnormality")
 PRECISIONS = ("fp32", "bf16")
 """Arithmetic a model's graph is served in (by OpenVINO): ``fp32`` or ``bf16`` (on a
@@ -107,11 +108,17 @@ class ModelEntry:
     (``UPPER_LIMB`` = fingers to elbow): an image whose router answer is sure of the
     family but of none of its parts is analysed as the family
     (:func:`pipeline.classify.router_answer`)."""
+    base: str = ""
+    """A head's classifier (registry name): the head reads that classifier's pooled
+    features and decides the body parts of its own operating points."""
+    base_sha256: str = ""
+    """The SHA-256 of the base classifier's weights the head was fitted on: a head
+    is loaded only beside exactly that classifier."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise RegistryError(f"model {self.name}: role must be one of {ROLES}, not {self.role!r}")
-        if self.role == "classifier" and self.finding not in FINDINGS:
+        if self.role in ("classifier", "head") and self.finding not in FINDINGS:
             raise RegistryError(
                 f"model {self.name}: finding must be one of {', '.join(FINDINGS)} "
                 f"(what its probability means), not {self.finding!r}"
@@ -129,6 +136,9 @@ class ModelEntry:
         if self.precision not in PRECISIONS:
             raise RegistryError(f"model {self.name}: precision must be one of {', '.join(PRECISIONS)}, "
                                 f"not {self.precision!r}")
+        if self.role == "head" and (not self.base or len(self.base_sha256) != 64):
+            raise RegistryError(f"model {self.name}: a head needs base (a classifier's name) and "
+                                "base_sha256 (64 hex digits, that classifier's weights)")
         if self.graph is not None and len(self.graph_sha256) != 64:
             raise RegistryError(f"model {self.name}: graph_sha256 must be 64 hex digits")
         for family, parts in self.families.items():
@@ -153,7 +163,7 @@ class ModelEntry:
 
     @property
     def supported_body_parts(self) -> tuple[str, ...]:
-        """Body parts with a validated operating point (classifier only)."""
+        """Body parts with a validated operating point (classifier or head)."""
         return tuple(sorted(p for p in self.operating_points if p != DEFAULT_PART))
 
     @property
@@ -182,6 +192,31 @@ class Registry:
 
     path: Path
     models: Mapping[str, ModelEntry]
+
+    def heads_of(self, classifier: ModelEntry) -> tuple[ModelEntry, ...]:
+        """The heads registered on ``classifier`` (by name), in name order.
+
+        Raises
+        ------
+        RegistryError
+            A head names this classifier but was fitted on other weights, or decides a
+            body part the classifier (or another head) already decides."""
+        heads = tuple(e for _, e in sorted(self.models.items())
+                      if e.role == "head" and e.base == classifier.name)
+        taken = {p: classifier.name for p in classifier.supported_body_parts}
+        for head in heads:
+            if head.base_sha256 != classifier.sha256:
+                raise RegistryError(
+                    f"head {head.name} {head.version} was fitted on {head.base} weights "
+                    f"{head.base_sha256[:12]}..., the registry's {classifier.name} is "
+                    f"{classifier.sha256[:12]}...: fit the head again (python -m "
+                    "models.training.head) or remove it from the registry")
+            for part in head.supported_body_parts:
+                if part in taken:
+                    raise RegistryError(f"head {head.name} decides {part}, which {taken[part]} "
+                                        "already decides: give each body part one model")
+                taken[part] = head.name
+        return heads
 
     def get(self, name: str, role: str | None = None) -> ModelEntry:
         """The entry called ``name`` (optionally checking its role)."""
@@ -225,13 +260,15 @@ def _entry(name: str, raw: Mapping[str, Any], base: Path) -> ModelEntry:
             test_time_flip=_bool(raw.get("test_time_flip", False), "test_time_flip"),
             metrics=MappingProxyType(dict(raw.get("metrics", {}))),
             notes=str(raw.get("notes", "")),
-            finding=str(raw.get("finding", "abnormality" if raw.get("role") == "classifier" else "")),
+            finding=str(raw.get("finding", "abnormality" if raw.get("role") in ("classifier", "head") else "")),
             graph=(base / str(raw["graph"])).resolve() if "graph" in raw else None,
             graph_sha256=str(raw.get("graph_sha256", "")).lower(),
             graph_format=str(raw.get("graph_format", "onnx" if "graph" in raw else "")),
             precision=str(raw.get("precision", "fp32")),
             families=MappingProxyType({str(f): tuple(str(p) for p in parts)
                                        for f, parts in raw.get("families", {}).items()}),
+            base=str(raw.get("base", "")),
+            base_sha256=str(raw.get("base_sha256", "")).lower(),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise RegistryError(f"model {name!r} in registry is malformed: {exc!r}") from exc

@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from models.registry import ModelEntry, verify_graph
+from models.registry import ModelEntry, WeightsIntegrityError, verify_graph, verify_weights
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,53 @@ def decode_array(text: str) -> np.ndarray:
 
 class GraphError(Exception):
     """An exported graph cannot be loaded or does not have the node's contract."""
+
+
+HEAD_FORMAT = "fracture-node dense head 1"
+"""``format`` of a head file (:func:`load_head`)."""
+
+
+def write_head(path: Path, kernel: np.ndarray, bias: float, about: str) -> None:
+    """Write a dense head (``logit = mean(features) @ kernel + bias``) as JSON, its
+    kernel in :func:`encode_array`'s format; ``about`` says what it was fitted on."""
+    import json
+
+    kernel = np.asarray(kernel, dtype=np.float32).reshape(-1, 1)
+    Path(path).write_text(json.dumps({
+        "format": HEAD_FORMAT, "about": about, "kernel": encode_array(kernel),
+        "bias": encode_array(np.asarray([bias], dtype=np.float32)),
+    }, indent=1) + "\n", encoding="utf-8")
+
+
+def load_head(entry: ModelEntry, channels: int) -> tuple[np.ndarray, float]:
+    """The ``(kernel (channels,), bias)`` of a head entry, after its file's SHA-256 is
+    checked (:func:`models.registry.verify_weights`).
+
+    Raises
+    ------
+    models.registry.WeightsIntegrityError
+        The file is missing or its hash differs.
+    GraphError
+        The file is not a head of ``channels`` features."""
+    import json
+
+    verify_weights(entry)
+    try:
+        raw = json.loads(Path(entry.weights).read_text(encoding="utf-8"))
+        if raw.get("format") != HEAD_FORMAT:
+            raise ValueError(f"format {raw.get('format')!r}, expected {HEAD_FORMAT!r}")
+        kernel = decode_array(raw["kernel"]).reshape(-1)
+        bias = float(decode_array(raw["bias"]).reshape(-1)[0])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GraphError(f"head {entry.name} {entry.version} ({entry.weights}) cannot be read: {exc}") from exc
+    if kernel.shape != (channels,):
+        raise GraphError(f"head {entry.name} {entry.version} has {kernel.size} weights, its base "
+                         f"classifier's features have {channels} channels")
+    if not (np.isfinite(kernel).all() and np.isfinite(bias)):
+        raise WeightsIntegrityError(f"head {entry.name} {entry.version} holds non-finite weights")
+    logger.info("loaded head %s %s on %s (%s, sha256 %s...)", entry.name, entry.version, entry.base,
+                Path(entry.weights).name, entry.sha256[:12])
+    return kernel, bias
 
 
 @runtime_checkable

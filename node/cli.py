@@ -145,6 +145,11 @@ def preflight(config: Config) -> None:
             raise ConfigError(f"models.{role} = {name!r}: {exc}; restore the weights file "
                               "the registry names") from None
     _check_precision(registry.models[models.router], registry.models[models.classifier])
+    try:  # the classifier's heads (the abnormality head): fitted on exactly its weights
+        for head in registry.heads_of(registry.models[models.classifier]):
+            verify_weights(head)
+    except RegistryError as exc:
+        raise ConfigError(f"models.classifier = {models.classifier!r}: {exc}") from None
     console = config.console
     if console.enabled:
         for key in ("token_file", "certificate", "private_key"):

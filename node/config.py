@@ -422,11 +422,11 @@ class OutputConfig:
     """``[outputs]``: series of the result objects."""
 
     sc_series_number: int = 9001
-    sc_series_description: str = "AI fracture heat map"
+    sc_series_description: str = "AI {finding} heat map"
     sr_series_number: int = 9002
-    sr_series_description: str = "AI fracture findings (SR)"
+    sr_series_description: str = "AI {finding} findings SR"
     pdf_series_number: int = 9003
-    pdf_series_description: str = "AI fracture report (PDF)"
+    pdf_series_description: str = "AI {finding} PDF report"
     institution_name: str = ""
 
     def __post_init__(self) -> None:
@@ -434,11 +434,12 @@ class OutputConfig:
             number = getattr(self, f"{kind}_series_number")
             if not isinstance(number, int) or not 0 < number < 2**31:
                 raise ConfigError(f"outputs.{kind}_series_number must be a positive integer")
-            description = getattr(self, f"{kind}_series_description")
-            if not isinstance(description, str) or not 0 < len(description) <= 64:
-                raise ConfigError(
-                    f"outputs.{kind}_series_description must be 1-64 characters (VR LO)"
-                )
+            from dicom_out.common import series_description_problem
+
+            problem = series_description_problem(getattr(self, f"{kind}_series_description"))
+            if problem:
+                raise ConfigError(f"outputs.{kind}_series_description {problem}; "
+                                  "{finding} names what the series measures")
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,7 @@ def aggregate_study(
             sop_instance_uids=tuple(f.meta.sop_instance_uid for f in items),
             mean_decision=by_mean,
             image_decisions={f.meta.sop_instance_uid: f.decision for f in items},
+            classifier=items[0].classifier,
         )
     decisions = [p.decision for p in parts.values()]
     if any(f.decision is Decision.NEEDS_REVIEW for f in findings) or any(
@@ -110,6 +111,9 @@ def aggregate_study(
         decisions.append(Decision.NEEDS_REVIEW)
     if not models and findings:
         models = (findings[0].router, findings[0].classifier)
+    # a head (the abnormality head) decides some parts from the classifier's features:
+    # the study's models are then the router, the classifier and the heads it used
+    models = tuple(dict.fromkeys([*models, *(f.classifier for f in findings)]))
     return StudyResult(
         study_instance_uid=study_instance_uid,
         findings=findings,

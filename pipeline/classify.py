@@ -1,4 +1,4 @@
-"""Stage 1 (body-part router) and stage 2 (abnormality classifier) with Grad-CAM.
+"""Stage 1 (body-part router) and stage 2 (fracture classifier, and its heads) with Grad-CAM.
 
 :class:`Analyser` loads the exported graphs of the two models named in
 ``config.toml`` from the registry once (hash verified; :mod:`models.runtime`, no
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from models.registry import ModelEntry, load_registry
-from models.runtime import ServingGraph, load_graph
+from models.runtime import ServingGraph, load_graph, load_head
 from pipeline.bodypart import header_body_part, reassignment
 from pipeline.gradcam import gradcam_closed_form, upsample
 from pipeline.resize import fit_square
@@ -169,14 +169,21 @@ class ClassifierGraph:
     drawn on the mean map: still one forward pass.  :class:`Analyser` and the
     calibration (``models.training.register``) share this class, so the temperature is
     fitted on exactly the logits the node computes.  The head's kernel and bias are
-    the graph's own (:attr:`models.runtime.ServingGraph.head_kernel`).
+    the graph's own (:attr:`models.runtime.ServingGraph.head_kernel`); ``heads`` adds
+    further dense heads on the same pooled map (registry role ``head``), one column of
+    :attr:`kernels` each after the graph's.
     """
 
-    def __init__(self, graph: ServingGraph, test_time_flip: bool) -> None:
+    def __init__(self, graph: ServingGraph, test_time_flip: bool,
+                 heads: Sequence[tuple[np.ndarray, float]] = ()) -> None:
         self.graph = graph
         self.test_time_flip = bool(test_time_flip)
         self.head_kernel = np.asarray(graph.head_kernel, dtype=np.float64)
         self.head_bias = float(np.asarray(graph.head_bias)[0])
+        columns = [self.head_kernel[:, :1]] + [np.asarray(k, np.float64).reshape(-1, 1) for k, _ in heads]
+        self.kernels = np.concatenate(columns, axis=1)
+        """``(c, 1 + len(heads))``: the graph's head, then each added head."""
+        self.biases = np.array([self.head_bias] + [float(b) for _, b in heads])
 
     @property
     def grid(self) -> int:
@@ -192,6 +199,11 @@ class ClassifierGraph:
     def logits(self, features: np.ndarray) -> np.ndarray:
         """The head's logit for each feature map (float64)."""
         return features.mean(axis=(1, 2), dtype=np.float64) @ self.head_kernel[:, 0] + self.head_bias
+
+    def all_logits(self, features: np.ndarray) -> np.ndarray:
+        """``(n, heads)``: every head's logit for each feature map (float64), column 0
+        the graph's own (:meth:`logits`)."""
+        return features.mean(axis=(1, 2), dtype=np.float64) @ self.kernels + self.biases
 
 
 class RouterGraph:
@@ -242,13 +254,67 @@ def pooled_router_probabilities(probabilities: np.ndarray, groups: Sequence[str]
     return out
 
 
+class Coverage:
+    """The body parts the loaded classifier and its heads analyse, and which of them
+    decides each: the classifier its own operating points' parts, every head
+    (registry role ``head``, on the classifier's pooled features) the parts of its own.
+    A family (the classifier's :attr:`~models.registry.ModelEntry.families`) is
+    analysed when all its parts are, by one model."""
+
+    def __init__(self, classifier: ModelEntry, heads: Sequence[ModelEntry] = ()) -> None:
+        self.classifier = classifier
+        self.heads = tuple(heads)
+        self._column: dict[str, int] = {p: 0 for p in classifier.supported_body_parts}
+        for k, head in enumerate(self.heads, start=1):
+            for part in head.supported_body_parts:
+                if part in self._column:
+                    raise ValueError(f"{part} is decided by two models ({head.name} and another)")
+                self._column[part] = k
+        self.families = classifier.families
+        self.supported_body_parts = tuple(sorted(self._column))
+        """Every body part some model has a validated operating point for."""
+        self.supported_answers = frozenset(set(self._column) | {
+            f for f, members in self.families.items()
+            if members and set(members) <= set(self._column)
+            and len({self._column[m] for m in members}) == 1})
+        """Router answers that are analysed: the parts, and the families whose parts are
+        all decided by one model."""
+
+    def _part(self, answer: str) -> str:
+        members = self.families.get(answer)
+        return members[0] if answer not in self._column and members else answer
+
+    def column(self, answer: str) -> int:
+        """Which head decides a router answer: 0 the classifier's own, k the k-th head."""
+        return self._column[self._part(answer)]
+
+    def model(self, answer: str) -> ModelEntry:
+        """The registry entry whose operating point and meaning a router answer gets."""
+        k = self.column(answer)
+        return self.classifier if k == 0 else self.heads[k - 1]
+
+    def operating_point(self, answer: str) -> Any:
+        """The answer's operating point, from the model that decides it."""
+        return self.model(answer).operating_point(answer)
+
+    @property
+    def entries(self) -> tuple[ModelEntry, ...]:
+        """The classifier, then its heads."""
+        return (self.classifier, *self.heads)
+
+
 class Analyser:
-    """The two loaded models and their registry entries; see the module docstring."""
+    """The two loaded models (and the classifier's heads) with their registry entries;
+    see the module docstring."""
 
     def __init__(self, router: ModelEntry, classifier: ModelEntry, router_graph: ServingGraph,
-                 classifier_graph: ServingGraph, max_batch: int = MAX_BATCH) -> None:
+                 classifier_graph: ServingGraph, max_batch: int = MAX_BATCH,
+                 heads: Sequence[tuple[ModelEntry, np.ndarray, float]] = ()) -> None:
         if router.role != "router" or classifier.role != "classifier":
             raise ValueError("Analyser needs a router entry and a classifier entry")
+        for head, _, _ in heads:
+            if head.role != "head" or head.base != classifier.name:
+                raise ValueError(f"{head.name} is not a head of {classifier.name}")
         for entry, graph in ((router, router_graph), (classifier, classifier_graph)):
             if graph.input_size != entry.input_size:
                 raise ValueError(f"{entry.name}: graph input {graph.input_size} px, registry "
@@ -261,7 +327,13 @@ class Analyser:
         self._classifier = classifier
         self._router_graph = router_graph
         self._routing = RouterGraph(router_graph, router.test_time_flip)
-        self._classifier_graph = ClassifierGraph(classifier_graph, classifier.test_time_flip)
+        self._classifier_graph = ClassifierGraph(classifier_graph, classifier.test_time_flip,
+                                                 [(k, b) for _, k, b in heads])
+        self.coverage = Coverage(classifier, [h for h, _, _ in heads])
+        """Which body parts are analysed, and by which model (:class:`Coverage`)."""
+        self.heads = tuple(heads)
+        """The classifier's heads as given: (entry, kernel, bias); another :class:`Analyser`
+        of the same models (another runtime, the Keras reference) takes them as they are."""
 
     @classmethod
     def load(cls, registry_path: pathlib.Path, router: str, classifier: str,
@@ -280,8 +352,10 @@ class Analyser:
         registry = load_registry(pathlib.Path(registry_path))
         r_entry = registry.get(router, role="router")
         c_entry = registry.get(classifier, role="classifier")
-        analyser = cls(r_entry, c_entry, load_graph(r_entry, threads), load_graph(c_entry, threads),
-                       max_batch)
+        c_graph = load_graph(c_entry, threads)
+        channels = int(np.asarray(c_graph.head_kernel).shape[0])
+        heads = [(h, *load_head(h, channels)) for h in registry.heads_of(c_entry)]
+        analyser = cls(r_entry, c_entry, load_graph(r_entry, threads), c_graph, max_batch, heads)
         analyser.warm_up()
         return analyser
 
@@ -309,6 +383,23 @@ class Analyser:
     def classifier_entry(self) -> ModelEntry:
         """The classifier's registry entry."""
         return self._classifier
+
+    @property
+    def head_entries(self) -> tuple[ModelEntry, ...]:
+        """The registry entries of the classifier's heads (:class:`Coverage`)."""
+        return self.coverage.heads
+
+    def head_logits(self, classifier_inputs: np.ndarray) -> np.ndarray:
+        """``(n, 1 + heads)`` logits of the classifier and each head for prepared squares."""
+        graph = self._classifier_graph
+        return graph.all_logits(graph.features(classifier_inputs))
+
+    def _decide_on_grid(self, classifier_inputs: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logit, Grad-CAM on the feature grid) of head ``columns[i]`` for image ``i``."""
+        graph = self._classifier_graph
+        feats = graph.features(classifier_inputs)
+        logits = graph.all_logits(feats)[np.arange(len(feats)), columns]
+        return logits, gradcam_closed_form(feats, graph.kernels, columns)
 
     def warm_up(self) -> None:
         """Run both graphs once at batch 1 (the runtime plans its buffers on the first call),
@@ -386,7 +477,7 @@ class Analyser:
             outcomes[i] = Refusal(images[i].meta, RefusalCode.BAD_PIXEL_ATTRIBUTES,
                                   f"model inference failed on this image: {exc}")
 
-        routed = self._batched(lambda x: (self.predict_router(x),),
+        routed = self._batched(lambda x, _: (self.predict_router(x),),
                                [(c[0], c[1]) for c in prepared], failed, self.max_batch)
         if not routed:
             return [o for o in outcomes if o is not None]
@@ -403,34 +494,38 @@ class Analyser:
             else:
                 to_classify.append((i, route))
         routes = dict(to_classify)
-        classified = self._batched(self.classify_on_grid,
-                                   [(i, by_index[i][2]) for i, _ in to_classify], failed,
-                                   self.max_batch)
-        for i, (_, probability, heatmap) in classified:
-            outcomes[i] = self._classified(images[i], by_index[i][3], routes[i],
-                                           float(probability), heatmap)
+        column = {i: self.coverage.column(route.part) for i, route in to_classify}
+        classified = self._batched(
+            lambda x, idx: self._decide_on_grid(x, np.array([column[i] for i in idx])),
+            [(i, by_index[i][2]) for i, _ in to_classify], failed, self.max_batch)
+        for i, (logit, heatmap) in classified:
+            model = self.coverage.model(routes[i].part)
+            probability = float(_sigmoid(np.asarray(logit) / model.temperature))
+            outcomes[i] = self._classified(images[i], by_index[i][3], routes[i], probability,
+                                           heatmap)
         return [o for o in outcomes if o is not None]
 
     @staticmethod
-    def _batched(run: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+    def _batched(run: Callable[[np.ndarray, list[int]], tuple[np.ndarray, ...]],
                  items: Sequence[tuple[int, np.ndarray]],
                  failed: Callable[[int, Exception], None],
                  max_batch: int) -> list[tuple[int, tuple[Any, ...]]]:
-        """``run`` on the stacked arrays of ``items`` in chunks of ``max_batch``; each
-        item's row of every output, in order.  A chunk that raises is retried item by
-        item, and an item that still raises is passed to ``failed`` and left out."""
+        """``run`` on the stacked arrays of ``items`` (and their indices) in chunks of
+        ``max_batch``; each item's row of every output, in order.  A chunk that raises
+        is retried item by item, and an item that still raises is passed to ``failed``
+        and left out."""
         out: list[tuple[int, tuple[Any, ...]]] = []
         for start in range(0, len(items), max_batch):
             chunk = items[start : start + max_batch]
             try:
-                outputs = run(np.stack([a for _, a in chunk]))
+                outputs = run(np.stack([a for _, a in chunk]), [i for i, _ in chunk])
                 out.extend((i, tuple(o[k] for o in outputs)) for k, (i, _) in enumerate(chunk))
                 continue
             except Exception:
                 logger.exception("batch inference failed; retrying image by image")
             for i, a in chunk:
                 try:
-                    outputs = run(a[None])
+                    outputs = run(a[None], [i])
                     out.append((i, tuple(o[0] for o in outputs)))
                 except Exception as exc:
                     failed(i, exc)
@@ -453,7 +548,7 @@ class Analyser:
             f"body part from the {group_size} images of this examination (this image alone: "
             f"{classes[own_top]}, p={float(own[own_top]):.2f})"
         ) if own_top != top else ""
-        supported = self._classifier.supported_body_parts
+        supported = self.coverage.supported_body_parts
         header_note = ""
         header = header_body_part(image.meta)
         if header is not None and part != OTHER and not header.agrees_with(part):
@@ -477,7 +572,7 @@ class Analyser:
         family_note = ""
         floor = self._router.confidence_floor
         if not header_note:
-            answer = router_answer(probs, classes, self._classifier.families, floor)
+            answer = router_answer(probs, classes, self.coverage.families, floor)
             if answer.part == UNCERTAIN:
                 second = int(np.argsort(-probs)[1])
                 return Refusal(
@@ -494,7 +589,7 @@ class Analyser:
                                f"{floor:.2f}, its parts of the {_family_label(answer.part)} "
                                f"together p={answer.probability:.2f}")
                 part, part_p = answer.part, answer.probability
-        if part == OTHER or part not in self._classifier.supported_answers:
+        if part == OTHER or part not in self.coverage.supported_answers:
             what = "a body part outside the supported set" if part == OTHER else f"the {part}"
             return Refusal(
                 image.meta,
@@ -508,11 +603,13 @@ class Analyser:
 
     def _classified(self, image: NormalisedImage, transform: GridTransform, route: _Route,
                     p: float, heatmap: np.ndarray) -> ImageFinding:
-        """The decision for a routed image from its calibrated fracture probability."""
+        """The decision for a routed image from the calibrated probability of the model
+        that decides its body part (the classifier's fracture, or a head's)."""
         classes = self._router.classes
         part, part_p = route.part, route.probability
         probs = route.probabilities
-        point = self._classifier.operating_point(part)
+        model = self.coverage.model(part)
+        point = model.operating_point(part)
         notes: list[str] = list(route.notes)
         if not math.isfinite(p):
             decision = Decision.NEEDS_REVIEW
@@ -535,6 +632,6 @@ class Analyser:
             decision=decision,
             heatmap=heatmap,
             router=self._router.info,
-            classifier=self._classifier.info,
+            classifier=model.info,
             notes=tuple(notes),
         )

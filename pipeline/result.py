@@ -264,6 +264,9 @@ class BodyPartDecision:
     """The decision of the plain mean rule (reported beside ``decision``)."""
     image_decisions: Mapping[str, Decision] = field(default_factory=dict)
     """Decision of each image of the part, by SOP Instance UID."""
+    classifier: ModelInfo | None = None
+    """The model whose probability the part's images carry (the fracture classifier, or
+    a head such as the abnormality head): what ``probability`` measures."""
 
     def count(self, *decisions: Decision) -> int:
         """How many of the part's images have one of ``decisions``."""

@@ -82,6 +82,14 @@ def test_the_shipped_evaluation_is_of_the_registered_models(analyser: Analyser) 
         assert metrics["models"][role]["test_time_flip"] == entry.test_time_flip
         assert entry.metrics["source"] == "models/eval/metrics.json"
     assert registry.get(CLASSIFIER).metrics["pointing_game"] == metrics["localisation"]["pointing_game"]
+    heads = registry.heads_of(registry.get(CLASSIFIER))
+    assert [h["sha256"] for h in metrics["models"]["heads"]] == [h.sha256 for h in heads]
+    for head in heads:  # the head's registry figures are its served parts' in metrics.json
+        assert head.metrics["source"] == "models/eval/metrics.json"
+        for part in head.supported_body_parts:
+            study = metrics["heads"][head.name]["by_body_part"][part]["study"]
+            assert head.metrics[f"{part.lower()}_study_auroc"] == study["auroc"]
+            assert head.metrics[f"{part.lower()}_study_kappa"] == study["kappa"]
     entry = analyser.classifier_entry
     stride = 16 if "output stride 16" in entry.architecture else 32
     assert metrics["models"]["classifier"]["feature_grid"] == analyser.classifier_grid == entry.input_size // stride

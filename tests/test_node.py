@@ -125,7 +125,7 @@ def test_check_config_applies_the_result_object_rules(tmp_path: Path) -> None:
         '[outputs]\nsc_series_description = "A series description far too long for VR LO"\n'))
     out = _cli(path, "check-config")
     assert out.returncode == 2
-    assert "outputs: sc_series_description must be ASCII and short enough" in out.stderr
+    assert "outputs.sc_series_description must fit VR LO (64 characters)" in out.stderr
 
 
 def test_environment_overrides_only_deployment_fields(tmp_path: Path) -> None:

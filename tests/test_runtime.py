@@ -73,7 +73,7 @@ def reference(served: Analyser) -> Iterator[Analyser]:
 
     r, c = served.router_entry, served.classifier_entry
     yield Analyser(r, c, KerasGraph(load_keras_model(r), r.input_size),
-                   KerasGraph(load_keras_model(c), c.input_size))
+                   KerasGraph(load_keras_model(c), c.input_size), heads=served.heads)
 
 
 def test_the_registry_records_a_verified_graph_for_each_model() -> None:

@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +70,15 @@ def evaluate_router(analyser: Any, rows: Sequence[mdata.Row], supported: Sequenc
         x = mdata.load_arrays([r.path for r in known[sl]], size)
         probs.append(analyser.predict_router(x.astype(np.float32)))
     p_known = np.concatenate(probs)
-    safety = _router_safety(known, p_known, analyser.router_entry, analyser.classifier_entry)
-    safety["floor_sweep"] = floor_sweep(known, p_known, analyser.router_entry, analyser.classifier_entry)
+    # what is analysed: the classifier's parts and its heads' (pipeline.classify.Coverage)
+    coverage = analyser.coverage
+    safety = _router_safety(known, p_known, analyser.router_entry, coverage)
+    safety["floor_sweep"] = floor_sweep(known, p_known, analyser.router_entry, coverage)
     corrected = [r for r in known if r.manifest_body_part]
     if corrected:
         # the same figure on the manifest's labels, beside the audited ones it reports
         as_manifest = [replace(r, body_part=r.manifest_body_part) if r.manifest_body_part else r for r in known]
-        m = _router_safety(as_manifest, p_known, analyser.router_entry, analyser.classifier_entry)
+        m = _router_safety(as_manifest, p_known, analyser.router_entry, coverage)
         safety["manifest_labels"] = {
             "n_corrected": len(corrected),
             **{k: m[k] for k in ("unsupported_analysed_rate", "unsupported_analysed_rate_ci95",
@@ -306,32 +308,10 @@ def evaluate_classifier(
         heat.append(hm[:4].copy())
     p = np.concatenate(probs)
     y = np.array([1 if r.label == "positive" else 0 for r in items])
-    study_of = np.array([r.study_key for r in items])
     patient_of = np.array([r.patient_id or r.study_key for r in items])
 
     def study_block(mask: np.ndarray) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
-        idx = np.flatnonzero(mask)
-        keys, sp, sy = mm.study_means(list(study_of[idx]), p[idx], y[idx])
-        first = {k: idx[list(study_of[idx]).index(k)] for k in keys}
-        thr = np.array([entry.operating_point(items[first[k]].body_part).threshold for k in keys])
-        spat = np.array([patient_of[first[k]] for k in keys])
-        pred = sp >= thr
-        summary = mm.binary_summary(sy, pred.astype(float), 0.5)
-        out = {
-            "n": len(keys), "positive": int(sy.sum()), "negative": int(len(sy) - sy.sum()),
-            "auroc": round(mm.auroc(sy, sp), 4),
-            "auroc_ci95": _ci(lambda i: mm.auroc(sy[i], sp[i]), len(sy), spat, n_boot, seed),
-            "kappa": round(summary["kappa"], 4),
-            "kappa_ci95": _ci(lambda i: mm.cohen_kappa(sy[i], pred[i]), len(sy), spat, n_boot, seed),
-            "sensitivity": round(summary["sensitivity"], 4),
-            "specificity": round(summary["specificity"], 4),
-            "accuracy": round(summary["accuracy"], 4),
-            "confusion": {"tp": summary["tp"], "fn": summary["fn"], "fp": summary["fp"], "tn": summary["tn"]},
-            "threshold": [round(float(t), 4) for t in sorted(set(thr.tolist()))],
-        }
-        # honest threshold estimate: choose on one half of the patients, apply to the other
-        out["kappa_crossfit"] = round(_crossfit_kappa(sy, sp, spat, seed), 4)
-        return out, sp, sy, thr
+        return _study_block(items, p, y, mask, entry.operating_point, n_boot, seed)
 
     all_mask = np.ones(len(items), dtype=bool)
     study, sp_all, sy_all, _ = study_block(all_mask)
@@ -366,6 +346,91 @@ def evaluate_classifier(
     plots["items"] = items
     plots["probs"] = p
     return fracture, plots
+
+
+def _study_block(items: Sequence[mdata.Row], p: np.ndarray, y: np.ndarray, mask: np.ndarray,
+                 operating_point: Any, n_boot: int, seed: int
+                 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    """Study-level metrics of the images ``mask`` selects: the mean of each study's image
+    probabilities against its body part's ``operating_point(part).threshold`` (MURA's
+    rule), intervals by patient; and the study probabilities, labels and thresholds."""
+    study_of = np.array([r.study_key for r in items])
+    patient_of = np.array([r.patient_id or r.study_key for r in items])
+    idx = np.flatnonzero(mask)
+    keys, sp, sy = mm.study_means(list(study_of[idx]), p[idx], y[idx])
+    first = {k: idx[list(study_of[idx]).index(k)] for k in keys}
+    thr = np.array([operating_point(items[first[k]].body_part).threshold for k in keys])
+    spat = np.array([patient_of[first[k]] for k in keys])
+    pred = sp >= thr
+    summary = mm.binary_summary(sy, pred.astype(float), 0.5)
+    out = {
+        "n": len(keys), "positive": int(sy.sum()), "negative": int(len(sy) - sy.sum()),
+        "auroc": round(mm.auroc(sy, sp), 4),
+        "auroc_ci95": _ci(lambda i: mm.auroc(sy[i], sp[i]), len(sy), spat, n_boot, seed),
+        "kappa": round(summary["kappa"], 4),
+        "kappa_ci95": _ci(lambda i: mm.cohen_kappa(sy[i], pred[i]), len(sy), spat, n_boot, seed),
+        "sensitivity": round(summary["sensitivity"], 4),
+        "specificity": round(summary["specificity"], 4),
+        "accuracy": round(summary["accuracy"], 4),
+        "confusion": {"tp": summary["tp"], "fn": summary["fn"], "fp": summary["fp"], "tn": summary["tn"]},
+        "threshold": [round(float(t), 4) for t in sorted(set(thr.tolist()))],
+    }
+    # honest threshold estimate: choose on one half of the patients, apply to the other
+    out["kappa_crossfit"] = round(_crossfit_kappa(sy, sp, spat, seed), 4)
+    return out, sp, sy, thr
+
+
+def evaluate_heads(analyser: Any, rows: Sequence[mdata.Row], n_boot: int, seed: int) -> dict[str, Any]:
+    """Each head of the classifier (registry role ``head``) on the rows labelled with what
+    it measures (an abnormality head: MURA's abnormal-study labels), study level by body
+    part as MURA reports it.  A part the head has an operating point for is ``served``
+    (the node decides it with this head); the others are measured (AUROC) and not served.
+    """
+    out: dict[str, Any] = {}
+    meaning = {"abnormality": "abnormal-study", "fracture": "fracture"}
+    for k, head in enumerate(analyser.head_entries, start=1):
+        items = [r for r in rows if r.label in ("positive", "negative")
+                 and r.label_meaning == meaning[head.finding] and r.body_part != "UNKNOWN"]
+        block: dict[str, Any] = {"name": head.name, "version": head.version, "sha256": head.sha256,
+                                 "base": head.base, "finding": head.finding,
+                                 "temperature": head.temperature, "by_body_part": {}}
+        if not items:
+            out[head.name] = block
+            continue
+        logits = np.concatenate([
+            analyser.head_logits(mdata.load_arrays([r.path for r in items[sl]], head.input_size)
+                                 .astype(np.float32))[:, k]
+            for sl in _batched(len(items), 32)])
+        p = 1.0 / (1.0 + np.exp(-logits / head.temperature))
+        y = np.array([1 if r.label == "positive" else 0 for r in items])
+        patient_of = np.array([r.patient_id or r.study_key for r in items])
+        supported = set(head.supported_body_parts)
+        for part in sorted({r.body_part for r in items}):
+            mask = np.array([r.body_part == part for r in items])
+            served = part in supported
+            point = head.operating_point if served else (lambda _p: _NO_POINT)
+            study, _, _, _ = _study_block(items, p, y, mask, point, n_boot, seed)
+            if not served:
+                study = {key: study[key] for key in ("n", "positive", "negative", "auroc", "auroc_ci95")}
+            block["by_body_part"][part] = {
+                "served": served, "study": study,
+                "image": {"n": int(mask.sum()), "auroc": round(mm.auroc(y[mask], p[mask]), 4),
+                          "auroc_ci95": _ci(lambda i, m=mask: mm.auroc(y[m][i], p[m][i]), int(mask.sum()),
+                                            patient_of[mask], n_boot, seed),
+                          "ece": round(_ece(y[mask], p[mask]), 4)},
+                "mura_densenet_kappa": MURA_DENSENET_KAPPA.get(part),
+            }
+        out[head.name] = block
+    return out
+
+
+@dataclass(frozen=True)
+class _Point:
+    threshold: float
+
+
+_NO_POINT = _Point(0.5)
+"""A part a head does not serve has no operating point; its kappa is not reported."""
 
 
 def _image_block(y: np.ndarray, p: np.ndarray, thr: np.ndarray, groups: np.ndarray, n_boot: int,
@@ -811,8 +876,12 @@ def _served_fracture_lines(f: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _mura_lines(f: dict[str, Any], title: str) -> list[str]:
-    """The MURA study-level table of ``report.md`` (``f``: :func:`evaluate_classifier`'s metrics)."""
+def _mura_lines(f: dict[str, Any], title: str, heads: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """The MURA study-level table of ``report.md`` (``f``: :func:`evaluate_classifier`'s
+    metrics; ``heads``: the body parts each head decides instead)."""
+    decided = {part: name for name, parts in (heads or {}).items() for part in parts}
+    missing = [f"{part} (decided by {decided[part]}, below)" if part in decided else part
+               for part in f["unsupported_body_parts"]]
     lines = [
         "",
         f"## {title}",
@@ -844,10 +913,47 @@ def _mura_lines(f: dict[str, Any], title: str) -> list[str]:
         "half of the patients, measured on the other half, 20 random halvings) is the honest estimate. "
         "AUROC does not depend on the threshold or the temperature.",
         "",
-        f"Labelled body parts without a validated classifier (answered 'not analysed: unsupported body part'): "
-        f"{', '.join(f['unsupported_body_parts']) or 'none'}.",
+        "Labelled body parts without a validated operating point of this classifier (answered 'not "
+        f"analysed: unsupported body part' unless a head decides them): {', '.join(missing) or 'none'}.",
         "",
     ]
+    return lines
+
+
+def _heads_lines(m: dict[str, Any]) -> list[str]:
+    """The heads' section of ``report.md`` (:func:`evaluate_heads`)."""
+    lines: list[str] = []
+    for name, h in m.get("heads", {}).items():
+        lines += [
+            "",
+            f"## Head `{name}` {h['version']}: {h['finding']} on the pooled features of `{h['base']}` "
+            "(study level = mean of image probabilities)",
+            "",
+            "Fitted, calibrated (temperature {:.2f}) and given its thresholds on the train split only "
+            "(`python -m models.training.head`): no parameter of the head was chosen on these "
+            "validation figures, so they need no cross-fitting. A served part is decided by this head in the node; the others are measured "
+            "and not served.".format(h["temperature"]),
+            "",
+            "| body part | served | studies (pos/neg) | AUROC [95% CI] | kappa [95% CI] | sens | spec | "
+            "image AUROC (images) | MURA DenseNet kappa | bars (AUROC >= 0.92, kappa > paper) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for part, b in h["by_body_part"].items():
+            s, ref = b["study"], b.get("mura_densenet_kappa")
+            image = f"{b['image']['auroc']:.3f} ({b['image']['n']})"
+            if b["served"]:
+                ok_a, ok_k = s["auroc"] >= 0.92, ref is not None and s["kappa"] > ref
+                lines.append(
+                    f"| {part} | yes | {s['n']} ({s['positive']}/{s['negative']}) | "
+                    f"{_fmt_ci(s['auroc'], s['auroc_ci95'])} | {_fmt_ci(s['kappa'], s['kappa_ci95'])} | "
+                    f"{s['sensitivity']:.3f} | {s['specificity']:.3f} | {image} | {ref if ref is not None else '-'} | "
+                    f"AUROC {'met' if ok_a else 'MISSED'}, kappa {'met' if ok_k else 'MISSED'} |")
+            else:
+                lines.append(
+                    f"| {part} | no | {s['n']} ({s['positive']}/{s['negative']}) | "
+                    f"{_fmt_ci(s['auroc'], s['auroc_ci95'])} | - | - | - | {image} | "
+                    f"{ref if ref is not None else '-'} | not served |")
+        lines.append("")
     return lines
 
 
@@ -870,12 +976,18 @@ def write_report(out: Path, metrics: dict[str, Any], files: Sequence[str]) -> No
         lines.append(f"| {role} | {mi['name']} | {mi['version']} | {mi.get('input_size', '?')} px{grid} | "
                      f"{'yes' if mi.get('test_time_flip') else 'no'} | {mi.get('precision', 'fp32')} | "
                      f"`{mi['sha256']}` |")
+    for h in m["models"].get("heads", []):
+        lines.append(f"| head ({h['finding']}: {', '.join(h['supported_body_parts'])}) | {h['name']} | "
+                     f"{h['version']} | the classifier's pooled features | as the classifier | as the "
+                     f"classifier | `{h['sha256']}` |")
     if f.get("served"):
         lines += _served_fracture_lines(f)
         lines += _mura_lines(f["mura_abnormality"], "Fracture output on MURA's abnormal-study labels "
-                             "(cross-check, study level = mean of image probabilities)")
+                             "(cross-check, study level = mean of image probabilities)",
+                             {h["name"]: h["supported_body_parts"] for h in m["models"].get("heads", [])})
     else:
         lines += _mura_lines(f, "Abnormality classifier (study level = mean of image probabilities)")
+    lines += _heads_lines(m)
     lines += [
         "",
         "## Fracture-labelled images (image level; label_meaning `fracture`)",
@@ -1008,7 +1120,7 @@ def run(data: Path, out: Path, registry: Path, router: str, classifier: str, spl
         split = "val" if any(r.split == "val" for r in all_rows) else "all"
     rows = mdata.in_split(all_rows, split)
     logger.info("evaluating on %d rows (split %s)", len(rows), split)
-    supported = analyser.classifier_entry.supported_body_parts
+    supported = analyser.coverage.supported_body_parts
     router_m = evaluate_router(analyser, rows, supported)
     logger.info("router accuracy %.4f", router_m["accuracy"])
     if analyser.classifier_entry.finding == "fracture":
@@ -1024,6 +1136,7 @@ def run(data: Path, out: Path, registry: Path, router: str, classifier: str, spl
         fracture_m, plots = evaluate_classifier(analyser, rows, meanings, n_boot, seed)
         logger.info("study AUROC %.4f (n=%d)", fracture_m["study"]["auroc"], fracture_m["study"]["n"])
     fracture_m["fracture_labelled"] = evaluate_fracture_labelled(analyser, rows, n_boot, seed)
+    heads_m = evaluate_heads(analyser, rows, n_boot, seed)
     loc_m, examples = pointing_game(analyser, rows)
     r_e, c_e = analyser.router_entry, analyser.classifier_entry
     metrics = {
@@ -1039,8 +1152,13 @@ def run(data: Path, out: Path, registry: Path, router: str, classifier: str, spl
                            "precision": c_e.precision,
                            "input_size": c_e.input_size, "test_time_flip": c_e.test_time_flip,
                            "feature_grid": analyser.classifier_grid, "finding": c_e.finding},
+            "heads": [{"name": h.name, "version": h.version, "sha256": h.sha256, "base": h.base,
+                       "base_sha256": h.base_sha256, "finding": h.finding,
+                       "supported_body_parts": list(h.supported_body_parts)}
+                      for h in analyser.head_entries],
         },
         "router": router_m,
+        "heads": heads_m,
         "fracture": fracture_m,
         "localisation": loc_m,
     }

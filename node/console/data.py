@@ -86,6 +86,16 @@ def models(config: Config) -> list[ModelRow]:
         if entry is not None:
             shown = {k: v for k, v in entry.metrics.items() if isinstance(v, (int, float, str))}
             rows.append(ModelRow(role, entry.name, entry.version, entry.sha256, shown))
+    classifier = registry.models.get(config.models.classifier)
+    try:
+        heads = registry.heads_of(classifier) if classifier is not None else ()
+    except RegistryError as exc:
+        logger.warning("console: %s", exc)
+        heads = ()
+    for head in heads:  # decides the body parts of its own operating points
+        shown = {k: v for k, v in head.metrics.items() if isinstance(v, (int, float, str))}
+        rows.append(ModelRow(f"head ({head.finding}: {', '.join(head.supported_body_parts)})",
+                             head.name, head.version, head.sha256, shown))
     return rows
 
 

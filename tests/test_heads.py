@@ -68,8 +68,10 @@ def test_the_shipped_head_decides_the_humerus_beside_its_own_classifier() -> Non
     assert head.base_sha256 == classifier.sha256
     assert head.supported_body_parts == ("HUMERUS",)
     assert "HUMERUS" not in classifier.supported_body_parts
-    # the bf16 classifier is another model: the head was not calibrated on its features
-    assert registry.heads_of(registry.get("fracture-classifier-bf16")) == ()
+    # the bf16 classifier is another model: it has a head of its own, fitted on its features
+    (bf16,) = registry.heads_of(registry.get("fracture-classifier-bf16"))
+    assert bf16.name == "abnormality-head-bf16" and bf16.sha256 != head.sha256
+    assert bf16.supported_body_parts == ("HUMERUS",)
 
 
 def _copy_registry(tmp_path: Path) -> Path:

@@ -1,8 +1,9 @@
 """Measure the study rule against MURA's plain mean rule on the validation split.
 
-For every labelled validation study of a supported body part, the shipped classifier
-(as the node runs it: test-time flip, temperature, the part's doubt band) gives each
-image a probability and a decision.  Two study rules are compared:
+For every labelled validation study of a supported body part, the model that decides
+the part as the node runs it (the shipped classifier, or its abnormality head for the
+humerus: test-time flip, temperature, the part's doubt band) gives each image a
+probability and a decision.  Two study rules are compared:
 
 * **mean**: the decision of the mean of the image probabilities (MURA's rule; what
   the node did before);
@@ -74,14 +75,18 @@ def main(argv: list[str] | None = None) -> int:
 
     analyser = Analyser.load(args.registry, "bodypart-router", "fracture-classifier")
     entry = analyser.classifier_entry
+    coverage = analyser.coverage
     rows = [r for r in mdata.in_split(mdata.read_manifest(args.data), "val")
             if r.label in ("positive", "negative") and r.label_meaning == "abnormal-study"
-            and r.body_part in entry.supported_body_parts]
+            and r.body_part in coverage.supported_body_parts]
     probs: list[float] = []
     for start in range(0, len(rows), 32):
-        x = mdata.load_arrays([r.path for r in rows[start:start + 32]], entry.input_size)
-        _, p, _ = analyser.predict_classifier(x.astype(np.float32))
-        probs.extend(float(v) for v in p)
+        batch = rows[start:start + 32]
+        x = mdata.load_arrays([r.path for r in batch], entry.input_size)
+        logits = analyser.head_logits(x.astype(np.float32))  # the classifier's, then each head's
+        for row, z in zip(batch, logits):
+            model = coverage.model(row.body_part)
+            probs.append(float(1.0 / (1.0 + np.exp(-z[coverage.column(row.body_part)] / model.temperature))))
     studies: dict[str, list[tuple[mdata.Row, float]]] = defaultdict(list)
     for row, p in zip(rows, probs):
         studies[row.study_key].append((row, p))
@@ -90,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     diluted = 0
     for items in studies.values():
         part = items[0][0].body_part
-        band = entry.operating_point(part).doubt_band
+        band = coverage.operating_point(part).doubt_band
         ps = [p for _, p in items]
         images = [decide(p, band) for p in ps]
         _, by_mean, by_node = part_decision(ps, images, band)
         diluted += int(by_mean not in FLAGGED and by_node in FLAGGED)
-        for key in (part, "ALL"):
+        for key in (part, f"ALL {coverage.model(part).finding}"):
             rec = by_part[key]
             rec["truth"].append(items[0][0].label == "positive")
             rec["mean_flagged"].append(by_mean in FLAGGED)
@@ -105,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {
         "classifier": {"name": entry.name, "version": entry.version, "sha256": entry.sha256},
+        "heads": [{"name": h.name, "version": h.version, "sha256": h.sha256, "finding": h.finding,
+                   "body_parts": list(h.supported_body_parts)} for h in coverage.heads],
         "split": "val", "images": len(rows), "studies": len(studies),
         "studies_flagged_only_by_the_node_rule": diluted, "by_body_part": {},
     }
@@ -120,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         "# Study rule: never milder than the most severe image, against the plain mean",
         "",
         f"Produced by `scripts/eval_study_rule.py` for {entry.name} {entry.version} "
-        f"(sha256 `{entry.sha256[:12]}…`) on the validation split of `../shared/data/msk` "
+        f"(sha256 `{entry.sha256[:12]}…`)"
+        + "".join(f" and its head {h.name} {h.version} ({h.finding}: "
+                  f"{', '.join(h.supported_body_parts).lower()}, sha256 `{h.sha256[:12]}…`)"
+                  for h in coverage.heads)
+        + " on the validation split of `../shared/data/msk` "
         f"(MURA studies of the supported parts: {len(studies)} studies, {len(rows)} images; "
         "labels are MURA's study-level *abnormal*). Image decisions use each part's doubt "
         "band; 95 % Wilson intervals.",
@@ -154,9 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "The operating thresholds were chosen on this same split for the mean "
                   "rule (see the model card), so both rows carry that optimism."]
     else:
-        lines += ["", f"The operating thresholds were chosen on this split's {entry.finding}-"
+        lines += ["", f"The classifier's operating thresholds were chosen on this split's {entry.finding}-"
                   "labelled FracAtlas images, image by image (see the model card), not on "
                   "these studies."]
+    for h in coverage.heads:
+        lines += ["", f"{h.name}'s threshold ({', '.join(h.supported_body_parts).lower()}) was chosen on "
+                  "the train split's out-of-fold study means (the mean rule), nothing on this split; "
+                  f"its probability measures {h.finding}, which is what these labels say."]
     (args.out / "study_rule.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

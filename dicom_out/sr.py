@@ -72,7 +72,7 @@ from dicom_out.common import (
     unique_models,
 )
 from dicom_out import wording
-from pipeline.aggregate import worst
+from pipeline.aggregate import needs_review, worst
 from pipeline.result import (
     BodyPartDecision,
     Decision,
@@ -375,8 +375,7 @@ def _kind_decision(result: StudyResult, model: ModelInfo) -> Decision:
     and needs-review when the study needs review for a reason no part carries (an image
     without a finite output, a body part in doubt or in conflict with the header)."""
     own = [p.decision for p in result.by_body_part.values() if p.classifier == model]
-    if result.decision is Decision.NEEDS_REVIEW or any(
-            p.decision is Decision.NEEDS_REVIEW for p in result.by_body_part.values()):
+    if needs_review(result.findings, result.refusals):
         own.append(Decision.NEEDS_REVIEW)
     return worst(own)
 

@@ -30,6 +30,7 @@ refused.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import threading
@@ -75,8 +76,6 @@ HEAD_FORMAT = "fracture-node dense head 1"
 def write_head(path: Path, kernel: np.ndarray, bias: float, about: str) -> None:
     """Write a dense head (``logit = mean(features) @ kernel + bias``) as JSON, its
     kernel in :func:`encode_array`'s format; ``about`` says what it was fitted on."""
-    import json
-
     kernel = np.asarray(kernel, dtype=np.float32).reshape(-1, 1)
     Path(path).write_text(json.dumps({
         "format": HEAD_FORMAT, "about": about, "kernel": encode_array(kernel),
@@ -94,8 +93,6 @@ def load_head(entry: ModelEntry, channels: int) -> tuple[np.ndarray, float]:
         The file is missing or its hash differs.
     GraphError
         The file is not a head of ``channels`` features."""
-    import json
-
     verify_weights(entry)
     try:
         raw = json.loads(Path(entry.weights).read_text(encoding="utf-8"))

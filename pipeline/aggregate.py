@@ -68,6 +68,15 @@ def part_decision(probabilities: Sequence[float], image_decisions: Sequence[Deci
     return mean, by_mean, worst([by_mean, *image_decisions])
 
 
+def needs_review(findings: Sequence[ImageFinding], refusals: Sequence[Refusal]) -> bool:
+    """Whether a study needs human review for a reason no body part's decision carries:
+    an image without a finite output, or one whose body part the router is not sure of
+    (``body-part-uncertain``) or the header contradicts (``body-part-conflict``)."""
+    return any(f.decision is Decision.NEEDS_REVIEW for f in findings) or any(
+        r.code in (RefusalCode.BODY_PART_CONFLICT, RefusalCode.BODY_PART_UNCERTAIN)
+        for r in refusals)
+
+
 def aggregate_study(
     study_instance_uid: str,
     outcomes: Sequence[ImageFinding | Refusal],
@@ -105,9 +114,7 @@ def aggregate_study(
             classifier=items[0].classifier,
         )
     decisions = [p.decision for p in parts.values()]
-    if any(f.decision is Decision.NEEDS_REVIEW for f in findings) or any(
-            r.code in (RefusalCode.BODY_PART_CONFLICT, RefusalCode.BODY_PART_UNCERTAIN)
-            for r in refusals):
+    if needs_review(findings, refusals):
         decisions.append(Decision.NEEDS_REVIEW)
     if not models and findings:
         models = (findings[0].router, findings[0].classifier)

@@ -297,11 +297,6 @@ class Coverage:
         """The answer's operating point, from the model that decides it."""
         return self.model(answer).operating_point(answer)
 
-    @property
-    def entries(self) -> tuple[ModelEntry, ...]:
-        """The classifier, then its heads."""
-        return (self.classifier, *self.heads)
-
 
 class Analyser:
     """The two loaded models (and the classifier's heads) with their registry entries;
@@ -428,12 +423,8 @@ class Analyser:
     def classify_on_grid(self, classifier_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(logits, calibrated probabilities, Grad-CAM on the feature grid) for prepared
         squares: :meth:`predict_classifier` before the map is resampled onto the input."""
-        graph = self._classifier_graph
-        feats = graph.features(classifier_inputs)
-        logits = graph.logits(feats)
-        cams = gradcam_closed_form(feats, graph.head_kernel, 0)
-        probs = _sigmoid(logits / self._classifier.temperature)
-        return logits, probs, cams
+        logits, cams = self._decide_on_grid(classifier_inputs, np.zeros(len(classifier_inputs), int))
+        return logits, _sigmoid(logits / self._classifier.temperature), cams
 
     def predict(self, router_inputs: np.ndarray, classifier_inputs: np.ndarray) -> RawPredictions:
         """Run both models on prepared squares (``(n, s, s)`` float32 in [0, 1])."""

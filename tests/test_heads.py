@@ -285,6 +285,24 @@ def test_a_humerus_abnormality_does_not_make_a_fracture_headline(tmp_path: Path)
     assert groups["Study: abnormality"]["decision"] == "positive"
 
 
+def test_a_review_reason_no_part_carries_reaches_both_study_answers() -> None:
+    """A positive humerus beside a negative forearm and an image whose header names another
+    part: the study is positive, and neither study answer may read as if nothing needs a
+    human (the conflict belongs to no part)."""
+    from pipeline.result import Refusal, RefusalCode
+    from pipeline.validate import read_metadata
+
+    result, sources = _mixed([("FOREARM", 0.1), ("HUMERUS", 0.9)])
+    extra = source(result.study_instance_uid, 3, 9, "conflict")
+    sources[extra.SOPInstanceUID] = extra
+    conflict = Refusal(read_metadata(extra), RefusalCode.BODY_PART_CONFLICT, "header KNEE", body_part="FOREARM")
+    result = aggregate_study(result.study_instance_uid, [*result.findings, conflict], (ROUTER, FRACTURE))
+    assert result.decision is Decision.POSITIVE
+    groups = _study_groups(build_structured_report(result, sources, [], SETTINGS))
+    assert groups["Study: fracture"]["decision"] == "needs-review"
+    assert groups["Study: abnormality"]["decision"] == "positive"
+
+
 def test_a_mixed_sr_and_kos_validate(tmp_path: Path) -> None:
     result, sources = _mixed([("FOREARM", 0.8), ("HUMERUS", 0.45), ("HUMERUS", 0.1)])
     sr = build_structured_report(result, sources, [], SETTINGS)

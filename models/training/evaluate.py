@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -353,20 +353,25 @@ def _study_block(items: Sequence[mdata.Row], p: np.ndarray, y: np.ndarray, mask:
                  ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
     """Study-level metrics of the images ``mask`` selects: the mean of each study's image
     probabilities against its body part's ``operating_point(part).threshold`` (MURA's
-    rule), intervals by patient; and the study probabilities, labels and thresholds."""
+    rule), intervals by patient; and the study probabilities, labels and thresholds.
+    Without an ``operating_point`` (a part no model serves) only the counts and the AUROC."""
     study_of = np.array([r.study_key for r in items])
     patient_of = np.array([r.patient_id or r.study_key for r in items])
     idx = np.flatnonzero(mask)
     keys, sp, sy = mm.study_means(list(study_of[idx]), p[idx], y[idx])
     first = {k: idx[list(study_of[idx]).index(k)] for k in keys}
-    thr = np.array([operating_point(items[first[k]].body_part).threshold for k in keys])
     spat = np.array([patient_of[first[k]] for k in keys])
-    pred = sp >= thr
-    summary = mm.binary_summary(sy, pred.astype(float), 0.5)
-    out = {
+    out: dict[str, Any] = {
         "n": len(keys), "positive": int(sy.sum()), "negative": int(len(sy) - sy.sum()),
         "auroc": round(mm.auroc(sy, sp), 4),
         "auroc_ci95": _ci(lambda i: mm.auroc(sy[i], sp[i]), len(sy), spat, n_boot, seed),
+    }
+    if operating_point is None:
+        return out, sp, sy, np.zeros(0)
+    thr = np.array([operating_point(items[first[k]].body_part).threshold for k in keys])
+    pred = sp >= thr
+    summary = mm.binary_summary(sy, pred.astype(float), 0.5)
+    out.update({
         "kappa": round(summary["kappa"], 4),
         "kappa_ci95": _ci(lambda i: mm.cohen_kappa(sy[i], pred[i]), len(sy), spat, n_boot, seed),
         "sensitivity": round(summary["sensitivity"], 4),
@@ -374,7 +379,7 @@ def _study_block(items: Sequence[mdata.Row], p: np.ndarray, y: np.ndarray, mask:
         "accuracy": round(summary["accuracy"], 4),
         "confusion": {"tp": summary["tp"], "fn": summary["fn"], "fp": summary["fp"], "tn": summary["tn"]},
         "threshold": [round(float(t), 4) for t in sorted(set(thr.tolist()))],
-    }
+    })
     # honest threshold estimate: choose on one half of the patients, apply to the other
     out["kappa_crossfit"] = round(_crossfit_kappa(sy, sp, spat, seed), 4)
     return out, sp, sy, thr
@@ -408,10 +413,8 @@ def evaluate_heads(analyser: Any, rows: Sequence[mdata.Row], n_boot: int, seed: 
         for part in sorted({r.body_part for r in items}):
             mask = np.array([r.body_part == part for r in items])
             served = part in supported
-            point = head.operating_point if served else (lambda _p: _NO_POINT)
-            study, _, _, _ = _study_block(items, p, y, mask, point, n_boot, seed)
-            if not served:
-                study = {key: study[key] for key in ("n", "positive", "negative", "auroc", "auroc_ci95")}
+            study, _, _, _ = _study_block(items, p, y, mask, head.operating_point if served else None,
+                                          n_boot, seed)
             block["by_body_part"][part] = {
                 "served": served, "study": study,
                 "image": {"n": int(mask.sum()), "auroc": round(mm.auroc(y[mask], p[mask]), 4),
@@ -422,15 +425,6 @@ def evaluate_heads(analyser: Any, rows: Sequence[mdata.Row], n_boot: int, seed: 
             }
         out[head.name] = block
     return out
-
-
-@dataclass(frozen=True)
-class _Point:
-    threshold: float
-
-
-_NO_POINT = _Point(0.5)
-"""A part a head does not serve has no operating point; its kappa is not reported."""
 
 
 def _image_block(y: np.ndarray, p: np.ndarray, thr: np.ndarray, groups: np.ndarray, n_boot: int,

@@ -211,6 +211,13 @@ class Registry:
                     f"{head.base_sha256[:12]}..., the registry's {classifier.name} is "
                     f"{classifier.sha256[:12]}...: fit the head again (python -m "
                     "models.training.head) or remove it from the registry")
+            if head.test_time_flip != classifier.test_time_flip:
+                with_mirror = "with" if head.test_time_flip else "without"
+                raise RegistryError(
+                    f"head {head.name} {head.version} was fitted on {head.base} features {with_mirror} "
+                    f"the mirrored image, the registry's {classifier.name} {classifier.version} serves "
+                    f"test_time_flip = {str(classifier.test_time_flip).lower()}: fit the head again "
+                    "(python -m models.training.head) or remove it from the registry")
             for part in head.supported_body_parts:
                 if part in taken:
                     raise RegistryError(f"head {head.name} decides {part}, which {taken[part]} "

@@ -138,7 +138,7 @@ def test_the_findings_name_the_bf16_model_version(bf16: Analyser) -> None:
               for i, r in enumerate(rows)]
     results = bf16.analyse(images)
     assert any(isinstance(r, ImageFinding) for r in results)
-    assert bf16.classifier_info.version == "2.2.0-bf16" and bf16.router_info.version == "2.1.1-bf16"
+    assert bf16.classifier_info.version == "2.3.0-bf16" and bf16.router_info.version == "2.1.1-bf16"
     assert bf16.classifier_info.device_uid == load_registry(REGISTRY).get(CLASSIFIER).device_uid
 
 
@@ -222,6 +222,23 @@ def test_a_new_operating_point_of_the_same_weights_is_a_new_version(tmp_path: Pa
     with pytest.raises(SystemExit, match="not a router"):
         register_main(["--task", "classifier", "--name", "fracture-classifier", "--version", "9.9.9",
                        "--skip-copy", "--confidence-floor", "0.8", "--registry", str(registry)])
+    # serving with or without the mirrored image is a new version too, its metrics its own
+    flip = not shipped.test_time_flip
+    assert register_main(["--task", "router", "--name", "bodypart-router", "--version", "9.9.11",
+                          "--skip-copy", "--test-time-flip" if flip else "--no-test-time-flip",
+                          "--registry", str(registry)]) == 0
+    entry = load_registry(registry).get("bodypart-router")
+    assert entry.test_time_flip is flip and entry.metrics == {} and entry.sha256 == shipped.sha256
+    assert f"served {'with' if flip else 'without'} the mirrored image" in entry.notes
+    with pytest.raises(SystemExit, match="measured bodypart-router .*, not 9.9.11"):
+        register_main(["--task", "router", "--name", "bodypart-router", "--version", "9.9.11",
+                       "--skip-copy", "--registry", str(registry),
+                       "--attach-metrics", str(ROOT / "models" / "eval" / "metrics.json")])
+    classifier = load_registry(registry).get("fracture-classifier")
+    with pytest.raises(SystemExit, match="add --recalibrate"):
+        register_main(["--task", "classifier", "--name", "fracture-classifier", "--version", "9.9.9",
+                       "--skip-copy", "--no-test-time-flip" if classifier.test_time_flip else "--test-time-flip",
+                       "--registry", str(registry)])
 
 
 def test_an_unknown_precision_is_a_registry_error(tmp_path: Path) -> None:
@@ -255,7 +272,7 @@ def _process_demo_forearm(config_path: Path) -> dict[str, object]:
 def test_bf16_results_are_new_objects_that_name_the_bf16_models(tmp_path: Path) -> None:
     """The demo forearm through the processing path with each pair: every bf16 result
     object has a UID of its own (the same weights, another arithmetic: it must not
-    replace the fp32 result in the archive), names 2.2.0-bf16 and its Device UID, and
+    replace the fp32 result in the archive), names 2.3.0-bf16 and its Device UID, and
     passes dciodvfy."""
     from test_e2e import dciodvfy_errors
 
@@ -271,7 +288,7 @@ def test_bf16_results_are_new_objects_that_name_the_bf16_models(tmp_path: Path) 
     for key, ds in bf16["outputs"].items():
         equipment = [str(item.get("DeviceUID", "")) for item in ds.get("ContributingEquipmentSequence", [])]
         versions = [str(item.get("SoftwareVersions", "")) for item in ds.get("ContributingEquipmentSequence", [])]
-        assert device_uid in equipment and "2.2.0-bf16" in versions, key
+        assert device_uid in equipment and "2.3.0-bf16" in versions, key
         path = tmp_path / f"{key.replace(':', '_')}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == [], key

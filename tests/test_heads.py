@@ -98,6 +98,15 @@ def test_a_head_of_other_weights_or_with_a_taken_part_is_refused(tmp_path: Path)
     registry = load_registry(path)
     with pytest.raises(RegistryError, match="fit the head again"):
         registry.heads_of(registry.get("fracture-classifier"))
+    # the same weights, served with the other test-time flip: other features, so other logits
+    start = text.index("[models.abnormality-head]")
+    served = load_registry(REGISTRY).get("abnormality-head").test_time_flip
+    flip = f"test_time_flip = {str(served).lower()}"
+    at = text.index(flip, start)
+    path.write_text(text[:at] + f"test_time_flip = {str(not served).lower()}" + text[at + len(flip):])
+    registry = load_registry(path)
+    with pytest.raises(RegistryError, match="the mirrored image.*fit the head again"):
+        registry.heads_of(registry.get("fracture-classifier"))
     taken = text.replace("[models.abnormality-head.operating_points.HUMERUS]",
                          "[models.abnormality-head.operating_points.FOREARM]")
     path.write_text(taken)

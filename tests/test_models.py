@@ -80,6 +80,7 @@ def test_the_shipped_evaluation_is_of_the_registered_models(analyser: Analyser) 
         entry = registry.get(name)
         assert metrics["models"][role]["sha256"] == entry.sha256
         assert metrics["models"][role]["test_time_flip"] == entry.test_time_flip
+        assert metrics["models"][role]["version"] == entry.version
         assert entry.metrics["source"] == "models/eval/metrics.json"
     assert registry.get(CLASSIFIER).metrics["pointing_game"] == metrics["localisation"]["pointing_game"]
     heads = registry.heads_of(registry.get(CLASSIFIER))

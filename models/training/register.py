@@ -338,8 +338,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="register NAME's weights and graph served in --precision as a model of its own")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="with --variant-of: the arithmetic the graph is served in")
-    p.add_argument("--test-time-flip", action="store_true",
-                   help="also run the mirrored image at inference (classifier: mean feature map; router: mean logits)")
+    p.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the mirrored image at inference (classifier: mean feature map; router: mean "
+                        "logits); a new run's default is off; with --skip-copy: change it, as a new --version "
+                        "of the same weights (a classifier with --recalibrate)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -355,19 +357,24 @@ def main(argv: list[str] | None = None) -> int:
     elif args.skip_copy:
         entry = dict(existing[args.name])
         previous = None
-        new_point = args.confidence_floor is not None or args.recalibrate
+        new_flip = args.test_time_flip is not None and bool(args.test_time_flip) != bool(entry.get("test_time_flip"))
+        new_point = args.confidence_floor is not None or args.recalibrate or new_flip
+        if new_flip and entry.get("finding") == "fracture" and not args.recalibrate:
+            raise SystemExit(f"--{'' if args.test_time_flip else 'no-'}test-time-flip changes {args.name}'s "
+                             "logits: add --recalibrate (its temperature and operating points are chosen again)")
         if args.confidence_floor is not None and not 0.0 <= args.confidence_floor < 1.0:
             raise SystemExit(f"--confidence-floor must be in [0, 1) (got {args.confidence_floor})")
         if args.version != entry["version"]:
             if not new_point:
                 raise SystemExit(f"--skip-copy --version {args.version}: {args.name} is {entry['version']}; a "
                                  "new version of the same weights needs a new operating point "
-                                 "(--confidence-floor or --recalibrate)")
+                                 "(--confidence-floor, --recalibrate or --[no-]test-time-flip)")
             # the same weights at a new operating point (confidence floor, thresholds): its
             # results are not the old version's, so it is a version with a Device UID of its own
             previous = f"{args.name} {entry['version']}"
             entry["version"] = args.version
             entry["device_uid"] = device_uid_for(args.name, args.version, str(entry["sha256"]))
+            entry.pop("metrics", None)  # measured on the old version's outputs: --attach-metrics the new
         elif new_point:
             raise SystemExit(f"--skip-copy with a new operating point: give {args.name} a new --version "
                              f"(it is {entry['version']}): its results differ from that version's")
@@ -378,14 +385,18 @@ def main(argv: list[str] | None = None) -> int:
             entry["confidence_floor"] = args.confidence_floor
             entry["notes"] = (f"{entry['notes']} Confidence floor {args.confidence_floor} "
                               f"(was {old_floor}).")
+        if new_flip:
+            entry["test_time_flip"] = bool(args.test_time_flip)
         if args.recalibrate:
             if entry.get("finding") != "fracture" or "graph" not in entry:
                 raise SystemExit(f"--recalibrate: {args.name} is not a fracture classifier with a graph")
             _calibrate_fracture_entry(entry, args.registry.parent.resolve() / entry["graph"], args)
         if previous is not None:
             notes = str(entry.get("notes", "")).strip()
+            mirror = ("" if not new_flip else ", served with the mirrored image" if entry["test_time_flip"]
+                      else ", served without the mirrored image (no test-time flip)")
             entry["notes"] = (f"{notes}{'' if not notes or notes.endswith('.') else '.'} "
-                              f"The weights and graph of {previous}.").strip()
+                              f"The weights and graph of {previous}{mirror}.").strip()
     else:
         import keras
 
@@ -488,6 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         if measured["sha256"] != entry["sha256"] or measured.get("precision", "fp32") != entry.get("precision", "fp32"):
             raise SystemExit(f"{args.attach_metrics} was not produced for {entry['sha256']} served in "
                              f"{entry.get('precision', 'fp32')}")
+        if "version" in measured and measured["version"] != entry["version"]:
+            raise SystemExit(f"{args.attach_metrics} measured {args.name} {measured['version']}, not "
+                             f"{entry['version']}: run evaluate on this version")
+        if bool(measured.get("test_time_flip", entry.get("test_time_flip"))) != bool(entry.get("test_time_flip")):
+            raise SystemExit(f"{args.attach_metrics} was measured with test_time_flip = "
+                             f"{str(bool(measured['test_time_flip'])).lower()}, {args.name} {entry['version']} "
+                             f"serves {str(bool(entry.get('test_time_flip'))).lower()}: run evaluate on this version")
         try:
             source = str(args.attach_metrics.resolve().relative_to(MODELS_DIR.parent))
         except ValueError:

@@ -10,7 +10,7 @@ by image so both paths see the same load:
 * ``tensorflow``: the same Analyser code on the Keras models in a ``tf.function``
   (:class:`models.training.export.KerasGraph`): the node's path before issue 15;
 * the floor: the multiply-adds of every Conv / MatMul in the two exported graphs at
-  the batch the node runs (image + mirror), divided by the fp32 GEMM GFLOP/s numpy
+  the batch the node runs (image, and its mirror where the registry says test_time_flip), divided by the fp32 GEMM GFLOP/s numpy
   measures in this run on the same threads;
 * ``bf16``: the same Analyser on ``bodypart-router-bf16`` and
   ``fracture-classifier-bf16`` (the same graphs served in bfloat16 by OpenVINO, models
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{med(values, False):.1f} | {med(values):.1f} | {b4:.1f} |")
     print(f"\nratio node / TensorFlow (analysed images): {node_med / tf_med:.2f}; all images: "
           f"{med(node_ms) / med(tf_ms):.2f}; node / ONNX Runtime: {node_med / med(onnx_ms, True):.2f}")
-    print(f"floor: {gflop:.2f} GFLOP per analysed image (both graphs, image + mirror, from the ONNX graphs) / "
+    print(f"floor: {gflop:.2f} GFLOP per analysed image (both graphs, as run: router "
+          f"x{flips['router']}, classifier x{flips['classifier']} (x2 = image + mirror), from the ONNX graphs) / "
           f"{gemm:.0f} GFLOP/s fp32 GEMM (numpy, this run) = {floor_ms:.1f} ms; node / floor {node_med / floor_ms:.2f}")
     print("| process | start to first prediction s | RSS after it MB | peak RSS MB | TensorFlow imported |")
     print("|---|---|---|---|---|")

@@ -2,8 +2,8 @@
 
 For every labelled validation study of a supported body part, the model that decides
 the part as the node runs it (the shipped classifier, or its abnormality head for the
-humerus: test-time flip, temperature, the part's doubt band) gives each image a
-probability and a decision.  Two study rules are compared:
+humerus: the registered test-time flip setting, temperature and the part's doubt band)
+gives each image a probability and a decision.  Two study rules are compared:
 
 * **mean**: the decision of the mean of the image probabilities (MURA's rule; what
   the node did before);

@@ -110,6 +110,18 @@ MODEL_SETS = {"fp32": ("bodypart-router", "fracture-classifier"),
 their own, ``models/eval/bf16/report.md``)."""
 
 
+def runnable(model_sets: list[str]) -> list[str]:
+    """``model_sets`` less the bf16 pair on a CPU without bfloat16 instructions (the node
+    refuses to serve it there), saying so."""
+    from models.runtime import _cpu_capabilities, bf16_supported
+
+    if "bf16" in model_sets and not bf16_supported():
+        print("bf16 models: not run, this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX; "
+              f"OpenVINO: {', '.join(_cpu_capabilities())}): the node refuses them here", flush=True)
+        return [m for m in model_sets if m != "bf16"]
+    return model_sets
+
+
 def model_config(shipped: Any, which: str) -> Any:
     """``[models]`` of the shipped config with the router and classifier of ``which``."""
     import dataclasses
@@ -251,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     for which in model_sets:
         if which not in MODEL_SETS:
             parser.error(f"--models: {which!r} is not one of {', '.join(MODEL_SETS)}")
+    model_sets = runnable(model_sets)
     intervals = [float(x) for x in args.intervals.split(",")]
     threads: list[tuple[int | None, int | None, int | None]] = []
     for t in args.threads.split(","):

@@ -62,7 +62,7 @@ def _load(name: str, path: Path) -> ModuleType:
 orthanc_ctl = _load("orthanc_ctl", ROOT / "orthanc-test" / "orthanc_ctl.py")
 demo_data = _load("make_demo_data", ROOT / "scripts" / "make_demo_data.py")
 sys.path.insert(0, str(ROOT / "bench"))
-from e2e import MODEL_SETS, model_config  # noqa: E402
+from e2e import MODEL_SETS, model_config, runnable  # noqa: E402
 
 
 def make_load(directory: Path, associations: int, per: int) -> list[list[Path]]:
@@ -170,6 +170,10 @@ def run_load(associations: int, per: int, threads: int | None = None,
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (
                 ready.exists() and "processing started" in (work / "node.log").read_text(errors="replace")):
+            if node.poll() is not None:
+                lines = (work / "node.log").read_text(errors="replace").strip().splitlines()
+                raise SystemExit(f"fracture-node serve exited ({node.returncode}) before it was ready: "
+                                 + (lines[-1] if lines else "(no log)"))
             time.sleep(0.1)
         time.sleep(2.0)  # at rest: models loaded and warmed up, nothing received yet
         rest_own, rest_rss = _tree_mb(node.pid, "VmRSS")
@@ -333,9 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     runs = []
-    for spec, which in itertools.product(args.threads.split(","), args.models.split(",")):
+    model_sets = args.models.split(",")
+    for which in model_sets:
         if which not in MODEL_SETS:
             parser.error(f"--models: {which!r} is not one of {', '.join(MODEL_SETS)}")
+    for spec, which in itertools.product(args.threads.split(","), runnable(model_sets)):
         print(f"load, worker threads {spec}, {which} models ...", flush=True)
         t, _, b = spec.partition("/")
         runs.append(run_load(args.associations, args.per_association,
@@ -359,9 +365,11 @@ def main(argv: list[str] | None = None) -> int:
               f"peak <= 600 MB: {'met' if r['peak_rss_mb'] <= 600 else 'MISSED'} ({r['peak_rss_mb']} MB); "  # type: ignore[operator]
               f"all {n} results <= 30 s: {'met' if r['all_results_seconds'] <= 30 else 'MISSED'} "  # type: ignore[operator]
               f"({r['all_results_seconds']} s); unaccounted {r['unaccounted']}")
-    load = runs[-1]
     if args.load_only:
         return 0
+    if not runs:
+        raise SystemExit("no load run (see above): the report needs one")
+    load = runs[-1]
     print("load ...", flush=True)
     print("faults ...", flush=True)
     faults = run_tests(FAULT_TESTS)

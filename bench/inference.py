@@ -174,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     onnx = Analyser(r_e, c_e, load_graph(r_e, runtime="onnxruntime"), load_graph(c_e, runtime="onnxruntime"),
                     heads=served.heads)
     onnx.warm_up()
+    import dataclasses
+
+    # the router's test-time flip the other way round (2.1.1 ran its mirror, 2.2.0 does not):
+    # what that trade costs, timed beside the rest
+    r_toggled = dataclasses.replace(r_e, test_time_flip=not r_e.test_time_flip)
+    toggled = Analyser(r_toggled, c_e, load_graph(r_e), load_graph(c_e), heads=served.heads)
+    toggled.warm_up()
+    toggled_ms: list[float] = []
     from models.runtime import _cpu_capabilities, bf16_supported
 
     has_bf16 = bf16_supported()  # AVX-512 BF16 or AMX: the bf16 models are refused without it
@@ -192,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     bf16_worker_ms: list[float] = []
     onnx_ms: list[float] = []
     both_models: list[bool] = []
-    paths = [(served, node_ms), (reference, tf_ms), (as_served, worker_ms), (onnx, onnx_ms)]
+    paths = [(served, node_ms), (reference, tf_ms), (as_served, worker_ms), (onnx, onnx_ms),
+             (toggled, toggled_ms)]
     if has_bf16:
         paths += [(bf16, bf16_ms), (bf16_served, bf16_worker_ms)]
     for img in images:
@@ -243,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                  worker_ms, float("nan")),
                 ("the same graphs in ONNX Runtime (fp32's runtime until session 23), 2 intra-op threads",
                  onnx_ms, float("nan")),
-                ("same Analyser on TensorFlow (tf.function of the Keras models)", tf_ms, batch4["tensorflow"]))
+                ("same Analyser on TensorFlow (tf.function of the Keras models)", tf_ms, batch4["tensorflow"]),
+                (f"node with the router's test-time flip {'on' if r_toggled.test_time_flip else 'off'} "
+                 f"(served: {'on' if r_e.test_time_flip else 'off'}), 2 threads", toggled_ms, float("nan")))
     if has_bf16:
         rows_out += ((f"bf16 models {b_r.version} / {b_c.version} (OpenVINO), 2 threads", bf16_ms, batch4["bf16"]),
                      (f"bf16 models as the worker runs them ({serving_threads} thread(s))", bf16_worker_ms,

@@ -224,8 +224,9 @@ _OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 class OpenVinoGraph:
     """An ONNX graph compiled by OpenVINO's CPU plugin in f32 or bfloat16.
 
-    One model compiled for a batch of 2 (an image and its mirror, what the node runs
-    with ``[worker] batch_images = 1``: ~15 % faster than a dynamic batch), and one with
+    One model compiled for the batch of one image (``images_per_call``: 2 for an image and
+    its mirror when the model has a test-time flip, else 1; what the node runs with
+    ``[worker] batch_images = 1``: ~15 % faster than a dynamic batch), and one with
     a dynamic batch compiled on the first call of another size (``evaluate``,
     ``register``, larger ``batch_images``), so a node that never needs it does not hold
     its memory.  With one thread (the worker's model thread) the static model takes one
@@ -243,11 +244,13 @@ class OpenVinoGraph:
         ``INFERENCE_NUM_THREADS``; default :func:`default_threads`.
     precision
         The registry's ``fp32`` (hint f32) or ``bf16`` (refused on a CPU without it).
+    images_per_call
+        The batch the fixed model is compiled for with more than one thread: 2 (an image
+        and its mirror) or 1 (a model without test-time flip).
     """
 
-    STATIC_BATCH = 2
-
-    def __init__(self, path: Path, threads: int | None = None, precision: str = "bf16") -> None:
+    def __init__(self, path: Path, threads: int | None = None, precision: str = "bf16",
+                 images_per_call: int = 2) -> None:
         import openvino as ov
 
         self.path = Path(path)
@@ -277,7 +280,9 @@ class OpenVinoGraph:
         self._config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
                         "INFERENCE_NUM_THREADS": str(n_threads),
                         "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
-        self._static_batch = 1 if n_threads == 1 else self.STATIC_BATCH
+        if images_per_call not in (1, 2):
+            raise GraphError(f"{self.path}: images_per_call must be 1 or 2, not {images_per_call}")
+        self._static_batch = 1 if n_threads == 1 else images_per_call
         fixed = model.clone()
         fixed.reshape([self._static_batch, self.input_size, self.input_size, 1])
         self._fixed = self._compile(fixed)
@@ -348,7 +353,8 @@ def load_graph(entry: ModelEntry, threads: int | None = None,
         raise GraphError(f"{entry.name}: graph format {entry.graph_format!r} is not served")
     graph: ServingGraph
     if runtime == "openvino":
-        graph = OpenVinoGraph(entry.graph, threads, entry.precision)  # type: ignore[arg-type]
+        graph = OpenVinoGraph(entry.graph, threads, entry.precision,  # type: ignore[arg-type]
+                              images_per_call=2 if entry.test_time_flip else 1)
     elif entry.precision == "fp32":
         graph = OnnxGraph(entry.graph, threads, cpu_memory_arena)  # type: ignore[arg-type]
     else:

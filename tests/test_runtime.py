@@ -145,6 +145,25 @@ def test_one_thread_runs_a_batch_one_image_at_a_time_with_the_same_outputs(serve
     assert np.abs(feats1 - feats2).max() < 1e-4
 
 
+def test_the_fixed_batch_is_one_call_of_the_model_with_or_without_its_flip(served: Analyser) -> None:
+    """With two threads the fixed model takes what one image costs the model: the image
+    and its mirror with a test-time flip, the image alone without one. A model without a
+    flip then never compiles the dynamic one for a single image (it did until session 27:
+    every call of 2.3.0's classifier and 2.2.0's router ran the slower dynamic batch)."""
+    import dataclasses
+
+    from models.runtime import load_graph
+
+    entry = served.classifier_entry
+    rows = _subset()[:1]
+    x = np.stack([fit_square(_pixels(r), entry.input_size)[0] for r in rows])[..., None].astype(np.float32)
+    for flip in (False, True):
+        graph = load_graph(dataclasses.replace(entry, test_time_flip=flip), threads=2)
+        assert graph._static_batch == (2 if flip else 1)  # type: ignore[attr-defined]
+        graph.run(np.concatenate([x, x[:, :, ::-1]]) if flip else x)
+        assert graph._dynamic is None  # type: ignore[attr-defined]
+
+
 def test_the_node_serves_fp32_in_openvino_f32_equal_to_onnx_runtime(served: Analyser) -> None:
     """The node's runtime (OpenVINO, precision hint f32 read back) and ONNX Runtime, the
     runtime that served fp32 before, compute the same network: logits within 1e-4 and

@@ -5,8 +5,10 @@ by image so both paths see the same load:
 
 * ``node``: :meth:`pipeline.classify.Analyser.analyse` on one normalised image on the
   exported ONNX graphs in OpenVINO, f32 (:mod:`models.runtime`) — router + classifier,
-  each with its test-time flip, + closed-form Grad-CAM + decision, exactly as the node
-  runs it; beside it the same graphs in ONNX Runtime, which served fp32 until session 23;
+  each with its test-time flip where the registry gives it one, + closed-form Grad-CAM +
+  decision, exactly as the node runs it; beside it the same graphs in ONNX Runtime, which
+  served fp32 until session 23, and the served models with the router's flip the other
+  way round (what that trade costs);
 * ``tensorflow``: the same Analyser code on the Keras models in a ``tf.function``
   (:class:`models.training.export.KerasGraph`): the node's path before issue 15;
 * the floor: the multiply-adds of every Conv / MatMul in the two exported graphs at
@@ -15,7 +17,8 @@ by image so both paths see the same load:
 * ``bf16``: the same Analyser on ``bodypart-router-bf16`` and
   ``fracture-classifier-bf16`` (the same graphs served in bfloat16 by OpenVINO, models
   of their own with their own evaluation, ``models/eval/bf16/report.md``): the
-  moonshot's path (<= 20 ms with a reduced-precision model);
+  moonshot's path (<= 20 ms with a reduced-precision model), on a CPU with bfloat16
+  instructions only (elsewhere the node refuses them, and the script says so);
 * start-up: process start to the first prediction and the resident memory (at rest
   after it, and the peak), each in a fresh subprocess, for the three paths.
 

@@ -483,6 +483,35 @@ def test_crossfit_sensitivity_is_measured_on_the_half_it_was_not_chosen_on() -> 
     assert noise["halvings"] == 20
 
 
+def test_threshold_spread_is_wide_when_few_fractured_images_carry_the_rule() -> None:
+    """The rule's threshold on bootstrap resamples: the same scores with 300 fractured
+    images give a narrow range around the in-sample threshold, with 30 a wide one; a
+    family without a fractured image is left out, and the registered threshold is
+    reported as given."""
+    from models.training.evaluate import _threshold_spread
+
+    rng = np.random.default_rng(7)
+
+    def family_of(n_pos: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y = np.r_[np.ones(n_pos), np.zeros(4 * n_pos)].astype(int)
+        p = np.r_[rng.beta(5, 2, n_pos), rng.beta(2, 5, 4 * n_pos)]
+        return y, p, np.array([name] * len(y))
+
+    parts = [family_of(300, "MANY"), family_of(30, "FEW")]
+    y = np.concatenate([x[0] for x in parts] + [np.zeros(50, dtype=int)])
+    p = np.concatenate([x[1] for x in parts] + [rng.random(50)])
+    family = np.concatenate([x[2] for x in parts] + [np.array(["NONE"] * 50)])
+    thr = np.where(family == "MANY", 0.5, np.where(family == "FEW", 0.6, 0.7))
+    groups = np.array([f"g{i}" for i in range(len(y))])
+    spread = _threshold_spread(y, p, family, thr, groups, np.ones(len(y), dtype=bool), 0.9, seed=0)
+    assert set(spread) == {"MANY", "FEW"}
+    assert spread["FEW"]["registered"] == 0.6 and spread["FEW"]["fractured"] == 30
+    width = {k: v["ci95"][1] - v["ci95"][0] for k, v in spread.items()}
+    assert width["FEW"] > 2 * width["MANY"]
+    for v in spread.values():
+        assert v["ci95"][0] <= v["median"] <= v["ci95"][1] and v["resamples"] == 200
+
+
 def test_evaluate_cli_writes_the_metrics_contract(tmp_path: Path) -> None:
     """``fracture-node evaluate`` on any folder in the manifest format."""
     from models.cli import evaluate_main

@@ -578,6 +578,9 @@ def evaluate_served_fracture(analyser: Any, rows: Sequence[mdata.Row], n_boot: i
             cross[reg] = _crossfit_sensitivity(y, p, family, groups, a, region == reg, target_sensitivity,
                                                seed, fit=fit)
     fracture["crossfit"] = {"target_sensitivity": target_sensitivity, **cross}
+    if a.any():
+        fracture["threshold_spread"] = _threshold_spread(
+            y, p, family, thr, groups, a & fit, target_sensitivity, seed)
     plots: dict[str, Any] = {
         "roc": {reg: (y[a & (region == reg)], p[a & (region == reg)]) for reg in fracture["by_body_part"]
                 if len(set(y[a & (region == reg)].tolist())) == 2},
@@ -618,6 +621,33 @@ def _crossfit_sensitivity(y: np.ndarray, p: np.ndarray, family: np.ndarray, grou
             spec.append(float((~pred[m & (y == 0)]).mean()))
     return {"sensitivity": round(float(np.mean(sens)), 4) if sens else float("nan"),
             "specificity": round(float(np.mean(spec)), 4) if spec else float("nan"), "halvings": len(sens)}
+
+
+def _threshold_spread(y: np.ndarray, p: np.ndarray, family: np.ndarray, thr: np.ndarray,
+                      groups: np.ndarray, chosen_on: np.ndarray, target: float, seed: int,
+                      reps: int = 200) -> dict[str, dict[str, Any]]:
+    """How steady each family's threshold rule is: the threshold the rule (the highest
+    with sensitivity >= ``target``) chooses on bootstrap resamples of the groups (patients,
+    id blocks) of the images it is chosen on (``chosen_on``), beside the registered one
+    (``thr``).  A wide range says the operating point rests on a few fractured images."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[str, Any]] = {}
+    for fam in sorted(set(family[chosen_on].tolist())):
+        m = chosen_on & (family == fam)
+        if not y[m].any():
+            continue
+        uniq = np.unique(groups[m])
+        members = {g: np.flatnonzero(m & (groups == g)) for g in uniq}
+        chosen = []
+        for _ in range(reps):
+            idx = np.concatenate([members[g] for g in rng.choice(uniq, len(uniq))])
+            if y[idx].any():
+                chosen.append(mm.threshold_for_sensitivity(y[idx], p[idx], target))
+        lo, med, hi = np.percentile(chosen, [2.5, 50, 97.5])
+        out[str(fam)] = {"registered": round(float(thr[m][0]), 4), "median": round(float(med), 4),
+                         "ci95": [round(float(lo), 4), round(float(hi), 4)],
+                         "images": int(m.sum()), "fractured": int(y[m].sum()), "resamples": len(chosen)}
+    return out
 
 
 def _crossfit_kappa(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, seed: int, reps: int = 20) -> float:
@@ -867,6 +897,15 @@ def _served_fracture_lines(f: dict[str, Any]) -> list[str]:
         f"{f['image'].get('ece', float('nan')):.3f}. Router answers not analysed: "
         f"{', '.join(f['unsupported_body_parts']) or 'none'}.",
     ]
+    spread = f.get("threshold_spread", {})
+    if spread:
+        lines += ["", "How steady the threshold rule is: the threshold it chooses on 200 bootstrap resamples "
+                  "(of patients or id blocks) of the images it was chosen on, beside the registered one. A wide "
+                  "range means the operating point rests on a few fractured images.", "",
+                  "| family | images (fractured) | registered threshold | rule on resamples: median [95% range] |",
+                  "|---|---|---|---|"]
+        lines += [f"| {fam} | {v['images']} ({v['fractured']}) | {v['registered']:.3f} | "
+                  f"{v['median']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] |" for fam, v in spread.items()]
     return lines
 
 

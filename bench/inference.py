@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     # the router's test-time flip the other way round (2.1.1 ran its mirror, 2.2.0 does not):
     # what that trade costs, timed beside the rest
     r_toggled = dataclasses.replace(r_e, test_time_flip=not r_e.test_time_flip)
-    toggled = Analyser(r_toggled, c_e, load_graph(r_e), load_graph(c_e), heads=served.heads)
+    # the router graph compiled for its toggled flip (its fixed batch is one call as run);
+    # the classifier's graph is the served one
+    toggled = Analyser(r_toggled, c_e, load_graph(r_toggled), served._classifier_graph.graph,
+                       heads=served.heads)
     toggled.warm_up()
     toggled_ms: list[float] = []
     from models.runtime import _cpu_capabilities, bf16_supported

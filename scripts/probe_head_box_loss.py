@@ -30,6 +30,8 @@ from models.registry import load_registry  # noqa: E402
 from models.runtime import load_graph  # noqa: E402
 from models.training import data as mdata  # noqa: E402
 from models.training import metrics as mm  # noqa: E402
+from models.training.evaluate import peak_in_box  # noqa: E402
+from models.training.head import pooled_features  # noqa: E402
 from pipeline.classify import ClassifierGraph  # noqa: E402
 from pipeline.gradcam import gradcam_closed_form, upsample  # noqa: E402
 from pipeline.resize import fit_square  # noqa: E402
@@ -54,14 +56,6 @@ def boxed_maps(graph: ClassifierGraph, rows: list[mdata.Row], size: int,
         maps.append(graph.features(np.stack(squares)).astype(np.float32))
     a = np.concatenate(maps)
     return a.reshape(len(a), g * g, -1), np.stack(cover), transforms
-
-
-def pooled(graph: ClassifierGraph, rows: list[mdata.Row], size: int) -> np.ndarray:
-    out = []
-    for start in range(0, len(rows), 32):
-        x = mdata.load_arrays([r.path for r in rows[start:start + 32]], size).astype(np.float32)
-        out.append(graph.features(x).mean(axis=(1, 2), dtype=np.float64))
-    return np.concatenate(out)
 
 
 def fit(x: np.ndarray, y: np.ndarray, a: np.ndarray, target: np.ndarray, w0: np.ndarray,
@@ -92,12 +86,7 @@ def pointing_game(a: np.ndarray, transforms: list[GridTransform], rows: list[mda
     """``fracture-node evaluate``'s rule on maps ``a`` with head ``w``."""
     g = int(round(np.sqrt(a.shape[1])))
     cams = upsample(gradcam_closed_form(a.reshape(len(a), g, g, -1), w.reshape(-1, 1), 0), size)
-    hits = []
-    for cam, tr, r in zip(cams, transforms, rows):
-        img = tr.to_image(cam)
-        i, j = np.unravel_index(int(np.argmax(img)), img.shape)
-        yy, xx = (i + 0.5) / img.shape[0], (j + 0.5) / img.shape[1]
-        hits.append(any(b[0] <= xx <= b[2] and b[1] <= yy <= b[3] for b in r.boxes))
+    hits = [peak_in_box(tr.to_image(cam), r.boxes) for cam, tr, r in zip(cams, transforms, rows)]
     return float(np.mean(hits))
 
 
@@ -118,9 +107,9 @@ def main() -> int:
     samples = {s: mdata.fracture_samples(rows) for s, rows in split.items()}
     tr_a, tr_cover, _ = boxed_maps(graph, boxed["train"], size)
     va_a, _, va_tr = boxed_maps(graph, boxed["val"], size)
-    x = pooled(graph, [s.row for s in samples["train"]], size)
+    x = pooled_features(graph, [s.row for s in samples["train"]], size)
     y = np.array([s.target for s in samples["train"]], dtype=np.float64)
-    vx = pooled(graph, [s.row for s in samples["val"]], size)
+    vx = pooled_features(graph, [s.row for s in samples["val"]], size)
     vy = np.array([s.target for s in samples["val"]])
     regions = {reg: np.array([s.row.dataset == "FracAtlas" and reg in s.row.body_part.split("+")
                               for s in samples["val"]]) for reg in ("HAND", "LEG")}

@@ -677,6 +677,15 @@ def _ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
     return float(total)
 
 
+def peak_in_box(img_map: np.ndarray, boxes: Sequence[Sequence[float]]) -> bool:
+    """The pointing game's rule: whether the maximum of a map on the image grid (at its
+    pixel's centre) lies inside any of ``boxes`` (normalised ``[x0, y0, x1, y1]``), no
+    tolerance."""
+    row_i, col_i = np.unravel_index(int(np.argmax(img_map)), img_map.shape)
+    yy, xx = (row_i + 0.5) / img_map.shape[0], (col_i + 0.5) / img_map.shape[1]
+    return any(b[0] <= xx <= b[2] and b[1] <= yy <= b[3] for b in boxes)
+
+
 def pointing_game(analyser: Any, rows: Sequence[mdata.Row]) -> tuple[dict[str, Any], list[Any]]:
     """Share of positive images with boxes whose Grad-CAM maximum lies inside a box."""
     from pipeline.resize import fit_square
@@ -699,9 +708,7 @@ def pointing_game(analyser: Any, rows: Sequence[mdata.Row]) -> tuple[dict[str, A
         _, _, heat = analyser.predict_classifier(np.stack(squares))
         for r, tr, hm, px in zip(batch, transforms, heat, pix):
             img_map = tr.to_image(hm)
-            row_i, col_i = np.unravel_index(int(np.argmax(img_map)), img_map.shape)
-            yy, xx = (row_i + 0.5) / img_map.shape[0], (col_i + 0.5) / img_map.shape[1]
-            hit = any(b[0] <= xx <= b[2] and b[1] <= yy <= b[3] for b in r.boxes)
+            hit = peak_in_box(img_map, r.boxes)
             hits.append(hit)
             parts.append(r.body_part)
             if len(examples) < 8 and (r.body_part in supported or len(examples) < 4):

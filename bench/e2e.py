@@ -113,11 +113,10 @@ their own, ``models/eval/bf16/report.md``)."""
 def runnable(model_sets: list[str]) -> list[str]:
     """``model_sets`` less the bf16 pair on a CPU without bfloat16 instructions (the node
     refuses to serve it there), saying so."""
-    from models.runtime import _cpu_capabilities, bf16_supported
+    from models.runtime import bf16_supported, no_bf16_reason
 
     if "bf16" in model_sets and not bf16_supported():
-        print("bf16 models: not run, this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX; "
-              f"OpenVINO: {', '.join(_cpu_capabilities())}): the node refuses them here", flush=True)
+        print(f"bf16 models: not run, {no_bf16_reason()}: the node refuses them here", flush=True)
         return [m for m in model_sets if m != "bf16"]
     return model_sets
 

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                        heads=served.heads)
     toggled.warm_up()
     toggled_ms: list[float] = []
-    from models.runtime import _cpu_capabilities, bf16_supported
+    from models.runtime import bf16_supported, no_bf16_reason
 
     has_bf16 = bf16_supported()  # AVX-512 BF16 or AMX: the bf16 models are refused without it
     if has_bf16:
@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
           f"target <= 1.5 s to the first prediction: {'met' if first_node['first_s'] <= 1.5 else 'MISSED'} "
           f"({first_node['first_s']:.2f} s)")
     if not has_bf16:
-        print("bf16 models: not timed, this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX; "
-              "OpenVINO: " + ", ".join(_cpu_capabilities()) + "), so the node refuses them here; "
+        print(f"bf16 models: not timed, {no_bf16_reason()}, so the node refuses them here; "
               "moonshot <= 20 ms: not measured on this machine")
         return 0
     assert first_bf16 is not None

@@ -217,6 +217,13 @@ def bf16_supported() -> bool:
     return "BF16" in _cpu_capabilities()
 
 
+def no_bf16_reason() -> str:
+    """Why the bf16 models are refused on this CPU, in words (for a CPU without
+    :func:`bf16_supported`)."""
+    return ("this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX; OpenVINO capabilities: "
+            f"{', '.join(_cpu_capabilities())})")
+
+
 _OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 """Registry precision -> OpenVINO ``INFERENCE_PRECISION_HINT``."""
 
@@ -258,11 +265,9 @@ class OpenVinoGraph:
         if precision not in _OPENVINO_PRECISION:
             raise GraphError(f"{self.path}: OpenVINO serves fp32 and bf16 graphs here, not {precision!r}")
         self.precision = precision
-        capabilities = _cpu_capabilities()
-        if precision == "bf16" and "BF16" not in capabilities:
-            raise GraphError(f"{self.path}: this CPU has no bfloat16 instructions "
-                             f"(OpenVINO capabilities: {', '.join(capabilities)}); serve the "
-                             "fp32 models instead ([models] router and classifier)")
+        if precision == "bf16" and not bf16_supported():
+            raise GraphError(f"{self.path}: {no_bf16_reason()}; serve the fp32 models instead "
+                             "([models] router and classifier)")
         model = core.read_model(str(self.path))
         names = [o.get_any_name() for o in model.outputs]
         if len(model.inputs) != 1 or names != list(OUTPUTS):

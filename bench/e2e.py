@@ -23,7 +23,7 @@ processes'.  Targets (issue 15): burst median <= 1.5 s, one every 1.5 s median <
 no study lost.  The load average is printed with each run.  Usage::
 
     .venv/bin/python bench/e2e.py [--studies 20] [--intervals 0,1.5]
-                                  [--threads 1,default,default/1]
+                                  [--threads 1,default,default/1] [--streams 1,2]
 """
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ def model_config(shipped: Any, which: str) -> Any:
 
 def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interval: float,
         quiet_seconds: float, stable_age: int, model_threads: int | None = None,
-        build_processes: int | None = None, models: str = "fp32") -> dict[str, object]:
-    """One run: a fresh Orthanc and node (``[worker] threads``), the studies pushed into
+        build_processes: int | None = None, models: str = "fp32",
+        streams: int | None = None) -> dict[str, object]:
+    """One run: a fresh Orthanc and node (``[worker] threads``, ``model_streams``), the studies pushed into
     Orthanc ``interval`` seconds apart (0: a burst), until every result is stored."""
     from node.config import (
         Config,
@@ -161,7 +162,7 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         destinations=(DestinationConfig("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port),),
         storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
         study=StudyConfig(quiet_seconds=quiet_seconds),
-        worker=WorkerConfig(threads=threads, **(
+        worker=WorkerConfig(threads=threads, model_streams=streams, **(
             {} if build_processes is None else {"build_processes": build_processes})),
         models=model_config(shipped, models),
     )))
@@ -222,6 +223,7 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
     return {
         "threads": config.worker.resolved_threads,
         "model_threads": model_threads or config.worker.model_threads,
+        "streams": config.worker.resolved_model_streams,
         "models": models,
         "interval": interval, "studies": len(studies), "completed": len(total),
         "lost": len(studies) - len(total),
@@ -256,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="fp32",
                         help="comma-separated model sets, one run each per thread setting: "
                              + ", ".join(MODEL_SETS))
+    parser.add_argument("--streams", default="default",
+                        help="[worker] model_streams, comma-separated, one run each per thread "
+                             "setting (1: the images of a model run one at a time; 'default': "
+                             "the key left out)")
     parser.add_argument("--log", help="append the node's log (INFO) to this file")
     args = parser.parse_args(argv)
     model_sets = args.models.split(",")
@@ -264,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--models: {which!r} is not one of {', '.join(MODEL_SETS)}")
     model_sets = runnable(model_sets)
     intervals = [float(x) for x in args.intervals.split(",")]
+    streams = [None if x == "default" else int(x) for x in args.streams.split(",")]
     threads: list[tuple[int | None, int | None, int | None]] = []
     for t in args.threads.split(","):
         t, _, builders = t.partition("/")
@@ -288,17 +295,17 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for interval in intervals:
             # the reference and the new worker (and model sets) back to back, same load
-            for (t, m, b), which in itertools.product(threads, model_sets):
-                r = run(studies, work / f"run-{interval}-{t}-{m}-{b}-{which}", t, interval,
-                        args.quiet_seconds, args.stable_age, m, b, which)
+            for (t, m, b), which, k in itertools.product(threads, model_sets, streams):
+                r = run(studies, work / f"run-{interval}-{t}-{m}-{b}-{which}-{k}", t, interval,
+                        args.quiet_seconds, args.stable_age, m, b, which, k)
                 print(r, flush=True)
                 results.append(r)
-        print("\n| arrival | models | worker threads (model intra-op) / build processes | median s | max s | processing s | delivery s "
+        print("\n| arrival | models | worker threads (model intra-op) / build processes | model streams | median s | max s | processing s | delivery s "
               "| lost | images/s | node CPU s per study (with its build processes) | cores busy (CPU / wall) | load average (start, end) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             arrival = "all at once (burst)" if not r["interval"] else f"one study every {r['interval']} s"
-            print(f"| {arrival} | {r['models']} | {r['threads']} ({r['model_threads']}) / {r['build_processes']} | {r['median']:.2f} | {r['max']:.2f} | "
+            print(f"| {arrival} | {r['models']} | {r['threads']} ({r['model_threads']}) / {r['build_processes']} | {r['streams']} | {r['median']:.2f} | {r['max']:.2f} | "
                   f"{r['processing']:.2f} | {r['delivery']:.2f} | {r['lost']} | {r['images_s']:.2f} | "
                   f"{r['cpu_s'] / r['studies']:.2f} | {r['cpu_s'] / r['wall_s']:.2f} | "
                   f"{r['load'][0]:.1f}, {r['load'][1]:.1f} |")
@@ -307,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             target = 1.5 if not r["interval"] else 0.5
             label = "burst of 20" if not r["interval"] else f"one every {r['interval']} s"
             print(f"target {label}, median <= {target} s ({r['models']} models, {r['threads']} thread(s), "
-                  f"{r['build_processes']} build process(es)): "
+                  f"{r['streams']} model stream(s), {r['build_processes']} build process(es)): "
                   f"{'met' if r['median'] <= target else 'MISSED'} ({r['median']:.2f} s)")
         print(f"target no study lost: {'met' if lost == 0 else 'MISSED'} ({lost} lost)")
         return 0 if lost == 0 else 1

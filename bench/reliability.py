@@ -4,7 +4,7 @@ Re-run it to regenerate ``docs/reliability.md``::
 
     .venv/bin/python bench/reliability.py [--associations 16] [--per-association 50]
                                           [--fuzz-seconds 120] [--write docs/reliability.md]
-                                          [--threads 1,default] [--load-only]
+                                          [--threads 1,default] [--streams 1,2] [--load-only]
 
 The load runs once per ``--threads`` value (``[worker] threads``, ``T/B`` with ``B``
 build processes, whose memory is counted with the node's; 1 is the worker
@@ -128,7 +128,7 @@ def _tree_mb(pid: int, field: str = "VmHWM") -> tuple[float, float]:
 
 def run_load(associations: int, per: int, threads: int | None = None,
              batch_images: int | None = None, build_processes: int | None = None,
-             models: str = "fp32") -> dict[str, object]:
+             models: str = "fp32", streams: int | None = None) -> dict[str, object]:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
@@ -160,7 +160,8 @@ def run_load(associations: int, per: int, threads: int | None = None,
             storage=StorageConfig(spool_dir=work / "spool", database=work / "node.sqlite"),
             study=StudyConfig(quiet_seconds=2),
             limits=LimitsConfig(max_associations=associations),
-            worker=WorkerConfig(threads=threads, build_processes=build_processes or 0, **(
+            worker=WorkerConfig(threads=threads, build_processes=build_processes or 0,
+                                model_streams=streams, **(
                 {"batch_images": batch_images} if batch_images else {})),
             models=model_config(shipped, models),
         )))
@@ -251,6 +252,7 @@ def run_load(associations: int, per: int, threads: int | None = None,
             "build_processes": WorkerConfig(
                 threads=threads, build_processes=build_processes or 0).resolved_build_processes,
             "worker_threads": threads or "default",
+            "streams": WorkerConfig(model_streams=streams).resolved_model_streams,
             "models": models,
             "batch_images": batch_images or WorkerConfig().batch_images,
             "load_average": [round(load_before[0], 1), round(load_after[0], 1)],
@@ -332,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="fp32",
                         help="comma-separated model sets (bench/e2e.py MODEL_SETS: fp32, bf16), "
                              "one load run each per --threads value")
+    parser.add_argument("--streams", default="default",
+                        help="[worker] model_streams of the load runs, comma-separated, one run "
+                             "each per --threads value ('default': the key left out)")
     parser.add_argument("--load-only", action="store_true",
                         help="only the load runs and the issue 15 targets (no faults, bad inputs, fuzzing)")
     args = parser.parse_args(argv)
@@ -341,26 +346,30 @@ def main(argv: list[str] | None = None) -> int:
     for which in model_sets:
         if which not in MODEL_SETS:
             parser.error(f"--models: {which!r} is not one of {', '.join(MODEL_SETS)}")
-    for spec, which in itertools.product(args.threads.split(","), runnable(model_sets)):
-        print(f"load, worker threads {spec}, {which} models ...", flush=True)
+    for spec, which, k in itertools.product(args.threads.split(","), runnable(model_sets),
+                                            [None if x == "default" else int(x)
+                                             for x in args.streams.split(",")]):
+        print(f"load, worker threads {spec}, model streams {k or 'default'}, {which} models ...",
+              flush=True)
         t, _, b = spec.partition("/")
         runs.append(run_load(args.associations, args.per_association,
                              None if t == "default" else int(t), args.batch_images,
-                             int(b) if b else None, which))
+                             int(b) if b else None, which, k))
         print(json.dumps(runs[-1], indent=1), flush=True)
     print(f"\nMALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '(unset)')}")
-    print("\n| models | worker threads (batch_images) / build processes | RSS at rest MB (node process) | peak RSS MB (node process) | all results s | receive s | "
+    print("\n| models | worker threads (batch_images) / build processes | model streams | RSS at rest MB (node process) | peak RSS MB (node process) | all results s | receive s | "
           "analysed / refused / unaccounted | results delivered | load average (start, end) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         o = r["outcomes"]
-        print(f"| {r['models']} | {r['worker_threads']} ({r['batch_images']}) / {r['build_processes']} | {r['rest_rss_mb']} ({r['rest_rss_node_process_mb']}) | {r['peak_rss_mb']} ({r['peak_rss_node_process_mb']}) | {r['all_results_seconds']} | "
+        print(f"| {r['models']} | {r['worker_threads']} ({r['batch_images']}) / {r['build_processes']} | {r['streams']} | {r['rest_rss_mb']} ({r['rest_rss_node_process_mb']}) | {r['peak_rss_mb']} ({r['peak_rss_node_process_mb']}) | {r['all_results_seconds']} | "
               f"{r['receive_seconds']} | {o.get('analysed', 0)} / {o.get('refused', 0)} / "  # type: ignore[union-attr]
               f"{r['unaccounted']} | {r['results_delivered']} | {r['load_average'][0]}, "  # type: ignore[index]
               f"{r['load_average'][1]} |")  # type: ignore[index]
     for r in runs:
         n = int(r["sent"])  # type: ignore[call-overload]
-        print(f"targets ({r['models']} models, {r['worker_threads']} worker threads): RSS at rest <= 400 MB: "
+        print(f"targets ({r['models']} models, {r['worker_threads']} worker threads, "
+              f"{r['streams']} model stream(s)): RSS at rest <= 400 MB: "
               f"{'met' if r['rest_rss_mb'] <= 400 else 'MISSED'} ({r['rest_rss_mb']} MB); "  # type: ignore[operator]
               f"peak <= 600 MB: {'met' if r['peak_rss_mb'] <= 600 else 'MISSED'} ({r['peak_rss_mb']} MB); "  # type: ignore[operator]
               f"all {n} results <= 30 s: {'met' if r['all_results_seconds'] <= 30 else 'MISSED'} "  # type: ignore[operator]

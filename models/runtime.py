@@ -254,10 +254,17 @@ class OpenVinoGraph:
     images_per_call
         The batch the fixed model is compiled for with more than one thread: 2 (an image
         and its mirror) or 1 (a model without test-time flip).
+    streams
+        OpenVINO's ``NUM_STREAMS``: the fixed model (batch 1) runs that many images at
+        once, each on its own ``threads`` threads, with one infer request per stream.
+        The streams share the model's weights; each keeps its own buffers (router +
+        classifier in f32 at two streams: 13 MB more for the node at rest than at one,
+        ``bench/reliability.py``).  What lets the worker's model thread use the second core
+        while the study thread has nothing to build (``[worker] model_streams``).
     """
 
     def __init__(self, path: Path, threads: int | None = None, precision: str = "bf16",
-                 images_per_call: int = 2) -> None:
+                 images_per_call: int = 2, streams: int = 1) -> None:
         import openvino as ov
 
         self.path = Path(path)
@@ -282,33 +289,37 @@ class OpenVinoGraph:
         self.head_bias = decode_array(framework[HEAD_BIAS_KEY].astype(str))
         self._core, self._model = core, model
         n_threads = threads or default_threads()
+        if not isinstance(streams, int) or streams < 1:
+            raise GraphError(f"{self.path}: streams must be a positive integer, not {streams!r}")
+        self.streams = streams
         self._config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
-                        "INFERENCE_NUM_THREADS": str(n_threads),
-                        "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+                        "INFERENCE_NUM_THREADS": str(n_threads * streams),
+                        "NUM_STREAMS": str(streams), "PERFORMANCE_HINT": "LATENCY"}
         if images_per_call not in (1, 2):
             raise GraphError(f"{self.path}: images_per_call must be 1 or 2, not {images_per_call}")
-        self._static_batch = 1 if n_threads == 1 else images_per_call
+        self._static_batch = 1 if n_threads == 1 or streams > 1 else images_per_call
         fixed = model.clone()
         fixed.reshape([self._static_batch, self.input_size, self.input_size, 1])
-        self._fixed = self._compile(fixed)
+        self._fixed = self._compile(fixed, streams)
         self._dynamic: Any = None
         self._lock = threading.Lock()
 
-    def _compile(self, model: Any) -> Any:
+    def _compile(self, model: Any, requests: int = 1) -> list[Any]:
+        """``requests`` infer requests of ``model`` compiled with the graph's settings."""
         import openvino as ov
 
         compiled = self._core.compile_model(model, "CPU", self._config)
         got = compiled.get_property("INFERENCE_PRECISION_HINT")
         if got != getattr(ov.Type, _OPENVINO_PRECISION[self.precision]):
             raise GraphError(f"{self.path}: OpenVINO compiled it in {got}, not {self.precision}")
-        return compiled.create_infer_request()
+        return [compiled.create_infer_request() for _ in range(requests)]
 
     def _request(self, n: int) -> Any:
         """The infer request for a batch of ``n`` (under ``self._lock``)."""
         if n == self._static_batch:
-            return self._fixed
+            return self._fixed[0]
         if self._dynamic is None:
-            self._dynamic = self._compile(self._model)
+            self._dynamic = self._compile(self._model)[0]
         return self._dynamic
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -319,13 +330,36 @@ class OpenVinoGraph:
                              f"got {x.shape}")
         with self._lock:  # an infer request serves one call at a time (ONNX Runtime's run is re-entrant)
             if self._static_batch == 1 and len(x) > 1:
-                runs = [self._infer(self._fixed, x[i : i + 1]) for i in range(len(x))]
-                return (np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs]))
+                return self._infer_rows(x)
             return self._infer(self._request(len(x)), x)
 
-    @staticmethod
-    def _infer(request: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _infer_rows(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x`` image by image on the fixed model, as many at once as it has streams
+        (under ``self._lock``)."""
+        runs: list[tuple[np.ndarray, np.ndarray]] = []
+        for start in range(0, len(x), len(self._fixed)):
+            wave = list(zip(self._fixed, range(start, min(start + len(self._fixed), len(x)))))
+            if len(wave) == 1:
+                runs.append(self._infer(self._fixed[0], x[start : start + 1]))
+                continue
+            started = []
+            try:
+                for request, i in wave:
+                    request.start_async([x[i : i + 1]])
+                    started.append(request)
+            finally:
+                for request in started:  # every started request is waited for, even on error
+                    request.wait()
+            runs.extend(self._outputs(request) for request, _ in wave)
+        return (np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs]))
+
+    @classmethod
+    def _infer(cls, request: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         request.infer([x])
+        return cls._outputs(request)
+
+    @staticmethod
+    def _outputs(request: Any) -> tuple[np.ndarray, np.ndarray]:
         return (request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy())
 
 
@@ -339,10 +373,11 @@ RUNTIMES = ("openvino", "onnxruntime")
 
 
 def load_graph(entry: ModelEntry, threads: int | None = None,
-               cpu_memory_arena: bool = True, runtime: str = SERVING_RUNTIME) -> ServingGraph:
+               cpu_memory_arena: bool = True, runtime: str = SERVING_RUNTIME,
+               streams: int = 1) -> ServingGraph:
     """Verify the exported graph's SHA-256 (:func:`models.registry.verify_graph`), then
     load it in ``runtime`` (:data:`SERVING_RUNTIME`; ``cpu_memory_arena`` is ONNX
-    Runtime's).
+    Runtime's, ``streams`` OpenVINO's: :class:`OpenVinoGraph`).
 
     Raises
     ------
@@ -353,20 +388,22 @@ def load_graph(entry: ModelEntry, threads: int | None = None,
     """
     if runtime not in RUNTIMES:
         raise GraphError(f"{entry.name}: runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if streams != 1 and runtime != "openvino":
+        raise GraphError(f"{entry.name}: inference streams are OpenVINO's; {runtime} runs one")
     verify_graph(entry)
     if entry.graph_format != "onnx":
         raise GraphError(f"{entry.name}: graph format {entry.graph_format!r} is not served")
     graph: ServingGraph
     if runtime == "openvino":
         graph = OpenVinoGraph(entry.graph, threads, entry.precision,  # type: ignore[arg-type]
-                              images_per_call=2 if entry.test_time_flip else 1)
+                              images_per_call=2 if entry.test_time_flip else 1, streams=streams)
     elif entry.precision == "fp32":
         graph = OnnxGraph(entry.graph, threads, cpu_memory_arena)  # type: ignore[arg-type]
     else:
         raise GraphError(f"{entry.name}: ONNX Runtime serves fp32 graphs here, not {entry.precision}")
     if graph.input_size != entry.input_size:
         raise GraphError(f"{entry.name}: graph input {graph.input_size} px, registry {entry.input_size} px")
-    logger.info("loaded %s %s graph (%s, %s in %s, sha256 %s...)", entry.name, entry.version,
+    logger.info("loaded %s %s graph (%s, %s in %s%s, sha256 %s...)", entry.name, entry.version,
                 entry.graph.name if entry.graph else "?", entry.precision, runtime,
-                entry.graph_sha256[:12])
+                f", {streams} streams" if streams > 1 else "", entry.graph_sha256[:12])
     return graph

@@ -284,6 +284,12 @@ def available_cores() -> int:
 
 MAX_WORKER_THREADS = 64
 MAX_BUILD_PROCESSES = 16
+MAX_MODEL_STREAMS = 16
+DEFAULT_MODEL_STREAMS = 2
+"""Model streams when ``[worker] model_streams`` is left out (capped by the cores): on the
+2-core reference machine two streams shortened the medians of ``bench/e2e.py`` (a burst
+of 20 studies and one study every 1.5 s, each run twice) and left the 16 x 50 load of
+``bench/reliability.py`` as it was, for ~13 MB more at rest (docs/benchmarks.md, session 29)."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +317,15 @@ class WorkerConfig:
     """Images per model run (the graphs also see their mirrors).  The runtime keeps
     the buffers of its largest run: memory grows with it, speed on a CPU hardly."""
 
+    model_streams: int | None = None
+    """Inference streams of each graph (OpenVINO ``NUM_STREAMS``) in the model stage: the
+    images of a model run go that many at a time, each stream on
+    :attr:`model_threads` threads, sharing the weights (each stream keeps its own
+    buffers).  ``None`` (the key left out): two on a machine with two cores or more
+    (:attr:`resolved_model_streams`), which lets the model thread use the core a study
+    thread leaves idle; the streams share the cores with the study threads when both
+    are busy."""
+
     build_processes: int = 0
     """Processes that build the SC, SR, PDF and KO beside the node's (used when
     ``threads`` > 1); ``0``: the worker's study threads build them.  Off by default: on
@@ -333,6 +348,13 @@ class WorkerConfig:
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
             raise ConfigError(f"worker.batch_images must be an integer from 1 to 64 (got "
                               f"{value!r}); the default is 1")
+        value = self.model_streams
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not (
+                1 <= value <= MAX_MODEL_STREAMS)):
+            raise ConfigError(f"worker.model_streams must be an integer from 1 to "
+                              f"{MAX_MODEL_STREAMS} (got {value!r}); leave the key out for "
+                              f"{DEFAULT_MODEL_STREAMS} on a machine with {DEFAULT_MODEL_STREAMS} "
+                              "cores or more")
         value = self.build_processes
         if not isinstance(value, int) or isinstance(value, bool) or not (
                 0 <= value <= MAX_BUILD_PROCESSES):
@@ -345,6 +367,14 @@ class WorkerConfig:
     def resolved_threads(self) -> int:
         """``threads``, or the available cores when it is left out."""
         return self.threads if self.threads is not None else available_cores()
+
+    @property
+    def resolved_model_streams(self) -> int:
+        """``model_streams``, or when it is left out :data:`DEFAULT_MODEL_STREAMS` (at most
+        the available cores)."""
+        if self.model_streams is not None:
+            return self.model_streams
+        return max(1, min(DEFAULT_MODEL_STREAMS, available_cores()))
 
     @property
     def resolved_build_processes(self) -> int:

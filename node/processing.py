@@ -296,12 +296,13 @@ class StudyProcessorFactory:
 
         config = self.config
         started = time.perf_counter()
+        streams = config.worker.resolved_model_streams
         analyser = Analyser.load(config.models.registry, config.models.router,
-                                 config.models.classifier, threads=self.threads,
-                                 max_batch=config.worker.batch_images)
-        logger.info("models %s and %s loaded in %.1f s (%d intra-op thread(s) per graph)",
-                    config.models.router, config.models.classifier,
-                    time.perf_counter() - started, self.threads)
+                                 config.models.classifier, threads=self.threads, streams=streams,
+                                 max_batch=config.worker.batch_images * streams)
+        logger.info("models %s and %s loaded in %.1f s (%d stream(s) of %d intra-op thread(s) "
+                    "per graph)", config.models.router, config.models.classifier,
+                    time.perf_counter() - started, streams, self.threads)
         warm_up()  # the result objects' tables and fonts, before the first study
         return StudyProcessor(analyser, output_settings(config))
 

@@ -332,7 +332,8 @@ class Analyser:
 
     @classmethod
     def load(cls, registry_path: pathlib.Path, router: str, classifier: str,
-             threads: int | None = None, max_batch: int = MAX_BATCH) -> Analyser:
+             threads: int | None = None, max_batch: int = MAX_BATCH,
+             streams: int = 1) -> Analyser:
         """Load both exported graphs from the registry (hash checked) and warm up.
 
         Parameters
@@ -343,14 +344,18 @@ class Analyser:
             Intra-op threads of each graph (default: the cores this process may use).
         max_batch
             Images per model run.
+        streams
+            Inference streams of each graph (:class:`models.runtime.OpenVinoGraph`): the
+            images of a run go that many at a time.
         """
         registry = load_registry(pathlib.Path(registry_path))
         r_entry = registry.get(router, role="router")
         c_entry = registry.get(classifier, role="classifier")
-        c_graph = load_graph(c_entry, threads)
+        c_graph = load_graph(c_entry, threads, streams=streams)
         channels = int(np.asarray(c_graph.head_kernel).shape[0])
         heads = [(h, *load_head(h, channels)) for h in registry.heads_of(c_entry)]
-        analyser = cls(r_entry, c_entry, load_graph(r_entry, threads), c_graph, max_batch, heads)
+        analyser = cls(r_entry, c_entry, load_graph(r_entry, threads, streams=streams), c_graph,
+                       max_batch, heads)
         analyser.warm_up()
         return analyser
 

@@ -96,7 +96,7 @@ def test_the_bf16_graphs_run_in_bf16_and_are_the_same_network(bf16: Analyser, fp
     import openvino as ov
 
     for graph in (bf16._router_graph, bf16._classifier_graph.graph):
-        assert graph._fixed.get_compiled_model().get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+        assert graph._fixed[0].get_compiled_model().get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
     pixels = [_pixels(r) for r in _subset()]
     rs, cs = bf16.router_entry.input_size, bf16.classifier_entry.input_size
     router_x = np.stack([fit_square(p, rs)[0] for p in pixels])

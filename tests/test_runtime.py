@@ -144,6 +144,31 @@ def test_one_thread_runs_a_batch_one_image_at_a_time_with_the_same_outputs(serve
     assert np.abs(logits1 - logits2).max() < 1e-4
     assert np.abs(feats1 - feats2).max() < 1e-4
 
+def test_two_streams_run_the_images_of_a_call_side_by_side_with_the_same_outputs(
+        served: Analyser) -> None:
+    """Two streams of one thread each (``[worker] model_streams = 2``): one fixed model of
+    batch 1 with an infer request per stream, the images of a call two at a time (three
+    images: one wave of two, one of one). The outputs are those of one stream image by
+    image, and no dynamic model is compiled."""
+    from models.runtime import GraphError, OpenVinoGraph
+
+    entry = served.classifier_entry
+    rows = _subset()[:3]
+    x = np.stack([fit_square(_pixels(r), entry.input_size)[0] for r in rows])[..., None]
+    x = x.astype(np.float32)
+    one, two = OpenVinoGraph(entry.graph, 1, "fp32"), OpenVinoGraph(entry.graph, 1, "fp32", streams=2)
+    assert two._static_batch == 1 and len(two._fixed) == 2
+    logits1, feats1 = one.run(x)
+    logits2, feats2 = two.run(x)
+    assert two._dynamic is None
+    assert logits2.shape == logits1.shape == (3, 1) and feats2.shape == feats1.shape
+    assert np.abs(logits1 - logits2).max() < 1e-5
+    assert np.abs(feats1 - feats2).max() < 1e-5
+    assert len({round(float(v), 3) for v in logits2[:, 0]}) == 3  # three images, not one thrice
+    with pytest.raises(GraphError, match="streams must be a positive integer"):
+        OpenVinoGraph(entry.graph, 1, "fp32", streams=0)
+
+
 
 def test_the_fixed_batch_is_one_call_of_the_model_with_or_without_its_flip(served: Analyser) -> None:
     """With two threads the fixed model takes what one image costs the model: the image
@@ -174,7 +199,7 @@ def test_the_node_serves_fp32_in_openvino_f32_equal_to_onnx_runtime(served: Anal
 
     graph = served._classifier_graph.graph
     assert isinstance(graph, OpenVinoGraph) and graph.precision == "fp32"
-    assert graph._fixed.get_compiled_model().get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    assert graph._fixed[0].get_compiled_model().get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
     assert isinstance(served._router_graph, OpenVinoGraph)
     entry = served.classifier_entry
     x = np.stack([fit_square(_pixels(r), entry.input_size)[0] for r in _subset()[:4]])[..., None]

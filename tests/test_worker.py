@@ -49,6 +49,8 @@ EXE = ROOT / ".venv" / "bin" / "fracture-node"
     *[("build_processes", v, "worker.build_processes must be an integer from 0 to 16",
        "the default 0 builds the result objects in the worker's threads")
       for v in ("one", -1, 17, 1.5, True)],
+    *[("model_streams", v, "worker.model_streams must be an integer from 1 to 16",
+       "leave the key out for 2") for v in ("two", 0, 17, 2.0, True)],
 ])
 def test_bad_worker_threads_or_build_processes_is_one_line_naming_the_key_and_the_fix(
         key: str, value: object, start: str, fix: str) -> None:
@@ -90,8 +92,11 @@ def test_default_threads_are_the_cores_and_models_get_what_is_left() -> None:
         config = WorkerConfig(threads=threads)
         # study threads x 1 + the model thread's intra-op threads <= cores (at least 1)
         assert config.model_threads == max(1, cores - (threads - 1))
+    assert default.resolved_model_streams == min(2, cores)
+    assert WorkerConfig(model_streams=1).resolved_model_streams == 1
     shipped = load_config(ROOT / "config.toml", environ={})
     assert shipped.worker.threads is None, "the shipped config leaves the default to the machine"
+    assert shipped.worker.model_streams is None
 
 
 # -- real studies through the real models --------------------------------------------
@@ -127,9 +132,10 @@ def _studies(directory: Path) -> list[Path]:
     return files
 
 
-def _run_node(tmp: Path, files: list[Path], threads: int,
-              build_processes: int = 0, batch_images: int = 1) -> dict[str, object]:
-    """Start a node with ``threads`` worker threads (``build_processes``, ``batch_images``),
+def _run_node(tmp: Path, files: list[Path], threads: int, build_processes: int = 0,
+              batch_images: int = 1, model_streams: int = 1) -> dict[str, object]:
+    """Start a node with ``threads`` worker threads (``build_processes``, ``batch_images``,
+    ``model_streams``),
     send ``files`` at once, wait until every study is processed, and return what it
     recorded."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -137,7 +143,8 @@ def _run_node(tmp: Path, files: list[Path], threads: int,
     # results are queued for an archive that is not listening (they wait in the outbox)
     cfg = write_config(tmp, port, quiet_seconds=0.5,
                        extra=f"\n[worker]\nthreads = {threads}\n"
-                             f"build_processes = {build_processes}\nbatch_images = {batch_images}\n",
+                             f"build_processes = {build_processes}\nbatch_images = {batch_images}\n"
+                             f"model_streams = {model_streams}\n",
                        destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
     config = load_config(cfg, environ={})
     node = Node(config, processor_factory(config))
@@ -174,7 +181,7 @@ def _run_node(tmp: Path, files: list[Path], threads: int,
 def test_results_are_identical_with_one_and_with_three_worker_threads(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Same studies, same bytes, one worker thread and three (with a build process for
-    the result objects, and model runs of 8 images): the same result objects (SOP
+    the result objects, model runs of 8 images and two inference streams per graph): the same result objects (SOP
     Instance UIDs), the same study decisions, the same per-image outcomes and reasons
     (which quote the probabilities); and with three threads the models did take the
     images of several studies in one run (the build process's log lines, relayed, say
@@ -183,7 +190,9 @@ def test_results_are_identical_with_one_and_with_three_worker_threads(
     one = _run_node(tmp_path / "one", files, threads=1)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="node.processing"):
-        three = _run_node(tmp_path / "three", files, threads=3, build_processes=1, batch_images=8)
+        three = _run_node(tmp_path / "three", files, threads=3, build_processes=1, batch_images=8,
+                          model_streams=2)
+    assert any("2 stream(s) of" in r.getMessage() for r in caplog.records)
     assert len(one["decisions"]) == 9  # type: ignore[arg-type]
     assert one["outputs"] == three["outputs"]
     assert len(one["outputs"]) >= 9 * 2  # type: ignore[arg-type]

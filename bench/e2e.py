@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         for interval in intervals:
             # the reference and the new worker (and model sets) back to back, same load
             for (t, m, b), which, k in itertools.product(threads, model_sets, streams):
-                r = run(studies, work / f"run-{interval}-{t}-{m}-{b}-{which}-{k}", t, interval,
+                r = run(studies, work / f"run-{len(results)}-{interval}-{t}-{m}-{b}-{which}-{k}", t, interval,
                         args.quiet_seconds, args.stable_age, m, b, which, k)
                 print(r, flush=True)
                 results.append(r)

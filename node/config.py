@@ -329,8 +329,10 @@ class WorkerConfig:
     build_processes: int = 0
     """Processes that build the SC, SR, PDF and KO beside the node's (used when
     ``threads`` > 1); ``0``: the worker's study threads build them.  Off by default: on
-    the 2-core reference machine a build process did not shorten a burst's median
-    (``bench/e2e.py``) and cost ~190 MB (``bench/reliability.py``, docs/benchmarks.md)."""
+    the 2-core reference machine one build process shortened a burst's median by ~0.6 s
+    (3.09-3.80 s against 3.55-4.48 s, ``bench/e2e.py``, session 29) but costs ~190 MB,
+    which the 600 MB peak of the 16 x 50 load does not have (``bench/reliability.py``,
+    docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
         if self.threads is not None:

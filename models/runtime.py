@@ -291,7 +291,6 @@ class OpenVinoGraph:
         n_threads = threads or default_threads()
         if not isinstance(streams, int) or streams < 1:
             raise GraphError(f"{self.path}: streams must be a positive integer, not {streams!r}")
-        self.streams = streams
         self._config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
                         "INFERENCE_NUM_THREADS": str(n_threads * streams),
                         "NUM_STREAMS": str(streams), "PERFORMANCE_HINT": "LATENCY"}

@@ -379,6 +379,12 @@ class WorkerConfig:
         return max(1, min(DEFAULT_MODEL_STREAMS, available_cores()))
 
     @property
+    def images_per_run(self) -> int:
+        """Images of one model run: ``batch_images`` for each of the model streams (what
+        the model thread gathers and the analyser passes to the graphs at once)."""
+        return self.batch_images * self.resolved_model_streams
+
+    @property
     def resolved_build_processes(self) -> int:
         """Build processes the worker uses: none with one worker thread (every stage in
         turn), else ``build_processes``."""

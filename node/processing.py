@@ -299,7 +299,7 @@ class StudyProcessorFactory:
         streams = config.worker.resolved_model_streams
         analyser = Analyser.load(config.models.registry, config.models.router,
                                  config.models.classifier, threads=self.threads, streams=streams,
-                                 max_batch=config.worker.batch_images * streams)
+                                 max_batch=config.worker.images_per_run)
         logger.info("models %s and %s loaded in %.1f s (%d stream(s) of %d intra-op thread(s) "
                     "per graph)", config.models.router, config.models.classifier,
                     time.perf_counter() - started, streams, self.threads)

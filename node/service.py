@@ -218,8 +218,7 @@ class Node:
                 # a study thread waits while a build process builds: one more per process
                 study_threads=threads - 1 + builders,
                 max_images_in_flight=self.config.worker.max_images_in_flight,
-                gather_images=self.config.worker.batch_images
-                * self.config.worker.resolved_model_streams,
+                gather_images=self.config.worker.images_per_run,
                 busy_studies=self.scp.tracker.busy_studies, heartbeat=False,
                 on_queued=self.deliverer.wake)
             if isinstance(stages, BuiltElsewhere):  # a study in hand alone is built here

@@ -368,8 +368,8 @@ class StagedProcessor(Protocol):
 
     def build(self, study: Any,
               sink: Callable[[str, pydicom.Dataset], None] | None = None) -> ProcessedStudy:
-        """The result objects; those handed to ``sink`` (written at once by the worker)
-        are left out of the returned ``outputs``."""
+        """The result objects; those handed to ``sink`` (written and queued for delivery
+        at once by the worker) are left out of the returned ``outputs``."""
         ...
 
 
@@ -648,11 +648,17 @@ class PipelinedWorker(Worker):
 
     def _build_task(self, job: StudyJob, analysed: Any, started: float) -> None:
         files: list[OutputFile] = []
+        names = [d.name for d in self.config.destinations]
 
         def sink(kind: str, ds: pydicom.Dataset) -> None:
-            # written now, recorded with the rest by finish_study (if the build fails
-            # later, the file waits in the spool under its deterministic UID for the retry)
-            files.extend(self._write_outputs(job, ProcessedStudy([(kind, ds)], {}, "")))
+            # Written and queued now, so that the PACS stores it while the SR and the PDF
+            # are built (bench/e2e.py); finish_study records the rest.  If the build fails
+            # later, the retry rebuilds it under the same UID and finds it queued.
+            written = self._write_outputs(job, ProcessedStudy([(kind, ds)], {}, ""))
+            files.extend(written)
+            if names and written:
+                self.jobs.queue_outputs(job, written, names)
+                self.on_queued()
 
         try:
             result = self.stages.build(analysed, sink)

@@ -32,6 +32,7 @@ def _strict_writing() -> Iterator[None]:
 # -- the real peers ---------------------------------------------------------------------
 
 import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -57,6 +58,38 @@ _spec.loader.exec_module(orthanc_ctl)
 free_port = orthanc_ctl.free_port
 Orthanc = orthanc_ctl.Orthanc
 storescu = orthanc_ctl.storescu
+
+
+class StoreSCP:
+    """DCMTK's storescp (``/usr/bin``: pynetdicom shadows it in the venv), keeping
+    every received object as its own file, one process per association (``--fork``:
+    several nodes deliver at once, as to a real archive; a single storescp serves one
+    association at a time and the others' C-STOREs time out)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["/usr/bin/storescp", "--fork", "-aet", "PACS", "-od", str(directory), "-uf",
+             "+xa", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=(directory.parent / "storescp.log").open("ab"),
+            env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+
+    def received(self) -> list[tuple[str, str, str]]:
+        """(Study Instance UID, SOP Instance UID, Modality) of every file received."""
+        out = []
+        for f in sorted(self.directory.iterdir()):
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except Exception:  # still being written
+                continue
+            out.append((str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), str(ds.Modality)))
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 def write_config(directory: Path, node_port: int, *, destinations: list[dict[str, Any]] | None = None,

@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
-from conftest import ROOT, Orthanc, free_port, wait_for, write_config
+from conftest import ROOT, Orthanc, StoreSCP, free_port, wait_for, write_config
 from node.config import load_config
 from node.scp import STATUS_OUT_OF_RESOURCES, set_nodelay
 from pgserver import PostgresServer, shared_server
@@ -69,38 +69,6 @@ def store(port: int, datasets: list[Dataset]) -> list[int]:
         return [int(assoc.send_c_store(ds).Status) for ds in datasets]
     finally:
         assoc.release()
-
-
-class StoreSCP:
-    """DCMTK's storescp (``/usr/bin``: pynetdicom shadows it in the venv), keeping
-    every received object as its own file, one process per association (``--fork``:
-    several nodes deliver at once, as to a real archive; a single storescp serves one
-    association at a time and the others' C-STOREs time out)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True)
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["/usr/bin/storescp", "--fork", "-aet", "PACS", "-od", str(directory), "-uf",
-             "+xa", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=(directory.parent / "storescp.log").open("ab"),
-            env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
-
-    def received(self) -> list[tuple[str, str, str]]:
-        """(Study Instance UID, SOP Instance UID, Modality) of every file received."""
-        out = []
-        for f in sorted(self.directory.iterdir()):
-            try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True)
-            except Exception:  # still being written
-                continue
-            out.append((str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), str(ds.Modality)))
-        return out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 class ServedNode:

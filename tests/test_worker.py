@@ -431,6 +431,76 @@ def test_a_study_that_fails_in_a_stage_is_retried_and_the_others_finish(tmp_path
         node.stop(grace_seconds=2)
 
 
+class _HeldReport:
+    """The node-core ReportProcessor in stages: its build hands the copies (the SCs)
+    to the worker's sink, then holds until ``release`` is set (the SR and the PDF being
+    built) before it returns the SR."""
+
+    def __init__(self) -> None:
+        from nodeharness import ReportProcessor
+
+        self.report = ReportProcessor()
+        self.release = threading.Event()
+
+    def prepare(self, job):  # type: ignore[no-untyped-def]
+        return job
+
+    def analyse_many(self, studies):  # type: ignore[no-untyped-def]
+        return list(studies)
+
+    def build(self, job, sink=None):  # type: ignore[no-untyped-def]
+        from node.worker import ProcessedStudy
+
+        made = self.report(job)
+        assert sink is not None, "the pipelined worker hands its build a sink"
+        for kind, ds in made.outputs:
+            if kind == "sc":
+                sink(kind, ds)
+        assert self.release.wait(60)
+        return ProcessedStudy(outputs=[o for o in made.outputs if o[0] != "sc"],
+                              outcomes=made.outcomes, decision=made.decision)
+
+
+def test_the_scs_reach_the_pacs_while_the_report_is_still_being_built(
+        tmp_path: Path, job_database: str) -> None:
+    """Two worker threads: each SC is queued for delivery as soon as it is written, so a
+    real DCMTK storescp has it while the build of the study's SR still runs (the study
+    still ``processing``); the SR follows when the build ends, and each object is
+    queued and delivered once."""
+    from conftest import StoreSCP
+
+    pacs = StoreSCP(tmp_path / "pacs")
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3,
+                       extra="\n[worker]\nthreads = 2\n" + job_database,
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": pacs.port}])
+    config = load_config(cfg, environ={})
+    processor = _HeldReport()
+    node = Node(config, lambda: processor)
+    node.start()
+    study = "1.2.826.0.1.3680043.10.18.1"
+    try:
+        _send_cr(port, [study])
+        sent = node.jobs.query("SELECT sop_instance_uid FROM instances")[0]["sop_instance_uid"]
+        copy_uid = generate_uid(entropy_srcs=[sent, "copy"])
+        received = wait_for(lambda: pacs.received(), timeout=60, interval=0.05)
+        assert [(uid, modality) for _, uid, modality in received] == [(copy_uid, "CR")]
+        state = node.jobs.query("SELECT state FROM studies")[0]["state"]
+        assert state == "processing", "the SC arrived only after the study was finished"
+        processor.release.set()
+        received = wait_for(lambda: len(pacs.received()) == 2 and pacs.received(), timeout=60)
+        assert sorted(m for _, _, m in received) == ["CR", "SR"]
+        wait_for(lambda: node.jobs.query("SELECT state FROM studies")[0]["state"] == "processed",
+                 timeout=30)
+        rows = node.jobs.query("SELECT kind, state FROM outbox ORDER BY kind")
+        assert [(r["kind"], r["state"]) for r in rows] == [("sc", "delivered"),
+                                                           ("sr", "delivered")]
+    finally:
+        processor.release.set()
+        node.stop(grace_seconds=2)
+        pacs.stop()
+
+
 class _SlowPrepare(_FailingBuild):
     """The node-core CopyProcessor in stages, whose decode-and-normalise stage takes
     ``seconds`` per study."""

@@ -159,6 +159,20 @@ class JobStoreBackend(Protocol):
         self, quiet_seconds: float, busy: frozenset[str] = frozenset(), now: float | None = None
     ) -> StudyJob | None: ...
 
+    def queue_outputs(
+        self,
+        job: StudyJob,
+        outputs: Sequence[OutputFile],
+        destinations: Sequence[str],
+        now: float | None = None,
+    ) -> None:
+        """Queue result objects of a study still processing for delivery at once (its
+        Secondary Captures, each as it is written, so that they travel while the SR and
+        the PDF are built).  :meth:`finish_study` queues the rest; an object already
+        queued for a destination is not queued again.  The group store raises
+        :class:`LeaseLostError` when this node no longer holds the study."""
+        ...
+
     def finish_study(
         self,
         job: StudyJob,

@@ -570,16 +570,12 @@ class PostgresJobStore(SharedQueries):
             self._check_owner(cur, job.study_instance_uid)
             for sop_uid, (outcome, reason) in outcomes.items():
                 cur.execute(_pg(SET_OUTCOME), [outcome, reason, sop_uid])
+            self._queue(cur, job, outputs, destinations, now)
             for out in outputs:
-                path = self._rel(out.path)
-                for dest in destinations:
-                    cur.execute(_pg(QUEUE_OUTPUT),
-                                [dest, job.study_instance_uid, out.sop_instance_uid,
-                                 out.sop_class_uid, out.kind, path, PENDING, now, now])
                 if out.kind == "sr":
                     cur.execute(_pg(RECORD_REPORT),
                                 [out.sop_instance_uid, job.study_instance_uid, job.generation,
-                                 path, now])
+                                 self._rel(out.path), now])
             cur.execute(
                 "UPDATE studies SET state = CASE WHEN generation = %s THEN 'processed' "
                 "ELSE 'pending' END, processed_generation = %s, reason = NULL, decision = %s, "
@@ -588,6 +584,32 @@ class PostgresJobStore(SharedQueries):
                 [job.generation, job.generation, decision, now, self.node_id,
                  job.study_instance_uid],
             )
+
+    def queue_outputs(
+        self,
+        job: StudyJob,
+        outputs: Sequence[OutputFile],
+        destinations: Sequence[str],
+        now: float | None = None,
+    ) -> None:
+        """Outbox rows for objects of a study still processing (its SCs), if this node
+        still holds its lease (else :class:`~node.jobs.LeaseLostError`, nothing queued);
+        the lease is kept."""
+        with self.transaction() as cur:
+            now = self._now(cur, now)
+            self._check_owner(cur, job.study_instance_uid)
+            self._queue(cur, job, outputs, destinations, now)
+
+    def _queue(self, cur: psycopg.Cursor[Any], job: StudyJob, outputs: Sequence[OutputFile],
+               destinations: Sequence[str], now: float) -> None:
+        """One pending outbox row per destination and object (none for a pair already
+        queued)."""
+        for out in outputs:
+            path = self._rel(out.path)
+            for dest in destinations:
+                cur.execute(_pg(QUEUE_OUTPUT),
+                            [dest, job.study_instance_uid, out.sop_instance_uid,
+                             out.sop_class_uid, out.kind, path, PENDING, now, now])
 
     def fail_study(
         self, job: StudyJob, reason: str, retry_after: float | None, now: float | None = None

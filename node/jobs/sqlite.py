@@ -264,11 +264,8 @@ class SQLiteJobStore(SharedQueries):
         with self.transaction() as conn:
             for sop_uid, (outcome, reason) in outcomes.items():
                 conn.execute(SET_OUTCOME, [outcome, reason, sop_uid])
+            _queue(conn, job, outputs, destinations, now)
             for out in outputs:
-                for dest in destinations:
-                    conn.execute(QUEUE_OUTPUT,
-                                 [dest, job.study_instance_uid, out.sop_instance_uid,
-                                  out.sop_class_uid, out.kind, str(out.path), PENDING, now, now])
                 if out.kind == "sr":
                     conn.execute(RECORD_REPORT,
                                  [out.sop_instance_uid, job.study_instance_uid, job.generation,
@@ -279,6 +276,19 @@ class SQLiteJobStore(SharedQueries):
                 "attempts = 0, updated_at = ? WHERE study_instance_uid = ?",
                 [job.generation, job.generation, decision, now, job.study_instance_uid],
             )
+
+    def queue_outputs(
+        self,
+        job: StudyJob,
+        outputs: Sequence[OutputFile],
+        destinations: Sequence[str],
+        now: float | None = None,
+    ) -> None:
+        """Outbox rows for objects of a study still processing (its SCs), in one
+        transaction; :meth:`finish_study` queues the rest."""
+        now = time.time() if now is None else now
+        with self.transaction() as conn:
+            _queue(conn, job, outputs, destinations, now)
 
     def fail_study(
         self, job: StudyJob, reason: str, retry_after: float | None, now: float | None = None
@@ -388,3 +398,14 @@ class SQLiteJobStore(SharedQueries):
     def nodes(self) -> list[dict[str, Any]]:
         """A single-node store knows no other nodes."""
         return []
+
+
+def _queue(conn: sqlite3.Connection, job: StudyJob, outputs: Sequence[OutputFile],
+           destinations: Sequence[str], now: float) -> None:
+    """One pending outbox row per destination and object (none for a pair already
+    queued)."""
+    for out in outputs:
+        for dest in destinations:
+            conn.execute(QUEUE_OUTPUT, [dest, job.study_instance_uid, out.sop_instance_uid,
+                                        out.sop_class_uid, out.kind, str(out.path), PENDING,
+                                        now, now])

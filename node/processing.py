@@ -166,11 +166,13 @@ class StudyProcessor:
               sink: Callable[[str, Dataset], None] | None = None) -> ProcessedStudy:
         """Aggregate the study and build its result objects.
 
-        With a ``sink``, each Secondary Capture is handed to it as soon as it is built
-        (the worker writes it to the spool) and its Pixel Data is then dropped: the SR
-        and the KO reference an SC by its attributes only (:func:`dicom_out.common.
-        reference_dataset`), so a large study never holds all its heat maps at once.
-        The SCs handed to the sink are not in the returned ``outputs``."""
+        With a ``sink``, each object is handed to it as soon as it is built (the worker
+        writes it to the spool and queues it, so that the PACS stores one while the next
+        is built): the SCs, then the SR, the PDF and the KO.  An SC's Pixel Data is then
+        dropped: the SR and the KO reference an SC by its attributes only
+        (:func:`dicom_out.common.reference_dataset`), so a large study never holds all
+        its heat maps at once.  The objects handed to the sink are not in the returned
+        ``outputs``."""
         job = study.prepared.job
         sources = study.prepared.sources
         final = list(study.outcomes)
@@ -187,15 +189,14 @@ class StudyProcessor:
 
         t2 = time.perf_counter()
         outputs: list[tuple[str, Dataset]] = []
+        hand = sink or (lambda kind, ds: outputs.append((kind, ds)))
         analysed = [o for o in result.outcomes() if isinstance(o, ImageFinding)]
         scs: list[Dataset] = []
         for number, f in enumerate(analysed, start=1):
             sc = build_secondary_capture(f, sources[f.meta.sop_instance_uid], self.settings,
                                          instance_number=number, series_findings=analysed)
-            if sink is None:
-                outputs.append(("sc", sc))
-            else:
-                sink("sc", sc)
+            hand("sc", sc)
+            if sink is not None:
                 del sc.PixelData
             scs.append(sc)
         image_sources = {uid: ds for uid, ds in sources.items() if "PixelData" in ds}
@@ -204,11 +205,11 @@ class StudyProcessor:
         sr = build_structured_report(result, report_sources, scs, self.settings, predecessor)
         if predecessor is not None and sr.SOPInstanceUID == predecessor.SOPInstanceUID:
             sr = build_structured_report(result, report_sources, scs, self.settings, None)
-        outputs.append(("sr", sr))
-        outputs.append(("pdf", build_pdf_report(result, report_sources, self.settings)))
+        hand("sr", sr)
+        hand("pdf", build_pdf_report(result, report_sources, self.settings))
         ko = build_key_object_selection(result, report_sources, scs, self.settings)
         if ko is not None:
-            outputs.append(("ko", ko))
+            hand("ko", ko)
         build_seconds = time.perf_counter() - t2
         logger.info(
             "study %s: %s; %d analysed, %d refused; prepare %.0f ms, models %.0f ms "

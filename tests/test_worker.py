@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -632,6 +633,52 @@ def _comparable(ds: Dataset) -> Dataset:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module._comparable(ds)
+
+
+def test_with_a_sink_each_object_is_handed_over_as_soon_as_it_is_built(tmp_path: Path) -> None:
+    """The demo's forearm study built with a sink (as the worker builds): the four SCs,
+    then the SR, the PDF and the KO are handed over one by one, each before the next is
+    built, none is returned, and they are the objects built without a sink (clock times
+    aside)."""
+    import node.processing as processing
+    from node.worker import encode
+
+    process = processor_factory(load_config(write_config(tmp_path, free_port()), environ={}))()
+    job = _demo_job(tmp_path / "study", "forearm", "sink")
+    analysed = process.analyse_many([process.prepare(job)])[0]
+    plain = process.build(analysed)
+    events: list[str] = []
+    handed: list[tuple[str, bytes]] = []
+    saved = {name: getattr(processing, name) for name in (
+        "build_secondary_capture", "build_structured_report", "build_pdf_report",
+        "build_key_object_selection")}
+
+    def noting(name: str):  # type: ignore[no-untyped-def]
+        def built(*args, **kwargs):  # type: ignore[no-untyped-def]
+            events.append(f"built {name}")
+            return saved[name](*args, **kwargs)
+        return built
+
+    def sink(kind: str, ds: Dataset) -> None:
+        events.append(f"handed {kind}")
+        handed.append((kind, encode(ds)))
+
+    try:
+        for name in saved:
+            setattr(processing, name, noting(name))
+        sunk = process.build(analysed, sink)
+    finally:
+        for name, fn in saved.items():
+            setattr(processing, name, fn)
+    assert list(sunk.outputs) == []
+    assert [k for k, _ in handed] == ["sc", "sc", "sc", "sc", "sr", "pdf", "ko"]
+    assert events == [e for kind, name in (
+        *[("sc", "build_secondary_capture")] * 4, ("sr", "build_structured_report"),
+        ("pdf", "build_pdf_report"), ("ko", "build_key_object_selection"))
+        for e in (f"built {name}", f"handed {kind}")]
+    assert [k for k, _ in plain.outputs] == [k for k, _ in handed]
+    for (_, ds), (_, data) in zip(plain.outputs, handed):
+        assert _comparable(pydicom.dcmread(BytesIO(data))) == _comparable(ds)
 
 
 def test_a_build_process_writes_the_objects_the_worker_thread_builds(

@@ -12,11 +12,11 @@ process:
   compiled model per graph, its weights shared by the streams, the images of a run two
   at a time.
 
-It prints the resident memory each pair added after its first call and the time of a
-study of ``--images`` images (one run of that many images per graph, as the worker calls
-them; router + classifier on random squares of the graphs' sizes, the arithmetic does
-not depend on the pixels), the pairs interleaved round by round so all see the same
-load::
+It prints the resident memory each pair added after its first call, and the time and the
+CPU (all the process's threads) of a study of ``--images`` images (one run of that many
+images per graph, as the worker calls them; router + classifier on random squares of the
+graphs' sizes, the arithmetic does not depend on the pixels), the pairs interleaved round
+by round so all see the same load::
 
     .venv/bin/python bench/thread_pairs.py --rounds 4 [--images 2]
 """
@@ -47,18 +47,21 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 1e6
 
 
-def study_ms(pair: list[ServingGraph], images: int, calls: int, rng: np.random.Generator) -> float:
-    """Milliseconds per study of ``images`` images through every graph of ``pair``
-    (median of ``calls`` studies)."""
+def study_ms(pair: list[ServingGraph], images: int, calls: int, rng: np.random.Generator
+             ) -> tuple[float, float]:
+    """Milliseconds per study of ``images`` images through every graph of ``pair``: the
+    median of ``calls`` studies, and the CPU the process spent per study (every thread,
+    OpenVINO's own included: what the study thread's core loses to the models)."""
     xs = [rng.random((calls, images, g.input_size, g.input_size, 1), dtype=np.float32)
           for g in pair]
     times = []
+    cpu = time.process_time()
     for i in range(calls):
         start = time.perf_counter()
         for g, x in zip(pair, xs):
             g.run(x[i])
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return statistics.median(times), (time.process_time() - cpu) * 1000 / calls
 
 
 def main() -> int:
@@ -78,9 +81,12 @@ def main() -> int:
         study_ms(pair, args.images, 1, rng)  # first call
         rss[name] = rss_mb()
     times: dict[str, list[float]] = {name: [] for name in pairs}
+    cpu: dict[str, list[float]] = {name: [] for name in pairs}
     for _ in range(args.rounds):
         for name, pair in pairs.items():
-            times[name].append(study_ms(pair, args.images, args.calls, rng))
+            wall, spent = study_ms(pair, args.images, args.calls, rng)
+            times[name].append(wall)
+            cpu[name].append(spent)
     print(f"{' + '.join(f'{e.name} {e.version}' for e in entries)}; a study of {args.images} "
           f"image(s); RSS before loading {rss['before']:.0f} MB")
     previous = rss["before"]
@@ -89,7 +95,9 @@ def main() -> int:
         t = times[name]
         print(f"{name}: median {statistics.median(t):.1f} ms per study "
               f"(rounds {', '.join(f'{v:.1f}' for v in t)}), {statistics.median(t) / served:.2f} "
-              f"of the served pair; the pair added {rss[name] - previous:.0f} MB")
+              f"of the served pair; CPU {statistics.median(cpu[name]):.1f} ms per study "
+              f"({statistics.median(cpu[name]) / statistics.median(cpu['served (1 thread)']):.2f}"
+              f" of the served pair's); the pair added {rss[name] - previous:.0f} MB")
         previous = rss[name]
     return 0
 

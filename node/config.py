@@ -428,9 +428,19 @@ class DeliveryConfig:
     with back-off for as long as it takes: the archive being down loses nothing."""
     backoff_initial_seconds: float = 2.0
     backoff_max_seconds: float = 300.0
+    keep_open_seconds: float = 5.0
+    """How long the association with a destination stays open after its last C-STORE,
+    for the next results to travel on it (as Orthanc's ``DicomAssociationCloseDelay``,
+    5 s); 0 releases it after every round of sends."""
 
     def __post_init__(self) -> None:
         _check_positive("delivery.max_attempts", self.max_attempts, integer=True)
+        value = self.keep_open_seconds
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not 0 <= value <= 3600):
+            raise ConfigError(f"delivery.keep_open_seconds must be a number of seconds from 0 "
+                              f"to 3600 (got {value!r}); 0 releases the association after "
+                              "every round of sends")
         _check_positive("delivery.backoff_initial_seconds", self.backoff_initial_seconds)
         _check_positive("delivery.backoff_max_seconds", self.backoff_max_seconds)
         if self.backoff_max_seconds < self.backoff_initial_seconds:

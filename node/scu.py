@@ -149,56 +149,113 @@ def store_files(
     max_pdu: int = 262144,
 ) -> list[StoreOutcome]:
     """C-STORE ``paths`` over one association, each in its own transfer syntax
-    (with Explicit/Implicit VR Little Endian offered as fall-backs).
+    (with Explicit/Implicit VR Little Endian offered as fall-backs), then release it.
 
     Returns one :class:`StoreOutcome` per path.  An association that cannot be
     established makes every outcome fail with the same :class:`SendError`.
     """
-    if not paths:
-        return []
+    sender = StoreAssociation(calling_ae_title, peer, timeouts, max_pdu)
     try:
-        headers, contexts = _contexts_for(paths)
-    except Exception as exc:  # unreadable file in our own spool: permanent
-        err = SendError(f"cannot read a file to send: {exc}", permanent=True)
-        return [StoreOutcome(p, "", None, err) for p in paths]
-    ae = _make_ae(calling_ae_title, timeouts, max_pdu)
-    # One context per compressed syntax (a compressed file can only travel in its
-    # own syntax; pynetdicom does not transcode), and one uncompressed context per
-    # SOP class, so the peer's preference can never strand a compressed file.
+        return sender.store(paths)
+    finally:
+        sender.close()
+
+
+def _requested_contexts(contexts: Iterable[tuple[str, str]]) -> set[tuple[str, tuple[str, ...]]]:
+    """The presentation contexts to propose for files of these (SOP class, transfer
+    syntax): one per compressed syntax (a compressed file can only travel in its own
+    syntax; pynetdicom does not transcode), and one uncompressed context per SOP class,
+    so the peer's preference can never strand a compressed file."""
     requested: set[tuple[str, tuple[str, ...]]] = set()
     uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     for sop_class, syntax in contexts:
         requested.add((sop_class, uncompressed))
         if syntax not in uncompressed:
             requested.add((sop_class, (syntax,)))
-    if len(requested) > 128:
-        raise SendError("more than 128 presentation contexts needed in one send", permanent=True)
-    for sop_class, syntaxes in sorted(requested):
-        ae.add_requested_context(sop_class, list(syntaxes))
-    try:
-        assoc = _associate(ae, peer)
-    except SendError as exc:
-        return [StoreOutcome(p, str(headers[p].SOPInstanceUID), None, exc) for p in paths]
-    outcomes: list[StoreOutcome] = []
-    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                for cx in assoc.accepted_contexts}
-    try:
+    return requested
+
+
+class StoreAssociation:
+    """C-STORE to one peer over an association that stays open between calls of
+    :meth:`store` until :meth:`close` (the deliverer closes it once nothing has been
+    sent for ``[delivery] keep_open_seconds``).  A call that needs a presentation
+    context the open association did not propose, or finds it no longer established
+    (the peer released or aborted it), opens a new one first."""
+
+    def __init__(self, calling_ae_title: str, peer: Peer, timeouts: Timeouts = Timeouts(),
+                 max_pdu: int = 262144) -> None:
+        self.calling_ae_title = calling_ae_title
+        self.peer = peer
+        self.timeouts = timeouts
+        self.max_pdu = max_pdu
+        self._assoc: Association | None = None
+        self._proposed: set[tuple[str, tuple[str, ...]]] = set()
+        self.associations = 0
+        """Associations this sender has opened (``tests/test_scu.py``)."""
+
+    @property
+    def is_open(self) -> bool:
+        return self._assoc is not None and self._assoc.is_established
+
+    def store(self, paths: Sequence[Path]) -> list[StoreOutcome]:
+        """C-STORE ``paths`` in order; one :class:`StoreOutcome` per path.  An
+        association that cannot be established fails every outcome with the same
+        :class:`SendError`."""
+        if not paths:
+            return []
+        try:
+            headers, contexts = _contexts_for(paths)
+        except Exception as exc:  # unreadable file in our own spool: permanent
+            err = SendError(f"cannot read a file to send: {exc}", permanent=True)
+            return [StoreOutcome(p, "", None, err) for p in paths]
+        needed = _requested_contexts(contexts)
+        if not self.is_open or not needed <= self._proposed:
+            self.close()
+            # what the last association carried is proposed again beside what is
+            # needed now, so that alternating kinds of object do not reopen it
+            wanted = needed | self._proposed
+            if len(wanted) > 128:
+                wanted = needed
+            if len(wanted) > 128:
+                raise SendError("more than 128 presentation contexts needed in one send",
+                                permanent=True)
+            try:
+                self._open(wanted)
+            except SendError as exc:
+                return [StoreOutcome(p, str(headers[p].SOPInstanceUID), None, exc) for p in paths]
+        assoc = self._assoc
+        assert assoc is not None
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in assoc.accepted_contexts}
+        outcomes: list[StoreOutcome] = []
         for path in paths:
             header = headers[path]
             uid = str(header.SOPInstanceUID)
             as_is = (str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID)) in accepted
-            outcomes.append(_store_one(assoc, peer, path, uid, as_is))
+            outcomes.append(_store_one(assoc, self.peer, path, uid, as_is))
             if not assoc.is_established:
-                err = SendError(f"association with {peer.ae_title} lost", permanent=False)
+                err = SendError(f"association with {self.peer.ae_title} lost", permanent=False)
                 outcomes.extend(
                     StoreOutcome(p, str(headers[p].SOPInstanceUID), None, err)
                     for p in paths[len(outcomes):]
                 )
+                self._assoc = None
                 break
-    finally:
-        if assoc.is_established:
+        return outcomes
+
+    def _open(self, contexts: set[tuple[str, tuple[str, ...]]]) -> None:
+        ae = _make_ae(self.calling_ae_title, self.timeouts, self.max_pdu)
+        for sop_class, syntaxes in sorted(contexts):
+            ae.add_requested_context(sop_class, list(syntaxes))
+        self._assoc = _associate(ae, self.peer)
+        self._proposed = contexts
+        self.associations += 1
+
+    def close(self) -> None:
+        """Release the association, if one is open."""
+        assoc, self._assoc = self._assoc, None
+        if assoc is not None and assoc.is_established:
             assoc.release()
-    return outcomes
 
 
 def _store_one(assoc: Association, peer: Peer, path: Path, uid: str, as_is: bool = False

@@ -26,7 +26,7 @@ import pydicom
 from node.config import Config, DestinationConfig
 from node.jobs import (JobStoreBackend, JobStoreUnavailableError, LeaseLostError, OutboxItem,
                        OutputFile, StudyJob)
-from node.scu import Peer, Timeouts, store_files
+from node.scu import Peer, StoreAssociation, Timeouts
 from node.spool import Spool
 from node.tls import client_context
 
@@ -733,6 +733,9 @@ class Deliverer:
         the association took, the item), by the node's metrics and audit trail."""
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._senders: dict[tuple[str, str, str, int, bool], StoreAssociation] = {}
+        """The open association of each destination (by its name and address)."""
+        self._last_sent: dict[tuple[str, str, str, int, bool], float] = {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -741,22 +744,54 @@ class Deliverer:
     def wake(self) -> None:
         self._wake.set()
 
+    def close_idle(self, now: float | None = None) -> float | None:
+        """Release the associations nothing was sent on for ``keep_open_seconds``;
+        the seconds until the next one is due to close (None: none left open)."""
+        now = time.monotonic() if now is None else now
+        keep = self.config.delivery.keep_open_seconds
+        due: float | None = None
+        for key in list(self._senders):
+            left = self._last_sent.get(key, 0.0) + keep - now
+            if left <= 0 or not self._senders[key].is_open:
+                self._close(key)
+            else:
+                due = left if due is None else min(due, left)
+        return due
+
+    def close_all(self) -> None:
+        for key in list(self._senders):
+            self._close(key)
+
+    def _close(self, key: tuple[str, str, str, int, bool]) -> None:
+        sender = self._senders.pop(key)
+        self._last_sent.pop(key, None)
+        try:
+            sender.close()
+        except Exception as exc:  # the peer went away meanwhile: nothing to release
+            logger.debug("releasing the association with %s: %s", key[0], exc)
+
     def backoff(self, attempts: int) -> float:
         d = self.config.delivery
         delay = min(d.backoff_max_seconds, d.backoff_initial_seconds * 2 ** max(0, attempts))
         return delay * random.uniform(0.8, 1.2)
 
     def run(self, poll_seconds: float = 0.2) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = self.run_once()
-            except Exception as exc:  # keep the loop alive; the state is in the database
-                log_survived("delivery loop", exc)
-                busy = False
-                self._stop.wait(5.0)
-            if not busy:
-                self._wake.wait(poll_seconds)
-                self._wake.clear()
+        try:
+            while not self._stop.is_set():
+                try:
+                    busy = self.run_once()
+                except Exception as exc:  # keep the loop alive; the state is in the database
+                    log_survived("delivery loop", exc)
+                    busy = False
+                    self.close_all()
+                    self._stop.wait(5.0)
+                if not busy:
+                    closing = self.close_idle()
+                    self._wake.wait(poll_seconds if closing is None
+                                    else min(poll_seconds, closing + 0.01))
+                    self._wake.clear()
+        finally:
+            self.close_all()
 
     def run_once(self) -> bool:
         """Try every due item once.  Returns whether anything was due."""
@@ -799,9 +834,19 @@ class Deliverer:
         limits = self.config.limits
         timeouts = Timeouts(limits.connection_timeout, limits.acse_timeout,
                             limits.dimse_timeout, limits.network_timeout)
+        key = (dest.name, dest.ae_title, dest.host, dest.port, dest.tls)
+        sender = self._senders.get(key)
+        if sender is None:
+            sender = StoreAssociation(self.config.node.ae_title, peer, timeouts,
+                                      self.config.node.max_pdu or 262144)
+            self._senders[key] = sender
         started = time.perf_counter()
-        outcomes = store_files(self.config.node.ae_title, peer, [Path(i.path) for i in batch],
-                               timeouts, self.config.node.max_pdu or 262144)
+        try:
+            outcomes = sender.store([Path(i.path) for i in batch])
+        finally:
+            self._last_sent[key] = time.monotonic()
+            if self.config.delivery.keep_open_seconds <= 0 or not sender.is_open:
+                self._close(key)
         seconds = time.perf_counter() - started
         retry_logged = False
         for item, outcome in zip(batch, outcomes):

@@ -104,3 +104,145 @@ def test_files_go_as_they_are_or_converted_and_arrive_the_same(
     assert FOREARM in decoded  # converted from its decoded data set
     assert not outcomes[1].ok and outcomes[1].error is not None and outcomes[1].error.permanent
     assert "accepted no presentation context" in str(outcomes[1].error)
+
+
+class _CountingSCP:
+    """A pynetdicom Storage SCP on loopback that counts the associations it accepts and
+    the ones released, and keeps what it stores."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.accepted = 0
+        self.released = 0
+        self.stored: list[str] = []
+        ae = AE(ae_title="PACS")
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian,
+                                                          ImplicitVRLittleEndian,
+                                                          JPEGExtended12Bit])
+        self.port = free_port()
+        handlers = [(evt.EVT_ACCEPTED, self._accepted), (evt.EVT_RELEASED, self._released),
+                    (evt.EVT_C_STORE, self._store)]
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=handlers)
+
+    def _accepted(self, event: object) -> None:
+        self.accepted += 1
+
+    def _released(self, event: object) -> None:
+        self.released += 1
+
+    def _store(self, event: object) -> int:
+        self.stored.append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[attr-defined]
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_one_association_carries_consecutive_sends_until_closed() -> None:
+    """:class:`StoreAssociation`: consecutive sends travel on one association; a file
+    needing a context it did not propose opens a new one (proposing the earlier contexts
+    again, so the first kind does not reopen it); an association the peer aborted is
+    reopened by the next send; close() releases it."""
+    from node.scu import StoreAssociation
+
+    peer = _CountingSCP()
+    sender = StoreAssociation("FRACTURE_NODE", Peer("PACS", "127.0.0.1", peer.port))
+    forearm, jpeg = (str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                     for f in (FOREARM, JPEG))
+    try:
+        assert all(o.ok for o in sender.store([FOREARM]) + sender.store([FOREARM]))
+        assert (sender.associations, peer.accepted, peer.released) == (1, 1, 0)
+        assert all(o.ok for o in sender.store([JPEG]))  # JPEG's own context: a new one
+        assert all(o.ok for o in sender.store([FOREARM]))
+        assert sender.associations == 2 and peer.accepted == 2
+        assert _wait(lambda: peer.released == 1)
+        for assoc in peer.server.active_associations:
+            assoc.abort()
+        assert _wait(lambda: not sender.is_open)
+        assert all(o.ok for o in sender.store([FOREARM]))
+        assert sender.associations == 3
+        sender.close()
+        assert _wait(lambda: peer.released == 2)
+        assert not sender.is_open
+        assert peer.stored == [forearm, forearm, jpeg, forearm, forearm]
+    finally:
+        sender.close()
+        peer.stop()
+
+
+def _wait(predicate: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("keep_open", [1.0, 0.0])
+def test_the_deliverer_keeps_its_association_open_between_studies_then_releases_it(
+        tmp_path: Path, keep_open: float) -> None:
+    """Three studies delivered one after another by a node (``[delivery]
+    keep_open_seconds = 1``): their results travel on one association, released about a
+    second after the last; with 0, each round of sends has its own association."""
+    import dataclasses
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
+
+    from conftest import write_config
+    from node.config import DeliveryConfig, load_config
+    from node.service import Node
+    from node.worker import WholeStudy
+    from nodeharness import ReportProcessor
+
+    peer = _CountingSCP()
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.2,
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": peer.port}])
+    config = load_config(cfg, environ={})
+    config = dataclasses.replace(config, delivery=dataclasses.replace(
+        config.delivery, keep_open_seconds=keep_open))
+    assert isinstance(config.delivery, DeliveryConfig)
+    node = Node(config, lambda: WholeStudy(ReportProcessor()))
+    node.start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
+        source = pydicom.dcmread(FOREARM)
+        for n in range(3):
+            ds = source.copy()
+            ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.19.{n}"
+            ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.19.{n}.1"
+            assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE_NODE")
+            assert assoc.is_established
+            assert int(assoc.send_c_store(ds).Status) == 0
+            assoc.release()
+            assert _wait(lambda: len(peer.stored) == 2 * (n + 1), timeout=30)  # copy + SR
+        done = time.monotonic()
+        if keep_open:
+            assert (peer.accepted, peer.released) == (1, 0)
+            assert _wait(lambda: peer.released == 1, timeout=5)
+            assert time.monotonic() - done >= 0.5
+        else:
+            assert peer.accepted >= 3 and _wait(lambda: peer.released == peer.accepted)
+    finally:
+        node.stop(grace_seconds=2)
+        peer.stop()
+
+
+def test_a_bad_keep_open_seconds_is_one_line_naming_the_key_and_the_fix() -> None:
+    from node.config import config_from_dict
+    from node.errors import ConfigError
+
+    for value in (-1, "5", True, 4000):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"peers": [{"ae_title": "ORTHANC"}], "keep_results_local": True,
+                              "delivery": {"keep_open_seconds": value}}, Path("/tmp"))
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith("delivery.keep_open_seconds must be a number of seconds")
+        assert "0 releases the association" in message

@@ -442,6 +442,8 @@ class _HeldReport:
 
         self.report = ReportProcessor()
         self.release = threading.Event()
+        self.before = lambda: None
+        """Called as each build starts (a test waits there for the worker's state)."""
 
     def prepare(self, job):  # type: ignore[no-untyped-def]
         return job
@@ -452,6 +454,7 @@ class _HeldReport:
     def build(self, job, sink=None):  # type: ignore[no-untyped-def]
         from node.worker import ProcessedStudy
 
+        self.before()
         made = self.report(job)
         assert sink is not None, "the pipelined worker hands its build a sink"
         for kind, ds in made.outputs:
@@ -496,6 +499,44 @@ def test_the_scs_reach_the_pacs_while_the_report_is_still_being_built(
         rows = node.jobs.query("SELECT kind, state FROM outbox ORDER BY kind")
         assert [(r["kind"], r["state"]) for r in rows] == [("sc", "delivered"),
                                                            ("sr", "delivered")]
+    finally:
+        processor.release.set()
+        node.stop(grace_seconds=2)
+        pacs.stop()
+
+
+def test_with_other_studies_in_hand_the_results_are_queued_when_the_study_is_finished(
+        tmp_path: Path) -> None:
+    """Two studies in hand at once (one association): the SCs of the one being built are
+    not queued while its build runs (the deliverer has the other's results to send
+    meanwhile); every object is queued, and delivered, once its study is finished."""
+    from conftest import StoreSCP
+
+    pacs = StoreSCP(tmp_path / "pacs")
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3, extra="\n[worker]\nthreads = 2\n",
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": pacs.port}])
+    config = load_config(cfg, environ={})
+    processor = _HeldReport()
+    node = Node(config, lambda: processor)
+    handed = threading.Event()
+    processor.before = lambda: handed.is_set() or (  # the first build only
+        wait_for(lambda: node.worker.in_flight == 2, timeout=60, interval=0.01), handed.set())
+    node.start()
+    try:
+        _send_cr(port, ["1.2.826.0.1.3680043.10.18.2", "1.2.826.0.1.3680043.10.18.3"])
+        assert isinstance(node.worker, PipelinedWorker)
+        assert handed.wait(60)
+        time.sleep(1.0)  # the first build has handed its SC to the sink by now
+        assert node.jobs.query("SELECT COUNT(*) AS n FROM outbox")[0]["n"] == 0
+        processor.release.set()
+        wait_for(lambda: node.jobs.query(
+            "SELECT COUNT(*) AS n FROM studies WHERE state = 'processed'")[0]["n"] == 2, timeout=60)
+        kinds = sorted(r["kind"] for r in node.jobs.query("SELECT kind FROM outbox"))
+        assert kinds == ["sc", "sc", "sr", "sr"]
+        assert sorted(m for _, _, m in wait_for(
+            lambda: len(pacs.received()) == 4 and pacs.received(), timeout=60)) == [
+            "CR", "CR", "SR", "SR"]
     finally:
         processor.release.set()
         node.stop(grace_seconds=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,9 @@ class StoreAssociation:
         self._proposed: set[tuple[str, tuple[str, ...]]] = set()
         self.associations = 0
         """Associations this sender has opened (``tests/test_scu.py``)."""
+        self.last_used = time.monotonic()
+        """When :meth:`store` last returned (``time.monotonic``; for the deliverer's
+        ``keep_open_seconds``)."""
 
     @property
     def is_open(self) -> bool:
@@ -201,6 +205,12 @@ class StoreAssociation:
         """C-STORE ``paths`` in order; one :class:`StoreOutcome` per path.  An
         association that cannot be established fails every outcome with the same
         :class:`SendError`."""
+        try:
+            return self._store(paths)
+        finally:
+            self.last_used = time.monotonic()
+
+    def _store(self, paths: Sequence[Path]) -> list[StoreOutcome]:
         if not paths:
             return []
         try:

@@ -739,7 +739,6 @@ class Deliverer:
         self._wake = threading.Event()
         self._senders: dict[tuple[str, str, str, int, bool], StoreAssociation] = {}
         """The open association of each destination (by its name and address)."""
-        self._last_sent: dict[tuple[str, str, str, int, bool], float] = {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -754,9 +753,9 @@ class Deliverer:
         now = time.monotonic() if now is None else now
         keep = self.config.delivery.keep_open_seconds
         due: float | None = None
-        for key in list(self._senders):
-            left = self._last_sent.get(key, 0.0) + keep - now
-            if left <= 0 or not self._senders[key].is_open:
+        for key, sender in list(self._senders.items()):
+            left = sender.last_used + keep - now
+            if left <= 0 or not sender.is_open:
                 self._close(key)
             else:
                 due = left if due is None else min(due, left)
@@ -768,7 +767,6 @@ class Deliverer:
 
     def _close(self, key: tuple[str, str, str, int, bool]) -> None:
         sender = self._senders.pop(key)
-        self._last_sent.pop(key, None)
         try:
             sender.close()
         except Exception as exc:  # the peer went away meanwhile: nothing to release
@@ -825,8 +823,6 @@ class Deliverer:
         return True
 
     def _deliver(self, dest: DestinationConfig, batch: list[OutboxItem]) -> None:
-        context = client_context(self.config.tls) if dest.tls else None
-        peer = Peer(dest.ae_title, dest.host, dest.port, context)
         paths = [Path(item.path) for item in batch]
         missing = [item for item, p in zip(batch, paths) if not p.exists()]
         for item in missing:
@@ -835,20 +831,21 @@ class Deliverer:
         batch = [item for item, p in zip(batch, paths) if p.exists()]
         if not batch:
             return
-        limits = self.config.limits
-        timeouts = Timeouts(limits.connection_timeout, limits.acse_timeout,
-                            limits.dimse_timeout, limits.network_timeout)
         key = (dest.name, dest.ae_title, dest.host, dest.port, dest.tls)
         sender = self._senders.get(key)
         if sender is None:
-            sender = StoreAssociation(self.config.node.ae_title, peer, timeouts,
-                                      self.config.node.max_pdu or 262144)
+            limits = self.config.limits
+            context = client_context(self.config.tls) if dest.tls else None
+            sender = StoreAssociation(
+                self.config.node.ae_title, Peer(dest.ae_title, dest.host, dest.port, context),
+                Timeouts(limits.connection_timeout, limits.acse_timeout, limits.dimse_timeout,
+                         limits.network_timeout),
+                self.config.node.max_pdu or 262144)
             self._senders[key] = sender
         started = time.perf_counter()
         try:
             outcomes = sender.store([Path(i.path) for i in batch])
         finally:
-            self._last_sent[key] = time.monotonic()
             if self.config.delivery.keep_open_seconds <= 0 or not sender.is_open:
                 self._close(key)
         seconds = time.perf_counter() - started

@@ -166,9 +166,9 @@ class JobStoreBackend(Protocol):
         destinations: Sequence[str],
         now: float | None = None,
     ) -> None:
-        """Queue result objects of a study still processing for delivery at once (its
-        Secondary Captures, each as it is written, so that they travel while the SR and
-        the PDF are built).  :meth:`finish_study` queues the rest; an object already
+        """Queue result objects of a study still processing for delivery at once (each
+        as it is written, while the study is the only one in hand, so that one travels
+        while the next is built).  :meth:`finish_study` queues the rest; an object already
         queued for a destination is not queued again.  The group store raises
         :class:`LeaseLostError` when this node no longer holds the study."""
         ...

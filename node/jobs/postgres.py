@@ -592,9 +592,9 @@ class PostgresJobStore(SharedQueries):
         destinations: Sequence[str],
         now: float | None = None,
     ) -> None:
-        """Outbox rows for objects of a study still processing (its SCs), if this node
-        still holds its lease (else :class:`~node.jobs.LeaseLostError`, nothing queued);
-        the lease is kept."""
+        """Outbox rows for objects of a study still processing (each as it is written),
+        if this node still holds its lease (else :class:`~node.jobs.LeaseLostError`,
+        nothing queued); the lease is kept."""
         with self.transaction() as cur:
             now = self._now(cur, now)
             self._check_owner(cur, job.study_instance_uid)

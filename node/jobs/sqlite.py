@@ -284,8 +284,8 @@ class SQLiteJobStore(SharedQueries):
         destinations: Sequence[str],
         now: float | None = None,
     ) -> None:
-        """Outbox rows for objects of a study still processing (its SCs), in one
-        transaction; :meth:`finish_study` queues the rest."""
+        """Outbox rows for objects of a study still processing (each as it is written),
+        in one transaction; :meth:`finish_study` queues the rest."""
         now = time.time() if now is None else now
         with self.transaction() as conn:
             _queue(conn, job, outputs, destinations, now)

@@ -428,6 +428,41 @@ def test_localisation_training_smoke_run(tmp_path: Path) -> None:
     np.testing.assert_allclose(after, before, atol=1e-6)  # a learning rate of 1e-12 moves nothing
 
 
+def test_top_blocks_train_on_cached_feature_maps_and_resume(tmp_path: Path) -> None:
+    """--cache-below-block N: blocks 0..N-1 stay exactly as they started, blocks N.. move;
+    each augmentation draw is cached once and read back on a resumed run."""
+    from models.cli import train_main
+    import keras
+
+    start = load_registry(REGISTRY).get(CLASSIFIER).weights  # the shipped classifier, at 64 px
+    common = ["--task", "classifier", "--data", str(MSK_DATA), "--size", "64", "--limit", "40",
+              "--batch-size", "16", "--localisation-weight", "1.0", "--finding", "fracture",
+              "--output-stride", "16", "--quiet"]
+    out = tmp_path / "top"
+    args = common + ["--out", str(out), "--epochs", "1", "--init-from", str(start),
+                     "--cache-below-block", "17", "--cache-variants", "2", "--lr", "1e-2"]
+    assert train_main(args) == 0
+    assert sorted(p.name for p in (out / "feature-cache").glob("draw-*.json")) == ["draw-0.json"]
+    assert train_main(args[:-8] + ["--epochs", "2", "--init-from", str(start),
+                                   "--cache-below-block", "17", "--cache-variants", "2", "--lr", "1e-2",
+                                   "--resume"]) == 0
+    draws = sorted(p.name for p in (out / "feature-cache").glob("draw-*.json"))
+    assert draws == ["draw-0.json", "draw-1.json"]
+    history = json.loads((out / "state.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["cam_loss"]) and 0.0 <= h["pointing_game"] <= 1.0 for h in history)
+    before = keras.models.load_model(start, compile=False)
+    after = keras.models.load_model(out / "model.keras", compile=False)
+    for frozen in ("f1_c0_conv", "f16_c2_conv", "f16_c2_bn"):
+        for a, b in zip(before.get_layer(frozen).get_weights(), after.get_layer(frozen).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    moved = [not np.allclose(a, b) for name in ("f17_c0_conv", "f18_conv", "head")
+             for a, b in zip(before.get_layer(name).get_weights()[:1], after.get_layer(name).get_weights()[:1])]
+    assert all(moved)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["cache_below_block"] == 17 and cfg["cache_variants"] == 2
+
+
 def test_a_second_stage_records_the_registered_model_it_started_from(tmp_path: Path) -> None:
     """The starting weights leave the tree with the new version, so the registry text
     keeps their name, version, hash and training."""

@@ -114,6 +114,13 @@ class TrainConfig:
     corrected with (empty: a run from before the audit)."""
     arch: str = "mobilenet_v2"
     """The backbone, a key of :data:`ARCHS` (runs from before the option: MobileNetV2)."""
+    cache_below_block: int = 0
+    """With ``N > 0`` blocks 0..N-1 are frozen and run once per augmentation draw of every
+    training image (:data:`cache_variants` draws, cached on disk); only blocks N.. and the
+    head are trained, on the cached feature maps (see :func:`_cached_features`)."""
+    cache_variants: int = 2
+    """Augmentation draws cached per training image with ``cache_below_block``; epoch ``e``
+    trains on draw ``e % cache_variants``."""
 
     def __post_init__(self) -> None:
         if self.task not in ("router", "classifier"):
@@ -134,6 +141,10 @@ class TrainConfig:
             raise ValueError(f"output_stride must be 16 or 32, not {self.output_stride}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        if self.cache_below_block < 0 or self.cache_variants < 1:
+            raise ValueError("cache_below_block must be >= 0 and cache_variants >= 1")
+        if self.cache_below_block and self.freeze_blocks > self.cache_below_block:
+            raise ValueError("freeze_blocks must not exceed cache_below_block")
         if not self.backbone:  # frozen: the one place the default is filled in
             object.__setattr__(self, "backbone", str(default_backbone(self.arch)))
 
@@ -250,7 +261,8 @@ def _predict_logits(model: "object", arrays: np.ndarray, batch: int = 64) -> np.
     fn = tf.function(lambda x: _logits_of(model(x, training=False)), reduce_retracing=True)
     out = []
     for i in range(0, len(arrays), batch):
-        x = tf.constant(arrays[i : i + batch].astype(np.float32)[..., None])
+        x = arrays[i : i + batch].astype(np.float32)
+        x = tf.constant(x[..., None] if x.ndim == 3 else x)  # images get their channel; feature maps have theirs
         out.append(np.asarray(fn(x)))
     return np.concatenate(out, axis=0)
 
@@ -313,6 +325,140 @@ def inference_model(train_model: "object") -> "object":
 
     features = train_model.get_layer(arch_module(_arch_of(train_model)).FEATURE_LAYER).output
     return keras.Model(train_model.input, [_logits_of(train_model.output), features], name=train_model.name)
+
+
+def _split_layer(model: "object", block: int) -> str:
+    """The name of the last layer of backbone block ``block - 1``: the tensor block ``block`` reads."""
+    net = arch_module(_arch_of(model))
+    names = [layer.name for layer in model.layers if net.block_of_layer(layer.name) == block - 1]
+    if not names:
+        raise ValueError(f"cache_below_block {block}: the model has no block {block - 1}")
+    return names[-1]
+
+
+def _cached_features(lower: "object", tensors: tuple, cfg: TrainConfig, variant: int,
+                     folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The frozen blocks' feature maps of one augmentation draw of every training image.
+
+    ``tensors`` are the training tensors of :func:`train` (images, targets, weights[,
+    masks, box weights]) in sample order; the draw is the recipe's own augmentation
+    (:func:`_augment_fn`, seeded by ``cfg.seed`` and ``variant``), its box masks moved
+    with the images and pooled to the grid.  Written once to ``folder`` as float16
+    ``features-<variant>.npy`` (+ ``cams-<variant>.npy``) and read back on a resumed run.
+    Returns ``(features, cams or None)``, the features memory-mapped.
+    """
+    import tensorflow as tf
+
+    localise = len(tensors) == 5
+    feats_path = folder / f"features-{variant}.npy"
+    cams_path = folder / f"cams-{variant}.npy"
+    done = folder / f"draw-{variant}.json"
+    if done.exists():
+        logger.info("augmentation draw %d: cached features read from %s", variant, feats_path)
+        return np.load(feats_path, mmap_mode="r"), (np.load(cams_path) if localise else None)
+    folder.mkdir(parents=True, exist_ok=True)
+    augment = _augment_fn(cfg.size, cfg.seed + 7919 * (variant + 1), with_masks=localise,
+                          stride=cfg.output_stride)
+    fwd = tf.function(lambda x: lower(x, training=False), reduce_retracing=True)
+    ds = (tf.data.Dataset.from_tensor_slices(tensors).batch(cfg.batch_size)
+          .map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2))
+    n = len(tensors[0])
+    feats = None
+    cams = np.zeros((n, cfg.size // cfg.output_stride, cfg.size // cfg.output_stride, 1), np.float32)
+    t0, i = time.monotonic(), 0
+    for batch in ds:
+        image = batch[0]
+        out = np.asarray(fwd(image), dtype=np.float16)
+        if feats is None:
+            feats = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float16, shape=(n, *out.shape[1:]))
+        feats[i : i + len(out)] = out
+        if localise:
+            cams[i : i + len(out)] = np.asarray(batch[1]["cam"])
+        i += len(out)
+    assert feats is not None and i == n
+    feats.flush()
+    if localise:
+        np.save(cams_path, cams)
+    done.write_text(json.dumps({"variant": variant, "images": n, "shape": list(feats.shape[1:]),
+                                "seconds": round(time.monotonic() - t0, 1)}))
+    logger.info("augmentation draw %d: %d feature maps %s cached in %.0f s", variant, n,
+                tuple(feats.shape[1:]), time.monotonic() - t0)
+    del feats
+    return np.load(feats_path, mmap_mode="r"), (cams if localise else None)
+
+
+def _cached_dataset(feats: np.ndarray, cams: np.ndarray | None, tensors: tuple, cfg: TrainConfig,
+                    epoch: int) -> "object":
+    """Shuffled batches ``(features, targets, weights)`` of one cached draw (as :func:`train`'s
+    dataset gives images), read from the memory map batch by batch."""
+    import tensorflow as tf
+
+    n = len(feats)
+    y, w = tensors[1], tensors[2]
+    w_loc = tensors[4] if cams is not None else None
+
+    def gather(index: np.ndarray) -> tuple:
+        j = np.sort(index)
+        out = [np.asarray(feats[j], dtype=np.float32), y[j].astype(np.float32), w[j]]
+        if cams is not None:
+            out += [cams[j], w_loc[j]]
+        return tuple(out)
+
+    kinds = [tf.float32] * (5 if cams is not None else 3)
+    shape = (None, *feats.shape[1:])
+
+    def as_batch(index: "object") -> tuple:
+        parts = tf.numpy_function(gather, [index], kinds)
+        x = tf.ensure_shape(parts[0], shape)
+        target = tf.ensure_shape(parts[1], (None, *y.shape[1:]))
+        weight = tf.ensure_shape(parts[2], (None,))
+        if cams is None:
+            return x, target, weight
+        return (x, {"logit": target, "cam": tf.ensure_shape(parts[3], (None, *cams.shape[1:]))},
+                {"logit": weight, "cam": tf.ensure_shape(parts[4], (None,))})
+
+    return (tf.data.Dataset.range(n).shuffle(n, seed=cfg.seed + epoch)
+            .batch(cfg.batch_size, drop_remainder=n > cfg.batch_size)
+            .map(as_batch).prefetch(2))
+
+
+def _predict_features(model: "object", arrays: np.ndarray, batch: int = 32) -> np.ndarray:
+    """``model`` (the frozen blocks) on unaugmented images, float16 feature maps."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return np.concatenate([np.asarray(fn(tf.constant(arrays[i : i + batch].astype(np.float32)[..., None])),
+                                      dtype=np.float16) for i in range(0, len(arrays), batch)])
+
+
+def _pointing_game_of_cams(cams: np.ndarray, masks: np.ndarray) -> float:
+    """:func:`_pointing_game` for class activation maps already computed."""
+    import tensorflow as tf
+
+    if not len(cams):
+        return float("nan")
+    up = tf.image.resize(cams, masks.shape[1:3], method="bilinear").numpy()[..., 0]
+    return round(float(np.mean([bool(m.flat[int(np.argmax(u))]) for u, m in zip(up, masks)])), 4)
+
+
+def _compile(model: "object", cfg: TrainConfig, steps: int, localise: bool) -> None:
+    """AdamW with cosine decay after a warm-up, and the task's loss(es)."""
+    import keras
+
+    schedule = keras.optimizers.schedules.CosineDecay(
+        cfg.learning_rate * 0.1, decay_steps=steps * cfg.epochs, alpha=0.02,
+        warmup_target=cfg.learning_rate, warmup_steps=min(steps, 100),
+    )
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
+    if cfg.task == "router":
+        loss = _set_loss(cfg.label_smoothing)
+    else:
+        loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
+    if localise:
+        model.compile(optimizer=optimizer, loss={"logit": loss, "cam": spatial_cross_entropy},
+                      loss_weights={"logit": 1.0, "cam": cfg.localisation_weight})
+    else:
+        model.compile(optimizer=optimizer, loss=loss)
 
 
 def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
@@ -419,27 +565,30 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
             train_model = keras.Model(full.input, full.outputs[0], name=cfg.task)
         for layer in train_model.layers:
             block = net.block_of_layer(layer.name)
-            if 0 <= block < cfg.freeze_blocks:
+            if 0 <= block < max(cfg.freeze_blocks, cfg.cache_below_block):
                 layer.trainable = False
-        schedule = keras.optimizers.schedules.CosineDecay(
-            cfg.learning_rate * 0.1, decay_steps=steps * cfg.epochs, alpha=0.02,
-            warmup_target=cfg.learning_rate, warmup_steps=min(steps, 100),
-        )
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
-        if cfg.task == "router":
-            loss = _set_loss(cfg.label_smoothing)
-        else:
-            loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
-        if localise:
-            train_model.compile(optimizer=optimizer, loss={"logit": loss, "cam": spatial_cross_entropy},
-                                loss_weights={"logit": 1.0, "cam": cfg.localisation_weight})
-        else:
-            train_model.compile(optimizer=optimizer, loss=loss)
+        if not cfg.cache_below_block:
+            _compile(train_model, cfg, steps, localise)
+
+    fitted = train_model  # the model fit() runs on: the whole network, or its upper blocks
+    if cfg.cache_below_block:
+        split = train_model.get_layer(_split_layer(train_model, cfg.cache_below_block)).output
+        lower = keras.Model(train_model.input, split, name="frozen_blocks")
+        fitted = keras.Model(split, train_model.output, name="upper_blocks")
+        _compile(fitted, cfg, steps, localise)
+        if first_epoch:  # the schedule goes on where it stopped (Adam's moments start anew)
+            fitted.optimizer.build(fitted.trainable_variables)
+            fitted.optimizer.iterations.assign(first_epoch * steps)
+        cache = out / "feature-cache"
+        draws = [_cached_features(lower, tensors, cfg, v, cache) for v in range(min(cfg.cache_variants, cfg.epochs))]
+        val_features = _predict_features(lower, x_val)
 
     if localise:  # validation images with boxes, for the pointing game of every epoch
         boxed_val = mdata.box_samples(mdata.in_split(rows, "val"))[: cfg.limit]
         x_boxed = mdata.load_arrays([s.row.path for s in boxed_val], cfg.size)
         boxed_masks = mdata.load_masks(boxed_val, cfg.size)
+        if cfg.cache_below_block:
+            boxed_features = _predict_features(lower, x_boxed)
 
     epoch_seconds: list[float] = []
     for epoch in range(first_epoch, cfg.epochs):
@@ -450,13 +599,24 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
                                epoch + 1, cfg.max_minutes)
                 break
         t0 = time.monotonic()
-        fit = train_model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, verbose=verbose)
-        val_logits = _predict_logits(train_model, x_val)
+        if cfg.cache_below_block:
+            feats, cams = draws[epoch % len(draws)]
+            fit = fitted.fit(_cached_dataset(feats, cams, tensors, cfg, epoch), epochs=epoch + 1,
+                             initial_epoch=epoch, verbose=verbose)
+            val_logits = _predict_logits(fitted, val_features)
+        else:
+            fit = train_model.fit(ds, epochs=epoch + 1, initial_epoch=epoch, verbose=verbose)
+            val_logits = _predict_logits(train_model, x_val)
         summary = _validation_summary(cfg, val_logits, val_s)
         dt = time.monotonic() - t0
         epoch_seconds.append(dt)
         losses = {k: round(float(v[-1]), 4) for k, v in fit.history.items() if k.endswith("loss")}
-        if localise:
+        if localise and cfg.cache_below_block:
+            summary["pointing_game"] = _pointing_game_of_cams(
+                np.concatenate([np.asarray(fitted(boxed_features[i : i + 32].astype(np.float32),
+                                                  training=False)["cam"])
+                                for i in range(0, len(boxed_features), 32)]), boxed_masks)
+        elif localise:
             summary["pointing_game"] = _pointing_game(train_model, x_boxed, boxed_masks)
         entry = {"epoch": epoch + 1, **losses, "seconds": round(dt, 1),
                  "images_per_second": round(len(x_train) / dt, 1), **summary}
@@ -510,6 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier labels: MURA abnormal study, or the fracture-labelled sets")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from an earlier run's model.keras (second-stage fine-tuning)")
+    p.add_argument("--cache-below-block", type=int, default=0, metavar="N",
+                   help="freeze blocks 0..N-1, run them once per augmentation draw and train blocks N.. "
+                        "and the head on their cached feature maps (fast on a CPU; with --init-from)")
+    p.add_argument("--cache-variants", type=int, default=2,
+                   help="augmentation draws cached per image with --cache-below-block (epoch e uses draw e %% V)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     return p
@@ -529,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         class_weight_power=args.class_weight_power, finding=args.finding,
         init_from=str(args.init_from) if args.init_from else None,
         label_audit=sha256_of(mdata.LABEL_AUDIT), arch=args.arch,
+        cache_below_block=args.cache_below_block, cache_variants=args.cache_variants,
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1
     path = train(cfg, resume=args.resume, verbose=verbose)

@@ -435,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                if cfg.get("class_weight_power", 1.0) != 1.0 else "")
             + (f", mean of the last {cfg['average_last']} epochs' weights" if cfg.get("average_last", 1) > 1 else "")
             + (f", blocks 0-{cfg['cache_below_block'] - 1} run once per augmentation draw "
-               f"({min(cfg['cache_variants'], len(history))} draws per image, cached) and only blocks "
-               f"{cfg['cache_below_block']}- and the head trained" if cfg.get("cache_below_block") else "")
+               f"({min(cfg['cache_variants'], len(history))} draws per image, cached); only block "
+               f"{cfg['cache_below_block']} onwards and the head trained" if cfg.get("cache_below_block") else "")
             + lineage(cfg.get("init_from"), existing)
         )
         if args.task == "router":

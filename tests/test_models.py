@@ -439,13 +439,11 @@ def test_top_blocks_train_on_cached_feature_maps_and_resume(tmp_path: Path) -> N
               "--batch-size", "16", "--localisation-weight", "1.0", "--finding", "fracture",
               "--output-stride", "16", "--quiet"]
     out = tmp_path / "top"
-    args = common + ["--out", str(out), "--epochs", "1", "--init-from", str(start),
-                     "--cache-below-block", "17", "--cache-variants", "2", "--lr", "1e-2"]
-    assert train_main(args) == 0
+    top = common + ["--out", str(out), "--init-from", str(start), "--cache-below-block", "17",
+                    "--cache-variants", "2", "--lr", "1e-2"]
+    assert train_main(top + ["--epochs", "1"]) == 0
     assert sorted(p.name for p in (out / "feature-cache").glob("draw-*.json")) == ["draw-0.json"]
-    assert train_main(args[:-8] + ["--epochs", "2", "--init-from", str(start),
-                                   "--cache-below-block", "17", "--cache-variants", "2", "--lr", "1e-2",
-                                   "--resume"]) == 0
+    assert train_main(top + ["--epochs", "2", "--resume"]) == 0
     draws = sorted(p.name for p in (out / "feature-cache").glob("draw-*.json"))
     assert draws == ["draw-0.json", "draw-1.json"]
     history = json.loads((out / "state.json").read_text())["history"]

@@ -38,6 +38,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -255,16 +256,21 @@ def _set_loss(label_smoothing: float) -> "object":
     return set_loss
 
 
+def _batches(arrays: np.ndarray, batch: int) -> Iterator[object]:
+    """Float32 tensors of ``batch`` inputs: images ``(n, h, w)`` get their channel axis,
+    cached feature maps ``(n, h, w, c)`` have theirs."""
+    import tensorflow as tf
+
+    for i in range(0, len(arrays), batch):
+        x = arrays[i : i + batch].astype(np.float32)
+        yield tf.constant(x[..., None] if x.ndim == 3 else x)
+
+
 def _predict_logits(model: "object", arrays: np.ndarray, batch: int = 64) -> np.ndarray:
     import tensorflow as tf
 
     fn = tf.function(lambda x: _logits_of(model(x, training=False)), reduce_retracing=True)
-    out = []
-    for i in range(0, len(arrays), batch):
-        x = arrays[i : i + batch].astype(np.float32)
-        x = tf.constant(x[..., None] if x.ndim == 3 else x)  # images get their channel; feature maps have theirs
-        out.append(np.asarray(fn(x)))
-    return np.concatenate(out, axis=0)
+    return np.concatenate([np.asarray(fn(x)) for x in _batches(arrays, batch)], axis=0)
 
 
 def _validation_summary(cfg: TrainConfig, logits: np.ndarray, val: list[mdata.Sample]) -> dict:
@@ -292,15 +298,18 @@ def _logits_of(output: "object") -> "object":
 
 
 def _pointing_game(model: "object", arrays: np.ndarray, masks: np.ndarray) -> float:
-    """Share of images whose activation-map maximum (upsampled to the grid) lies in a box."""
+    """Share of images whose activation-map maximum (upsampled to the mask's grid) lies in a box.
+
+    ``arrays`` are the images, or the frozen blocks' cached maps of them for a model of
+    the upper blocks (``cache_below_block``)."""
     import tensorflow as tf
 
     if not len(arrays):
         return float("nan")
     hits = []
-    for i in range(0, len(arrays), 32):
-        cam = model(tf.constant(arrays[i : i + 32].astype(np.float32)[..., None]), training=False)["cam"]
-        up = tf.image.resize(cam, arrays.shape[1:3], method="bilinear").numpy()[..., 0]
+    for i, x in zip(range(0, len(arrays), 32), _batches(arrays, 32)):
+        cam = model(x, training=False)["cam"]
+        up = tf.image.resize(cam, masks.shape[1:3], method="bilinear").numpy()[..., 0]
         for j, m in enumerate(masks[i : i + 32]):
             hits.append(bool(m.flat[int(np.argmax(up[j]))]))
     return round(float(np.mean(hits)), 4)
@@ -364,7 +373,8 @@ def _cached_features(lower: "object", tensors: tuple, cfg: TrainConfig, variant:
           .map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2))
     n = len(tensors[0])
     feats = None
-    cams = np.zeros((n, cfg.size // cfg.output_stride, cfg.size // cfg.output_stride, 1), np.float32)
+    grid = cfg.size // cfg.output_stride
+    cams = np.zeros((n, grid, grid, 1), np.float32) if localise else None
     t0, i = time.monotonic(), 0
     for batch in ds:
         image = batch[0]
@@ -372,19 +382,19 @@ def _cached_features(lower: "object", tensors: tuple, cfg: TrainConfig, variant:
         if feats is None:
             feats = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float16, shape=(n, *out.shape[1:]))
         feats[i : i + len(out)] = out
-        if localise:
+        if cams is not None:
             cams[i : i + len(out)] = np.asarray(batch[1]["cam"])
         i += len(out)
     assert feats is not None and i == n
     feats.flush()
-    if localise:
+    if cams is not None:
         np.save(cams_path, cams)
     done.write_text(json.dumps({"variant": variant, "images": n, "shape": list(feats.shape[1:]),
                                 "seconds": round(time.monotonic() - t0, 1)}))
     logger.info("augmentation draw %d: %d feature maps %s cached in %.0f s", variant, n,
                 tuple(feats.shape[1:]), time.monotonic() - t0)
     del feats
-    return np.load(feats_path, mmap_mode="r"), (cams if localise else None)
+    return np.load(feats_path, mmap_mode="r"), cams
 
 
 def _cached_dataset(feats: np.ndarray, cams: np.ndarray | None, tensors: tuple, cfg: TrainConfig,
@@ -427,18 +437,7 @@ def _predict_features(model: "object", arrays: np.ndarray, batch: int = 32) -> n
     import tensorflow as tf
 
     fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return np.concatenate([np.asarray(fn(tf.constant(arrays[i : i + batch].astype(np.float32)[..., None])),
-                                      dtype=np.float16) for i in range(0, len(arrays), batch)])
-
-
-def _pointing_game_of_cams(cams: np.ndarray, masks: np.ndarray) -> float:
-    """:func:`_pointing_game` for class activation maps already computed."""
-    import tensorflow as tf
-
-    if not len(cams):
-        return float("nan")
-    up = tf.image.resize(cams, masks.shape[1:3], method="bilinear").numpy()[..., 0]
-    return round(float(np.mean([bool(m.flat[int(np.argmax(u))]) for u, m in zip(up, masks)])), 4)
+    return np.concatenate([np.asarray(fn(x), dtype=np.float16) for x in _batches(arrays, batch)])
 
 
 def _compile(model: "object", cfg: TrainConfig, steps: int, localise: bool) -> None:
@@ -611,13 +610,9 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         dt = time.monotonic() - t0
         epoch_seconds.append(dt)
         losses = {k: round(float(v[-1]), 4) for k, v in fit.history.items() if k.endswith("loss")}
-        if localise and cfg.cache_below_block:
-            summary["pointing_game"] = _pointing_game_of_cams(
-                np.concatenate([np.asarray(fitted(boxed_features[i : i + 32].astype(np.float32),
-                                                  training=False)["cam"])
-                                for i in range(0, len(boxed_features), 32)]), boxed_masks)
-        elif localise:
-            summary["pointing_game"] = _pointing_game(train_model, x_boxed, boxed_masks)
+        if localise:
+            summary["pointing_game"] = _pointing_game(
+                fitted, boxed_features if cfg.cache_below_block else x_boxed, boxed_masks)
         entry = {"epoch": epoch + 1, **losses, "seconds": round(dt, 1),
                  "images_per_second": round(len(x_train) / dt, 1), **summary}
         history.append(entry)

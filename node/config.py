@@ -286,6 +286,9 @@ MAX_WORKER_THREADS = 64
 MAX_BUILD_PROCESSES = 16
 MAX_MODEL_STREAMS = 16
 DEFAULT_MODEL_STREAMS = 2
+DEFAULT_EARLY_START = 0.25
+"""Seconds of quiet before the worker starts on a study early when ``[worker]
+early_start_seconds`` is left out (see :attr:`WorkerConfig.early_start_seconds`)."""
 """Model streams when ``[worker] model_streams`` is left out (capped by the cores): on the
 2-core reference machine two streams shortened the medians of ``bench/e2e.py`` (a burst
 of 20 studies and one study every 1.5 s, each run twice) and left the 16 x 50 load of
@@ -334,7 +337,23 @@ class WorkerConfig:
     which the 600 MB peak of the 16 x 50 load does not have (``bench/reliability.py``,
     docs/benchmarks.md)."""
 
+    early_start_seconds: float | None = None
+    """Start on a study this long after its last instance arrived (and once no
+    association is still sending it), before its quiet period (``[study]
+    quiet_seconds``) ends, when the worker has nothing ready to do: its result objects
+    are then made while the quiet period runs out, and written and sent as soon as it
+    is ready, if no instance of it arrived meanwhile (else the early work is dropped
+    and the study is processed again).  Only studies of at most
+    ``max_images_in_flight`` images start early; ``0`` turns it off; ``None`` (the key
+    left out): 0.25 s, or half the quiet period when that is shorter
+    (:meth:`Config.early_start`).  Nothing is written or sent before the study is ready."""
+
     def __post_init__(self) -> None:
+        value = self.early_start_seconds
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or value < 0):
+            raise ConfigError(f"worker.early_start_seconds must be a number of seconds, 0 or "
+                              f"more (got {value!r}); 0 turns early starts off")
         if self.threads is not None:
             if (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                     or not 1 <= self.threads <= MAX_WORKER_THREADS):
@@ -595,11 +614,28 @@ class Config:
                 "peers must list at least one calling AE (or set allow_any_peer = true)"
             )
         _check_bool("keep_results_local", self.keep_results_local)
+        early = self.worker.early_start_seconds
+        if early is not None and early and early >= self.study.quiet_seconds:
+            raise ConfigError(
+                f"worker.early_start_seconds ({self.worker.early_start_seconds:g}) must be shorter "
+                f"than study.quiet_seconds ({self.study.quiet_seconds:g}) to start anything "
+                "early; lower it, or set it to 0 to turn early starts off")
         if not self.destinations and not self.keep_results_local:
             raise ConfigError(
                 "destinations: none configured, so every result would stay unsent; add a "
                 "[[destinations]] table (name, ae_title, host, port) for the archive, or set "
                 "keep_results_local = true to keep results in the spool only")
+
+    @property
+    def early_start(self) -> float:
+        """Seconds of quiet after which the worker may start on a study early (``0``:
+        never): ``[worker] early_start_seconds``, or when it is left out
+        :data:`DEFAULT_EARLY_START` or half of ``[study] quiet_seconds``, whichever is
+        shorter."""
+        early = self.worker.early_start_seconds
+        if early is None:
+            return min(DEFAULT_EARLY_START, self.study.quiet_seconds / 2)
+        return float(early)
 
     def peer(self, calling_ae_title: str) -> PeerConfig | None:
         """The allow-list entry for a calling AE title, if any."""

@@ -9,6 +9,7 @@ models load in the worker's thread, and processing starts when they are in memor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ from node.scp import StorageSCP
 from node.spool import Spool
 from node.worker import (
     Deliverer,
+    EarlyJob,
     Heartbeat,
     PipelinedWorker,
     ProcessedStudy,
@@ -57,7 +59,8 @@ class ObservedStages:
     """A :class:`~node.worker.StagedProcessor` with its study latencies and decisions
     counted in /metrics: the quiet wait when a study is taken up, ``processing`` from
     then to its result objects (queue waits between the stages included), the
-    stages' own timings, and the decision (``error`` for a study that failed)."""
+    stages' own timings, and the decision (``error`` for a study that failed).  A
+    study started early is counted only when its result objects are used."""
 
     def __init__(self, stages: StagedProcessor, metrics: NodeMetrics,
                  jobs: JobStoreBackend) -> None:
@@ -65,42 +68,58 @@ class ObservedStages:
         self.metrics = metrics
         self.jobs = jobs
 
-    def prepare(self, job: StudyJob) -> tuple[StudyJob, float, Any]:
+    def prepare(self, job: StudyJob) -> tuple[StudyJob, float, float | None, Any]:
         rows = self.jobs.query("SELECT last_received_at FROM studies "
                                "WHERE study_instance_uid = ?", [job.study_instance_uid])
-        if rows:
-            waited = time.time() - float(rows[0]["last_received_at"])
-            self.metrics.stage("quiet_wait", max(0.0, waited))
+        waited = max(0.0, time.time() - float(rows[0]["last_received_at"])) if rows else None
+        if waited is not None and not isinstance(job, EarlyJob):
+            self.metrics.stage("quiet_wait", waited)
         started = time.perf_counter()
         try:
-            return job, started, self.stages.prepare(job)
+            return job, started, waited, self.stages.prepare(job)
         except Exception:
-            self.metrics.studies.labels(decision="error").inc()
+            self._error(job)
             raise
 
-    def analyse_many(self, studies: Sequence[tuple[StudyJob, float, Any]]
-                     ) -> list[tuple[StudyJob, float, Any]]:
+    def analyse_many(self, studies: Sequence[tuple[StudyJob, float, float | None, Any]]
+                     ) -> list[tuple[StudyJob, float, float | None, Any]]:
         try:
-            analysed = self.stages.analyse_many([s for _, _, s in studies])
+            analysed = self.stages.analyse_many([s[-1] for s in studies])
         except Exception:
             if len(studies) == 1:
-                self.metrics.studies.labels(decision="error").inc()
+                self._error(studies[0][0])
             raise
-        return [(job, started, a) for (job, started, _), a in zip(studies, analysed)]
+        return [(*s[:-1], a) for s, a in zip(studies, analysed)]
 
-    def build(self, study: tuple[StudyJob, float, Any],
+    def build(self, study: tuple[StudyJob, float, float | None, Any],
               sink: Callable[[str, Dataset], None] | None = None) -> ProcessedStudy:
-        _, started, analysed = study
+        """The result objects; counted now, or for a study started early (whose work
+        may still be dropped) when the worker uses them (:meth:`early_result_used`)."""
+        job, started, waited, analysed = study
         try:
             result = self.stages.build(analysed, sink)
         except Exception:
-            self.metrics.studies.labels(decision="error").inc()
+            self._error(job)
             raise
+        if isinstance(job, EarlyJob):  # its quiet wait is the wait to the early start
+            timings = {"processing": time.perf_counter() - started, **result.timings}
+            if waited is not None:
+                timings["quiet_wait"] = waited
+            return dataclasses.replace(result, timings=timings)
         self.metrics.stage("processing", time.perf_counter() - started)
+        self.early_result_used(result)
+        return result
+
+    def early_result_used(self, result: ProcessedStudy) -> None:
+        """Count a study's stage timings and decision (the worker calls it for a study
+        started early once its result objects are written)."""
         for stage, seconds in getattr(result, "timings", {}).items():
             self.metrics.stage(stage, seconds)
         self.metrics.studies.labels(decision=result.decision).inc()
-        return result
+
+    def _error(self, job: StudyJob) -> None:
+        if not isinstance(job, EarlyJob):  # early work that fails is only dropped
+            self.metrics.studies.labels(decision="error").inc()
 
 
 class Node:
@@ -220,14 +239,19 @@ class Node:
                 max_images_in_flight=self.config.worker.max_images_in_flight,
                 gather_images=self.config.worker.images_per_run,
                 busy_studies=self.scp.tracker.busy_studies, heartbeat=False,
-                on_queued=self.deliverer.wake)
+                on_queued=self.deliverer.wake,
+                # a build process writes into the spool: nothing it makes can be held
+                early_start=0.0 if builders else self.config.early_start)
             if isinstance(stages, BuiltElsewhere):  # a study in hand alone is built here
                 stages.alone = lambda: worker.in_flight <= 1
         logger.info("processing started (%.1f s after listening; %d worker thread(s)%s)",
                     time.perf_counter() - started, threads,
                     "" if threads == 1 else f": 1 for the models, {threads - 1} for the studies"
                     + (f", {builders} build process(es) for the result objects"
-                       if builders else ""))
+                       if builders else "")
+                    + (f"; a study may start {self.worker.early_start:g} s after its last "
+                       "instance" if isinstance(self.worker, PipelinedWorker)
+                       and self.worker.early_start else ""))
         self.processing.set()
         self.worker.run()
 

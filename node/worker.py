@@ -62,6 +62,36 @@ class WrittenFile:
     """Whether this build wrote it (``False``: the file was there already)."""
 
 
+@dataclass(frozen=True)
+class EncodedObject:
+    """A result object already encoded (Part 10 bytes), held until its study is ready:
+    the two attributes the outbox needs, named as in the dataset, and the bytes."""
+
+    SOPInstanceUID: str
+    SOPClassUID: str
+    data: bytes
+
+    @classmethod
+    def of(cls, ds: pydicom.Dataset) -> "EncodedObject":
+        return cls(str(ds.SOPInstanceUID), str(ds.SOPClassUID), encode(ds))
+
+
+@dataclass(frozen=True)
+class EarlyJob(StudyJob):
+    """A study the worker started on before its quiet period ended: what it held then
+    (:meth:`JobStoreBackend.settling_study`), not claimed.  Its work is used only for
+    a later claim of the same study at the same generation (:func:`same_study`)."""
+
+
+def same_study(early: StudyJob, claimed: StudyJob) -> bool:
+    """Whether a claimed study is exactly what an early start worked on: the same
+    generation, instances and previous SR."""
+    return (early.study_instance_uid == claimed.study_instance_uid
+            and early.generation == claimed.generation
+            and early.instances == claimed.instances
+            and early.previous_report == claimed.previous_report)
+
+
 def output_path(spool: Spool, study_instance_uid: str, kind: str, sop_instance_uid: str) -> Path:
     """Where a result object of ``kind`` lives in the spool: an SR in ``reports``, the
     others in ``outbox``."""
@@ -301,7 +331,7 @@ class Worker:
             logger.warning("%s; this attempt is discarded", lost, extra=extra)
 
     def _finish(self, job: StudyJob, result: ProcessedStudy, files: list[OutputFile],
-                started: float) -> None:
+                started: float, how: str = "") -> None:
         """Record a processed study (outcomes, outbox rows, state) in the job store."""
         extra = {"study_uid": job.study_instance_uid}
         names = [d.name for d in self.config.destinations]
@@ -315,11 +345,11 @@ class Worker:
         release_memory()
         if names and files:
             self.on_queued()
-        logger.info("study %s processed: %s, %d result object(s) %s (%.0f ms)",
+        logger.info("study %s processed: %s, %d result object(s) %s (%.0f ms%s)",
                     job.study_instance_uid, result.decision, len(files),
                     f"queued for {', '.join(names)}" if names
                     else "kept in the spool (keep_results_local)",
-                    (time.perf_counter() - started) * 1000, extra=extra)
+                    (time.perf_counter() - started) * 1000, how, extra=extra)
 
     def _write_outputs(self, job: StudyJob, result: ProcessedStudy) -> list[OutputFile]:
         """Write the result objects to the spool.  One already queued for every
@@ -337,7 +367,7 @@ class Worker:
                 continue
             path = output_path(self.spool, job.study_instance_uid, kind, str(ds.SOPInstanceUID))
             if not path.exists():
-                self.spool.write(path, encode(ds))
+                self.spool.write(path, ds.data if isinstance(ds, EncodedObject) else encode(ds))
             files.append(OutputFile(str(ds.SOPInstanceUID), str(ds.SOPClassUID), kind, path))
         return files
 
@@ -397,6 +427,9 @@ class WholeStudy:
         return self.processor(study)
 
 
+EARLY_HOLD_SECONDS = 30.0
+"""How long past its quiet period a study started early may stay held unclaimed."""
+
 _BUILD, _PREPARE, _STOP = 0, 1, 2
 """The study threads' tasks."""
 
@@ -449,6 +482,20 @@ class _StudyTasks:
             return taken
 
 
+@dataclass
+class _Early:
+    """A study started early (:attr:`PipelinedWorker.early_start`): running, then held
+    with its result objects until it is claimed."""
+
+    job: EarlyJob
+    size: int
+    claimed: StudyJob | None = None
+    """The claim of this study that came while the early work was still running."""
+    held: ProcessedStudy | None = None
+    """The finished work (its objects encoded), waiting for the study to be ready."""
+    held_at: float = 0.0
+
+
 class PipelinedWorker(Worker):
     """Several studies in flight, their stages side by side (``[worker] threads`` > 1).
 
@@ -474,6 +521,20 @@ class PipelinedWorker(Worker):
     node, after the lease) does not take up again.  :meth:`stop` stops claiming, gives
     back the claimed studies no stage has started (:meth:`JobStoreBackend.release_study`)
     and lets every study in hand finish (drain) before :meth:`run` returns.
+
+    **Early starts** (``early_start`` seconds, ``[worker] early_start_seconds``): when
+    no study is ready to claim, the claiming loop takes a study that has been quiet
+    for ``early_start`` (no association still sending it, at most the room left of
+    ``max_images_in_flight`` images) as it is, *without claiming it*
+    (:meth:`JobStoreBackend.settling_study`), and runs it through the same stages; its
+    result objects are encoded and held in memory.  When the study is claimed (its
+    quiet period over) and is still exactly what was worked on (:func:`same_study`),
+    the held objects are written and queued at once; otherwise (an instance arrived
+    meanwhile) they are dropped and the study is processed as claimed.  Nothing of an
+    early start reaches the spool or the job database before the claim, so a stop or a
+    kill loses only the early work, and a failure of it is not counted as an attempt.
+    Held results not claimed within the quiet period and :data:`EARLY_HOLD_SECONDS`
+    (another node claimed the study) are dropped.
     """
 
     def __init__(
@@ -489,9 +550,11 @@ class PipelinedWorker(Worker):
         max_attempts: int = 3,
         heartbeat: bool = True,
         on_queued: Callable[[], None] = lambda: None,
+        early_start: float = 0.0,
     ) -> None:
         super().__init__(config, spool, jobs, processor.build, busy_studies, max_attempts,
                          heartbeat, on_queued)
+        self.early_start = early_start if 0 < early_start < config.study.quiet_seconds else 0.0
         if study_threads < 1:
             raise ValueError("study_threads must be at least 1")
         self.stages = processor
@@ -504,6 +567,8 @@ class PipelinedWorker(Worker):
         self._in_flight: dict[str, int] = {}
         self._unprepared: set[str] = set()
         """Studies in hand whose decode and normalisation has not finished."""
+        self._early: dict[str, _Early] = {}
+        """Studies started early, by Study Instance UID (under ``self._cond``)."""
         self._threads: list[threading.Thread] = []
 
     @property
@@ -539,7 +604,9 @@ class PipelinedWorker(Worker):
                 return True  # busy: loop again without the poll wait
         job = self.jobs.claim_ready_study(self.config.study.quiet_seconds, self.busy_studies())
         if job is None:
-            return False
+            return self._start_early()
+        if self._claimed_early(job):
+            return True
         size = max(1, len(job.instances))
         with self._cond:
             # claimed (and leased): it waits here, unstarted, until it fits beside the
@@ -557,10 +624,114 @@ class PipelinedWorker(Worker):
         self._tasks.put(_PREPARE, (job, time.perf_counter()))
         return True
 
+    def _idle_wait(self, poll_seconds: float) -> float:
+        """As :meth:`Worker._idle_wait`, and with early starts on, at most until the next
+        pending study has been quiet for :attr:`early_start`."""
+        wait = super()._idle_wait(poll_seconds)
+        if not self.early_start:
+            return wait
+        try:
+            settled = self.jobs.next_ready_time(self.early_start)
+        except Exception:
+            return wait
+        due = None if settled is None else settled - time.time()
+        return wait if due is None or due <= 0 else min(wait, due + 0.002)
+
+    def _start_early(self) -> bool:
+        """Start on a settling study (see the class docstring), if early starts are on
+        and there is room.  Returns whether one was started."""
+        if not self.early_start:
+            return False
+        now = time.monotonic()
+        with self._cond:
+            expired = [uid for uid, e in self._early.items()
+                       if e.held is not None and now - e.held_at > (
+                           self.config.study.quiet_seconds + EARLY_HOLD_SECONDS)]
+            for uid in expired:  # claimed by another node, or it never settled
+                del self._early[uid]
+            held = sum(e.size for e in self._early.values() if e.held is not None)
+            room = self.max_images_in_flight - self._images_in_flight() - held
+            skip = frozenset(self._early) | frozenset(self._in_flight)
+        if room < 1:
+            return False
+        found = self.jobs.settling_study(self.early_start, self.config.study.quiet_seconds,
+                                         self.busy_studies(), max_instances=room, skip=skip)
+        if found is None or not found.instances:
+            return False
+        job = EarlyJob(found.study_instance_uid, found.generation, found.instances,
+                       found.previous_report)
+        size = len(job.instances)
+        with self._cond:
+            self._early[job.study_instance_uid] = _Early(job, size)
+            self._in_flight[job.study_instance_uid] = size
+            self._unprepared.add(job.study_instance_uid)
+        logger.info("starting early on study %s (%d instance(s)), before its quiet period "
+                    "ends", job.study_instance_uid, size,
+                    extra={"study_uid": job.study_instance_uid})
+        self._tasks.put(_PREPARE, (job, time.perf_counter()))
+        return True
+
+    def _claimed_early(self, job: StudyJob) -> bool:
+        """A claimed study that was started early: its held objects are written now if
+        it is still the same study; a claim during the early work is handed to it.
+        Returns whether the claim is taken care of (``False``: process it as usual)."""
+        uid = job.study_instance_uid
+        with self._cond:
+            early = self._early.get(uid)
+            if early is None:
+                return False
+            if early.held is None:  # still running: it finishes with this claim
+                early.claimed = job
+                return True
+            del self._early[uid]
+            if not same_study(early.job, job):
+                logger.info("study %s changed after its early start; processing it again",
+                            uid, extra={"study_uid": uid})
+                return False
+            self._in_flight[uid] = early.size  # written at once, beside the bound
+        self._tasks.put(_BUILD, (job, early.held, time.perf_counter()))
+        return True
+
+    def _early_done(self, job: EarlyJob, held: ProcessedStudy | None) -> None:
+        """The early work on ``job`` ended (``held``: its result; ``None``: it failed).
+        Without a claim yet the result is held; with one, it is written now if the
+        claim is the same study, else the claimed study is processed afresh."""
+        uid = job.study_instance_uid
+        with self._cond:
+            early = self._early.get(uid)
+            if early is None or early.job is not job:
+                return
+            claimed = early.claimed
+            if claimed is None:
+                if held is None:
+                    del self._early[uid]
+                else:
+                    early.held, early.held_at = held, time.monotonic()
+                self._in_flight.pop(uid, None)
+                self._unprepared.discard(uid)
+                self._cond.notify_all()
+                return
+            del self._early[uid]
+            again = held is None or not same_study(job, claimed)
+            if again:  # the claim is processed as claimed; it stays in hand
+                self._in_flight[uid] = max(1, len(claimed.instances))
+                self._unprepared.add(uid)
+        if again:
+            self._tasks.put(_PREPARE, (claimed, time.perf_counter()))
+        else:
+            self._tasks.put(_BUILD, (claimed, held, time.perf_counter()))
+
     def _give_up(self, job: StudyJob, exc: BaseException) -> None:
         """This attempt at ``job`` failed in a stage: record the failure (a retry or
         the end of its attempts) and make room for the next study, even if recording
-        it fails."""
+        it fails.  Early work that fails is only dropped: the study is processed when
+        it is ready, and that attempt counts."""
+        if isinstance(job, EarlyJob):
+            logger.info("the early start of study %s failed (%s: %s); it is processed when "
+                        "ready", job.study_instance_uid, type(exc).__name__, exc,
+                        extra={"study_uid": job.study_instance_uid})
+            self._early_done(job, None)
+            return
         try:
             self._fail(job, exc)
         finally:
@@ -591,9 +762,16 @@ class PipelinedWorker(Worker):
         released = 0
         for payload in self._tasks.take_prepares():
             job = payload[0]  # type: ignore[index]
-            self._release(job)
+            if isinstance(job, EarlyJob):  # never claimed; a claim it took is given back
+                with self._cond:
+                    early = self._early.pop(job.study_instance_uid, None)
+                if early is not None and early.claimed is not None:
+                    self._release(early.claimed)
+                    released += 1
+            else:
+                self._release(job)
+                released += 1
             self._done(job)
-            released += 1
         return released
 
     def _drain(self) -> None:
@@ -647,6 +825,24 @@ class PipelinedWorker(Worker):
         self._to_models.put((job, prepared, started))
 
     def _build_task(self, job: StudyJob, analysed: Any, started: float) -> None:
+        if isinstance(job, EarlyJob):
+            self._build_early(job, analysed)
+            return
+        if isinstance(analysed, ProcessedStudy):  # built early, claimed now: write it
+            try:
+                files = self._write_outputs(job, analysed)
+            except Exception as exc:
+                self._give_up(job, exc)
+                return
+            try:
+                self._finish(job, analysed, files, started, ", made before its quiet period "
+                             "ended")
+                early_used = getattr(self.stages, "early_result_used", None)
+                if early_used is not None:
+                    early_used(analysed)
+            finally:
+                self._done(job)
+            return
         files: list[OutputFile] = []
         names = [d.name for d in self.config.destinations]
 
@@ -674,6 +870,23 @@ class PipelinedWorker(Worker):
             self._finish(job, result, files, started)
         finally:
             self._done(job)
+
+    def _build_early(self, job: EarlyJob, analysed: Any) -> None:
+        """Build an early study's result objects and encode them, to hold until it is
+        claimed (nothing is written)."""
+        try:
+            result = self.stages.build(analysed, None)
+            held = ProcessedStudy(
+                outputs=[(kind, EncodedObject.of(ds)) for kind, ds in result.outputs],
+                outcomes=result.outcomes, decision=result.decision, timings=result.timings,
+                written=result.written)
+        except Exception as exc:
+            self._give_up(job, exc)
+            return
+        if held.written:  # a build process wrote into the spool: not an early result
+            self._give_up(job, RuntimeError("built in a build process"))
+            return
+        self._early_done(job, held)
 
     def _model_loop(self) -> None:
         while True:

@@ -154,6 +154,28 @@ def test_claim_waits_for_quiet_period_and_busy_set(store: JobStoreBackend,
     assert store.claim_ready_study(10.0, now=t0 + 12) is None, "claimed twice"
 
 
+def test_a_settling_study_is_offered_as_it_is_without_being_claimed(store: JobStoreBackend,
+                                                                    spool_root: Path) -> None:
+    """What an early start works on: a pending study between ``after`` and the quiet
+    period, not busy, not skipped, not larger than the room; it stays pending, and its
+    claim later holds the same generation and instances."""
+    t0 = time.time()
+    store.record_instance(_rec(spool_root, "1.9.1"), now=t0)
+    store.record_instance(_rec(spool_root, "1.9.2", series="1.2.3.2"), now=t0)
+    assert store.settling_study(1.0, 10.0, now=t0 + 0.5) is None, "not yet settled"
+    assert store.settling_study(1.0, 10.0, now=t0 + 11) is None, "ready: claimed, not peeked"
+    assert store.settling_study(1.0, 10.0, busy=frozenset({"1.2.3"}), now=t0 + 2) is None
+    assert store.settling_study(1.0, 10.0, skip=frozenset({"1.2.3"}), now=t0 + 2) is None
+    assert store.settling_study(1.0, 10.0, max_instances=1, now=t0 + 2) is None
+    early = store.settling_study(1.0, 10.0, now=t0 + 2)
+    assert early is not None and early.generation == 2
+    assert sorted(i.sop_instance_uid for i in early.instances) == ["1.9.1", "1.9.2"]
+    assert _state(store)["state"] == PENDING, "an early start claims nothing"
+    claimed = store.claim_ready_study(10.0, now=t0 + 11)
+    assert claimed is not None
+    assert (claimed.generation, claimed.instances) == (early.generation, early.instances)
+
+
 def test_next_ready_time_is_the_end_of_a_quiet_period_or_a_retry(store: JobStoreBackend,
                                                                 spool_root: Path) -> None:
     """What the worker sleeps until: the earliest moment a pending study may be claimed."""

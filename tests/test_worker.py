@@ -514,7 +514,8 @@ def test_with_other_studies_in_hand_the_results_are_queued_when_the_study_is_fin
 
     pacs = StoreSCP(tmp_path / "pacs")
     port = free_port()
-    cfg = write_config(tmp_path, port, quiet_seconds=0.3, extra="\n[worker]\nthreads = 2\n",
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3,
+                       extra="\n[worker]\nthreads = 2\nearly_start_seconds = 0\n",
                        destinations=[{"name": "pacs", "ae_title": "PACS", "port": pacs.port}])
     config = load_config(cfg, environ={})
     processor = _HeldReport()
@@ -563,8 +564,8 @@ def test_stopping_gives_back_claimed_studies_no_stage_has_started(
     gives the others back, pending with no attempt counted, for another
     node or the next start; nothing is left processing."""
     port = free_port()
-    cfg = write_config(tmp_path, port, quiet_seconds=0.3,
-                       extra="\n[worker]\nthreads = 2\n" + job_database,
+    cfg = write_config(tmp_path, port, quiet_seconds=0.3,  # claims only: no early starts
+                       extra="\n[worker]\nthreads = 2\nearly_start_seconds = 0\n" + job_database,
                        destinations=[{"name": "pacs", "ae_title": "PACS", "port": free_port()}])
     config = load_config(cfg, environ={})
     studies = [f"1.2.826.0.1.3680043.10.17.{n}" for n in range(6)]
@@ -961,3 +962,116 @@ def test_a_study_beyond_the_in_flight_bound_decodes_while_the_models_analyse_the
     # some study was decoded while the models analysed the one before it
     assert any(at["end", "prepare", a] <= at["start", "prepare", b] < at["end", "analyse", a]
                for a in studies for b in studies if a != b), stages.events
+
+
+class _RecordedReport:
+    """The node-core ReportProcessor, recording when each study generation was made."""
+
+    def __init__(self) -> None:
+        from nodeharness import ReportProcessor
+
+        self.report = ReportProcessor()
+        self.made: list[tuple[float, int, int]] = []
+        """(time.time(), generation, instances) of every study made."""
+
+    def __call__(self, job: StudyJob):  # type: ignore[no-untyped-def]
+        self.made.append((time.time(), job.generation, len(job.instances)))
+        return self.report(job)
+
+
+def _early_node(tmp_path: Path, quiet: float, early: float):  # type: ignore[no-untyped-def]
+    from conftest import StoreSCP
+
+    pacs = StoreSCP(tmp_path / "pacs")
+    port = free_port()
+    cfg = write_config(tmp_path, port, quiet_seconds=quiet,
+                       extra=f"\n[worker]\nthreads = 2\nearly_start_seconds = {early}\n",
+                       destinations=[{"name": "pacs", "ae_title": "PACS", "port": pacs.port}])
+    processor = _RecordedReport()
+    node = Node(load_config(cfg, environ={}), lambda: processor)
+    return pacs, port, processor, node
+
+
+def test_a_study_is_made_during_its_quiet_period_and_sent_only_when_it_ends(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Early start: the result objects of a study are made while its quiet period runs
+    (once, 0.2 s after its last instance), nothing is written or queued before the
+    quiet period ends, and then they are queued at once and delivered."""
+    pacs, port, processor, node = _early_node(tmp_path, quiet=2.0, early=0.2)
+    caplog.set_level(logging.INFO, logger="node")
+    study = "1.2.826.0.1.3680043.10.18.40"
+    node.start()
+    try:
+        _send_cr(port, [study])
+        wait_for(lambda: processor.made, timeout=30, interval=0.01)
+        last = float(node.jobs.query("SELECT last_received_at AS t FROM studies")[0]["t"])
+        assert processor.made[0][0] < last + 2.0 - 0.5, "not made during the quiet period"
+        assert node.jobs.query("SELECT COUNT(*) AS n FROM outbox")[0]["n"] == 0
+        assert not list((node.spool.root / "outbox").rglob("*.dcm")), "written before ready"
+        assert node.jobs.query("SELECT state FROM studies")[0]["state"] == "pending"
+        wait_for(lambda: node.jobs.query("SELECT state FROM studies")[0]["state"] == "processed",
+                 timeout=30, interval=0.01)
+        rows = node.jobs.query("SELECT kind, created_at FROM outbox ORDER BY kind")
+        assert [r["kind"] for r in rows] == ["sc", "sr"]
+        assert all(float(r["created_at"]) >= last + 2.0 for r in rows), "queued before ready"
+        assert [(g, n) for _, g, n in processor.made] == [(1, 1)], "made more than once"
+        assert sorted(m for _, _, m in wait_for(lambda: len(pacs.received()) == 2
+                                                and pacs.received(), timeout=60)) == ["CR", "SR"]
+        assert any("made before its quiet period ended" in r.getMessage() for r in caplog.records)
+    finally:
+        node.stop(grace_seconds=2)
+        pacs.stop()
+
+
+def test_an_instance_arriving_after_an_early_start_drops_the_early_work(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A second instance of the study arrives after its early start: the early result
+    (one image, generation 1) is never written or sent; the study is made again with
+    both instances when its quiet period ends, and only that result is queued."""
+    from nodeharness import BASIC_TEXT_SR  # noqa: F401  (the SR the processor writes)
+
+    pacs, port, processor, node = _early_node(tmp_path, quiet=1.5, early=0.2)
+    caplog.set_level(logging.INFO, logger="node")
+    study = "1.2.826.0.1.3680043.10.18.41"
+    node.start()
+    try:
+        _send_cr(port, [study])
+        wait_for(lambda: processor.made, timeout=30, interval=0.01)
+        _send_cr(port, [study])
+        wait_for(lambda: node.jobs.query("SELECT state FROM studies")[0]["state"] == "processed",
+                 timeout=30, interval=0.01)
+        assert [(g, n) for _, g, n in processor.made] == [(1, 1), (2, 2)]
+        rows = node.jobs.query("SELECT kind, sop_instance_uid FROM outbox ORDER BY kind")
+        assert [r["kind"] for r in rows] == ["sc", "sc", "sr"]
+        assert rows[2]["sop_instance_uid"] == generate_uid(entropy_srcs=[study, "2", "sr"])
+        received = wait_for(lambda: len(pacs.received()) == 3 and pacs.received(), timeout=60)
+        assert generate_uid(entropy_srcs=[study, "1", "sr"]) not in {u for _, u, _ in received}
+        assert any("changed after its early start" in r.getMessage() for r in caplog.records)
+    finally:
+        node.stop(grace_seconds=2)
+        pacs.stop()
+
+
+@pytest.mark.parametrize(("value", "quiet", "message"), [
+    (-1, 10.0, "worker.early_start_seconds must be a number of seconds, 0 or more (got -1)"),
+    ("soon", 10.0, "worker.early_start_seconds must be a number of seconds, 0 or more"),
+    (10, 10.0, "worker.early_start_seconds (10) must be shorter than study.quiet_seconds (10)"),
+])
+def test_an_impossible_early_start_is_refused_in_one_line(value: object, quiet: float,
+                                                         message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict({"allow_any_peer": True, "keep_results_local": True,
+                          "study": {"quiet_seconds": quiet},
+                          "worker": {"early_start_seconds": value}}, Path("."))
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_early_start_defaults_to_a_quarter_second_or_half_the_quiet_period() -> None:
+    def early(**sections: object) -> float:
+        return config_from_dict({"allow_any_peer": True, "keep_results_local": True,
+                                 **sections}, Path(".")).early_start
+
+    assert early() == 0.25
+    assert early(study={"quiet_seconds": 0.3}) == pytest.approx(0.15)
+    assert early(worker={"early_start_seconds": 0}) == 0.0
+    assert early(worker={"early_start_seconds": 1.5}) == 1.5

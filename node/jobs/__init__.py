@@ -159,6 +159,11 @@ class JobStoreBackend(Protocol):
         self, quiet_seconds: float, busy: frozenset[str] = frozenset(), now: float | None = None
     ) -> StudyJob | None: ...
 
+    def settling_study(
+        self, after_seconds: float, quiet_seconds: float, busy: frozenset[str] = frozenset(),
+        max_instances: int = 16, skip: frozenset[str] = frozenset(), now: float | None = None,
+    ) -> StudyJob | None: ...
+
     def queue_outputs(
         self,
         job: StudyJob,

@@ -514,23 +514,57 @@ class PostgresJobStore(SharedQueries):
                 "takeovers = %s, updated_at = %s WHERE study_instance_uid = %s",
                 [node, now + self.lease_seconds, takeovers, now, study_uid],
             )
-            cur.execute(_pg(CLAIMED_INSTANCES), [study_uid])
-            inst = cur.fetchall()
-            cur.execute(_pg(LATEST_REPORT), [study_uid])
-            report = cur.fetchone()
+            job = self._study_job(cur, study_uid, int(generation))
         with self._lock:
             self._held_studies.add(study_uid)
+        return job
+
+    def _study_job(self, cur: psycopg.Cursor[Any], study_uid: str, generation: int) -> StudyJob:
+        """A study as it is now in the database: its held instances (paths on this
+        node's mount of the spool) and latest SR."""
+        cur.execute(_pg(CLAIMED_INSTANCES), [study_uid])
         instances = []
-        for r in inst:
+        for r in cur.fetchall():
             values = list(r)
             values[5] = self._abs(values[5])
             instances.append(InstanceRecord(*values))
+        cur.execute(_pg(LATEST_REPORT), [study_uid])
+        report = cur.fetchone()
         return StudyJob(
             study_instance_uid=study_uid,
-            generation=int(generation),
+            generation=generation,
             instances=tuple(instances),
             previous_report=Path(self._abs(report[0])) if report else None,
         )
+
+    def settling_study(
+        self, after_seconds: float, quiet_seconds: float, busy: frozenset[str] = frozenset(),
+        max_instances: int = 16, skip: frozenset[str] = frozenset(), now: float | None = None,
+    ) -> StudyJob | None:
+        """As :meth:`SQLiteJobStore.settling_study <node.jobs.sqlite.SQLiteJobStore.settling_study>`:
+        a pending study between ``after_seconds`` and ``quiet_seconds`` quiet that no live
+        node is receiving, as it is now; nothing is claimed or leased."""
+        with self.transaction() as cur:
+            now = self._now(cur, now)
+            self._sync_receiving(cur, busy, now)
+            cur.execute(
+                "SELECT s.study_instance_uid, s.generation, COUNT(i.sop_instance_uid) "
+                "FROM studies s JOIN instances i ON i.study_instance_uid = s.study_instance_uid "
+                "AND i.path IS NOT NULL WHERE s.state = 'pending' AND s.not_before <= %(now)s "
+                "AND s.last_received_at <= %(after)s AND s.last_received_at > %(quiet)s "
+                "AND NOT EXISTS (SELECT 1 FROM receiving r JOIN nodes n ON n.node_id = r.node_id "
+                "WHERE r.study_instance_uid = s.study_instance_uid AND n.stopped_at IS NULL "
+                "AND n.heartbeat_at + n.lease_seconds >= %(now)s) "
+                "GROUP BY s.study_instance_uid, s.generation, s.last_received_at "
+                "ORDER BY s.last_received_at",
+                {"now": now, "after": now - after_seconds, "quiet": now - quiet_seconds},
+            )
+            chosen = next((r for r in cur.fetchall() if r[0] not in busy and r[0] not in skip
+                           and r[2] <= max_instances), None)
+            if chosen is None:
+                return None
+            study_uid, generation, _ = chosen
+            return self._study_job(cur, study_uid, int(generation))
 
     @contextmanager
     def _letting_go(self, study_instance_uid: str) -> Iterator[None]:

@@ -97,6 +97,18 @@ CREATE TABLE IF NOT EXISTS reports (
 """
 
 
+def _study_job(conn: sqlite3.Connection, study_uid: str, generation: int) -> StudyJob:
+    """A study as it is now in the database: its held instances and latest SR."""
+    inst = conn.execute(CLAIMED_INSTANCES, [study_uid]).fetchall()
+    report = conn.execute(LATEST_REPORT, [study_uid]).fetchone()
+    return StudyJob(
+        study_instance_uid=study_uid,
+        generation=generation,
+        instances=tuple(InstanceRecord(*r) for r in inst),
+        previous_report=Path(report[0]) if report else None,
+    )
+
+
 class SQLiteJobStore(SharedQueries):
     """Thread-safe access to the job database of one node.
 
@@ -235,14 +247,35 @@ class SQLiteJobStore(SharedQueries):
                 "WHERE study_instance_uid = ?",
                 [now, study_uid],
             )
-            inst = conn.execute(CLAIMED_INSTANCES, [study_uid]).fetchall()
-            report = conn.execute(LATEST_REPORT, [study_uid]).fetchone()
-        return StudyJob(
-            study_instance_uid=study_uid,
-            generation=generation,
-            instances=tuple(InstanceRecord(*r) for r in inst),
-            previous_report=Path(report[0]) if report else None,
-        )
+            return _study_job(conn, study_uid, generation)
+
+    def settling_study(
+        self, after_seconds: float, quiet_seconds: float, busy: frozenset[str] = frozenset(),
+        max_instances: int = 16, skip: frozenset[str] = frozenset(), now: float | None = None,
+    ) -> StudyJob | None:
+        """The oldest pending study quiet for ``after_seconds`` but not yet for
+        ``quiet_seconds``, with at most ``max_instances`` instances, not being sent by an
+        open association (``busy``) and not in ``skip``: what it holds now, *not
+        claimed* (its state is unchanged).  The worker may start on it early
+        (``[worker] early_start_seconds``) and uses the work only if the study it later
+        claims is this one at the same generation."""
+        now = time.time() if now is None else now
+        with self.transaction() as conn:
+            rows = conn.execute(
+                "SELECT s.study_instance_uid, s.generation, COUNT(i.sop_instance_uid) "
+                "FROM studies s JOIN instances i ON i.study_instance_uid = s.study_instance_uid "
+                "AND i.path IS NOT NULL WHERE s.state = 'pending' AND s.not_before <= ? "
+                "AND s.last_received_at <= ? AND s.last_received_at > ? "
+                "GROUP BY s.study_instance_uid, s.generation, s.last_received_at "
+                "ORDER BY s.last_received_at",
+                [now, now - after_seconds, now - quiet_seconds],
+            ).fetchall()
+            chosen = next((r for r in rows if r[0] not in busy and r[0] not in skip
+                           and r[2] <= max_instances), None)
+            if chosen is None:
+                return None
+            study_uid, generation, _ = chosen
+            return _study_job(conn, study_uid, generation)
 
     def finish_study(
         self,

@@ -128,7 +128,8 @@ def _tree_mb(pid: int, field: str = "VmHWM") -> tuple[float, float]:
 
 def run_load(associations: int, per: int, threads: int | None = None,
              batch_images: int | None = None, build_processes: int | None = None,
-             models: str = "fp32", streams: int | None = None) -> dict[str, object]:
+             models: str = "fp32", streams: int | None = None,
+             early_start: float | None = None) -> dict[str, object]:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
@@ -161,7 +162,7 @@ def run_load(associations: int, per: int, threads: int | None = None,
             study=StudyConfig(quiet_seconds=2),
             limits=LimitsConfig(max_associations=associations),
             worker=WorkerConfig(threads=threads, build_processes=build_processes or 0,
-                                model_streams=streams, **(
+                                model_streams=streams, early_start_seconds=early_start, **(
                 {"batch_images": batch_images} if batch_images else {})),
             models=model_config(shipped, models),
         )))
@@ -254,6 +255,7 @@ def run_load(associations: int, per: int, threads: int | None = None,
             "worker_threads": threads or "default",
             "streams": WorkerConfig(model_streams=streams).resolved_model_streams,
             "models": models,
+            "early_start": "default" if early_start is None else early_start,
             "batch_images": batch_images or WorkerConfig().batch_images,
             "load_average": [round(load_before[0], 1), round(load_after[0], 1)],
             "extra_association_refused": extra_refused, "refusal": reason,
@@ -337,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", default="default",
                         help="[worker] model_streams of the load runs, comma-separated, one run "
                              "each per --threads value ('default': the key left out)")
+    parser.add_argument("--early-start", default="default",
+                        help="[worker] early_start_seconds of the load runs, comma-separated, one "
+                             "run each per --threads value (0: off; 'default': the key left out)")
     parser.add_argument("--load-only", action="store_true",
                         help="only the load runs and the issue 15 targets (no faults, bad inputs, fuzzing)")
     args = parser.parse_args(argv)
@@ -346,23 +351,25 @@ def main(argv: list[str] | None = None) -> int:
     for which in model_sets:
         if which not in MODEL_SETS:
             parser.error(f"--models: {which!r} is not one of {', '.join(MODEL_SETS)}")
-    for spec, which, k in itertools.product(args.threads.split(","), runnable(model_sets),
-                                            [None if x == "default" else int(x)
-                                             for x in args.streams.split(",")]):
-        print(f"load, worker threads {spec}, model streams {k or 'default'}, {which} models ...",
-              flush=True)
+    for spec, which, k, e in itertools.product(args.threads.split(","), runnable(model_sets),
+                                               [None if x == "default" else int(x)
+                                                for x in args.streams.split(",")],
+                                               [None if x == "default" else float(x)
+                                                for x in args.early_start.split(",")]):
+        print(f"load, worker threads {spec}, model streams {k or 'default'}, early start "
+              f"{'default' if e is None else e}, {which} models ...", flush=True)
         t, _, b = spec.partition("/")
         runs.append(run_load(args.associations, args.per_association,
                              None if t == "default" else int(t), args.batch_images,
-                             int(b) if b else None, which, k))
+                             int(b) if b else None, which, k, e))
         print(json.dumps(runs[-1], indent=1), flush=True)
     print(f"\nMALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '(unset)')}")
-    print("\n| models | worker threads (batch_images) / build processes | model streams | RSS at rest MB (node process) | peak RSS MB (node process) | all results s | receive s | "
+    print("\n| models | worker threads (batch_images) / build processes | model streams | early start s | RSS at rest MB (node process) | peak RSS MB (node process) | all results s | receive s | "
           "analysed / refused / unaccounted | results delivered | load average (start, end) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         o = r["outcomes"]
-        print(f"| {r['models']} | {r['worker_threads']} ({r['batch_images']}) / {r['build_processes']} | {r['streams']} | {r['rest_rss_mb']} ({r['rest_rss_node_process_mb']}) | {r['peak_rss_mb']} ({r['peak_rss_node_process_mb']}) | {r['all_results_seconds']} | "
+        print(f"| {r['models']} | {r['worker_threads']} ({r['batch_images']}) / {r['build_processes']} | {r['streams']} | {r['early_start']} | {r['rest_rss_mb']} ({r['rest_rss_node_process_mb']}) | {r['peak_rss_mb']} ({r['peak_rss_node_process_mb']}) | {r['all_results_seconds']} | "
               f"{r['receive_seconds']} | {o.get('analysed', 0)} / {o.get('refused', 0)} / "  # type: ignore[union-attr]
               f"{r['unaccounted']} | {r['results_delivered']} | {r['load_average'][0]}, "  # type: ignore[index]
               f"{r['load_average'][1]} |")  # type: ignore[index]

@@ -86,6 +86,11 @@ class NodeMetrics:
         self.deliveries = Counter(
             "fracture_node_deliveries", "Result objects sent to a destination, by outcome "
             "(delivered, retry, dead)", ["destination", "outcome"], registry=r)
+        self.early_starts = Counter(
+            "fracture_node_early_starts", "Studies started before their quiet period ended, "
+            "by outcome: used (written when ready), dropped (an instance arrived meanwhile; "
+            "made again), failed (made again when ready), expired (never claimed here)",
+            ["outcome"], registry=r)
         self.stage_seconds = Histogram(
             "fracture_node_stage_seconds", "Latency of each stage, seconds", ["stage"],
             buckets=STAGE_BUCKETS, registry=r)

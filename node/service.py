@@ -241,7 +241,8 @@ class Node:
                 busy_studies=self.scp.tracker.busy_studies, heartbeat=False,
                 on_queued=self.deliverer.wake,
                 # a build process writes into the spool: nothing it makes can be held
-                early_start=0.0 if builders else self.config.early_start)
+                early_start=0.0 if builders else self.config.early_start,
+                on_early=lambda outcome: self.metrics.early_starts.labels(outcome=outcome).inc())
             if isinstance(stages, BuiltElsewhere):  # a study in hand alone is built here
                 stages.alone = lambda: worker.in_flight <= 1
         logger.info("processing started (%.1f s after listening; %d worker thread(s)%s)",

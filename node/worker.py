@@ -551,10 +551,14 @@ class PipelinedWorker(Worker):
         heartbeat: bool = True,
         on_queued: Callable[[], None] = lambda: None,
         early_start: float = 0.0,
+        on_early: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         super().__init__(config, spool, jobs, processor.build, busy_studies, max_attempts,
                          heartbeat, on_queued)
         self.early_start = early_start if 0 < early_start < config.study.quiet_seconds else 0.0
+        self.on_early = on_early
+        """Called with the outcome of each early start: ``used``, ``dropped``, ``failed``,
+        ``expired`` (the node counts them in /metrics)."""
         if study_threads < 1:
             raise ValueError("study_threads must be at least 1")
         self.stages = processor
@@ -649,6 +653,9 @@ class PipelinedWorker(Worker):
                            self.config.study.quiet_seconds + EARLY_HOLD_SECONDS)]
             for uid in expired:  # claimed by another node, or it never settled
                 del self._early[uid]
+        for _ in expired:
+            self.on_early("expired")
+        with self._cond:
             held = sum(e.size for e in self._early.values() if e.held is not None)
             room = self.max_images_in_flight - self._images_in_flight() - held
             skip = frozenset(self._early) | frozenset(self._in_flight)
@@ -684,11 +691,14 @@ class PipelinedWorker(Worker):
                 early.claimed = job
                 return True
             del self._early[uid]
-            if not same_study(early.job, job):
-                logger.info("study %s changed after its early start; processing it again",
-                            uid, extra={"study_uid": uid})
-                return False
-            self._in_flight[uid] = early.size  # written at once, beside the bound
+            changed = not same_study(early.job, job)
+            if not changed:
+                self._in_flight[uid] = early.size  # written at once, beside the bound
+        if changed:
+            logger.info("study %s changed after its early start; processing it again",
+                        uid, extra={"study_uid": uid})
+            self.on_early("dropped")
+            return False
         self._tasks.put(_BUILD, (job, early.held, time.perf_counter()))
         return True
 
@@ -717,6 +727,10 @@ class PipelinedWorker(Worker):
                 self._in_flight[uid] = max(1, len(claimed.instances))
                 self._unprepared.add(uid)
         if again:
+            if held is not None:
+                logger.info("study %s changed after its early start; processing it again",
+                            uid, extra={"study_uid": uid})
+                self.on_early("dropped")
             self._tasks.put(_PREPARE, (claimed, time.perf_counter()))
         else:
             self._tasks.put(_BUILD, (claimed, held, time.perf_counter()))
@@ -730,6 +744,7 @@ class PipelinedWorker(Worker):
             logger.info("the early start of study %s failed (%s: %s); it is processed when "
                         "ready", job.study_instance_uid, type(exc).__name__, exc,
                         extra={"study_uid": job.study_instance_uid})
+            self.on_early("failed")
             self._early_done(job, None)
             return
         try:
@@ -840,6 +855,7 @@ class PipelinedWorker(Worker):
                 early_used = getattr(self.stages, "early_result_used", None)
                 if early_used is not None:
                     early_used(analysed)
+                self.on_early("used")
             finally:
                 self._done(job)
             return

@@ -965,21 +965,26 @@ def test_a_study_beyond_the_in_flight_bound_decodes_while_the_models_analyse_the
 
 
 class _RecordedReport:
-    """The node-core ReportProcessor, recording when each study generation was made."""
+    """The node-core ReportProcessor, recording when each study generation was made
+    (and with ``fail_first``, raising the first time)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_first: bool = False) -> None:
         from nodeharness import ReportProcessor
 
         self.report = ReportProcessor()
+        self.fail_first = fail_first
         self.made: list[tuple[float, int, int]] = []
         """(time.time(), generation, instances) of every study made."""
 
     def __call__(self, job: StudyJob):  # type: ignore[no-untyped-def]
         self.made.append((time.time(), job.generation, len(job.instances)))
+        if self.fail_first and len(self.made) == 1:
+            raise RuntimeError("decoder crashed")
         return self.report(job)
 
 
-def _early_node(tmp_path: Path, quiet: float, early: float):  # type: ignore[no-untyped-def]
+def _early_node(tmp_path: Path, quiet: float, early: float,  # type: ignore[no-untyped-def]
+                fail_first: bool = False):
     from conftest import StoreSCP
 
     pacs = StoreSCP(tmp_path / "pacs")
@@ -987,7 +992,7 @@ def _early_node(tmp_path: Path, quiet: float, early: float):  # type: ignore[no-
     cfg = write_config(tmp_path, port, quiet_seconds=quiet,
                        extra=f"\n[worker]\nthreads = 2\nearly_start_seconds = {early}\n",
                        destinations=[{"name": "pacs", "ae_title": "PACS", "port": pacs.port}])
-    processor = _RecordedReport()
+    processor = _RecordedReport(fail_first)
     node = Node(load_config(cfg, environ={}), lambda: processor)
     return pacs, port, processor, node
 
@@ -1018,6 +1023,7 @@ def test_a_study_is_made_during_its_quiet_period_and_sent_only_when_it_ends(
         assert sorted(m for _, _, m in wait_for(lambda: len(pacs.received()) == 2
                                                 and pacs.received(), timeout=60)) == ["CR", "SR"]
         assert any("made before its quiet period ended" in r.getMessage() for r in caplog.records)
+        assert 'fracture_node_early_starts_total{outcome="used"} 1.0' in node.metrics.render().decode()
     finally:
         node.stop(grace_seconds=2)
         pacs.stop()
@@ -1047,6 +1053,9 @@ def test_an_instance_arriving_after_an_early_start_drops_the_early_work(
         received = wait_for(lambda: len(pacs.received()) == 3 and pacs.received(), timeout=60)
         assert generate_uid(entropy_srcs=[study, "1", "sr"]) not in {u for _, u, _ in received}
         assert any("changed after its early start" in r.getMessage() for r in caplog.records)
+        exposed = node.metrics.render().decode()
+        assert 'fracture_node_early_starts_total{outcome="dropped"} 1.0' in exposed
+        assert 'outcome="used"' not in exposed
     finally:
         node.stop(grace_seconds=2)
         pacs.stop()
@@ -1075,3 +1084,25 @@ def test_early_start_defaults_to_a_quarter_second_or_half_the_quiet_period() -> 
     assert early(study={"quiet_seconds": 0.3}) == pytest.approx(0.15)
     assert early(worker={"early_start_seconds": 0}) == 0.0
     assert early(worker={"early_start_seconds": 1.5}) == 1.5
+
+
+def test_a_failed_early_start_costs_no_attempt_and_the_study_is_made_when_ready(
+        tmp_path: Path) -> None:
+    """The early work raises: it is only dropped (no attempt, no ``error`` decision in
+    /metrics); the study is processed when its quiet period ends, and delivered."""
+    pacs, port, processor, node = _early_node(tmp_path, quiet=1.0, early=0.2, fail_first=True)
+    node.start()
+    try:
+        _send_cr(port, ["1.2.826.0.1.3680043.10.18.42"])
+        wait_for(lambda: node.jobs.query("SELECT state FROM studies")[0]["state"] == "processed",
+                 timeout=30, interval=0.01)
+        row = node.jobs.query("SELECT attempts, reason FROM studies")[0]
+        assert (row["attempts"], row["reason"]) == (0, None)
+        assert len(processor.made) == 2
+        exposed = node.metrics.render().decode()
+        assert 'fracture_node_early_starts_total{outcome="failed"} 1.0' in exposed
+        assert 'decision="error"' not in exposed
+        wait_for(lambda: len(pacs.received()) == 2, timeout=60)
+    finally:
+        node.stop(grace_seconds=2)
+        pacs.stop()

@@ -482,6 +482,13 @@ class _StudyTasks:
             return taken
 
 
+@dataclass(frozen=True)
+class _Held:
+    """A study's result made early, in a ``_BUILD`` task of its claim: write it."""
+
+    result: ProcessedStudy
+
+
 @dataclass
 class _Early:
     """A study started early (:attr:`PipelinedWorker.early_start`): running, then held
@@ -573,6 +580,11 @@ class PipelinedWorker(Worker):
         """Studies in hand whose decode and normalisation has not finished."""
         self._early: dict[str, _Early] = {}
         """Studies started early, by Study Instance UID (under ``self._cond``)."""
+        self._early_failed: set[str] = set()
+        """Studies whose early work failed: not started early again before their claim."""
+        self._handed_back: collections.deque[StudyJob] = collections.deque()
+        """Claims that came during early work that could not be used: claimed again by
+        the claiming loop, through the in-flight bound (under ``self._cond``)."""
         self._threads: list[threading.Thread] = []
 
     @property
@@ -606,11 +618,16 @@ class PipelinedWorker(Worker):
                     self._unprepared or len(self._in_flight) >= self.study_threads + 1):
                 self._cond.wait(0.5)
                 return True  # busy: loop again without the poll wait
-        job = self.jobs.claim_ready_study(self.config.study.quiet_seconds, self.busy_studies())
+        with self._cond:
+            job = self._handed_back.popleft() if self._handed_back else None
         if job is None:
-            return self._start_early()
-        if self._claimed_early(job):
-            return True
+            job = self.jobs.claim_ready_study(self.config.study.quiet_seconds,
+                                              self.busy_studies())
+            if job is None:
+                return self._start_early()
+            self._early_failed.discard(job.study_instance_uid)
+            if self._claimed_early(job):
+                return True
         size = max(1, len(job.instances))
         with self._cond:
             # claimed (and leased): it waits here, unstarted, until it fits beside the
@@ -658,7 +675,8 @@ class PipelinedWorker(Worker):
         with self._cond:
             held = sum(e.size for e in self._early.values() if e.held is not None)
             room = self.max_images_in_flight - self._images_in_flight() - held
-            skip = frozenset(self._early) | frozenset(self._in_flight)
+            skip = frozenset(self._early) | frozenset(self._in_flight) | frozenset(
+                self._early_failed)
         if room < 1:
             return False
         found = self.jobs.settling_study(self.early_start, self.config.study.quiet_seconds,
@@ -699,13 +717,15 @@ class PipelinedWorker(Worker):
                         uid, extra={"study_uid": uid})
             self.on_early("dropped")
             return False
-        self._tasks.put(_BUILD, (job, early.held, time.perf_counter()))
+        self._tasks.put(_BUILD, (job, _Held(early.held), time.perf_counter()))
         return True
 
     def _early_done(self, job: EarlyJob, held: ProcessedStudy | None) -> None:
         """The early work on ``job`` ended (``held``: its result; ``None``: it failed).
         Without a claim yet the result is held; with one, it is written now if the
-        claim is the same study, else the claimed study is processed afresh."""
+        claim is the same study, else the claim goes back to the claiming loop (which
+        takes it up when it fits in the in-flight bound, or gives it back when
+        stopping)."""
         uid = job.study_instance_uid
         with self._cond:
             early = self._early.get(uid)
@@ -723,17 +743,17 @@ class PipelinedWorker(Worker):
                 return
             del self._early[uid]
             again = held is None or not same_study(job, claimed)
-            if again:  # the claim is processed as claimed; it stays in hand
-                self._in_flight[uid] = max(1, len(claimed.instances))
-                self._unprepared.add(uid)
-        if again:
-            if held is not None:
-                logger.info("study %s changed after its early start; processing it again",
-                            uid, extra={"study_uid": uid})
-                self.on_early("dropped")
-            self._tasks.put(_PREPARE, (claimed, time.perf_counter()))
-        else:
-            self._tasks.put(_BUILD, (claimed, held, time.perf_counter()))
+            if again:
+                self._in_flight.pop(uid, None)
+                self._unprepared.discard(uid)
+                self._handed_back.append(claimed)
+                self._cond.notify_all()
+        if not again:
+            self._tasks.put(_BUILD, (claimed, _Held(held), time.perf_counter()))
+        elif held is not None:
+            logger.info("study %s changed after its early start; processing it again",
+                        uid, extra={"study_uid": uid})
+            self.on_early("dropped")
 
     def _give_up(self, job: StudyJob, exc: BaseException) -> None:
         """This attempt at ``job`` failed in a stage: record the failure (a retry or
@@ -745,6 +765,8 @@ class PipelinedWorker(Worker):
                         "ready", job.study_instance_uid, type(exc).__name__, exc,
                         extra={"study_uid": job.study_instance_uid})
             self.on_early("failed")
+            with self._cond:
+                self._early_failed.add(job.study_instance_uid)
             self._early_done(job, None)
             return
         try:
@@ -787,7 +809,17 @@ class PipelinedWorker(Worker):
                 self._release(job)
                 released += 1
             self._done(job)
-        return released
+        return released + self._release_handed_back()
+
+    def _release_handed_back(self) -> int:
+        """Stopping: give back the claims early work handed back (see
+        :meth:`_early_done`).  Returns how many."""
+        with self._cond:
+            claims = list(self._handed_back)
+            self._handed_back.clear()
+        for job in claims:
+            self._release(job)
+        return len(claims)
 
     def _drain(self) -> None:
         """Give back the claimed studies not yet started; wait until every study in
@@ -800,6 +832,9 @@ class PipelinedWorker(Worker):
                 logger.info("stopping: finishing %d study(ies) in hand", len(self._in_flight))
             while self._in_flight and all(t.is_alive() for t in self._threads):
                 self._cond.wait(0.5)
+        released = self._release_handed_back()  # early work that ended during the drain
+        if released:
+            logger.info("stopping: released %d claimed study(ies) not yet started", released)
 
     def _start_stages(self) -> None:
         self._threads = [threading.Thread(target=self._model_loop, name="worker-models",
@@ -843,7 +878,8 @@ class PipelinedWorker(Worker):
         if isinstance(job, EarlyJob):
             self._build_early(job, analysed)
             return
-        if isinstance(analysed, ProcessedStudy):  # built early, claimed now: write it
+        if isinstance(analysed, _Held):  # built early, claimed now: write it
+            analysed = analysed.result
             try:
                 files = self._write_outputs(job, analysed)
             except Exception as exc:

@@ -966,25 +966,28 @@ def test_a_study_beyond_the_in_flight_bound_decodes_while_the_models_analyse_the
 
 class _RecordedReport:
     """The node-core ReportProcessor, recording when each study generation was made
-    (and with ``fail_first``, raising the first time)."""
+    (raising the first ``failures`` times; the first taking ``first_delay`` s more)."""
 
-    def __init__(self, fail_first: bool = False) -> None:
+    def __init__(self, failures: int = 0, first_delay: float = 0.0) -> None:
         from nodeharness import ReportProcessor
 
         self.report = ReportProcessor()
-        self.fail_first = fail_first
+        self.failures = failures
+        self.first_delay = first_delay
         self.made: list[tuple[float, int, int]] = []
         """(time.time(), generation, instances) of every study made."""
 
     def __call__(self, job: StudyJob):  # type: ignore[no-untyped-def]
         self.made.append((time.time(), job.generation, len(job.instances)))
-        if self.fail_first and len(self.made) == 1:
+        if len(self.made) == 1:
+            time.sleep(self.first_delay)
+        if len(self.made) <= self.failures:
             raise RuntimeError("decoder crashed")
         return self.report(job)
 
 
 def _early_node(tmp_path: Path, quiet: float, early: float,  # type: ignore[no-untyped-def]
-                fail_first: bool = False):
+                failures: int = 0, first_delay: float = 0.0):
     from conftest import StoreSCP
 
     pacs = StoreSCP(tmp_path / "pacs")
@@ -992,7 +995,7 @@ def _early_node(tmp_path: Path, quiet: float, early: float,  # type: ignore[no-u
     cfg = write_config(tmp_path, port, quiet_seconds=quiet,
                        extra=f"\n[worker]\nthreads = 2\nearly_start_seconds = {early}\n",
                        destinations=[{"name": "pacs", "ae_title": "PACS", "port": pacs.port}])
-    processor = _RecordedReport(fail_first)
+    processor = _RecordedReport(failures, first_delay)
     node = Node(load_config(cfg, environ={}), lambda: processor)
     return pacs, port, processor, node
 
@@ -1090,7 +1093,7 @@ def test_a_failed_early_start_costs_no_attempt_and_the_study_is_made_when_ready(
         tmp_path: Path) -> None:
     """The early work raises: it is only dropped (no attempt, no ``error`` decision in
     /metrics); the study is processed when its quiet period ends, and delivered."""
-    pacs, port, processor, node = _early_node(tmp_path, quiet=1.0, early=0.2, fail_first=True)
+    pacs, port, processor, node = _early_node(tmp_path, quiet=1.0, early=0.2, failures=1)
     node.start()
     try:
         _send_cr(port, ["1.2.826.0.1.3680043.10.18.42"])
@@ -1103,6 +1106,52 @@ def test_a_failed_early_start_costs_no_attempt_and_the_study_is_made_when_ready(
         assert 'fracture_node_early_starts_total{outcome="failed"} 1.0' in exposed
         assert 'decision="error"' not in exposed
         wait_for(lambda: len(pacs.received()) == 2, timeout=60)
+    finally:
+        node.stop(grace_seconds=2)
+        pacs.stop()
+
+
+def test_a_study_whose_early_start_failed_is_not_started_early_again(tmp_path: Path) -> None:
+    """Every attempt at the study fails: it is started early once, not at every idle
+    turn of its quiet period; its claim is then the first attempt counted."""
+    pacs, port, processor, node = _early_node(tmp_path, quiet=2.0, early=0.2, failures=99)
+    node.start()
+    try:
+        _send_cr(port, ["1.2.826.0.1.3680043.10.18.43"])
+        wait_for(lambda: node.jobs.query("SELECT attempts FROM studies")[0]["attempts"] == 1,
+                 timeout=30, interval=0.01)
+        assert len(processor.made) == 2, processor.made
+        exposed = node.metrics.render().decode()
+        assert 'fracture_node_early_starts_total{outcome="failed"} 1.0' in exposed
+    finally:
+        node.stop(grace_seconds=2)
+        pacs.stop()
+
+
+def test_a_claim_during_early_work_on_a_changed_study_is_processed_as_claimed(
+        tmp_path: Path) -> None:
+    """The study is claimed while its early work (one image) is still being made, and a
+    second instance arrived in between: the early result is dropped when it ends and the
+    claim goes back through the claiming loop: made once more, with both images, and
+    only that result is sent."""
+    pacs, port, processor, node = _early_node(tmp_path, quiet=0.6, early=0.1, first_delay=1.5)
+    study = "1.2.826.0.1.3680043.10.18.44"
+    node.start()
+    try:
+        _send_cr(port, [study])
+        wait_for(lambda: processor.made, timeout=30, interval=0.01)
+        _send_cr(port, [study])
+        wait_for(lambda: node.jobs.query("SELECT state FROM studies")[0]["state"] == "processed",
+                 timeout=30, interval=0.01)
+        assert [(g, n) for _, g, n in processor.made] == [(1, 1), (2, 2)]
+        assert processor.made[1][0] >= processor.made[0][0] + 1.5, "not after the early work"
+        rows = node.jobs.query("SELECT kind, sop_instance_uid FROM outbox ORDER BY kind")
+        assert [r["kind"] for r in rows] == ["sc", "sc", "sr"]
+        assert rows[2]["sop_instance_uid"] == generate_uid(entropy_srcs=[study, "2", "sr"])
+        assert 'fracture_node_early_starts_total{outcome="dropped"} 1.0' in (
+            node.metrics.render().decode())
+        wait_for(lambda: len(pacs.received()) == 3, timeout=60)
+        assert node.worker.in_flight == 0
     finally:
         node.stop(grace_seconds=2)
         pacs.stop()

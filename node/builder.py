@@ -44,7 +44,8 @@ import pydicom
 
 from dicom_out.common import OutputSettings
 from node.spool import Spool
-from node.worker import ProcessedStudy, WrittenFile, encode, output_path, release_memory
+from node.worker import (EarlyJob, EncodedObject, ProcessedStudy, WrittenFile, encode,
+                         output_path, release_memory)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class _Built:
     """What a build process sends back: everything but the objects."""
 
     written: tuple[WrittenFile, ...]
+    """The objects written into the spool (a build for a claimed study)."""
+    encoded: tuple[tuple[str, EncodedObject], ...]
+    """The objects encoded, not written (a study started early: held until its claim)."""
     outcomes: dict[str, tuple[str, str]]
     decision: str
     timings: dict[str, float]
@@ -134,8 +138,9 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _build(study: Any, models: _ModelInfos) -> _Built:
-    """Build and write the result objects of one analysed study (in a build process)."""
+def _build(study: Any, models: _ModelInfos, hold: bool = False) -> _Built:
+    """Build and write the result objects of one analysed study (in a build process);
+    with ``hold``, encode them and send them back instead of writing them."""
     from node.processing import StudyProcessor
 
     processor = StudyProcessor(models, _STATE["settings"])
@@ -143,8 +148,12 @@ def _build(study: Any, models: _ModelInfos) -> _Built:
     collect.lines = []
     job = study.prepared.job
     written: list[WrittenFile] = []
+    encoded: list[tuple[str, EncodedObject]] = []
 
     def write(kind: str, ds: pydicom.Dataset) -> None:
+        if hold:
+            encoded.append((kind, EncodedObject.of(ds)))
+            return
         path = output_path(spool, job.study_instance_uid, kind, str(ds.SOPInstanceUID))
         new = not path.exists()
         if new:
@@ -157,11 +166,11 @@ def _build(study: Any, models: _ModelInfos) -> _Built:
             write(kind, ds)
     except Exception as exc:
         exc.add_note("in the build process:\n" + "".join(traceback.format_exception(exc)))
-        return _Built(tuple(written), {}, "", {}, tuple(collect.lines), error=exc)
+        return _Built(tuple(written), (), {}, "", {}, tuple(collect.lines), error=exc)
     finally:
         release_memory()
-    return _Built(tuple(written), dict(result.outcomes), result.decision, dict(result.timings),
-                  tuple(collect.lines))
+    return _Built(tuple(written), tuple(encoded), dict(result.outcomes), result.decision,
+                  dict(result.timings), tuple(collect.lines))
 
 
 class BuildProcesses:
@@ -209,13 +218,14 @@ class BuildProcesses:
             processes = getattr(self._pool, "_processes", None) or {}
             return sorted(p.pid for p in processes.values() if p.pid is not None)
 
-    def build(self, study: Any, models: _ModelInfos) -> ProcessedStudy:
+    def build(self, study: Any, models: _ModelInfos, hold: bool = False) -> ProcessedStudy:
         """The result objects of ``study`` built and written by a build process,
-        returned as :attr:`ProcessedStudy.written`."""
+        returned as :attr:`ProcessedStudy.written`; with ``hold`` (a study started
+        early) built and encoded there, and returned as its ``outputs``, unwritten."""
         with self._lock:
             pool = self._pool
         try:
-            built: _Built = pool.submit(_build, study, models).result()
+            built: _Built = pool.submit(_build, study, models, hold).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:  # the first to see it starts a new pool
@@ -229,8 +239,9 @@ class BuildProcesses:
             logging.getLogger(name).log(level, "%s", message, extra=extra)
         if built.error is not None:  # what it wrote waits in the spool for the retry, as
             raise built.error        # after a failed build in the worker's thread
-        return ProcessedStudy(outputs=(), outcomes=built.outcomes, decision=built.decision,
-                              timings=built.timings, written=built.written)
+        return ProcessedStudy(outputs=built.encoded, outcomes=built.outcomes,
+                              decision=built.decision, timings=built.timings,
+                              written=built.written)
 
     def close(self) -> None:
         """Shut the pool down, waiting for a build still running."""
@@ -262,7 +273,10 @@ class BuiltElsewhere:
     def build(self, study: Any,
               sink: Callable[[str, pydicom.Dataset], None] | None = None) -> ProcessedStudy:
         """Built and written by a build process (``sink`` is not needed: every object is
-        written as it is made), or here when the study is alone."""
+        written as it is made), or here when the study is alone.  For a study started
+        early (:class:`~node.worker.EarlyJob`: its objects are held until it is claimed)
+        the build process sends the objects back encoded, unwritten."""
         if self.alone():
             return self.stages.build(study, sink)
-        return self.builders.build(study, self._models)
+        return self.builders.build(study, self._models,
+                                   hold=isinstance(study.prepared.job, EarlyJob))

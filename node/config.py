@@ -346,7 +346,8 @@ class WorkerConfig:
     and the study is processed again).  Only studies of at most
     ``max_images_in_flight`` images start early; ``0`` turns it off; ``None`` (the key
     left out): 0.25 s, or half the quiet period when that is shorter
-    (:meth:`Config.early_start`).  Nothing is written or sent before the study is ready."""
+    (:meth:`Config.early_start`).  Nothing is written or sent before the study is ready.
+    Used when ``threads`` > 1."""
 
     def __post_init__(self) -> None:
         value = self.early_start_seconds

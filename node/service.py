@@ -239,9 +239,7 @@ class Node:
                 max_images_in_flight=self.config.worker.max_images_in_flight,
                 gather_images=self.config.worker.images_per_run,
                 busy_studies=self.scp.tracker.busy_studies, heartbeat=False,
-                on_queued=self.deliverer.wake,
-                # a build process writes into the spool: nothing it makes can be held
-                early_start=0.0 if builders else self.config.early_start,
+                on_queued=self.deliverer.wake, early_start=self.config.early_start,
                 on_early=lambda outcome: self.metrics.early_starts.labels(outcome=outcome).inc())
             if isinstance(stages, BuiltElsewhere):  # a study in hand alone is built here
                 stages.alone = lambda: worker.in_flight <= 1

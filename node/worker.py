@@ -929,14 +929,15 @@ class PipelinedWorker(Worker):
         try:
             result = self.stages.build(analysed, None)
             held = ProcessedStudy(
-                outputs=[(kind, EncodedObject.of(ds)) for kind, ds in result.outputs],
+                outputs=[(kind, ds if isinstance(ds, EncodedObject) else EncodedObject.of(ds))
+                         for kind, ds in result.outputs],
                 outcomes=result.outcomes, decision=result.decision, timings=result.timings,
                 written=result.written)
         except Exception as exc:
             self._give_up(job, exc)
             return
-        if held.written:  # a build process wrote into the spool: not an early result
-            self._give_up(job, RuntimeError("built in a build process"))
+        if held.written:  # written into the spool: not something to hold
+            self._give_up(job, RuntimeError("the early build wrote into the spool"))
             return
         self._early_done(job, held)
 

@@ -174,6 +174,9 @@ def _run_node(tmp: Path, files: list[Path], threads: int, build_processes: int =
             "outputs": sorted((r["study_instance_uid"], r["kind"], r["sop_instance_uid"])
                               for r in node.jobs.query(
                                   "SELECT study_instance_uid, kind, sop_instance_uid FROM outbox")),
+            "early_used": sum(float(m) for m in re.findall(
+                r'fracture_node_early_starts_total\{outcome="used"\} (\S+)',
+                node.metrics.render().decode())),
         }
     finally:
         node.stop(grace_seconds=2)
@@ -182,7 +185,8 @@ def _run_node(tmp: Path, files: list[Path], threads: int, build_processes: int =
 def test_results_are_identical_with_one_and_with_three_worker_threads(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Same studies, same bytes, one worker thread and three (with a build process for
-    the result objects, model runs of 8 images and two inference streams per graph): the same result objects (SOP
+    the result objects, model runs of 8 images, two inference streams per graph and early
+    starts, some of them built in the build process): the same result objects (SOP
     Instance UIDs), the same study decisions, the same per-image outcomes and reasons
     (which quote the probabilities); and with three threads the models did take the
     images of several studies in one run (the build process's log lines, relayed, say
@@ -194,6 +198,7 @@ def test_results_are_identical_with_one_and_with_three_worker_threads(
         three = _run_node(tmp_path / "three", files, threads=3, build_processes=1, batch_images=8,
                           model_streams=2)
     assert any("2 stream(s) of" in r.getMessage() for r in caplog.records)
+    assert one["early_used"] == 0 and three["early_used"] >= 1, "no early start used"
     assert len(one["decisions"]) == 9  # type: ignore[arg-type]
     assert one["outputs"] == three["outputs"]
     assert len(one["outputs"]) >= 9 * 2  # type: ignore[arg-type]
@@ -763,6 +768,34 @@ def test_a_build_process_writes_the_objects_the_worker_thread_builds(
              and r.getMessage().startswith(f"study {job.study_instance_uid}: positive")]
     assert lines and getattr(lines[0], "study_uid", None) == job.study_instance_uid
     assert [w.new for w in again.written] == [False] * 7
+
+
+def test_a_build_process_holds_the_objects_of_a_study_started_early(tmp_path: Path) -> None:
+    """For a study started early the build process writes nothing: it sends the objects
+    back encoded, byte for byte what the worker would write for them."""
+    from node.builder import BuildProcesses, BuiltElsewhere
+    from node.spool import Spool
+    from node.worker import EarlyJob, EncodedObject
+
+    process = processor_factory(load_config(write_config(tmp_path, free_port()), environ={}))()
+    job = _demo_job(tmp_path / "study", "forearm", "early")
+    early = EarlyJob(job.study_instance_uid, job.generation, job.instances, job.previous_report)
+    analysed = process.analyse_many([process.prepare(early)])[0]
+    here = process.build(analysed)
+    spool = Spool(tmp_path / "spool")
+    pool = BuildProcesses(process.settings, spool, 1)
+    try:
+        held = BuiltElsewhere(process, pool).build(analysed)
+    finally:
+        pool.close()
+    assert held.written == () and held.decision == here.decision
+    assert sorted(k for k, _ in held.outputs) == ["ko", "pdf", "sc", "sc", "sc", "sc", "sr"]
+    assert all(isinstance(o, EncodedObject) for _, o in held.outputs)
+    assert not [f for f in spool.root.rglob("*") if f.is_file()], "written into the spool"
+    built_here = {str(ds.SOPInstanceUID): ds for _, ds in here.outputs}
+    for _, o in held.outputs:
+        assert _comparable(pydicom.dcmread(BytesIO(o.data))) == _comparable(
+            built_here[o.SOPInstanceUID])
 
 
 def test_a_build_process_that_dies_costs_one_attempt_and_a_new_one_takes_over(

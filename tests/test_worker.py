@@ -1065,14 +1065,18 @@ def test_a_study_is_made_during_its_quiet_period_and_sent_only_when_it_ends(
         pacs.stop()
 
 
+@pytest.mark.parametrize(("quiet", "delay"), [(1.5, 0.0), (0.6, 1.5)],
+                         ids=["held-then-claimed", "claimed-while-making"])
 def test_an_instance_arriving_after_an_early_start_drops_the_early_work(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, quiet: float, delay: float) -> None:
     """A second instance of the study arrives after its early start: the early result
     (one image, generation 1) is never written or sent; the study is made again with
-    both instances when its quiet period ends, and only that result is queued."""
-    from nodeharness import BASIC_TEXT_SR  # noqa: F401  (the SR the processor writes)
-
-    pacs, port, processor, node = _early_node(tmp_path, quiet=1.5, early=0.2)
+    both instances when its quiet period ends, and only that result is queued.  Either
+    the early result was held when the study was claimed, or (its making takes
+    ``delay`` s longer than the quiet period) the claim came while it was being made:
+    then the claim goes back through the claiming loop once the early work ends."""
+    pacs, port, processor, node = _early_node(tmp_path, quiet=quiet, early=0.1,
+                                              first_delay=delay)
     caplog.set_level(logging.INFO, logger="node")
     study = "1.2.826.0.1.3680043.10.18.41"
     node.start()
@@ -1083,6 +1087,7 @@ def test_an_instance_arriving_after_an_early_start_drops_the_early_work(
         wait_for(lambda: node.jobs.query("SELECT state FROM studies")[0]["state"] == "processed",
                  timeout=30, interval=0.01)
         assert [(g, n) for _, g, n in processor.made] == [(1, 1), (2, 2)]
+        assert processor.made[1][0] >= processor.made[0][0] + delay, "not after the early work"
         rows = node.jobs.query("SELECT kind, sop_instance_uid FROM outbox ORDER BY kind")
         assert [r["kind"] for r in rows] == ["sc", "sc", "sr"]
         assert rows[2]["sop_instance_uid"] == generate_uid(entropy_srcs=[study, "2", "sr"])
@@ -1092,6 +1097,7 @@ def test_an_instance_arriving_after_an_early_start_drops_the_early_work(
         exposed = node.metrics.render().decode()
         assert 'fracture_node_early_starts_total{outcome="dropped"} 1.0' in exposed
         assert 'outcome="used"' not in exposed
+        assert node.worker.in_flight == 0
     finally:
         node.stop(grace_seconds=2)
         pacs.stop()
@@ -1156,35 +1162,6 @@ def test_a_study_whose_early_start_failed_is_not_started_early_again(tmp_path: P
         assert len(processor.made) == 2, processor.made
         exposed = node.metrics.render().decode()
         assert 'fracture_node_early_starts_total{outcome="failed"} 1.0' in exposed
-    finally:
-        node.stop(grace_seconds=2)
-        pacs.stop()
-
-
-def test_a_claim_during_early_work_on_a_changed_study_is_processed_as_claimed(
-        tmp_path: Path) -> None:
-    """The study is claimed while its early work (one image) is still being made, and a
-    second instance arrived in between: the early result is dropped when it ends and the
-    claim goes back through the claiming loop: made once more, with both images, and
-    only that result is sent."""
-    pacs, port, processor, node = _early_node(tmp_path, quiet=0.6, early=0.1, first_delay=1.5)
-    study = "1.2.826.0.1.3680043.10.18.44"
-    node.start()
-    try:
-        _send_cr(port, [study])
-        wait_for(lambda: processor.made, timeout=30, interval=0.01)
-        _send_cr(port, [study])
-        wait_for(lambda: node.jobs.query("SELECT state FROM studies")[0]["state"] == "processed",
-                 timeout=30, interval=0.01)
-        assert [(g, n) for _, g, n in processor.made] == [(1, 1), (2, 2)]
-        assert processor.made[1][0] >= processor.made[0][0] + 1.5, "not after the early work"
-        rows = node.jobs.query("SELECT kind, sop_instance_uid FROM outbox ORDER BY kind")
-        assert [r["kind"] for r in rows] == ["sc", "sc", "sr"]
-        assert rows[2]["sop_instance_uid"] == generate_uid(entropy_srcs=[study, "2", "sr"])
-        assert 'fracture_node_early_starts_total{outcome="dropped"} 1.0' in (
-            node.metrics.render().decode())
-        wait_for(lambda: len(pacs.received()) == 3, timeout=60)
-        assert node.worker.in_flight == 0
     finally:
         node.stop(grace_seconds=2)
         pacs.stop()

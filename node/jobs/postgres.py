@@ -170,6 +170,12 @@ _MIGRATION_LOCK = 0x46524E31  # pg_advisory_xact_lock key ("FRN1")
 _NOW = "SELECT extract(epoch FROM clock_timestamp())::double precision"
 
 
+_NOT_RECEIVING = ("AND NOT EXISTS (SELECT 1 FROM receiving r JOIN nodes n ON n.node_id = "
+                  "r.node_id WHERE r.study_instance_uid = s.study_instance_uid AND "
+                  "n.stopped_at IS NULL AND n.heartbeat_at + n.lease_seconds >= %(now)s) ")
+"""No live node has an open association sending study ``s`` (claims and early starts)."""
+
+
 def migrate(conn: psycopg.Connection[Any], target: int = SCHEMA_VERSION) -> int:
     """Bring the schema to version ``target`` (one transaction, advisory-locked).
 
@@ -484,9 +490,7 @@ class PostgresJobStore(SharedQueries):
                 "WHERE ((s.state = 'pending' AND s.not_before <= %(now)s) OR "
                 "(s.state = 'processing' AND s.lease_expires_at < %(now)s)) "
                 "AND s.last_received_at <= %(quiet)s "
-                "AND NOT EXISTS (SELECT 1 FROM receiving r JOIN nodes n ON n.node_id = r.node_id "
-                "WHERE r.study_instance_uid = s.study_instance_uid AND n.stopped_at IS NULL "
-                "AND n.heartbeat_at + n.lease_seconds >= %(now)s) "
+                + _NOT_RECEIVING +
                 "ORDER BY s.last_received_at LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
                 {"now": now, "quiet": now - quiet_seconds},
             )
@@ -552,9 +556,7 @@ class PostgresJobStore(SharedQueries):
                 "FROM studies s JOIN instances i ON i.study_instance_uid = s.study_instance_uid "
                 "AND i.path IS NOT NULL WHERE s.state = 'pending' AND s.not_before <= %(now)s "
                 "AND s.last_received_at <= %(after)s AND s.last_received_at > %(quiet)s "
-                "AND NOT EXISTS (SELECT 1 FROM receiving r JOIN nodes n ON n.node_id = r.node_id "
-                "WHERE r.study_instance_uid = s.study_instance_uid AND n.stopped_at IS NULL "
-                "AND n.heartbeat_at + n.lease_seconds >= %(now)s) "
+                + _NOT_RECEIVING +
                 "GROUP BY s.study_instance_uid, s.generation, s.last_received_at "
                 "ORDER BY s.last_received_at",
                 {"now": now, "after": now - after_seconds, "quiet": now - quiet_seconds},

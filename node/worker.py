@@ -673,23 +673,30 @@ class PipelinedWorker(Worker):
         for _ in expired:
             self.on_early("expired")
         with self._cond:
-            held = sum(e.size for e in self._early.values() if e.held is not None)
-            room = self.max_images_in_flight - self._images_in_flight() - held
-            skip = frozenset(self._early) | frozenset(self._in_flight) | frozenset(
-                self._early_failed)
+            held = {uid: e.job.generation for uid, e in self._early.items() if e.held is not None}
+            room = self.max_images_in_flight - self._images_in_flight() - sum(
+                self._early[uid].size for uid in held)
+            skip = (frozenset(self._in_flight) | frozenset(self._early_failed)
+                    | frozenset(uid for uid in self._early if uid not in held))
         if room < 1:
             return False
         found = self.jobs.settling_study(self.early_start, self.config.study.quiet_seconds,
-                                         self.busy_studies(), max_instances=room, skip=skip)
+                                         self.busy_studies(), max_instances=room, skip=skip,
+                                         skip_generations=held)
         if found is None or not found.instances:
             return False
         job = EarlyJob(found.study_instance_uid, found.generation, found.instances,
                        found.previous_report)
         size = len(job.instances)
         with self._cond:
+            stale = self._early.pop(job.study_instance_uid, None)  # held, a generation ago
             self._early[job.study_instance_uid] = _Early(job, size)
             self._in_flight[job.study_instance_uid] = size
             self._unprepared.add(job.study_instance_uid)
+        if stale is not None:
+            logger.info("study %s changed after its early start; starting early again",
+                        job.study_instance_uid, extra={"study_uid": job.study_instance_uid})
+            self.on_early("dropped")
         logger.info("starting early on study %s (%d instance(s)), before its quiet period "
                     "ends", job.study_instance_uid, size,
                     extra={"study_uid": job.study_instance_uid})

@@ -167,8 +167,9 @@ def test_a_settling_study_is_offered_as_it_is_without_being_claimed(store: JobSt
     assert store.settling_study(1.0, 10.0, busy=frozenset({"1.2.3"}), now=t0 + 2) is None
     assert store.settling_study(1.0, 10.0, skip=frozenset({"1.2.3"}), now=t0 + 2) is None
     assert store.settling_study(1.0, 10.0, max_instances=1, now=t0 + 2) is None
-    early = store.settling_study(1.0, 10.0, now=t0 + 2)
-    assert early is not None and early.generation == 2
+    assert store.settling_study(1.0, 10.0, skip_generations={"1.2.3": 2}, now=t0 + 2) is None
+    early = store.settling_study(1.0, 10.0, skip_generations={"1.2.3": 1}, now=t0 + 2)
+    assert early is not None and early.generation == 2, "a generation ago: offered again"
     assert sorted(i.sop_instance_uid for i in early.instances) == ["1.9.1", "1.9.2"]
     assert _state(store)["state"] == PENDING, "an early start claims nothing"
     claimed = store.claim_ready_study(10.0, now=t0 + 11)

@@ -1071,10 +1071,11 @@ def test_an_instance_arriving_after_an_early_start_drops_the_early_work(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, quiet: float, delay: float) -> None:
     """A second instance of the study arrives after its early start: the early result
     (one image, generation 1) is never written or sent; the study is made again with
-    both instances when its quiet period ends, and only that result is queued.  Either
-    the early result was held when the study was claimed, or (its making takes
-    ``delay`` s longer than the quiet period) the claim came while it was being made:
-    then the claim goes back through the claiming loop once the early work ends."""
+    both instances, and only that result is queued.  Either the early result was held
+    when the instance came, and the study starts early again (that result is used at the
+    claim), or (its making takes ``delay`` s longer than the quiet period) the claim
+    came while it was being made: then the claim goes back through the claiming loop
+    once the early work ends."""
     pacs, port, processor, node = _early_node(tmp_path, quiet=quiet, early=0.1,
                                               first_delay=delay)
     caplog.set_level(logging.INFO, logger="node")
@@ -1096,7 +1097,12 @@ def test_an_instance_arriving_after_an_early_start_drops_the_early_work(
         assert any("changed after its early start" in r.getMessage() for r in caplog.records)
         exposed = node.metrics.render().decode()
         assert 'fracture_node_early_starts_total{outcome="dropped"} 1.0' in exposed
-        assert 'outcome="used"' not in exposed
+        if delay:
+            assert 'outcome="used"' not in exposed
+        else:  # started early again, and that result used
+            last = float(node.jobs.query("SELECT last_received_at AS t FROM studies")[0]["t"])
+            assert processor.made[1][0] < last + quiet, "not made early the second time"
+            assert 'fracture_node_early_starts_total{outcome="used"} 1.0' in exposed
         assert node.worker.in_flight == 0
     finally:
         node.stop(grace_seconds=2)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -161,7 +161,8 @@ class JobStoreBackend(Protocol):
 
     def settling_study(
         self, after_seconds: float, quiet_seconds: float, busy: frozenset[str] = frozenset(),
-        max_instances: int = 16, skip: frozenset[str] = frozenset(), now: float | None = None,
+        max_instances: int = 16, skip: frozenset[str] = frozenset(),
+        skip_generations: Mapping[str, int] | None = None, now: float | None = None,
     ) -> StudyJob | None: ...
 
     def queue_outputs(

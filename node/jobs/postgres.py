@@ -40,7 +40,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -543,7 +543,8 @@ class PostgresJobStore(SharedQueries):
 
     def settling_study(
         self, after_seconds: float, quiet_seconds: float, busy: frozenset[str] = frozenset(),
-        max_instances: int = 16, skip: frozenset[str] = frozenset(), now: float | None = None,
+        max_instances: int = 16, skip: frozenset[str] = frozenset(),
+        skip_generations: Mapping[str, int] | None = None, now: float | None = None,
     ) -> StudyJob | None:
         """As :meth:`SQLiteJobStore.settling_study <node.jobs.sqlite.SQLiteJobStore.settling_study>`:
         a pending study between ``after_seconds`` and ``quiet_seconds`` quiet that no live
@@ -561,8 +562,9 @@ class PostgresJobStore(SharedQueries):
                 "ORDER BY s.last_received_at",
                 {"now": now, "after": now - after_seconds, "quiet": now - quiet_seconds},
             )
+            seen = skip_generations or {}
             chosen = next((r for r in cur.fetchall() if r[0] not in busy and r[0] not in skip
-                           and r[2] <= max_instances), None)
+                           and seen.get(r[0]) != r[1] and r[2] <= max_instances), None)
             if chosen is None:
                 return None
             study_uid, generation, _ = chosen

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -251,11 +251,13 @@ class SQLiteJobStore(SharedQueries):
 
     def settling_study(
         self, after_seconds: float, quiet_seconds: float, busy: frozenset[str] = frozenset(),
-        max_instances: int = 16, skip: frozenset[str] = frozenset(), now: float | None = None,
+        max_instances: int = 16, skip: frozenset[str] = frozenset(),
+        skip_generations: Mapping[str, int] | None = None, now: float | None = None,
     ) -> StudyJob | None:
         """The oldest pending study quiet for ``after_seconds`` but not yet for
         ``quiet_seconds``, with at most ``max_instances`` instances, not being sent by an
-        open association (``busy``) and not in ``skip``: what it holds now, *not
+        open association (``busy``), not in ``skip`` and not at the generation
+        ``skip_generations`` gives for it (work already done): what it holds now, *not
         claimed* (its state is unchanged).  The worker may start on it early
         (``[worker] early_start_seconds``) and uses the work only if the study it later
         claims is this one at the same generation."""
@@ -270,8 +272,9 @@ class SQLiteJobStore(SharedQueries):
                 "ORDER BY s.last_received_at",
                 [now, now - after_seconds, now - quiet_seconds],
             ).fetchall()
+            seen = skip_generations or {}
             chosen = next((r for r in rows if r[0] not in busy and r[0] not in skip
-                           and r[2] <= max_instances), None)
+                           and seen.get(r[0]) != r[1] and r[2] <= max_instances), None)
             if chosen is None:
                 return None
             study_uid, generation, _ = chosen

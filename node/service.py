@@ -94,7 +94,7 @@ class ObservedStages:
     def build(self, study: tuple[StudyJob, float, float | None, Any],
               sink: Callable[[str, Dataset], None] | None = None) -> ProcessedStudy:
         """The result objects; counted now, or for a study started early (whose work
-        may still be dropped) when the worker uses them (:meth:`early_result_used`)."""
+        may still be dropped) when the worker uses them (:meth:`result_used`)."""
         job, started, waited, analysed = study
         try:
             result = self.stages.build(analysed, sink)
@@ -107,12 +107,12 @@ class ObservedStages:
                 timings["quiet_wait"] = waited
             return dataclasses.replace(result, timings=timings)
         self.metrics.stage("processing", time.perf_counter() - started)
-        self.early_result_used(result)
+        self.result_used(result)
         return result
 
-    def early_result_used(self, result: ProcessedStudy) -> None:
-        """Count a study's stage timings and decision (the worker calls it for a study
-        started early once its result objects are written)."""
+    def result_used(self, result: ProcessedStudy) -> None:
+        """Count a study's stage timings and decision: here for a study built as claimed,
+        and called by the worker for one started early once its objects are written."""
         for stage, seconds in getattr(result, "timings", {}).items():
             self.metrics.stage(stage, seconds)
         self.metrics.studies.labels(decision=result.decision).inc()

@@ -670,14 +670,13 @@ class PipelinedWorker(Worker):
                            self.config.study.quiet_seconds + EARLY_HOLD_SECONDS)]
             for uid in expired:  # claimed by another node, or it never settled
                 del self._early[uid]
-        for _ in expired:
-            self.on_early("expired")
-        with self._cond:
             held = {uid: e.job.generation for uid, e in self._early.items() if e.held is not None}
             room = self.max_images_in_flight - self._images_in_flight() - sum(
                 self._early[uid].size for uid in held)
             skip = (frozenset(self._in_flight) | frozenset(self._early_failed)
                     | frozenset(uid for uid in self._early if uid not in held))
+        for _ in expired:
+            self.on_early("expired")
         if room < 1:
             return False
         found = self.jobs.settling_study(self.early_start, self.config.study.quiet_seconds,
@@ -694,9 +693,7 @@ class PipelinedWorker(Worker):
             self._in_flight[job.study_instance_uid] = size
             self._unprepared.add(job.study_instance_uid)
         if stale is not None:
-            logger.info("study %s changed after its early start; starting early again",
-                        job.study_instance_uid, extra={"study_uid": job.study_instance_uid})
-            self.on_early("dropped")
+            self._dropped(job.study_instance_uid, "starting early again")
         logger.info("starting early on study %s (%d instance(s)), before its quiet period "
                     "ends", job.study_instance_uid, size,
                     extra={"study_uid": job.study_instance_uid})
@@ -720,9 +717,7 @@ class PipelinedWorker(Worker):
             if not changed:
                 self._in_flight[uid] = early.size  # written at once, beside the bound
         if changed:
-            logger.info("study %s changed after its early start; processing it again",
-                        uid, extra={"study_uid": uid})
-            self.on_early("dropped")
+            self._dropped(uid, "processing it again")
             return False
         self._tasks.put(_BUILD, (job, _Held(early.held), time.perf_counter()))
         return True
@@ -758,9 +753,13 @@ class PipelinedWorker(Worker):
         if not again:
             self._tasks.put(_BUILD, (claimed, _Held(held), time.perf_counter()))
         elif held is not None:
-            logger.info("study %s changed after its early start; processing it again",
-                        uid, extra={"study_uid": uid})
-            self.on_early("dropped")
+            self._dropped(uid, "processing it again")
+
+    def _dropped(self, uid: str, then: str) -> None:
+        """Early work on ``uid`` is dropped: an instance arrived after it."""
+        logger.info("study %s changed after its early start; %s", uid, then,
+                    extra={"study_uid": uid})
+        self.on_early("dropped")
 
     def _give_up(self, job: StudyJob, exc: BaseException) -> None:
         """This attempt at ``job`` failed in a stage: record the failure (a retry or
@@ -895,9 +894,9 @@ class PipelinedWorker(Worker):
             try:
                 self._finish(job, analysed, files, started, ", made before its quiet period "
                              "ended")
-                early_used = getattr(self.stages, "early_result_used", None)
-                if early_used is not None:
-                    early_used(analysed)
+                count = getattr(self.stages, "result_used", None)  # ObservedStages
+                if count is not None:
+                    count(analysed)
                 self.on_early("used")
             finally:
                 self._done(job)
@@ -935,16 +934,14 @@ class PipelinedWorker(Worker):
         claimed (nothing is written)."""
         try:
             result = self.stages.build(analysed, None)
+            if result.written:  # written into the spool: not something to hold
+                raise RuntimeError("the early build wrote into the spool")
             held = ProcessedStudy(
                 outputs=[(kind, ds if isinstance(ds, EncodedObject) else EncodedObject.of(ds))
                          for kind, ds in result.outputs],
-                outcomes=result.outcomes, decision=result.decision, timings=result.timings,
-                written=result.written)
+                outcomes=result.outcomes, decision=result.decision, timings=result.timings)
         except Exception as exc:
             self._give_up(job, exc)
-            return
-        if held.written:  # written into the spool: not something to hold
-            self._give_up(job, RuntimeError("the early build wrote into the spool"))
             return
         self._early_done(job, held)
 

@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                                  ROOT / "demo/studies/normal-forearm"])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--stats", type=Path, default=None,
+                        help="with --profile: also write the cProfile stats here (pstats, for callers)")
     parser.add_argument("--top", type=int, default=30)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--dump", type=Path)
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             processor.build(study)
         profiler.disable()
         stats = pstats.Stats(profiler)
+        if args.stats:
+            stats.dump_stats(args.stats)
         stats.sort_stats("cumulative").print_stats(args.top)
         stats.sort_stats("tottime").print_stats(args.top)
 

@@ -216,6 +216,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve(args, Node(config, processor_factory(config)))
 
 
+def _write_ready_file(path: Path, text: str) -> None:
+    """Write ``--ready-file`` whole or not at all (a temporary file renamed over it): a
+    supervisor that polls for the file must never read it empty or half written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _serve(args: argparse.Namespace, node: Node) -> int:
     stop = threading.Event()
 
@@ -228,7 +236,7 @@ def _serve(args: argparse.Namespace, node: Node) -> int:
     signal.signal(signal.SIGINT, on_signal)
     address, port = node.start()  # binds first (exit 2 if the port is taken), then loads
     if args.ready_file:
-        Path(args.ready_file).write_text(f"{address}:{port}\n")
+        _write_ready_file(Path(args.ready_file), f"{address}:{port}\n")
     while not stop.wait(0.5):
         if node.fatal is not None:
             break

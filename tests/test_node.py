@@ -545,3 +545,16 @@ def test_kill_during_heavy_writes_keeps_database_intact(tmp_path: Path) -> None:
         db.unlink()
         for suffix in ("-wal", "-shm"):
             Path(str(db) + suffix).unlink(missing_ok=True)
+
+
+def test_the_ready_file_is_written_whole_by_a_rename(tmp_path: Path) -> None:
+    """``serve --ready-file`` is polled for by supervisors and tests: it appears with its
+    whole text or not at all (a reader that saw it exist once read it empty, on a fast
+    machine), and replaces an old one from an earlier run, leaving no temporary file."""
+    from node.cli import _write_ready_file
+
+    ready = tmp_path / "ready"
+    ready.write_text("127.0.0.1:1\n")
+    _write_ready_file(ready, "127.0.0.1:11112\n")
+    assert ready.read_text() == "127.0.0.1:11112\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["ready"]

@@ -134,7 +134,9 @@ def main(config_path: str, ready_file: str, report: bool = False, delay: float =
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     address, port = node.start()
-    Path(ready_file).write_text(f"{address}:{port}\n")
+    from node.cli import _write_ready_file
+
+    _write_ready_file(Path(ready_file), f"{address}:{port}\n")  # as serve writes it
     stop.wait()
     node.stop()
     return 0

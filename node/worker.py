@@ -580,8 +580,11 @@ class PipelinedWorker(Worker):
         """Studies in hand whose decode and normalisation has not finished."""
         self._early: dict[str, _Early] = {}
         """Studies started early, by Study Instance UID (under ``self._cond``)."""
-        self._early_failed: set[str] = set()
-        """Studies whose early work failed: not started early again before their claim."""
+        self._early_failed: dict[str, float] = {}
+        """Studies whose early work failed, with the monotonic time it failed: not started
+        early again before their claim.  A record older than the quiet period and
+        :data:`EARLY_HOLD_SECONDS` is dropped like a held result (another node claimed
+        the study, or it never settled), so the records stay bounded."""
         self._handed_back: collections.deque[StudyJob] = collections.deque()
         """Claims that came during early work that could not be used: claimed again by
         the claiming loop, through the in-flight bound (under ``self._cond``)."""
@@ -625,7 +628,7 @@ class PipelinedWorker(Worker):
                                               self.busy_studies())
             if job is None:
                 return self._start_early()
-            self._early_failed.discard(job.study_instance_uid)
+            self._early_failed.pop(job.study_instance_uid, None)
             if self._claimed_early(job):
                 return True
         size = max(1, len(job.instances))
@@ -670,6 +673,9 @@ class PipelinedWorker(Worker):
                            self.config.study.quiet_seconds + EARLY_HOLD_SECONDS)]
             for uid in expired:  # claimed by another node, or it never settled
                 del self._early[uid]
+            for uid in [uid for uid, at in self._early_failed.items()
+                        if now - at > self.config.study.quiet_seconds + EARLY_HOLD_SECONDS]:
+                del self._early_failed[uid]
             held = {uid: e.job.generation for uid, e in self._early.items() if e.held is not None}
             room = self.max_images_in_flight - self._images_in_flight() - sum(
                 self._early[uid].size for uid in held)
@@ -772,7 +778,7 @@ class PipelinedWorker(Worker):
                         extra={"study_uid": job.study_instance_uid})
             self.on_early("failed")
             with self._cond:
-                self._early_failed.add(job.study_instance_uid)
+                self._early_failed[job.study_instance_uid] = time.monotonic()
             self._early_done(job, None)
             return
         try:

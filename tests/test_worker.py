@@ -1156,6 +1156,31 @@ def test_a_failed_early_start_costs_no_attempt_and_the_study_is_made_when_ready(
         pacs.stop()
 
 
+def test_the_record_of_a_failed_early_start_expires_like_a_held_result(tmp_path: Path) -> None:
+    """A study whose early work failed is skipped until its claim; if another node
+    claims it (or it never settles) that claim never comes here, so the record is
+    dropped once it is older than the quiet period and EARLY_HOLD_SECONDS, as a held
+    result is: the records stay bounded on a node beside others."""
+    import node.worker as worker_module
+
+    pacs, _port, _processor, node = _early_node(tmp_path, quiet=1.0, early=0.2)
+    node.start()
+    try:
+        worker = node.worker
+        assert isinstance(worker, worker_module.PipelinedWorker)
+        now = time.monotonic()
+        old = now - (1.0 + worker_module.EARLY_HOLD_SECONDS) - 1.0
+        with worker._cond:
+            worker._early_failed.update({"1.2.826.0.1.3680043.10.18.91": old,
+                                         "1.2.826.0.1.3680043.10.18.92": now})
+        wait_for(lambda: "1.2.826.0.1.3680043.10.18.91" not in worker._early_failed,
+                 timeout=10, interval=0.01)  # the idle loop looks for early work
+        assert "1.2.826.0.1.3680043.10.18.92" in worker._early_failed  # still within its window
+    finally:
+        node.stop(grace_seconds=2)
+        pacs.stop()
+
+
 def test_a_study_whose_early_start_failed_is_not_started_early_again(tmp_path: Path) -> None:
     """Every attempt at the study fails: it is started early once, not at every idle
     turn of its quiet period; its claim is then the first attempt counted."""

@@ -182,6 +182,40 @@ def _check_precision(router: ModelEntry, classifier: ModelEntry) -> None:
             "in bf16 but this CPU has no bfloat16 instructions; name the fp32 models instead")
 
 
+def bf16_note(config: Config) -> str | None:
+    """A one-line note when the active models are the fp32 pair, this CPU runs bfloat16,
+    and the registry holds bf16 models of the same weights, each with its own evaluation
+    attached (a variant without one is not offered): what an administrator can name in
+    ``[models]``.  ``None`` otherwise.  No speed is claimed: it depends on the CPU
+    (``bench/inference.py`` measures it)."""
+    from models.registry import RegistryError, load_registry
+    from models.runtime import bf16_supported
+
+    try:
+        registry = load_registry(config.models.registry)
+        active = [registry.models[config.models.router], registry.models[config.models.classifier]]
+    except (RegistryError, KeyError):
+        return None  # preflight says what is wrong
+    if any(e.precision != "fp32" for e in active):
+        return None
+    variants = []
+    for entry in active:
+        same = sorted((n for n, e in registry.models.items()
+                       if e.role == entry.role and e.precision == "bf16" and e.sha256 == entry.sha256
+                       and e.metrics.get("source")), key=lambda n: registry.models[n].version)
+        if not same:
+            return None
+        variants.append(registry.models[same[-1]])
+    if not bf16_supported():
+        return None
+    router, classifier = variants
+    evaluation = Path(str(classifier.metrics["source"])).parent
+    return (f"this CPU runs bfloat16: {router.name} {router.version} and {classifier.name} "
+            f"{classifier.version} are the active models' weights served in bf16, calibrated "
+            f"and evaluated on their own ({evaluation}/); to serve them set models.router = "
+            f"{router.name!r} and models.classifier = {classifier.name!r}")
+
+
 def read_token(path: Path) -> str:
     """The console's bearer token: the first line of ``path``, stripped."""
     try:
@@ -196,6 +230,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     preflight(config)
     print(json.dumps(config.as_dict(), indent=2))
+    note = bf16_note(config)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if not config.destinations:
         print("note: keep_results_local = true: results stay in "
               f"{config.storage.spool_dir / 'outbox'} and are sent nowhere", file=sys.stderr)
@@ -209,6 +246,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     preflight(config)  # what check-config refuses, serve refuses, before binding anything
     logger.info("configuration: %s", json.dumps(config.as_dict()))
+    note = bf16_note(config)
+    if note:
+        logger.info("%s", note)
     if not config.destinations:
         logger.warning("no [[destinations]]: keep_results_local = true, results stay in %s",
                        config.storage.spool_dir / "outbox")

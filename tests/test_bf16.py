@@ -202,6 +202,33 @@ def test_a_cpu_without_bf16_refuses_the_bf16_models(tmp_path: Path, monkeypatch:
     preflight(load_config(_config(tmp_path, "bodypart-router", "fracture-classifier")))
 
 
+@pytest.mark.parametrize("capabilities", [("FP32", "BF16", "INT8"), ("FP32", "INT8")])
+def test_check_config_points_at_the_bf16_pair_only_where_the_cpu_runs_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        capabilities: tuple[str, ...]) -> None:
+    """With the fp32 pair active, ``check-config`` (and serve's log) names the bf16 pair
+    of the same weights and where its own evaluation is, on a CPU that runs bf16 only;
+    with the bf16 pair active it says nothing more."""
+    import models.runtime as runtime
+    from node.cli import bf16_note, main
+
+    monkeypatch.setattr(runtime, "_cpu_capabilities", lambda: capabilities)
+    fp32_config = _config(tmp_path, "bodypart-router", "fracture-classifier")
+    assert main(["--config", str(fp32_config), "check-config"]) == 0
+    err = capsys.readouterr().err
+    registry = load_registry(REGISTRY)
+    if "BF16" in capabilities:
+        r, c = registry.get(ROUTER), registry.get(CLASSIFIER)
+        assert (f"note: this CPU runs bfloat16: {ROUTER} {r.version} and {CLASSIFIER} {c.version} "
+                f"are the active models' weights served in bf16") in err
+        assert "(models/eval/bf16/)" in err and f"models.classifier = '{CLASSIFIER}'" in err
+        (tmp_path / "b").mkdir()
+        assert bf16_note(load_config(_config(tmp_path / "b", ROUTER, CLASSIFIER))) is None
+    else:
+        assert "bfloat16" not in err
+        assert bf16_note(load_config(fp32_config)) is None
+
+
 def test_register_makes_a_variant_without_the_other_precision_s_metrics(tmp_path: Path) -> None:
     from models.training.register import main as register_main
 

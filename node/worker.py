@@ -666,15 +666,15 @@ class PipelinedWorker(Worker):
         and there is room.  Returns whether one was started."""
         if not self.early_start:
             return False
-        now = time.monotonic()
+        # older than this, a held result or a failure record is of a study claimed by
+        # another node, or one that never settled
+        stale_before = time.monotonic() - (self.config.study.quiet_seconds + EARLY_HOLD_SECONDS)
         with self._cond:
             expired = [uid for uid, e in self._early.items()
-                       if e.held is not None and now - e.held_at > (
-                           self.config.study.quiet_seconds + EARLY_HOLD_SECONDS)]
-            for uid in expired:  # claimed by another node, or it never settled
+                       if e.held is not None and e.held_at < stale_before]
+            for uid in expired:
                 del self._early[uid]
-            for uid in [uid for uid, at in self._early_failed.items()
-                        if now - at > self.config.study.quiet_seconds + EARLY_HOLD_SECONDS]:
+            for uid in [uid for uid, at in self._early_failed.items() if at < stale_before]:
                 del self._early_failed[uid]
             held = {uid: e.job.generation for uid, e in self._early.items() if e.held is not None}
             room = self.max_images_in_flight - self._images_in_flight() - sum(

@@ -25,7 +25,7 @@ from node.config import Config, load_config
 from node.errors import ConfigError, NodeError, SendError
 
 if TYPE_CHECKING:
-    from models.registry import ModelEntry
+    from models.registry import ModelEntry, Registry
     from node.scu import Peer
     from node.service import Node
 
@@ -106,12 +106,12 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
 
 
-def preflight(config: Config) -> None:
+def preflight(config: Config) -> Registry:
     """Every check that needs no network and no model in memory: the result-object
     rules, the active models against the registry (names, roles, weights present with
     the recorded SHA-256), and the console's token and certificate files.  Both
     ``check-config`` and ``serve`` run it, so ``serve`` refuses what ``check-config``
-    refuses.
+    refuses.  Returns the registry it checked the models against.
 
     Raises
     ------
@@ -160,6 +160,7 @@ def preflight(config: Config) -> None:
         if console.token_file is not None and not read_token(console.token_file):
             raise ConfigError(f"console.token_file: {console.token_file} is empty; put a long "
                               "random token on its first line")
+    return registry
 
 
 def _check_precision(router: ModelEntry, classifier: ModelEntry) -> None:
@@ -182,20 +183,15 @@ def _check_precision(router: ModelEntry, classifier: ModelEntry) -> None:
             "in bf16 but this CPU has no bfloat16 instructions; name the fp32 models instead")
 
 
-def bf16_note(config: Config) -> str | None:
+def bf16_note(config: Config, registry: Registry) -> str | None:
     """A one-line note when the active models are the fp32 pair, this CPU runs bfloat16,
-    and the registry holds bf16 models of the same weights, each with its own evaluation
-    attached (a variant without one is not offered): what an administrator can name in
-    ``[models]``.  ``None`` otherwise.  No speed is claimed: it depends on the CPU
-    (``bench/inference.py`` measures it)."""
-    from models.registry import RegistryError, load_registry
+    and ``registry`` (as :func:`preflight` checked it) holds bf16 models of the same
+    weights, each with its own evaluation attached (a variant without one is not
+    offered): what an administrator can name in ``[models]``.  ``None`` otherwise.  No
+    speed is claimed: it depends on the CPU (``bench/inference.py`` measures it)."""
     from models.runtime import bf16_supported
 
-    try:
-        registry = load_registry(config.models.registry)
-        active = [registry.models[config.models.router], registry.models[config.models.classifier]]
-    except (RegistryError, KeyError):
-        return None  # preflight says what is wrong
+    active = [registry.models[config.models.router], registry.models[config.models.classifier]]
     if any(e.precision != "fp32" for e in active):
         return None
     variants = []
@@ -228,9 +224,9 @@ def read_token(path: Path) -> str:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
-    preflight(config)
+    registry = preflight(config)
     print(json.dumps(config.as_dict(), indent=2))
-    note = bf16_note(config)
+    note = bf16_note(config, registry)
     if note:
         print(f"note: {note}", file=sys.stderr)
     if not config.destinations:
@@ -244,9 +240,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.service import Node
 
     config = _load(args)
-    preflight(config)  # what check-config refuses, serve refuses, before binding anything
+    registry = preflight(config)  # what check-config refuses, serve refuses, before binding
     logger.info("configuration: %s", json.dumps(config.as_dict()))
-    note = bf16_note(config)
+    note = bf16_note(config, registry)
     if note:
         logger.info("%s", note)
     if not config.destinations:

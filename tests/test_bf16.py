@@ -223,10 +223,10 @@ def test_check_config_points_at_the_bf16_pair_only_where_the_cpu_runs_it(
                 f"are the active models' weights served in bf16") in err
         assert "(models/eval/bf16/)" in err and f"models.classifier = '{CLASSIFIER}'" in err
         (tmp_path / "b").mkdir()
-        assert bf16_note(load_config(_config(tmp_path / "b", ROUTER, CLASSIFIER))) is None
+        assert bf16_note(load_config(_config(tmp_path / "b", ROUTER, CLASSIFIER)), registry) is None
     else:
         assert "bfloat16" not in err
-        assert bf16_note(load_config(fp32_config)) is None
+        assert bf16_note(load_config(fp32_config), registry) is None
 
 
 def test_register_makes_a_variant_without_the_other_precision_s_metrics(tmp_path: Path) -> None:

@@ -428,6 +428,50 @@ def test_localisation_training_smoke_run(tmp_path: Path) -> None:
     np.testing.assert_allclose(after, before, atol=1e-6)  # a learning rate of 1e-12 moves nothing
 
 
+def test_abnormality_output_trains_beside_the_fracture_head_and_stays_out_of_the_graph(
+        tmp_path: Path) -> None:
+    """``--abnormality-weight``: MURA's abnormal images train only the auxiliary output
+    (never the fracture loss), whose study AUROC by part is reported each epoch; the
+    inference model keeps the two outputs the node serves; a resumed run goes on."""
+    from models.cli import train_main
+    from models.training import data as mdata
+    from models.training import train as mtrain
+
+    rows = mdata.in_split(mdata.read_manifest(MSK_DATA), "train")
+    fracture = mdata.fracture_samples(rows)
+    extra = mdata.abnormality_only_samples(rows, exclude=[s.row.path for s in fracture])
+    assert extra and all(not s.classify and s.row.dataset == "MURA-v1.1" for s in extra)
+    assert not any(s.row.dataset == "MURA-v1.1" and s.row.label == "positive" for s in fracture), \
+        "a MURA abnormal image is a fracture sample"
+    y, w = mtrain._abnormality_targets(fracture + extra, 0.5)
+    mura = [s.row.dataset == "MURA-v1.1" for s in fracture + extra]
+    assert all(wi == 0 for wi, m in zip(w, mura) if not m), "a non-MURA image weighs in the abnormality loss"
+    assert set(y[np.array(mura)]) == {0.0, 1.0} and all(w[np.array(mura)] > 0)
+
+    out = tmp_path / "run"
+    args = ["--task", "classifier", "--data", str(MSK_DATA), "--out", str(out), "--size", "64",
+            "--epochs", "2", "--limit", "64", "--batch-size", "16", "--finding", "fracture",
+            "--localisation-weight", "0.3", "--abnormality-weight", "0.5", "--max-minutes", "0.01",
+            "--quiet"]
+    assert train_main(args) == 0  # the budget stops it after the first epoch
+    state = json.loads((out / "state.json").read_text())
+    assert state["epochs_done"] == 1
+    assert train_main([a for a in args if a not in ("--max-minutes", "0.01")] + ["--resume"]) == 0
+    history = json.loads((out / "state.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    last = history[-1]
+    assert np.isfinite(last["abnormality_loss"]) and np.isfinite(last["logit_loss"])
+    assert set(last["abnormality"]) <= {"forearm_study_auroc", "humerus_study_auroc", "wrist_study_auroc"}
+    assert last["abnormality"], "no abnormality AUROC reported"
+    import keras
+
+    served = keras.models.load_model(out / "model.keras", compile=False)
+    assert len(served.outputs) == 2 and "abnormality" not in {layer.name for layer in served.layers}
+    with pytest.raises(ValueError, match="abnormality_weight"):
+        mtrain.TrainConfig(task="classifier", data_dir="d", out_dir="o", size=64, epochs=1,
+                           abnormality_weight=0.5)  # the abnormality finding has no second output
+
+
 def test_top_blocks_train_on_cached_feature_maps_and_resume(tmp_path: Path) -> None:
     """--cache-below-block N: blocks 0..N-1 stay exactly as they started, blocks N.. move;
     each augmentation draw is cached once and read back on a resumed run."""

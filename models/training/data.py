@@ -297,6 +297,21 @@ def fracture_samples(rows: Sequence[Row], datasets: Sequence[str] = FRACTURE_DAT
     return out
 
 
+def abnormality_only_samples(rows: Sequence[Row], exclude: Iterable[Path] = ()) -> list[Sample]:
+    """MURA's labelled images of the humerus, forearm and wrist not in ``exclude`` (the
+    fracture samples already hold MURA's normal ones): the abnormal studies, and the
+    normal images the Better-MURA list moves to abnormal.  They train only the
+    auxiliary abnormality output (``classify=False``: not the fracture loss), since
+    MURA's *abnormal* is not a fracture label."""
+    skip = set(exclude)
+    out = [Sample(r, 0, classify=False) for r in rows
+           if r.dataset == "MURA-v1.1" and r.body_part in CLASSIFIER_PARTS
+           and r.label in ("positive", "negative") and r.path not in skip]
+    logger.info("abnormality-only samples: %d (%d abnormal)", len(out),
+                sum(1 for s in out if s.row.label == "positive"))
+    return out
+
+
 def box_samples(rows: Sequence[Row], exclude: Iterable[Path] = ()) -> list[Sample]:
     """Localisation-only samples: positive rows with fracture boxes, not in ``exclude``.
 

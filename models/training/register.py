@@ -468,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"(FracAtlas, pkdarabi, roboflow-sr2022; weight {cfg['localisation_weight']}; "
                     f"box-only sets do not enter the classification loss). "
                     if cfg.get("localisation_weight") else ""
+                ) + (
+                    f"An auxiliary output on the same pooled features learned MURA's study-level "
+                    f"'abnormal' labels of the humerus, forearm and wrist (weight "
+                    f"{cfg['abnormality_weight']}; MURA's abnormal images enter only that loss; "
+                    f"the output is not in the served graph). "
+                    if cfg.get("abnormality_weight") else ""
                 ) + train_desc
             )
             _calibrate_fracture_entry(entry, graph_path, args)

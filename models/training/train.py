@@ -122,6 +122,13 @@ class TrainConfig:
     cache_variants: int = 2
     """Augmentation draws cached per training image with ``cache_below_block``; epoch ``e``
     trains on draw ``e % cache_variants``."""
+    abnormality_weight: float = 0.0
+    """Fracture finding: weight of a second, auxiliary output trained beside the fracture
+    head on MURA's study-level *abnormal* labels (humerus, forearm, wrist; a dense layer
+    on the same pooled features), so that the backbone also learns what MURA calls
+    abnormal (hardware, degenerative change, lesions).  MURA's abnormal images enter only
+    this loss, never the fracture loss; the output is not in the served graph (the
+    registered abnormality head is fitted on the served features, ``head.py``).  0 = off."""
 
     def __post_init__(self) -> None:
         if self.task not in ("router", "classifier"):
@@ -146,6 +153,10 @@ class TrainConfig:
             raise ValueError("cache_below_block must be >= 0 and cache_variants >= 1")
         if self.cache_below_block and self.freeze_blocks > self.cache_below_block:
             raise ValueError("freeze_blocks must not exceed cache_below_block")
+        if self.abnormality_weight < 0 or (self.abnormality_weight and (
+                self.task != "classifier" or self.finding != "fracture" or self.cache_below_block)):
+            raise ValueError("abnormality_weight must be >= 0, and is for the fracture classifier "
+                             "trained on whole images (not with cache_below_block)")
         if not self.backbone:  # frozen: the one place the default is filled in
             object.__setattr__(self, "backbone", str(default_backbone(self.arch)))
 
@@ -158,6 +169,8 @@ def _samples(cfg: TrainConfig, rows: list[mdata.Row], split: str) -> list[mdata.
     else:
         samples = (mdata.fracture_samples(part, normal_mura=cfg.normal_mura) if cfg.finding == "fracture"
                    else mdata.classifier_samples(part))
+        if cfg.abnormality_weight and split == "train":
+            samples += mdata.abnormality_only_samples(part, exclude=[s.row.path for s in samples])
         if cfg.localisation_weight and split == "train":
             samples += mdata.box_samples(part, exclude=[s.row.path for s in samples])
     if cfg.limit is not None:
@@ -173,7 +186,8 @@ def _augment_fn(size: int, seed: int, with_masks: bool = False, stride: int = 32
     With ``with_masks`` the function takes ``(x, y, w, mask, w_loc)``, moves each box
     mask with its image (same flip, rotation, zoom, shift) and returns it pooled to
     the feature grid (cells of ``stride`` pixels: share of each cell inside a box) as
-    the ``"cam"`` target.
+    the ``"cam"`` target.  Two more inputs (abnormality target and weight) become the
+    ``"abnormality"`` target of the auxiliary output.
     """
     import keras
     import tensorflow as tf
@@ -195,14 +209,21 @@ def _augment_fn(size: int, seed: int, with_masks: bool = False, stride: int = 32
         x = tf.clip_by_value((x - mean) * contrast + mean + bright, 0.0, 1.0)
         return tf.pow(x + 1e-6, gamma)
 
-    def augment(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        return photometric(geometric(tf.cast(x, tf.float32)[..., None])), y, w
+    def augment(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor, *abnormal: tf.Tensor) -> tuple:
+        image = photometric(geometric(tf.cast(x, tf.float32)[..., None]))
+        if abnormal:  # (target, weight) of the auxiliary abnormality output
+            return image, {"logit": y, "abnormality": abnormal[0]}, {"logit": w, "abnormality": abnormal[1]}
+        return image, y, w
 
-    def augment_with_masks(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor, mask: tf.Tensor, w_loc: tf.Tensor) -> tuple:
+    def augment_with_masks(x: tf.Tensor, y: tf.Tensor, w: tf.Tensor, mask: tf.Tensor, w_loc: tf.Tensor,
+                           *abnormal: tf.Tensor) -> tuple:
         both = geometric(tf.stack([tf.cast(x, tf.float32), tf.cast(mask, tf.float32)], axis=-1))
         image, moved = both[..., :1], both[..., 1:]
         cells = tf.nn.avg_pool2d(moved, stride, stride, "VALID")
-        return photometric(image), {"logit": y, "cam": cells}, {"logit": w, "cam": w_loc}
+        targets, weights = {"logit": y, "cam": cells}, {"logit": w, "cam": w_loc}
+        if abnormal:
+            targets["abnormality"], weights["abnormality"] = abnormal
+        return photometric(image), targets, weights
 
     return augment_with_masks if with_masks else augment
 
@@ -290,6 +311,43 @@ def _validation_summary(cfg: TrainConfig, logits: np.ndarray, val: list[mdata.Sa
     keys = [s.row.study_key for s in val]
     _, sp, sy = mm.study_means(keys, p, y)
     return {"image_auroc": mm.auroc(y, p), "study_auroc": mm.auroc(sy, sp), "n_studies": len(sy)}
+
+
+def _abnormality_targets(samples: list[mdata.Sample], power: float) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and weights of the auxiliary abnormality output: MURA's images of the
+    humerus, forearm and wrist with their study's label (abnormal -> 1), the two classes
+    weighed ``(n / (2 n_c)) ** power``; every other image weighs 0."""
+    mura = np.array([s.row.dataset == "MURA-v1.1" and s.row.body_part in mdata.CLASSIFIER_PARTS
+                     and s.row.label in ("positive", "negative") for s in samples])
+    y = np.array([1.0 if m and s.row.label == "positive" else 0.0 for s, m in zip(samples, mura)],
+                 dtype=np.float32)
+    w = np.zeros(len(samples), dtype=np.float32)
+    n = int(mura.sum())
+    for c in (0.0, 1.0):
+        count = int(np.sum(mura & (y == c)))
+        if count:
+            w[mura & (y == c)] = (n / (2 * count)) ** power
+    logger.info("abnormality output: %d MURA images (%d abnormal)", n, int(y[mura].sum()))
+    return y, w
+
+
+def _abnormality_summary(model: "object", arrays: np.ndarray, samples: list[mdata.Sample]) -> dict:
+    """Study-level AUROC of the auxiliary abnormality output on MURA's validation
+    images, by body part (the mean probability of a study's images)."""
+    import tensorflow as tf
+
+    if not len(arrays):
+        return {}
+    fn = tf.function(lambda x: model(x, training=False)["abnormality"], reduce_retracing=True)
+    p = mm.sigmoid(np.concatenate([np.asarray(fn(x)) for x in _batches(arrays, 64)])[:, 0])
+    y = np.array([s.target for s in samples])
+    out = {}
+    for part in mdata.CLASSIFIER_PARTS:
+        idx = [i for i, s in enumerate(samples) if s.row.body_part == part]
+        if idx:
+            _, sp, sy = mm.study_means([samples[i].row.study_key for i in idx], p[idx], y[idx])
+            out[f"{part.lower()}_study_auroc"] = round(mm.auroc(sy, sp), 4)
+    return out
 
 
 def _logits_of(output: "object") -> "object":
@@ -453,9 +511,15 @@ def _compile(model: "object", cfg: TrainConfig, steps: int, localise: bool) -> N
         loss = _set_loss(cfg.label_smoothing)
     else:
         loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
+    losses: dict[str, object] = {"logit": loss}
+    weights = {"logit": 1.0}
     if localise:
-        model.compile(optimizer=optimizer, loss={"logit": loss, "cam": spatial_cross_entropy},
-                      loss_weights={"logit": 1.0, "cam": cfg.localisation_weight})
+        losses["cam"], weights["cam"] = spatial_cross_entropy, cfg.localisation_weight
+    if cfg.abnormality_weight:
+        losses["abnormality"] = keras.losses.BinaryCrossentropy(from_logits=True)
+        weights["abnormality"] = cfg.abnormality_weight
+    if len(losses) > 1:
+        model.compile(optimizer=optimizer, loss=losses, loss_weights=weights)
     else:
         model.compile(optimizer=optimizer, loss=loss)
 
@@ -520,6 +584,9 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         tensors: tuple = (x_train, y_fit, w_train, masks, w_loc)
     else:
         tensors = (x_train, y_fit, w_train)
+    if cfg.abnormality_weight:
+        y_abn, w_abn = _abnormality_targets(train_s, cfg.class_weight_power)
+        tensors += (y_abn[:, None], w_abn)
     ds = (
         tf.data.Dataset.from_tensor_slices(tensors)
         .shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True)
@@ -557,11 +624,14 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
                     else:  # a head with other classes: the backbone carries over, the head starts anew
                         logger.info("init-from: %s has other shapes; left at its initial weights", layer.name)
             logger.info("initialised from %s", cfg.init_from)
-        if localise:
-            cam = full.get_layer("head")(full.outputs[1])  # the head at every cell: the CAM
-            train_model = keras.Model(full.input, {"logit": full.outputs[0], "cam": cam}, name=cfg.task)
-        else:
-            train_model = keras.Model(full.input, full.outputs[0], name=cfg.task)
+        outputs = {"logit": full.outputs[0]}
+        if localise:  # the head at every cell: the CAM
+            outputs["cam"] = full.get_layer("head")(full.outputs[1])
+        if cfg.abnormality_weight:  # a second dense layer on the same pooled features
+            outputs["abnormality"] = keras.layers.Dense(1, name="abnormality")(
+                full.get_layer("dropout").output)
+        train_model = keras.Model(full.input, outputs if len(outputs) > 1 else outputs["logit"],
+                                  name=cfg.task)
         for layer in train_model.layers:
             block = net.block_of_layer(layer.name)
             if 0 <= block < max(cfg.freeze_blocks, cfg.cache_below_block):
@@ -582,6 +652,10 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         draws = [_cached_features(lower, tensors, cfg, v, cache) for v in range(min(cfg.cache_variants, cfg.epochs))]
         val_features = _predict_features(lower, x_val)
 
+    if cfg.abnormality_weight:  # MURA's validation images, for the auxiliary output's AUROC
+        abn_val = mdata.classifier_samples([r for r in mdata.in_split(rows, "val")
+                                            if r.body_part in mdata.CLASSIFIER_PARTS])[: cfg.limit]
+        x_abn_val = mdata.load_arrays([s.row.path for s in abn_val], cfg.size)
     if localise:  # validation images with boxes, for the pointing game of every epoch
         boxed_val = mdata.box_samples(mdata.in_split(rows, "val"))[: cfg.limit]
         x_boxed = mdata.load_arrays([s.row.path for s in boxed_val], cfg.size)
@@ -613,6 +687,8 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         if localise:
             summary["pointing_game"] = _pointing_game(
                 fitted, boxed_features if cfg.cache_below_block else x_boxed, boxed_masks)
+        if cfg.abnormality_weight:
+            summary["abnormality"] = _abnormality_summary(train_model, x_abn_val, abn_val)
         entry = {"epoch": epoch + 1, **losses, "seconds": round(dt, 1),
                  "images_per_second": round(len(x_train) / dt, 1), **summary}
         history.append(entry)
@@ -670,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the head on their cached feature maps (fast on a CPU; with --init-from)")
     p.add_argument("--cache-variants", type=int, default=2,
                    help="augmentation draws cached per image with --cache-below-block (epoch e uses draw e %% V)")
+    p.add_argument("--abnormality-weight", type=float, default=0.0,
+                   help="fracture classifier: weight of an auxiliary output trained on MURA's "
+                        "abnormal labels beside the fracture head (0 = off)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     return p
@@ -690,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         init_from=str(args.init_from) if args.init_from else None,
         label_audit=sha256_of(mdata.LABEL_AUDIT), arch=args.arch,
         cache_below_block=args.cache_below_block, cache_variants=args.cache_variants,
+        abnormality_weight=args.abnormality_weight,
     )
     verbose = 2 if (args.quiet or not sys.stdout.isatty()) else 1
     path = train(cfg, resume=args.resume, verbose=verbose)

@@ -539,6 +539,38 @@ def test_fast_evidence_search_finds_what_highdicom_finds(study: Study, built: tu
     assert _without_times(fast) == _without_times(slow)
 
 
+def test_highdicom_reads_the_compact_module_table_with_the_same_content(
+        study: Study, built: tuple) -> None:
+    """highdicom's constructors read the compact table of module attributes (installed
+    with dicom_out), which holds every entry of highdicom's JSON file, in order, and
+    answers the three keys highdicom reads; a ~100 MB dict of it is never built."""
+    import json
+    import pkgutil
+
+    import highdicom._standard_utils as standard_utils
+    import highdicom.base
+    import highdicom.image
+
+    from dicom_out import standard
+
+    for module in (standard_utils, highdicom.base, highdicom.image):
+        assert module.get_module_attribute_map is standard.get_module_attribute_map
+    build_secondary_capture(study.findings[0], study.sources[study.findings[0].meta.sop_instance_uid],
+                            SETTINGS)  # a constructor that copies the patient and study modules
+    compact = standard.get_module_attribute_map()
+    raw = json.loads(pkgutil.get_data("highdicom", "_standard/module_attribute_map.json"))
+    assert list(compact) == list(raw)
+    for name, entries in raw.items():
+        assert [(a["keyword"], a["type"], list(a["path"])) for a in compact[name]] == \
+            [(e["keyword"], e["type"], e["path"]) for e in entries], name
+    entry = compact["general-study"][0]
+    assert isinstance(entry, standard.ModuleAttribute) and "path" in entry
+    with pytest.raises(KeyError):
+        entry["attributes"]
+    assert standard_utils.is_attribute_in_iod("ContentDate", "1.2.840.10008.5.1.4.1.1.7")
+    assert not standard_utils.is_attribute_in_iod("NoSuchKeyword", "1.2.840.10008.5.1.4.1.1.7")
+
+
 def test_light_evidence_gives_the_documents_full_evidence_gives(study: Study, built: tuple,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """SR and KO evidence after the first holds only the UIDs (and Rows/Columns) that

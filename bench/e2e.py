@@ -22,7 +22,9 @@ objects (``build_processes = 1``).  The node's CPU seconds include its build
 processes'.  ``--early-start 0,default`` runs each setting without and with early starts
 (``[worker] early_start_seconds``: a study's results made during its quiet period, sent
 when it ends).  Targets (issue 15): burst median <= 1.5 s, one every 1.5 s median <= 0.5 s,
-no study lost.  The load average is printed with each run.  Usage::
+no study lost.  The load average is printed with each run, Orthanc's CPU seconds, and
+how many of the machine's cores were busy (every process) from the first study ready to
+the last result stored: whether the cores were the limit.  Usage::
 
     .venv/bin/python bench/e2e.py [--studies 20] [--intervals 0,1.5]
                                   [--threads 1,default,default/1] [--streams 1,2]
@@ -107,6 +109,46 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def _machine_busy_seconds() -> float:
+    """CPU seconds this machine's cores have been busy since boot (``/proc/stat``: user,
+    nice, system, irq, softirq and steal; not idle nor iowait), over all its cores."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class _BusySampler:
+    """Samples :func:`_machine_busy_seconds` every 50 ms in a thread, so that the cores
+    busy over a window found afterwards (first study ready to last result stored) can
+    be read back."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        import threading
+
+        self.samples: list[tuple[float, float]] = [(time.time(), _machine_busy_seconds())]
+        self._stop = threading.Event()
+        self._every = every
+        self._thread = threading.Thread(target=self._run, name="busy-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.samples.append((time.time(), _machine_busy_seconds()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.time(), _machine_busy_seconds()))
+
+    def cores_busy(self, start: float, end: float) -> float:
+        """Mean busy cores from the last sample at or before ``start`` to the first at or
+        after ``end``."""
+        before = [s for s in self.samples if s[0] <= start] or self.samples[:1]
+        after = [s for s in self.samples if s[0] >= end] or self.samples[-1:]
+        (t0, b0), (t1, b1) = before[-1], after[0]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
 MODEL_SETS = {"fp32": ("bodypart-router", "fracture-classifier"),
               "bf16": ("bodypart-router-bf16", "fracture-classifier-bf16")}
 """``--models``: the shipped fp32 pair, or the same graphs served in bf16 (models of
@@ -185,6 +227,8 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         builders = node.build_processes.pids() if node.build_processes is not None else []
         builders_before = _cpu_seconds(builders)
+        orthanc_before = _cpu_seconds([orthanc.process.pid]) if orthanc.process else 0.0
+        sampler = _BusySampler()
         started = time.time()
         for n, paths in enumerate(studies.values()):
             if n and interval:
@@ -206,6 +250,8 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         finished = time.time()
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         builders_cpu = _cpu_seconds(builders) - builders_before
+        orthanc_cpu = (_cpu_seconds([orthanc.process.pid]) if orthanc.process else 0.0) - orthanc_before
+        sampler.stop()
         load_after = os.getloadavg()
         rows = node.jobs.query(
             "SELECT s.study_instance_uid AS uid, s.updated_at AS processed, "
@@ -221,6 +267,9 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         node.stop(grace_seconds=2)
         orthanc.stop()
     processing, delivery, total = [], [], []
+    readies = [r["last"] + quiet_seconds for r in rows if r["delivered"] is not None]
+    delivered = [r["delivered"] for r in rows if r["delivered"] is not None]
+    busy = sampler.cores_busy(min(readies), max(delivered)) if readies else float("nan")
     for r in rows:
         if r["delivered"] is None:
             continue
@@ -248,6 +297,10 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         "cpu_s": (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
         + builders_cpu,  # the node's process and its build processes
         "build_processes": config.worker.resolved_build_processes,
+        # the same window for the archive and the whole machine (every process, this
+        # benchmark's storescu pushes and anything else running included): whether the
+        # cores were the limit
+        "orthanc_cpu_s": orthanc_cpu, "machine_cores_busy": busy, "cores": os.cpu_count(),
         "wall_s": finished - started,
         "load": (load_before[0], load_after[0]),
     }
@@ -322,13 +375,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(r, flush=True)
                 results.append(r)
         print("\n| arrival | models | worker threads (model intra-op) / build processes | model streams | keep open s | early start s | median s | max s | processing s | delivery s "
-              "| lost | images/s | node CPU s per study (with its build processes) | cores busy (CPU / wall) | load average (start, end) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| lost | images/s | node CPU s per study (with its build processes) | cores busy (CPU / wall) "
+              "| Orthanc CPU s per study | machine: cores busy from the first study ready to the last "
+              "result stored | load average (start, end) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             arrival = "all at once (burst)" if not r["interval"] else f"one study every {r['interval']} s"
             print(f"| {arrival} | {r['models']} | {r['threads']} ({r['model_threads']}) / {r['build_processes']} | {r['streams']} | {r['keep_open']:g} | {r['early_start']:g} | {r['median']:.2f} | {r['max']:.2f} | "
                   f"{r['processing']:.2f} | {r['delivery']:.2f} | {r['lost']} | {r['images_s']:.2f} | "
                   f"{r['cpu_s'] / r['studies']:.2f} | {r['cpu_s'] / r['wall_s']:.2f} | "
+                  f"{r['orthanc_cpu_s'] / r['studies']:.2f} | "
+                  f"{r['machine_cores_busy']:.2f} of {r['cores']} | "
                   f"{r['load'][0]:.1f}, {r['load'][1]:.1f} |")
         lost = sum(int(r["lost"]) for r in results)  # type: ignore[call-overload]
         for r in results:

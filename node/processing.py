@@ -75,7 +75,11 @@ class PreparedStudy:
 
     job: StudyJob
     sources: Mapping[str, Dataset]
-    """SOP Instance UID -> source dataset (instances that could be read)."""
+    """SOP Instance UID -> source dataset (instances that could be read), without its
+    Pixel Data: once decoded, the result objects read only a source's attributes, and
+    an uncompressed radiograph's pixels are most of its bytes (2.2 MB of each image of
+    ``bench/reliability.py``'s load), held while the study is in hand and pickled to a
+    build process."""
     outcomes: tuple[ImageFinding | Refusal | None, ...]
     """One entry per instance: a refusal already, or ``None`` for an image to analyse."""
     to_analyse: tuple[tuple[int, NormalisedImage], ...]
@@ -83,6 +87,9 @@ class PreparedStudy:
     prepare_seconds: float
     started: float
     """``time.perf_counter()`` when preparation began."""
+    images: frozenset[str] = frozenset()
+    """SOP Instance UIDs of the sources that held Pixel Data (the images of the study,
+    as opposed to, say, an SR stored into it)."""
 
 
 @dataclass(frozen=True)
@@ -126,9 +133,13 @@ class StudyProcessor:
         sources: dict[str, Dataset] = {}
         outcomes: list[ImageFinding | Refusal | None] = []
         to_analyse: list[tuple[int, NormalisedImage]] = []
+        images: set[str] = set()
         for record in job.instances:
             ds, prepared = _prepare(record)
             if ds is not None:
+                if "PixelData" in ds:  # decoded (or refused) now: not needed again
+                    images.add(record.sop_instance_uid)
+                    del ds.PixelData
                 sources[record.sop_instance_uid] = ds
             if isinstance(prepared, Refusal):
                 outcomes.append(prepared)
@@ -137,7 +148,8 @@ class StudyProcessor:
                 outcomes.append(None)
         return PreparedStudy(job=job, sources=sources, outcomes=tuple(outcomes),
                              to_analyse=tuple(to_analyse),
-                             prepare_seconds=time.perf_counter() - t0, started=t0)
+                             prepare_seconds=time.perf_counter() - t0, started=t0,
+                             images=frozenset(images))
 
     def analyse_many(self, studies: Sequence[PreparedStudy]) -> list[AnalysedStudy]:
         """The models on the images of ``studies`` as one batch; one
@@ -199,7 +211,7 @@ class StudyProcessor:
             if sink is not None:
                 del sc.PixelData
             scs.append(sc)
-        image_sources = {uid: ds for uid, ds in sources.items() if "PixelData" in ds}
+        image_sources = {uid: ds for uid, ds in sources.items() if uid in study.prepared.images}
         report_sources = image_sources or dict(sources)
         predecessor = _read_previous(job)
         sr = build_structured_report(result, report_sources, scs, self.settings, predecessor)

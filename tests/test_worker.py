@@ -682,6 +682,41 @@ def _comparable(ds: Dataset) -> Dataset:
     return module._comparable(ds)
 
 
+def test_a_prepared_study_holds_its_sources_without_their_pixels(tmp_path: Path) -> None:
+    """Once decoded, a source's Pixel Data is let go: a study in hand (and what is
+    pickled to a build process) holds its normalised images and the attributes the
+    result objects read, not also the 6 MB of an uncompressed CR's pixels; the study's
+    images are still known as images, and the SC, SR and PDF reference them as before."""
+    import pickle
+
+    from conftest import DICOM_DATA
+
+    process = processor_factory(load_config(write_config(tmp_path, free_port()), environ={}))()
+    source = DICOM_DATA / "pydicom-data" / "RG3_UNCR.dcm"  # the demo's tibia, uncompressed
+    files = restudy([source, *DEMO["forearm"][:1]], tmp_path / "study",
+                    generate_uid(entropy_srcs=["test-worker", "nopixels"]), prefix="np_")
+    records = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        records.append(InstanceRecord(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
+                                      str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
+                                      str(ds.file_meta.TransferSyntaxUID), str(f),
+                                      f.stat().st_size, "TESTSCU", "127.0.0.1"))
+    job = StudyJob(records[0].study_instance_uid, 1, tuple(records), None)
+    prepared = process.prepare(job)
+    assert prepared.images == {r.sop_instance_uid for r in records}
+    assert not any("PixelData" in ds for ds in prepared.sources.values())
+    normalised = sum(img.pixels.nbytes for _, img in prepared.to_analyse)
+    assert len(pickle.dumps(prepared)) < normalised + 2**20, "the source pixels are still held"
+    result = process.build(process.analyse_many([prepared])[0])
+    kinds = sorted(k for k, _ in result.outputs)
+    assert kinds.count("sc") == 2 and "sr" in kinds and "pdf" in kinds
+    sr = next(ds for k, ds in result.outputs if k == "sr")
+    evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    assert {r.sop_instance_uid for r in records} <= evidence
+
+
 def test_with_a_sink_each_object_is_handed_over_as_soon_as_it_is_built(tmp_path: Path) -> None:
     """The demo's forearm study built with a sink (as the worker builds): the four SCs,
     then the SR, the PDF and the KO are handed over one by one, each before the next is

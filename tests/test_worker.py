@@ -223,15 +223,7 @@ def test_batching_studies_together_changes_no_result(tmp_path: Path) -> None:
     jobs = []
     for tag, files in (("a", DEMO["forearm"]), ("b", DEMO["normal-forearm"]),
                        ("c", DEMO["forearm"][:2])):
-        copies = _restudy(files, tmp_path / tag, tag)
-        records = []
-        for f in copies:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            records.append(InstanceRecord(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
-                                          str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
-                                          str(ds.file_meta.TransferSyntaxUID), str(f),
-                                          f.stat().st_size, "TESTSCU", "127.0.0.1"))
-        jobs.append(StudyJob(records[0].study_instance_uid, 1, tuple(records), None))
+        jobs.append(_job_of(_restudy(files, tmp_path / tag, tag)))
     prepared = [process.prepare(job) for job in jobs]
     together = process.analyse_many(prepared)
     assert [a.batch_images for a in together] == [sum(len(p.to_analyse) for p in prepared)] * 3
@@ -659,16 +651,20 @@ def test_build_processes_are_off_by_default_and_need_two_threads() -> None:
     assert WorkerConfig(threads=2, build_processes=2).resolved_build_processes == 2
 
 
-def _demo_job(directory: Path, name: str, tag: str) -> StudyJob:
-
+def _job_of(files: list[Path]) -> StudyJob:
+    """The job of a study whose instances are ``files`` (as the SCP would record them)."""
     records = []
-    for f in _restudy(DEMO[name], directory, tag):
+    for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         records.append(InstanceRecord(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
                                       str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
                                       str(ds.file_meta.TransferSyntaxUID), str(f),
                                       f.stat().st_size, "TESTSCU", "127.0.0.1"))
     return StudyJob(records[0].study_instance_uid, 1, tuple(records), None)
+
+
+def _demo_job(directory: Path, name: str, tag: str) -> StudyJob:
+    return _job_of(_restudy(DEMO[name], directory, tag))
 
 
 def _comparable(ds: Dataset) -> Dataset:
@@ -695,14 +691,8 @@ def test_a_prepared_study_holds_its_sources_without_their_pixels(tmp_path: Path)
     source = DICOM_DATA / "pydicom-data" / "RG3_UNCR.dcm"  # the demo's tibia, uncompressed
     files = restudy([source, *DEMO["forearm"][:1]], tmp_path / "study",
                     generate_uid(entropy_srcs=["test-worker", "nopixels"]), prefix="np_")
-    records = []
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        records.append(InstanceRecord(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
-                                      str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
-                                      str(ds.file_meta.TransferSyntaxUID), str(f),
-                                      f.stat().st_size, "TESTSCU", "127.0.0.1"))
-    job = StudyJob(records[0].study_instance_uid, 1, tuple(records), None)
+    job = _job_of(files)
+    records = job.instances
     prepared = process.prepare(job)
     assert prepared.images == {r.sop_instance_uid for r in records}
     assert not any("PixelData" in ds for ds in prepared.sources.values())

@@ -456,6 +456,9 @@ def test_abnormality_output_trains_beside_the_fracture_head_and_stays_out_of_the
     assert train_main(args) == 0  # the budget stops it after the first epoch
     state = json.loads((out / "state.json").read_text())
     assert state["epochs_done"] == 1
+    changed = [a if a != "0.5" else "0.7" for a in args] + ["--resume"]
+    with pytest.raises(SystemExit, match=r"other settings \(abnormality_weight 0\.5, not 0\.7\)"):
+        train_main(changed)  # a checkpoint holds the losses it was made with
     assert train_main([a for a in args if a not in ("--max-minutes", "0.01")] + ["--resume"]) == 0
     history = json.loads((out / "state.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2]

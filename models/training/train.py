@@ -57,6 +57,12 @@ ARCHS = {"mobilenet_v2": "models.training.mobilenet", "efficientnet_lite0": "mod
 ``FEATURE_LAYER``, ``BACKBONE_FILE`` and ``ARCHITECTURE``."""
 
 
+RESUME_MAY_CHANGE = frozenset({"max_minutes", "data_dir", "out_dir", "epochs", "average_last"})
+"""Settings a resumed run may give anew (a budget, where the same data and run are, more
+epochs and which of them to average); every other one must be the run's own, since its
+checkpoint holds the outputs and losses they made."""
+
+
 def arch_module(arch: str) -> ModuleType:
     """The backbone module of ``arch`` (a key of :data:`ARCHS`)."""
     import importlib
@@ -315,8 +321,10 @@ def _validation_summary(cfg: TrainConfig, logits: np.ndarray, val: list[mdata.Sa
 
 def _abnormality_targets(samples: list[mdata.Sample], power: float) -> tuple[np.ndarray, np.ndarray]:
     """Targets and weights of the auxiliary abnormality output: MURA's images of the
-    humerus, forearm and wrist with their study's label (abnormal -> 1), the two classes
-    weighed ``(n / (2 n_c)) ** power``; every other image weighs 0."""
+    humerus, forearm and wrist with their study's label in MURA (abnormal -> 1; the few
+    normal images the Better-MURA list moves to abnormal, 67 of the train split, count as
+    normal here, as in ``evaluate``'s MURA labels), the two classes weighed
+    ``(n / (2 n_c)) ** power``; every other image weighs 0."""
     mura = np.array([s.row.dataset == "MURA-v1.1" and s.row.body_part in mdata.CLASSIFIER_PARTS
                      and s.row.label in ("positive", "negative") for s in samples])
     y = np.array([1.0 if m and s.row.label == "positive" else 0.0 for s, m in zip(samples, mura)],
@@ -532,9 +540,17 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
     net = arch_module(cfg.arch)
     out = Path(cfg.out_dir)
     if resume and (out / "config.json").exists():
-        earlier = json.loads((out / "config.json").read_text()).get("arch", "mobilenet_v2")
+        saved = json.loads((out / "config.json").read_text())
+        earlier = saved.get("arch", "mobilenet_v2")
         if earlier != cfg.arch:
             raise SystemExit(f"--resume: {out} was trained with --arch {earlier}, not {cfg.arch}")
+        if (out / "last.keras").exists():  # a checkpoint holds the outputs and schedule it was made with
+            changed = sorted(k for k, v in asdict(cfg).items()
+                             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v)
+            if changed:
+                raise SystemExit(f"--resume: {out} was trained with other settings "
+                                 f"({', '.join(f'{k} {saved[k]!r}, not {asdict(cfg)[k]!r}' for k in changed)}); "
+                                 "resume with the run's own settings or start a new --out")
     start_model = None
     resuming = resume and (out / "last.keras").exists() and (out / "state.json").exists()
     if cfg.init_from and not resuming:  # refused before anything is loaded or written

@@ -227,7 +227,8 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         builders = node.build_processes.pids() if node.build_processes is not None else []
         builders_before = _cpu_seconds(builders)
-        orthanc_before = _cpu_seconds([orthanc.process.pid]) if orthanc.process else 0.0
+        orthanc_pids = [orthanc.process.pid] if orthanc.process else []
+        orthanc_before = _cpu_seconds(orthanc_pids)
         sampler = _BusySampler()
         started = time.time()
         for n, paths in enumerate(studies.values()):
@@ -250,7 +251,7 @@ def run(studies: dict[str, list[Path]], work: Path, threads: int | None, interva
         finished = time.time()
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         builders_cpu = _cpu_seconds(builders) - builders_before
-        orthanc_cpu = (_cpu_seconds([orthanc.process.pid]) if orthanc.process else 0.0) - orthanc_before
+        orthanc_cpu = _cpu_seconds(orthanc_pids) - orthanc_before
         sampler.stop()
         load_after = os.getloadavg()
         rows = node.jobs.query(

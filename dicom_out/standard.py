@@ -23,7 +23,6 @@ import functools
 import json
 import pkgutil
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 _ENTRY_KEYS = frozenset({"keyword", "type", "path"})
@@ -48,9 +47,6 @@ class ModuleAttribute:
 
     def __contains__(self, key: object) -> bool:
         return key in _ENTRY_KEYS
-
-    def keys(self) -> Iterator[str]:
-        return iter(("keyword", "type", "path"))
 
     def __repr__(self) -> str:
         return f"ModuleAttribute({self.keyword!r}, {self.type!r}, {self.path!r})"

@@ -77,9 +77,9 @@ class PreparedStudy:
     sources: Mapping[str, Dataset]
     """SOP Instance UID -> source dataset (instances that could be read), without its
     Pixel Data: once decoded, the result objects read only a source's attributes, and
-    an uncompressed radiograph's pixels are most of its bytes (2.2 MB of each image of
-    ``bench/reliability.py``'s load), held while the study is in hand and pickled to a
-    build process."""
+    an uncompressed radiograph's pixels are most of its bytes (6 MB of the demo's tibia
+    as an uncompressed CR), held while the study is in hand and pickled to a build
+    process."""
     outcomes: tuple[ImageFinding | Refusal | None, ...]
     """One entry per instance: a refusal already, or ``None`` for an image to analyse."""
     to_analyse: tuple[tuple[int, NormalisedImage], ...]

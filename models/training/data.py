@@ -252,6 +252,13 @@ def allowed_matrix(samples: Sequence[Sample], n_classes: int) -> np.ndarray:
     return m
 
 
+def mura_labelled(row: Row) -> bool:
+    """Whether ``row`` is a MURA image of a classifier part (humerus, forearm, wrist) with
+    its study's label (normal or abnormal)."""
+    return (row.dataset == "MURA-v1.1" and row.body_part in CLASSIFIER_PARTS
+            and row.label in ("positive", "negative"))
+
+
 def classifier_samples(rows: Sequence[Row], datasets: Sequence[str] = ("MURA-v1.1",)) -> list[Sample]:
     """Abnormality samples: labelled rows of ``datasets`` (positive -> 1, negative -> 0)."""
     out = [
@@ -290,8 +297,7 @@ def fracture_samples(rows: Sequence[Row], datasets: Sequence[str] = FRACTURE_DAT
     ]
     if normal_mura:
         out += [Sample(r, 0) for r in rows
-                if r.dataset == "MURA-v1.1" and r.label == "negative" and r.body_part in CLASSIFIER_PARTS
-                and r.label_better_mura in ("", "negative")]
+                if mura_labelled(r) and r.label == "negative" and r.label_better_mura in ("", "negative")]
     logger.info("fracture samples: %d (%d positive, %d with boxes)", len(out), sum(s.target for s in out),
                 sum(1 for s in out if s.row.boxes))
     return out
@@ -304,9 +310,7 @@ def abnormality_only_samples(rows: Sequence[Row], exclude: Iterable[Path] = ()) 
     auxiliary abnormality output (``classify=False``: not the fracture loss), since
     MURA's *abnormal* is not a fracture label."""
     skip = set(exclude)
-    out = [Sample(r, 0, classify=False) for r in rows
-           if r.dataset == "MURA-v1.1" and r.body_part in CLASSIFIER_PARTS
-           and r.label in ("positive", "negative") and r.path not in skip]
+    out = [Sample(r, 0, classify=False) for r in rows if mura_labelled(r) and r.path not in skip]
     logger.info("abnormality-only samples: %d (%d abnormal)", len(out),
                 sum(1 for s in out if s.row.label == "positive"))
     return out

@@ -325,8 +325,7 @@ def _abnormality_targets(samples: list[mdata.Sample], power: float) -> tuple[np.
     normal images the Better-MURA list moves to abnormal, 67 of the train split, count as
     normal here, as in ``evaluate``'s MURA labels), the two classes weighed
     ``(n / (2 n_c)) ** power``; every other image weighs 0."""
-    mura = np.array([s.row.dataset == "MURA-v1.1" and s.row.body_part in mdata.CLASSIFIER_PARTS
-                     and s.row.label in ("positive", "negative") for s in samples])
+    mura = np.array([mdata.mura_labelled(s.row) for s in samples])
     y = np.array([1.0 if m and s.row.label == "positive" else 0.0 for s, m in zip(samples, mura)],
                  dtype=np.float32)
     w = np.zeros(len(samples), dtype=np.float32)
@@ -544,12 +543,13 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int = 2) -> Path:
         earlier = saved.get("arch", "mobilenet_v2")
         if earlier != cfg.arch:
             raise SystemExit(f"--resume: {out} was trained with --arch {earlier}, not {cfg.arch}")
-        if (out / "last.keras").exists():  # a checkpoint holds the outputs and schedule it was made with
-            changed = sorted(k for k, v in asdict(cfg).items()
+        if (out / "last.keras").exists():  # a checkpoint holds the outputs and losses it was made with
+            now = asdict(cfg)
+            changed = sorted(k for k, v in now.items()
                              if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v)
             if changed:
                 raise SystemExit(f"--resume: {out} was trained with other settings "
-                                 f"({', '.join(f'{k} {saved[k]!r}, not {asdict(cfg)[k]!r}' for k in changed)}); "
+                                 f"({', '.join(f'{k} {saved[k]!r}, not {now[k]!r}' for k in changed)}); "
                                  "resume with the run's own settings or start a new --out")
     start_model = None
     resuming = resume and (out / "last.keras").exists() and (out / "state.json").exists()
